@@ -1,0 +1,304 @@
+"""Policies behind one interface: causal LMs (GPT-2) and seq2seq LMs (T5).
+
+Every method sees the same layout: a batch of token ids `[B, T]` whose first `response_start`
+columns are the prompt (left-padded) and whose remaining columns are the response (right-padded).
+`Policy.forward` returns, for each response column t, the logits of the distribution that produced
+token t and the hidden state that produced them, so `logits[:, j]` scores `input_ids[:, start + j]`.
+
+- causal LM: prompt and response are one sequence; position ids come from the attention mask (as in
+  `generate`), and the output at column t-1 predicts column t.
+- seq2seq LM: the prompt columns go to the encoder, the response columns are the decoder's labels
+  (the decoder input is the response shifted right behind `decoder_start_token_id`).
+
+`model_name` is a hub id, a local directory saved with `save_pretrained`, or `tiny-gpt2` / `tiny-t5`:
+the built-in model of an embedded task, trained on that task's corpus on first use and cached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import logging as hf_logging
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig
+
+BUILTIN_MODELS = ("tiny-gpt2", "tiny-t5")
+# Bump when the built-in models' recipe changes; cached models from another version are rebuilt.
+BUILTIN_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Token-level helpers shared by every method
+# ----------------------------------------------------------------------------------------------
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] for each position: [B, T, V], [B, T] -> [B, T]."""
+    return torch.gather(F.log_softmax(logits.float(), dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_of(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) at each position: [B, T, V] -> [B, T]."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def response_mask_from(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """1 on every response token up to and including the first EOS, 0 after it."""
+    is_eos = (response_ids == eos_token_id).long()
+    eos_seen_before = torch.cumsum(is_eos, dim=1) - is_eos
+    return (eos_seen_before == 0).long()
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """RL on LMs runs without dropout (TRL sets p = 0; RL4LMs never re-enables train mode): with
+    dropout the first PPO ratio is not 1 and the log-probs of a rollout are not reproducible."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A frozen reference copy (the KL anchor): same weights, eval mode, no gradients."""
+    ref = copy.deepcopy(module).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+# ----------------------------------------------------------------------------------------------
+# The policy wrapper
+# ----------------------------------------------------------------------------------------------
+class Policy(nn.Module):
+    """A HF language model and its tokenizer, with the few operations RL needs."""
+
+    def __init__(self, model: nn.Module, tokenizer):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.is_seq2seq = bool(model.config.is_encoder_decoder)
+
+    @property
+    def hidden_size(self) -> int:
+        config = self.model.config
+        return getattr(config, "n_embd", None) or getattr(config, "d_model", None) or config.hidden_size
+
+    def encode_prompts(self, prompts: list[str], max_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompt ids and mask; long prompts keep their last `max_tokens` tokens (GRUE)."""
+        tok = self.tokenizer
+        rows = [tok(p, add_special_tokens=self.is_seq2seq)["input_ids"][-max_tokens:] or [tok.eos_token_id]
+                for p in prompts]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+        return ids.to(device), mask.to(device)
+
+    def decode(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+        """Response texts without special tokens (EOS and padding dropped)."""
+        return [self.tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
+                for ids, m in zip(response_ids.cpu(), response_mask.cpu())]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int,
+                with_logits: bool = True) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """Logits `[B, R, V]` (or None) and last hidden states `[B, R, H]` for the R = T - start
+        response columns, aligned so that position j scores token `input_ids[:, start + j]`."""
+        if self.is_seq2seq:
+            prompt_ids, prompt_mask = input_ids[:, :response_start], attention_mask[:, :response_start]
+            labels, label_mask = input_ids[:, response_start:], attention_mask[:, response_start:]
+            start = torch.full_like(labels[:, :1], self.model.config.decoder_start_token_id)
+            out = self.model(
+                input_ids=prompt_ids, attention_mask=prompt_mask,
+                decoder_input_ids=torch.cat([start, labels[:, :-1]], 1),
+                decoder_attention_mask=torch.cat([torch.ones_like(start), label_mask[:, :-1]], 1),
+                output_hidden_states=True, use_cache=False,
+            )
+            return (out.logits if with_logits else None), out.decoder_hidden_states[-1]
+        # Same position ids as `generate` computes for left-padded prompts.
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                       position_ids=position_ids, use_cache=False).last_hidden_state
+        hidden = hidden[:, response_start - 1:-1]  # the state before token t predicts token t
+        logits = self.model.get_output_embeddings()(hidden) if with_logits else None
+        return logits, hidden
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
+                 min_new_tokens: int = 0, do_sample: bool = True, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, logits_processor=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batched, KV-cached generation. Returns response ids `[B, R]` (pad after the first EOS)
+        and their mask (1 up to and including EOS). Sampling settings are always passed explicitly:
+        a hidden default (transformers' top_k=50) would make rollouts come from another
+        distribution than the one PPO's ratio uses, a known flaw of RL4LMs' NLPO/PPO rollouts."""
+        tok = self.tokenizer
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None, do_sample=do_sample,
+            temperature=temperature if do_sample else None, top_k=top_k if do_sample else None,
+            top_p=top_p if do_sample else None, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            bos_token_id=getattr(self.model.config, "bos_token_id", None),
+            decoder_start_token_id=getattr(self.model.config, "decoder_start_token_id", None),
+        )
+        was_training = self.model.training
+        self.model.eval()
+        sequences = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                                        logits_processor=logits_processor)
+        self.model.train(was_training)
+        response = sequences[:, 1:] if self.is_seq2seq else sequences[:, prompt_ids.shape[1]:]
+        mask = response_mask_from(response, tok.eos_token_id)
+        return response.masked_fill(mask == 0, tok.pad_token_id), mask
+
+
+class ValueHead(nn.Module):
+    """A scalar value per position from a hidden state (RL4LMs: Linear(hidden, 1, bias=False))."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1, bias=False)
+        nn.init.zeros_(self.linear.weight)  # start at V = 0: no made-up baseline at step 0
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.float()).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: hub id, local directory, or built-in tiny model
+# ----------------------------------------------------------------------------------------------
+def cache_dir() -> str:
+    return os.environ.get("LMRL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lmrl"))
+
+
+def resolve_model_path(model_name: str, task) -> str:
+    """A directory or hub id `from_pretrained` can open; builds the built-in model if needed."""
+    if model_name in BUILTIN_MODELS:
+        return ensure_builtin_model(task, model_name)
+    if os.path.isdir(model_name):
+        return model_name
+    if model_name.startswith((".", "/", "~")) or os.sep in model_name.strip("/").replace("/", "", 1):
+        raise FileNotFoundError(f"model path {model_name!r} does not exist")
+    return model_name  # a hub id such as "gpt2" or "lvwerra/gpt2-imdb"
+
+
+def load_policy(model_name: str, task, device="cpu") -> Policy:
+    """Load a policy (causal or seq2seq, chosen by the config) and its tokenizer, dropout off."""
+    path = resolve_model_path(model_name, task)
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars in every run's output
+    config = AutoConfig.from_pretrained(path)
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    model = auto.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:  # GPT-2 has none; EOS is the usual stand-in
+        tokenizer.pad_token = tokenizer.eos_token
+    disable_dropout(model)
+    return Policy(model, tokenizer).to(device)
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # two processes never build the same model at once
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build_info(task, arch: str) -> dict:
+    return {"builtin_version": BUILTIN_VERSION, "task": task.name, "arch": arch, **task.extra}
+
+
+def ensure_builtin_model(task, arch: str) -> str:
+    """The cached directory of the built-in `arch` model of `task`, (re)built when missing or stale."""
+    if task.corpus is None:
+        raise ValueError(f"task {task.name!r} has no built-in model; pass --model-name (a hub id or a directory)")
+    target = os.path.join(cache_dir(), f"{task.name}-{arch}")
+    info = _build_info(task, arch)
+    with _file_lock(target + ".lock"):
+        try:
+            with open(os.path.join(target, "build_info.json")) as f:
+                if json.load(f) == info:
+                    return target
+        except (OSError, ValueError):
+            pass
+        print(f"building the built-in {arch} for task {task.name!r} in {target} (once; cached after)")
+        tmp = tempfile.mkdtemp(dir=cache_dir())
+        with torch.random.fork_rng(devices=[]):  # a build leaves the caller's RNG stream untouched
+            _train_builtin(task, arch, tmp)
+        with open(os.path.join(tmp, "build_info.json"), "w") as f:
+            json.dump(info, f)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)  # atomic: a killed build never leaves a half-written model
+    return target
+
+
+def _train_builtin(task, arch: str, out_dir: str, epochs: int = 2, batch_size: int = 64, lr: float = 2e-3) -> None:
+    """Pretrain a tiny model (and its byte-level BPE tokenizer) on the task's corpus."""
+    from tokenizers import ByteLevelBPETokenizer
+    from tqdm import tqdm
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
+    texts = task.corpus()
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=1024, min_frequency=2, special_tokens=["<|endoftext|>", "<pad>"],
+                            show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                        unk_token="<|endoftext|>", pad_token="<pad>")
+    eos, pad, vocab = tokenizer.eos_token_id, tokenizer.pad_token_id, len(tokenizer)
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if arch == "tiny-gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=128, n_embd=128, n_layer=2, n_head=4,
+                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                           bos_token_id=eos, eos_token_id=eos, pad_token_id=pad))
+        examples = [(tokenizer(t)["input_ids"] + [eos], None) for t in texts]
+    else:
+        model = T5ForConditionalGeneration(T5Config(vocab_size=vocab, d_model=128, d_ff=256, d_kv=32, num_layers=2,
+                                                    num_heads=4, dropout_rate=0.0, feed_forward_proj="relu",
+                                                    eos_token_id=eos, pad_token_id=pad, decoder_start_token_id=pad))
+        examples = [(tokenizer(p)["input_ids"] + [eos], tokenizer(c)["input_ids"] + [eos])
+                    for p, c in task.pretrain_pairs()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    steps = epochs * (len(examples) // batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+
+    def pad_rows(rows, value):
+        out = torch.full((len(rows), max(map(len, rows))), value, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, :len(r)] = torch.tensor(r)
+        return out
+
+    model.train()
+    bar = tqdm(total=steps, desc=f"pretraining {arch}", unit="step", mininterval=1.0 if sys.stderr.isatty() else 15.0)
+    for _ in range(epochs):
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            batch = [examples[j] for j in order[i:i + batch_size]]
+            if arch == "tiny-gpt2":
+                ids = pad_rows([x for x, _ in batch], pad)
+                loss = model(input_ids=ids, attention_mask=(ids != pad).long(),
+                             labels=ids.masked_fill(ids == pad, -100)).loss
+            else:
+                src, tgt = pad_rows([x for x, _ in batch], pad), pad_rows([y for _, y in batch], pad)
+                loss = model(input_ids=src, attention_mask=(src != pad).long(),
+                             labels=tgt.masked_fill(tgt == pad, -100)).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    model.eval()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,360 @@
+"""PPO for language models: the token-level MDP of RL4LMs and lm-human-preferences.
+
+Paper: Ramamurthy et al., "Is Reinforcement Learning (Not) for Natural Language Processing?"
+(ICLR 2023), building on Ziegler et al., "Fine-Tuning Language Models from Human Preferences" (2019).
+Docs: docs/ppo.md (implementation details, every metric, deviations from the reference code).
+
+The policy writes a response to a prompt one token at a time; each token is an action, the state is
+the prompt plus the tokens so far. The task's score arrives on the last response token, and every
+token pays a KL penalty to a frozen copy of the starting model, so the policy improves the score
+without drifting into text the starting model would never write:
+
+    r_t = -beta * (log pi(a_t|s_t) - log pi_ref(a_t|s_t))  + [t == last] * score
+
+Advantages come from GAE over the response tokens with a learned value function (a separate copy of
+the LM with a scalar head, as in RL4LMs), and the policy follows PPO's clipped surrogate for a few
+epochs over minibatches of each rollout. beta follows an adaptive controller toward a KL target.
+
+Run:  python ppo.py                          # embedded sentiment task, tiny GPT-2, a few CPU minutes
+      python ppo.py --model-name tiny-t5     # the same with a seq2seq policy
+      python ppo.py --help                   # every flag
+"""
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+
+from common.models import Policy, ValueHead, entropy_of, frozen_copy, load_policy, logprobs_of
+from common.tasks import evaluate, make_task
+from common.utils import CommonArgs, Run, exact_div, masked_mean, masked_whiten, pick_device, seed_everything
+
+
+@dataclass
+class Args(CommonArgs):
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+
+    # Algorithm specific arguments
+    total_updates: int = 40
+    """number of PPO updates; each is one rollout followed by `ppo_epochs` passes over it"""
+    rollout_batch_size: int = 64
+    """prompts (episodes) per rollout"""
+    minibatch_size: int = 16
+    """episodes per gradient step; must divide `rollout_batch_size`"""
+    ppo_epochs: int = 4
+    """passes over each rollout (RL4LMs IMDB: 5; lm-human-preferences: 4)"""
+    learning_rate: float = 1e-4
+    """AdamW learning rate, constant (RL4LMs IMDB with GPT-2: 1e-6)"""
+    weight_decay: float = 1e-6
+    """AdamW weight decay (RL4LMs' value)"""
+    max_grad_norm: float = 0.5
+    """global gradient-norm clip (RL4LMs/SB3: 0.5)"""
+    response_length: Optional[int] = None
+    """maximum new tokens per response; None takes the task's (sentiment: 24, GRUE IMDB: 48)"""
+    min_response_length: Optional[int] = None
+    """EOS is forbidden before this many tokens; None takes the task's (GRUE IMDB: 48)"""
+    temperature: float = 1.0
+    """sampling temperature; the PPO ratio uses the same temperature-scaled softmax (no top-k/top-p, so
+    rollouts come from exactly the distribution the ratio measures)"""
+    gamma: float = 0.99
+    """discount over response tokens (RL4LMs: 0.99; lm-human-preferences: 1.0)"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    clip_range: float = 0.2
+    """PPO policy clip epsilon"""
+    clip_range_value: Optional[float] = 0.2
+    """value clip around the rollout's values; None for the plain squared error (RL4LMs/SB3 default)"""
+    vf_coef: float = 0.5
+    """value-loss weight (RL4LMs: 0.5)"""
+    ent_coef: float = 0.0
+    """entropy-bonus weight (RL4LMs: 0.0); entropy is logged either way"""
+    whiten_advantages: bool = True
+    """normalise advantages over each rollout's response tokens"""
+    whiten_rewards: bool = False
+    """scale the shaped per-token rewards to unit variance before GAE (lm-human-preferences option)"""
+    init_kl_coef: float = 0.1
+    """initial beta of the per-token KL penalty (RL4LMs IMDB: 0.1)"""
+    adaptive_kl: bool = True
+    """adapt beta toward `target_kl`; if off, beta stays at `init_kl_coef`"""
+    target_kl: float = 0.1
+    """target of the mean per-token KL to the reference (RL4LMs IMDB: 0.1)"""
+    kl_horizon: int = 640
+    """adaptive-KL horizon in episodes (Ziegler et al.); beta moves by at most
+    0.2 * rollout_batch_size / kl_horizon per update (640 with 64 episodes: RL4LMs' fixed gain of 0.1)"""
+    non_eos_penalty: bool = False
+    """replace the score of responses that never emit EOS by `penalty_reward_value` (lm-human-preferences)"""
+    penalty_reward_value: float = -1.0
+    """the score given to responses without EOS when `non_eos_penalty` is on"""
+
+
+# ----------------------------------------------------------------------------------------------
+# ALGO LOGIC: the method's pieces as small pure functions (each unit-tested in tests/test_ppo.py)
+# ----------------------------------------------------------------------------------------------
+def shaped_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                   mask: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards: -beta * KL on every response token, plus the task score on the last one.
+
+    KL is the single-sample (k1) estimate log pi - log pi_ref at the sampled token, as in RL4LMs
+    (alg_wrappers.py) and lm-human-preferences. Returns (rewards, kl), both zero after the response.
+    """
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * kl
+    last = mask.sum(1).long().clamp(min=1) - 1  # index of the last response token (EOS or truncation)
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards * mask, kl
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+                lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens (Schulman et al., 2016).
+
+    delta_t = r_t + gamma * V(s_{t+1}) - V(s_t);  A_t = delta_t + gamma * lam * A_{t+1}.
+    The episode ends after the last masked-in token, so V beyond it is 0 (the score is terminal).
+    Returns (advantages, returns = advantages + values), zero outside the mask.
+    """
+    mask = mask.to(values.dtype)
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(next_advantage)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        advantages[:, t] = next_advantage
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, clip_range: float) -> tuple[torch.Tensor, dict]:
+    """PPO's clipped surrogate, averaged over response tokens:
+    L = E[max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))], ratio = pi / pi_old."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "ratio": masked_mean(ratio, mask),
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "approx_kl": masked_mean((ratio - 1) - log_ratio, mask),  # k3, http://joschu.net/blog/kl-approx.html
+        }
+    return loss, stats
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                   mask: torch.Tensor, clip_range_value: Optional[float]) -> tuple[torch.Tensor, dict]:
+    """Squared error to the GAE returns; with a clip range, PPO2's pessimistic clipped form
+    max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2) as in lm-human-preferences."""
+    loss = (values - returns) ** 2
+    clipfrac = torch.zeros(())
+    if clip_range_value is not None:
+        clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+        clipped_loss = (clipped_values - returns) ** 2
+        clipfrac = masked_mean((clipped_loss > loss).float(), mask).detach()
+        loss = torch.max(loss, clipped_loss)
+    return masked_mean(loss, mask), {"value_clipfrac": clipfrac}
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019): beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon).
+    RL4LMs is the special case n / horizon = 0.1 with KL the mean per-token KL, which is what we use."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_episodes: int) -> None:
+        proportional_error = float(np.clip(current_kl / self.target - 1, -0.2, 0.2))
+        self.value *= 1 + proportional_error * n_episodes / self.horizon
+
+
+class FixedKLController:
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_episodes: int) -> None:
+        pass
+
+
+def forward_logprobs(policy: Policy, input_ids, attention_mask, start: int, temperature: float):
+    """Log-probs and entropies of the response tokens under the temperature-scaled policy."""
+    logits, _ = policy(input_ids, attention_mask, start)
+    logits = logits / temperature
+    return logprobs_of(logits, input_ids[:, start:]), entropy_of(logits)
+
+
+class Critic(nn.Module):
+    """V(s_t) for every response token: a separate copy of the LM trunk with a scalar head (RL4LMs
+    `_value_model` + `_value_head`), so value regression never disturbs the policy's features."""
+
+    def __init__(self, policy: Policy):
+        super().__init__()
+        self.trunk = frozen_copy(policy).requires_grad_(True).train()
+        self.head = ValueHead(policy.hidden_size)
+
+    def forward(self, input_ids, attention_mask, start: int) -> torch.Tensor:
+        _, hidden = self.trunk(input_ids, attention_mask, start, with_logits=False)
+        return self.head(hidden)
+
+
+def main(args: Args) -> dict:
+    # TRY NOT TO MODIFY: validate, then set up the run
+    for name in ("total_updates", "rollout_batch_size", "minibatch_size", "ppo_epochs", "eval_episodes"):
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    num_minibatches = exact_div(args.rollout_batch_size, args.minibatch_size, "--rollout-batch-size / --minibatch-size")
+    task = make_task(args.task)
+    response_length = args.response_length or task.max_new_tokens
+    min_response_length = task.min_new_tokens if args.min_response_length is None else args.min_response_length
+    if response_length <= 0 or not 0 <= min_response_length <= response_length:
+        raise SystemExit(f"error: need 0 < response length ({response_length}) and 0 <= min length "
+                         f"({min_response_length}) <= response length")
+    device = pick_device(args.cuda)
+    policy = load_policy(args.model_name, task, device)  # fails fast on a missing path
+    run = Run(args, "ppo.py")
+    seed_everything(args.seed, args.torch_deterministic)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    # Models: the policy, its frozen reference (KL anchor), and the critic (a second trunk + head).
+    ref_policy = frozen_copy(policy)
+    critic = Critic(policy).to(device)
+    optimizer = torch.optim.AdamW(list(policy.parameters()) + list(critic.parameters()),
+                                  lr=args.learning_rate, weight_decay=args.weight_decay)
+    kl_ctl = (AdaptiveKLController(args.init_kl_coef, args.target_kl, args.kl_horizon) if args.adaptive_kl
+              else FixedKLController(args.init_kl_coef))
+    rng = np.random.default_rng(args.seed)
+    prompt_order = rng.permutation(len(task.train_prompts))
+    prompt_cursor = 0
+
+    def sample(prompts: list[str], seed: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+        """Prompts -> (input_ids, attention_mask, response_start, response_mask) from the policy."""
+        prompt_ids, prompt_mask = policy.encode_prompts(prompts, task.max_prompt_tokens, device)
+        with autocast:
+            response_ids, response_mask = policy.generate(
+                prompt_ids, prompt_mask, response_length, min_response_length, temperature=args.temperature)
+        return (torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1),
+                prompt_ids.shape[1], response_mask)
+
+    def run_eval(step: int) -> dict:
+        """Held-out prompts, sampled as in training; its own fixed RNG so evaluations are comparable."""
+        def generate_fn(prompts):
+            input_ids, _, start, response_mask = sample(prompts)
+            return policy.decode(input_ids[:, start:], response_mask)
+
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(args.seed + 12345)
+            metrics, samples = evaluate(task, generate_fn, args.eval_episodes, args.rollout_batch_size)
+        run.log_eval(metrics, samples, step)
+        print(f"eval @ update {step}: return {metrics['eval/return_mean']:+.3f} +- {metrics['eval/return_std']:.3f}",
+              flush=True)
+        return metrics
+
+    run_eval(0)
+    update = 0
+    try:
+        for update in range(1, args.total_updates + 1):
+            update_start = time.time()
+            # ALGO LOGIC: 1. rollout: sample responses to a batch of training prompts
+            if prompt_cursor + args.rollout_batch_size > len(prompt_order):
+                prompt_order, prompt_cursor = rng.permutation(len(task.train_prompts)), 0
+            prompts = [task.train_prompts[i] for i in prompt_order[prompt_cursor:prompt_cursor + args.rollout_batch_size]]
+            prompt_cursor += args.rollout_batch_size
+            input_ids, attention_mask, start, mask = sample(prompts)
+            responses = policy.decode(input_ids[:, start:], mask)
+            scores = torch.tensor(task.score(prompts, responses), dtype=torch.float32, device=device)
+            ends_with_eos = ((input_ids[:, start:] == policy.tokenizer.eos_token_id) & (mask == 1)).any(1)
+            if args.non_eos_penalty:
+                scores = torch.where(ends_with_eos, scores, torch.full_like(scores, args.penalty_reward_value))
+
+            # ALGO LOGIC: 2. score the rollout under the policy, the reference and the critic
+            with torch.no_grad(), autocast:
+                logprobs, rollout_entropy = forward_logprobs(policy, input_ids, attention_mask, start, args.temperature)
+                ref_logprobs, _ = forward_logprobs(ref_policy, input_ids, attention_mask, start, args.temperature)
+                values = critic(input_ids, attention_mask, start).float()
+            mask = mask.float()
+
+            # ALGO LOGIC: 3. KL-shaped rewards, then GAE advantages and returns
+            rewards, kl = shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_ctl.value)
+            if args.whiten_rewards:
+                rewards = masked_whiten(rewards, mask, shift_mean=False)
+            advantages, returns = compute_gae(rewards, values, mask, args.gamma, args.gae_lambda)
+            if args.whiten_advantages:
+                advantages = masked_whiten(advantages, mask)
+
+            # ALGO LOGIC: 4. several epochs of clipped PPO over minibatches of the rollout
+            stats: dict[str, list] = {}
+            for _ in range(args.ppo_epochs):
+                for mb in torch.randperm(args.rollout_batch_size, device=device).split(args.minibatch_size):
+                    with autocast:
+                        new_logprobs, entropy = forward_logprobs(policy, input_ids[mb], attention_mask[mb], start,
+                                                                 args.temperature)
+                        new_values = critic(input_ids[mb], attention_mask[mb], start).float()
+                    pg_loss, pg_stats = ppo_policy_loss(new_logprobs, logprobs[mb], advantages[mb], mask[mb],
+                                                        args.clip_range)
+                    vf_loss, vf_stats = ppo_value_loss(new_values, values[mb], returns[mb], mask[mb],
+                                                       args.clip_range_value)
+                    entropy_mean = masked_mean(entropy, mask[mb])
+                    loss = pg_loss + args.vf_coef * vf_loss - args.ent_coef * entropy_mean
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"non-finite loss at update {update}: policy {pg_loss.item()}, "
+                                                 f"value {vf_loss.item()}")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    nn.utils.clip_grad_norm_(list(policy.parameters()) + list(critic.parameters()), args.max_grad_norm)
+                    optimizer.step()
+                    for key, value in {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy_mean,
+                                       **pg_stats, **vf_stats}.items():
+                        stats.setdefault(key, []).append(float(value.detach()))
+
+            # ALGO LOGIC: 5. adapt beta to the KL this rollout actually had (mean per token, RL4LMs)
+            mean_kl = masked_mean(kl, mask).item()
+            kl_ctl.update(mean_kl, args.rollout_batch_size)
+
+            # TRY NOT TO MODIFY: record metrics
+            n_tokens = int(mask.sum())
+            run.tokens += n_tokens
+            elapsed = time.time() - update_start
+            mean = {k: float(np.mean(v)) for k, v in stats.items()}
+            run.log({
+                "objective/scores": scores.mean().item(), "objective/kl": mean_kl,
+                "objective/kl_sequence": (kl.sum(1)).mean().item(), "objective/kl_coef": kl_ctl.value,
+                "objective/entropy": masked_mean(rollout_entropy, mask).item(),
+                "objective/non_score_reward": (rewards.sum(1) - scores).mean().item() if not args.whiten_rewards else 0.0,
+                "losses/policy_loss": mean["policy_loss"], "losses/value_loss": mean["value_loss"],
+                "losses/entropy": mean["entropy"], "losses/approx_kl": mean["approx_kl"],
+                "losses/clipfrac": mean["clipfrac"], "losses/value_clipfrac": mean["value_clipfrac"],
+                "losses/ratio": mean["ratio"], "charts/learning_rate": optimizer.param_groups[0]["lr"],
+                "charts/response_length": mask.sum(1).mean().item(),
+                "charts/eos_fraction": ends_with_eos.float().mean().item(),
+                "charts/tokens_per_second": n_tokens / elapsed,
+                "charts/episodes_per_second": args.rollout_batch_size / elapsed,
+            }, update)
+            print(f"update {update}/{args.total_updates} | score {scores.mean().item():+.3f} | kl {mean_kl:.4f} "
+                  f"| beta {kl_ctl.value:.4f} | approx_kl {mean['approx_kl']:.4f} | clipfrac {mean['clipfrac']:.3f} "
+                  f"| {n_tokens / elapsed:.0f} tok/s", flush=True)
+            if update % args.eval_every == 0 and update != args.total_updates:
+                run_eval(update)
+    except KeyboardInterrupt:  # keep what was learned: evaluate, save and summarise below
+        print(f"interrupted during update {update}; evaluating and saving what was trained so far", flush=True)
+
+    # TRY NOT TO MODIFY: final evaluation, model, summary
+    run_eval(update)
+    if args.save_model:
+        policy.model.save_pretrained(os.path.join(run.dir, "model"))
+        policy.tokenizer.save_pretrained(os.path.join(run.dir, "model"))
+    summary = run.write_summary({"updates": update})
+    run.close()
+    print(f"initial eval/return_mean {summary['initial']['eval/return_mean']:+.3f} -> final "
+          f"{summary['final']['eval/return_mean']:+.3f}; {summary['wall_seconds']:.0f}s, "
+          f"{summary['tokens_per_second']:.0f} tok/s; run dir {run.dir}", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
