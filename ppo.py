@@ -60,8 +60,7 @@ class Args(CommonArgs):
     min_response_length: Optional[int] = None
     """EOS is forbidden before this many tokens; None takes the task's (GRUE IMDB: 48)"""
     temperature: float = 1.0
-    """sampling temperature; the PPO ratio uses the same temperature-scaled softmax (no top-k/top-p, so
-    rollouts come from exactly the distribution the ratio measures)"""
+    """sampling temperature; the ratio uses the same scaled softmax (no top-k/top-p: rollouts come from the distribution the ratio measures)"""
     gamma: float = 0.99
     """discount over response tokens (RL4LMs: 0.99; lm-human-preferences: 1.0)"""
     gae_lambda: float = 0.95
@@ -85,8 +84,7 @@ class Args(CommonArgs):
     target_kl: float = 0.1
     """target of the mean per-token KL to the reference (RL4LMs IMDB: 0.1)"""
     kl_horizon: int = 640
-    """adaptive-KL horizon in episodes (Ziegler et al.); beta moves by at most
-    0.2 * rollout_batch_size / kl_horizon per update (640 with 64 episodes: RL4LMs' fixed gain of 0.1)"""
+    """adaptive-KL horizon in episodes (Ziegler et al.): beta moves at most 0.2 * rollout_batch_size / kl_horizon per update"""
     non_eos_penalty: bool = False
     """replace the score of responses that never emit EOS by `penalty_reward_value` (lm-human-preferences)"""
     penalty_reward_value: float = -1.0
@@ -204,19 +202,23 @@ class Critic(nn.Module):
 
 
 def main(args: Args) -> dict:
-    # TRY NOT TO MODIFY: validate, then set up the run
-    for name in ("total_updates", "rollout_batch_size", "minibatch_size", "ppo_epochs", "eval_episodes"):
-        if getattr(args, name) <= 0:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    num_minibatches = exact_div(args.rollout_batch_size, args.minibatch_size, "--rollout-batch-size / --minibatch-size")
-    task = make_task(args.task)
-    response_length = args.response_length or task.max_new_tokens
-    min_response_length = task.min_new_tokens if args.min_response_length is None else args.min_response_length
-    if response_length <= 0 or not 0 <= min_response_length <= response_length:
-        raise SystemExit(f"error: need 0 < response length ({response_length}) and 0 <= min length "
-                         f"({min_response_length}) <= response length")
-    device = pick_device(args.cuda)
-    policy = load_policy(args.model_name, task, device)  # fails fast on a missing path
+    # TRY NOT TO MODIFY: check the arguments before any heavy work; a bad one exits with one line
+    try:
+        for name in ("total_updates", "rollout_batch_size", "minibatch_size", "ppo_epochs", "eval_every",
+                     "eval_episodes", "kl_horizon"):
+            if getattr(args, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        exact_div(args.rollout_batch_size, args.minibatch_size, "--rollout-batch-size / --minibatch-size")
+        task = make_task(args.task)
+        response_length = task.max_new_tokens if args.response_length is None else args.response_length
+        min_response_length = task.min_new_tokens if args.min_response_length is None else args.min_response_length
+        if response_length <= 0 or not 0 <= min_response_length <= response_length:
+            raise ValueError(f"need 0 < response length ({response_length}) and 0 <= min response length "
+                             f"({min_response_length}) <= response length")
+        device = pick_device(args.cuda)
+        policy = load_policy(args.model_name, task, device)
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"error: {error}")
     run = Run(args, "ppo.py")
     seed_everything(args.seed, args.torch_deterministic)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")

@@ -33,8 +33,7 @@ class CommonArgs:
     task: str = "sentiment"
     """the task: `sentiment` (embedded, offline) or any name registered in common/tasks.py"""
     model_name: str = "tiny-gpt2"
-    """the policy: `tiny-gpt2`/`tiny-t5` (built-in, trained on the task's corpus on first use), a hub id
-    such as `gpt2`, or a local directory saved with `save_pretrained`"""
+    """the policy: `tiny-gpt2`/`tiny-t5` (built-in, pretrained on the task's corpus on first use), a hub id such as `gpt2`, or a local `save_pretrained` directory"""
     output_dir: str = "runs"
     """where run directories are created"""
     save_model: bool = True

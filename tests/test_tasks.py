@@ -1,0 +1,247 @@
+"""Tests for common/tasks.py (the sentiment task, rewards, evaluation) and the built-in model cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import common.models as models  # noqa: E402
+from common.tasks import (  # noqa: E402
+    Task,
+    evaluate,
+    make_task,
+    sentiment_corpus,
+    split_review,
+    vader_compound,
+)
+
+POSITIVE = "the acting was truly wonderful ."
+
+
+@pytest.fixture(scope="module")
+def task():
+    return make_task("sentiment")
+
+
+# ----------------------------------------------------------------------------------------------
+# Rewards
+# ----------------------------------------------------------------------------------------------
+def test_vader_compound():
+    scores = vader_compound([POSITIVE, "i hated the ending .", "the plot was long ."])
+    assert isinstance(scores, np.ndarray) and scores.dtype == np.float64 and scores.shape == (3,)
+    assert scores[0] > 0.5
+    assert scores[1] < -0.5
+    assert scores[2] == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# The sentiment task
+# ----------------------------------------------------------------------------------------------
+def test_sentiment_task_prompts(task):
+    assert task.name == "sentiment"
+    assert len(task.train_prompts) == 4096
+    assert len(task.eval_prompts) == 256
+    assert len(set(task.train_prompts)) == 4096
+    assert len(set(task.eval_prompts)) == 256
+    assert not set(task.train_prompts) & set(task.eval_prompts)
+    assert all(p.strip() for p in task.train_prompts + task.eval_prompts)
+
+
+def test_sentiment_task_is_deterministic(task):
+    again = make_task("sentiment")
+    assert again.train_prompts == task.train_prompts
+    assert again.eval_prompts == task.eval_prompts
+    assert again.corpus()[:50] == task.corpus()[:50]
+
+
+def test_sentiment_reward_scores_the_response_only(task):
+    responses = [POSITIVE, "i hated the ending .", "the plot was long ."]
+    expected = vader_compound(responses)
+    np.testing.assert_array_equal(task.reward_fn(["a", "b", "c"], responses), expected)
+    negative_prompts = ["i hated it . awful , terrible ."] * 3
+    np.testing.assert_array_equal(task.reward_fn(negative_prompts, responses), expected)
+    np.testing.assert_array_equal(task.score(negative_prompts, responses), expected)
+
+
+def test_unknown_task():
+    with pytest.raises(ValueError) as err:
+        make_task("nope")
+    assert "nope" in str(err.value)
+    assert "sentiment" in str(err.value)
+
+
+def test_split_review():
+    review = "the movie was great . i hated the ending . it is a dull film ."
+    words = review.split(" ")
+    prompt, continuation = split_review(review)
+    assert prompt.split(" ") == words[: len(words) // 2]
+    assert prompt + continuation == review
+    assert continuation.startswith(" ")
+    for review in sentiment_corpus(200, seed=5):
+        words = review.split(" ")
+        prompt, continuation = split_review(review)
+        assert prompt.split(" ") == words[: len(words) // 2]
+        assert prompt + continuation == review
+
+
+def test_sentiment_corpus_is_mixed():
+    reviews = sentiment_corpus(2000, seed=0)
+    assert len(reviews) == 2000
+    scores = vader_compound([split_review(r)[1] for r in reviews])
+    positive, negative = np.mean(scores > 0.05), np.mean(scores < -0.05)
+    assert 0.2 < positive < 0.7
+    assert 0.2 < negative < 0.7
+
+
+def test_score_rejects_bad_rewards():
+    def make(reward_fn):
+        return Task(name="bad", train_prompts=["a"], eval_prompts=["b"], reward_fn=reward_fn,
+                    max_prompt_tokens=8, max_new_tokens=8)
+
+    good = make(lambda prompts, responses: [0.5] * len(responses))
+    np.testing.assert_array_equal(good.score(["x", "y"], ["r", "s"]), [0.5, 0.5])
+    with pytest.raises(ValueError):
+        make(lambda prompts, responses: [0.5, float("nan")]).score(["x", "y"], ["r", "s"])
+    with pytest.raises(ValueError):
+        make(lambda prompts, responses: [0.5, float("inf")]).score(["x", "y"], ["r", "s"])
+    with pytest.raises(ValueError):
+        make(lambda prompts, responses: [0.5]).score(["x", "y"], ["r", "s"])
+    with pytest.raises(ValueError):
+        make(lambda prompts, responses: [[0.5], [0.5]]).score(["x", "y"], ["r", "s"])
+
+
+def test_evaluate(task):
+    batches = []
+
+    def generate_fn(prompts):
+        batches.append(list(prompts))
+        return [POSITIVE] * len(prompts)
+
+    metrics, samples = evaluate(task, generate_fn, n_prompts=10, batch_size=4)
+    assert [len(b) for b in batches] == [4, 4, 2]
+    assert sum(batches, []) == task.eval_prompts[:10]
+    assert set(metrics) == {"eval/return_mean", "eval/return_std"}
+    assert metrics["eval/return_mean"] == pytest.approx(vader_compound([POSITIVE])[0])
+    assert metrics["eval/return_mean"] > 0.5
+    # np.std of identical float64 values can be ~1e-16 rather than exactly 0 (rounding in the mean).
+    assert metrics["eval/return_std"] == pytest.approx(0.0, abs=1e-12)
+    assert len(samples) == 10
+    for (prompt, response, reward), expected_prompt in zip(samples, task.eval_prompts[:10]):
+        assert prompt == expected_prompt
+        assert response == POSITIVE
+        assert reward == pytest.approx(metrics["eval/return_mean"])
+
+
+def test_evaluate_mixed_rewards(task):
+    texts = [POSITIVE, "i hated the ending ."]
+    metrics, samples = evaluate(task, lambda prompts: [texts[i % 2] for i in range(len(prompts))],
+                                n_prompts=4, batch_size=4)
+    expected = vader_compound(texts * 2)
+    assert metrics["eval/return_mean"] == pytest.approx(expected.mean())
+    assert metrics["eval/return_std"] == pytest.approx(expected.std())
+    assert [s[2] for s in samples] == pytest.approx(expected.tolist())
+
+
+# ----------------------------------------------------------------------------------------------
+# The built-in model cache (training replaced by a fast fake)
+# ----------------------------------------------------------------------------------------------
+SENTENCES = [f"the {n} was {a} ." for n in ["movie", "plot", "ending", "cast", "music"]
+             for a in ["great", "bad", "long", "dull", "fun", "lovely", "weak", "short", "good", "odd"]]
+
+
+def write_tiny_gpt2(out_dir: str) -> None:
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(SENTENCES, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>", "<pad>"],
+                            show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                  unk_token="<|endoftext|>", pad_token="<pad>")
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tok),
+                                       bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                                       pad_token_id=tok.pad_token_id))
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+
+
+@pytest.fixture
+def fake_builder(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LMRL_CACHE", str(cache))
+    calls = []
+
+    def fake_train_builtin(task, arch, out_dir, **kwargs):
+        calls.append((task.name, arch, out_dir))
+        torch.rand(5)  # consumes the global RNG: the build must not shift the caller's stream
+        write_tiny_gpt2(out_dir)
+
+    monkeypatch.setattr(models, "_train_builtin", fake_train_builtin)
+    return str(cache), calls
+
+
+def test_builtin_model_cache(task, fake_builder):
+    cache, calls = fake_builder
+    target = models.ensure_builtin_model(task, "tiny-gpt2")
+    assert len(calls) == 1 and calls[0][:2] == ("sentiment", "tiny-gpt2")
+    assert target == os.path.join(cache, "sentiment-tiny-gpt2")
+    info_path = os.path.join(target, "build_info.json")
+    with open(info_path) as f:
+        info = json.load(f)
+    assert info["builtin_version"] == models.BUILTIN_VERSION
+    assert info["task"] == "sentiment" and info["arch"] == "tiny-gpt2"
+    assert info["grammar_version"] == task.extra["grammar_version"]
+    assert os.path.isfile(os.path.join(target, "config.json"))
+    assert sorted(os.listdir(cache)) == ["sentiment-tiny-gpt2", "sentiment-tiny-gpt2.lock"]  # no temp dir left
+
+    assert models.ensure_builtin_model(task, "tiny-gpt2") == target  # cached: reused
+    assert len(calls) == 1
+
+    info["builtin_version"] = models.BUILTIN_VERSION + 1
+    with open(info_path, "w") as f:
+        json.dump(info, f)
+    assert models.ensure_builtin_model(task, "tiny-gpt2") == target  # stale: rebuilt
+    assert len(calls) == 2
+    with open(info_path) as f:
+        assert json.load(f)["builtin_version"] == models.BUILTIN_VERSION
+
+    shutil.rmtree(target)
+    assert models.ensure_builtin_model(task, "tiny-gpt2") == target  # missing: rebuilt
+    assert len(calls) == 3
+    assert sorted(os.listdir(cache)) == ["sentiment-tiny-gpt2", "sentiment-tiny-gpt2.lock"]
+
+    newer_grammar = dataclasses.replace(task, extra={"grammar_version": task.extra["grammar_version"] + 1})
+    models.ensure_builtin_model(newer_grammar, "tiny-gpt2")  # the corpus changed: rebuilt
+    assert len(calls) == 4
+
+    # load_policy goes through the same cache.
+    policy = models.load_policy("tiny-gpt2", newer_grammar)
+    assert len(calls) == 4
+    assert not policy.is_seq2seq and policy.tokenizer.padding_side == "left"
+
+
+def test_builtin_build_leaves_rng_untouched(task, fake_builder):
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    models.ensure_builtin_model(task, "tiny-gpt2")
+    assert len(fake_builder[1]) == 1
+    torch.testing.assert_close(torch.rand(3), expected, atol=0, rtol=0)
+
+
+def test_builtin_model_needs_a_corpus(task, fake_builder):
+    no_corpus = dataclasses.replace(task, corpus=None, pretrain_pairs=None)
+    with pytest.raises(ValueError):
+        models.ensure_builtin_model(no_corpus, "tiny-gpt2")
+    with pytest.raises(ValueError):
+        models.resolve_model_path("tiny-t5", no_corpus)
+    assert fake_builder[1] == []

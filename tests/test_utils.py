@@ -1,0 +1,178 @@
+"""Tests for common/utils.py: masked statistics, exact_div, seeding and the Run directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import random
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common.utils import CommonArgs, Run, exact_div, masked_mean, masked_var, masked_whiten, seed_everything  # noqa: E402
+
+VALUES = torch.tensor([[1.0, 2.0, 100.0, 4.0],
+                       [-3.0, 50.0, 0.5, 7.0]], dtype=torch.float64)
+MASK = torch.tensor([[1, 1, 0, 1],
+                     [1, 0, 1, 1]])
+KEPT = np.array([1.0, 2.0, 4.0, -3.0, 0.5, 7.0])  # VALUES where MASK is 1, by hand
+
+
+# ----------------------------------------------------------------------------------------------
+# Masked statistics
+# ----------------------------------------------------------------------------------------------
+def test_masked_mean():
+    assert masked_mean(VALUES, MASK).item() == pytest.approx(np.mean(KEPT))
+    rows = masked_mean(VALUES, MASK, dim=1)
+    assert rows.shape == (2,)
+    np.testing.assert_allclose(rows.numpy(), [np.mean([1.0, 2.0, 4.0]), np.mean([-3.0, 0.5, 7.0])])
+    cols = masked_mean(VALUES, MASK, dim=0)
+    np.testing.assert_allclose(cols.numpy(), [-1.0, 2.0, 0.5, 5.5])
+    # A boolean mask works as well as an integer one.
+    assert masked_mean(VALUES, MASK.bool()).item() == pytest.approx(np.mean(KEPT))
+
+
+def test_masked_var():
+    assert masked_var(VALUES, MASK).item() == pytest.approx(np.var(KEPT, ddof=1))
+    assert masked_var(VALUES, MASK, unbiased=True).item() == pytest.approx(np.var(KEPT, ddof=1))
+    assert masked_var(VALUES, MASK, unbiased=False).item() == pytest.approx(np.var(KEPT, ddof=0))
+    assert np.var(KEPT, ddof=1) != pytest.approx(np.var(KEPT, ddof=0))  # the two really differ here
+
+
+def test_masked_var_needs_values():
+    with pytest.raises(ValueError):
+        masked_var(VALUES, torch.zeros_like(MASK))
+    with pytest.raises(ValueError):
+        masked_var(VALUES, torch.zeros_like(MASK), unbiased=False)
+    one = torch.zeros_like(MASK)
+    one[0, 1] = 1
+    with pytest.raises(ValueError):  # Bessel's correction needs two values
+        masked_var(VALUES, one)
+    assert masked_var(VALUES, one, unbiased=False).item() == 0.0
+
+
+def test_masked_whiten():
+    out = masked_whiten(VALUES, MASK)
+    assert out.shape == VALUES.shape
+    keep = MASK.bool()
+    assert torch.all(out[~keep] == 0)
+    kept = out[keep].numpy()
+    assert np.mean(kept) == pytest.approx(0.0, abs=1e-9)
+    assert np.var(kept, ddof=1) == pytest.approx(1.0, rel=1e-6)
+    expected = (KEPT - KEPT.mean()) / np.std(KEPT, ddof=1)
+    np.testing.assert_allclose(kept, expected, rtol=1e-6)
+
+
+def test_masked_whiten_keeps_mean():
+    out = masked_whiten(VALUES, MASK, shift_mean=False)
+    keep = MASK.bool()
+    assert torch.all(out[~keep] == 0)
+    kept = out[keep].numpy()
+    assert np.mean(kept) == pytest.approx(np.mean(KEPT))
+    assert np.var(kept, ddof=1) == pytest.approx(1.0, rel=1e-6)
+    expected = (KEPT - KEPT.mean()) / np.std(KEPT, ddof=1) + KEPT.mean()
+    np.testing.assert_allclose(kept, expected, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# exact_div
+# ----------------------------------------------------------------------------------------------
+def test_exact_div():
+    assert exact_div(12, 4) == 3
+    assert exact_div(0, 4) == 0
+    assert isinstance(exact_div(12, 4), int)
+    with pytest.raises(ValueError) as err:
+        exact_div(10, 4, what="batch_size / num_minibatches")
+    message = str(err.value)
+    assert "10" in message and "4" in message and "batch_size / num_minibatches" in message
+    with pytest.raises(ValueError):
+        exact_div(10, 0)
+    with pytest.raises(ValueError):
+        exact_div(0, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeding
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def restore_determinism(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # restored after the test
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def draw():
+    return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+
+def test_seed_everything(restore_determinism):
+    seed_everything(7)
+    first = draw()
+    seed_everything(7)
+    assert draw() == first
+    seed_everything(8)
+    assert draw() != first
+    assert torch.are_deterministic_algorithms_enabled()
+
+
+# ----------------------------------------------------------------------------------------------
+# Run: directory, TensorBoard, summary.json
+# ----------------------------------------------------------------------------------------------
+def test_run_dir_tensorboard_and_summary(tmp_path):
+    args = dataclasses.replace(CommonArgs(), output_dir=str(tmp_path), exp_name="t", seed=3, task="sentiment")
+    run = Run(args, script="ppo.py")
+    assert os.path.dirname(run.dir) == str(tmp_path)
+    assert re.fullmatch(r"sentiment__t__3__\d+", os.path.basename(run.dir))
+    assert os.path.isdir(run.dir)
+
+    evals = [
+        {"eval/return_mean": 0.1, "eval/return_std": 0.4},
+        {"eval/return_mean": 0.5, "eval/return_std": 0.2},
+        {"eval/return_mean": 0.3, "eval/return_std": 0.3},
+    ]
+    samples = [("the movie", " was great .", 0.62), ("the plot", " was bad .", -0.54)]
+    for step, metrics in enumerate(evals):
+        run.log({"train/loss": 1.0 / (step + 1)}, step)
+        run.log_eval(metrics, samples, step)
+    run.tokens = 1000
+    summary = run.write_summary()
+    run.close()
+
+    events = glob.glob(os.path.join(run.dir, "events.out.tfevents.*"))
+    assert len(events) == 1
+    with open(events[0], "rb") as f:
+        data = f.read()
+    for tag in (b"train/loss", b"eval/return_mean", b"eval/return_std", b"eval/samples"):
+        assert tag in data  # the scalars and the samples table were flushed on close()
+    with open(os.path.join(run.dir, "summary.json")) as f:
+        on_disk = json.load(f)
+    assert on_disk == summary
+    assert set(on_disk) == {"script", "task", "seed", "args", "initial", "final", "best", "wall_seconds",
+                            "tokens_per_second"}
+    assert on_disk["script"] == "ppo.py"
+    assert on_disk["task"] == "sentiment"
+    assert on_disk["seed"] == 3
+    assert on_disk["args"] == dataclasses.asdict(args)
+    assert on_disk["initial"] == evals[0]
+    assert on_disk["final"] == evals[-1]
+    assert on_disk["best"] == {"eval/return_mean": 0.5, "eval/return_std": 0.2}
+    assert on_disk["wall_seconds"] > 0
+    assert on_disk["tokens_per_second"] == pytest.approx(1000 / on_disk["wall_seconds"])
+
+
+def test_summary_extra_and_no_evals(tmp_path):
+    args = dataclasses.replace(CommonArgs(), output_dir=str(tmp_path), exp_name="x", seed=1)
+    run = Run(args, script="s.py")
+    summary = run.write_summary(extra={"note": "hi"})
+    run.close()
+    assert summary["note"] == "hi"
+    assert summary["initial"] == summary["final"] == summary["best"] == {}
