@@ -85,6 +85,13 @@ class Policy(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.is_seq2seq = bool(model.config.is_encoder_decoder)
+        # `generate` fills every setting we leave unset from the model's saved generation config, which
+        # may carry repetition penalties, n-gram blocking or beams: processors that `forward` does not
+        # apply. Keep only the special token ids, so rollouts come from exactly the scored distribution.
+        config = model.config
+        model.generation_config = GenerationConfig(
+            bos_token_id=getattr(config, "bos_token_id", None), eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=getattr(config, "decoder_start_token_id", None))
 
     @property
     def hidden_size(self) -> int:

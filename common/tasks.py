@@ -131,6 +131,9 @@ class Task:
     """texts the built-in tiny models of this task are pretrained on (embedded tasks only)"""
     pretrain_pairs: Optional[Callable[[], list[tuple[str, str]]]] = None
     """(input, target) pairs the built-in tiny seq2seq model is pretrained on (embedded tasks only)"""
+    offline_data: Optional[Callable[[int], list[dict]]] = None
+    """offline_data(seed) -> [{"prompt", "response", "reward"}]: logged responses of mixed quality on
+    training prompts (never on held-out ones), for the offline methods (ILQL, A-LoL)"""
     extra: dict = field(default_factory=dict)
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
@@ -156,6 +159,36 @@ def make_sentiment_task(n_train: int = 4096, n_eval: int = 256, n_corpus: int = 
             eval_prompts.append(prompt)
         if len(eval_prompts) == n_eval:
             break
+    def offline_data(seed: int, n: int = 4096, noise: float = 0.2) -> list[dict]:
+        """Grammar continuations (the pretrained distribution: mixed sentiment) and, with probability
+        `noise`, a corrupted response: its words shuffled, a random bag of grammar words, or one or two
+        words. Every response is scored by the task's reward, like a logged dataset with its rewards."""
+        rng = random.Random(seed)
+        vocabulary = sorted({w for r in sentiment_corpus(500, seed=0) for w in r.split(" ")})
+        held_out = set(eval_prompts)
+        data = []
+        for review in sentiment_corpus(2 * n, seed=1000 + seed):
+            prompt, response = split_review(review)
+            if prompt in held_out:
+                continue
+            if rng.random() < noise:
+                words = response.split()
+                kind = rng.choice(["shuffle", "bag", "short"])
+                if kind == "shuffle":
+                    rng.shuffle(words)
+                elif kind == "bag":
+                    words = rng.choices(vocabulary, k=rng.randint(3, 12))
+                else:
+                    words = words[:rng.randint(1, 2)]
+                response = " " + " ".join(words)
+            data.append({"prompt": prompt, "response": response})
+            if len(data) == n:
+                break
+        rewards = vader_compound([d["response"] for d in data])
+        for d, r in zip(data, rewards):
+            d["reward"] = float(r)
+        return data
+
     return Task(
         name="sentiment",
         train_prompts=train_prompts,
@@ -165,6 +198,7 @@ def make_sentiment_task(n_train: int = 4096, n_eval: int = 256, n_corpus: int = 
         max_new_tokens=24,
         corpus=lambda: sentiment_corpus(n_corpus, seed=0),
         pretrain_pairs=lambda: [split_review(r) for r in sentiment_corpus(n_corpus, seed=0)],
+        offline_data=offline_data,
         extra={"grammar_version": GRAMMAR_VERSION},
     )
 
