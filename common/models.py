@@ -188,8 +188,8 @@ def resolve_model_path(model_name: str, task) -> str:
     """A directory or hub id `from_pretrained` can open; builds the built-in model if needed."""
     if model_name in BUILTIN_MODELS:
         return ensure_builtin_model(task, model_name)
-    if os.path.isdir(model_name):
-        return model_name
+    if os.path.isdir(os.path.expanduser(model_name)):
+        return os.path.expanduser(model_name)
     if model_name.startswith((".", "/", "~")) or os.sep in model_name.strip("/").replace("/", "", 1):
         raise FileNotFoundError(f"model path {model_name!r} does not exist")
     return model_name  # a hub id such as "gpt2" or "lvwerra/gpt2-imdb"
@@ -240,8 +240,12 @@ def ensure_builtin_model(task, arch: str) -> str:
             pass
         print(f"building the built-in {arch} for task {task.name!r} in {target} (once; cached after)")
         tmp = tempfile.mkdtemp(dir=cache_dir())
-        with torch.random.fork_rng(devices=[]):  # a build leaves the caller's RNG stream untouched
-            _train_builtin(task, arch, tmp)
+        try:
+            with torch.random.fork_rng(devices=[]):  # a build leaves the caller's RNG stream untouched
+                _train_builtin(task, arch, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed or interrupted build leaves nothing behind
+            raise
         with open(os.path.join(tmp, "build_info.json"), "w") as f:
             json.dump(info, f)
         shutil.rmtree(target, ignore_errors=True)

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import math
-import os
-import sys
+import shutil
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from common.models import (  # noqa: E402
+from common.models import (
     ValueHead,
     entropy_of,
     frozen_copy,
@@ -379,3 +376,23 @@ def test_value_head():
     with torch.no_grad():
         head.linear.weight.fill_(1.0)
     torch.testing.assert_close(head(hidden), hidden.sum(-1))
+
+
+def test_generate_ignores_saved_generation_config(model_dirs, tmp_path):
+    from transformers import GenerationConfig
+
+    path = str(tmp_path / "gpt2_gencfg")
+    shutil.copytree(model_dirs["gpt2"], path)
+    policy = load_policy(path, task=None)
+    eos = policy.tokenizer.eos_token_id
+    # A saved generation config with processors that Policy.forward does not apply.
+    GenerationConfig(repetition_penalty=3.0, no_repeat_ngram_size=1, num_beams=3, min_length=40,
+                     bos_token_id=eos, eos_token_id=eos, pad_token_id=policy.tokenizer.pad_token_id).save_pretrained(path)
+    policy = load_policy(path, task=None)
+    ids, mask = policy.encode_prompts(["the movie was", "the ending"], max_tokens=16, device="cpu")
+    # Greedy rollouts must be the argmax of the logits that PPO scores them with.
+    resp, rmask = policy.generate(ids, mask, max_new_tokens=20, do_sample=False)
+    with torch.no_grad():
+        logits, _ = policy(torch.cat([ids, resp], 1), torch.cat([mask, rmask], 1), ids.shape[1])
+    keep = rmask.bool()
+    assert torch.equal(resp[keep], logits.argmax(-1)[keep])

@@ -6,16 +6,13 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import common.models as models  # noqa: E402
-from common.tasks import (  # noqa: E402
+import common.models as models
+from common.tasks import (
     Task,
     evaluate,
     make_task,

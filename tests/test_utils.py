@@ -8,15 +8,12 @@ import json
 import os
 import random
 import re
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from common.utils import CommonArgs, Run, exact_div, masked_mean, masked_var, masked_whiten, seed_everything  # noqa: E402
+from common.utils import CommonArgs, Run, exact_div, masked_mean, masked_var, masked_whiten, seed_everything
 
 VALUES = torch.tensor([[1.0, 2.0, 100.0, 4.0],
                        [-3.0, 50.0, 0.5, 7.0]], dtype=torch.float64)
@@ -176,3 +173,14 @@ def test_summary_extra_and_no_evals(tmp_path):
     run.close()
     assert summary["note"] == "hi"
     assert summary["initial"] == summary["final"] == summary["best"] == {}
+
+
+def test_close_flushes_tensorboard(tmp_path):
+    args = dataclasses.replace(CommonArgs(), output_dir=str(tmp_path), exp_name="flush", seed=2)
+    run = Run(args, script="s.py")
+    run.log({"train/only_metric": 1.5}, 0)  # one event: stays queued in the writer until close()
+    run.close()
+    events = glob.glob(os.path.join(run.dir, "events.out.tfevents.*"))
+    assert len(events) == 1
+    with open(events[0], "rb") as f:
+        assert b"train/only_metric" in f.read()
