@@ -202,7 +202,8 @@ class Critic(nn.Module):
 
 
 def main(args: Args) -> dict:
-    # TRY NOT TO MODIFY: check the arguments before any heavy work; a bad one exits with one line
+    # TRY NOT TO MODIFY: seeding, then check the arguments before any heavy work (a bad one exits with one line)
+    seed_everything(args.seed, args.torch_deterministic)
     try:
         for name in ("total_updates", "rollout_batch_size", "minibatch_size", "ppo_epochs", "eval_every",
                      "eval_episodes", "kl_horizon"):
@@ -220,7 +221,6 @@ def main(args: Args) -> dict:
     except (ValueError, OSError) as error:
         raise SystemExit(f"error: {error}")
     run = Run(args, "ppo.py")
-    seed_everything(args.seed, args.torch_deterministic)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     # Models: the policy, its frozen reference (KL anchor), and the critic (a second trunk + head).
@@ -234,7 +234,7 @@ def main(args: Args) -> dict:
     prompt_order = rng.permutation(len(task.train_prompts))
     prompt_cursor = 0
 
-    def sample(prompts: list[str], seed: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    def sample(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
         """Prompts -> (input_ids, attention_mask, response_start, response_mask) from the policy."""
         prompt_ids, prompt_mask = policy.encode_prompts(prompts, task.max_prompt_tokens, device)
         with autocast:
