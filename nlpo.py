@@ -1,0 +1,514 @@
+"""NLPO: PPO whose action space, at every token, is the nucleus of a periodically refreshed masking policy.
+
+Paper: Ramamurthy et al., "Is Reinforcement Learning (Not) for Natural Language Processing?" (ICLR 2023).
+Reference code: RL4LMs (`algorithms/nlpo/nlpo.py`, `policy/causal_policy.py::MaskedCausalLMActorCriticPolicy`,
+`algorithms/common/maskable/{logits_processor,distributions}.py`).
+Docs: docs/nlpo.md (implementation details, every metric, deviations from the reference code, results).
+
+NLPO is the token-level PPO of ppo.py (per-token KL penalty to a frozen reference, GAE, value model, clipped
+surrogate) with one change. A language model's action space is its whole vocabulary, and most of it is
+irrelevant in any given context; NLPO cuts it, at every token, to the top-p tokens of a *masking policy*
+pi_mask, a copy of the policy that is refreshed only every `mask_update_every` updates:
+
+    K_t       = the fewest tokens whose pi_mask(.|s_t) probability reaches p  (+ special tokens, >= a minimum)
+    pi_K(a|s) = pi(a|s) / sum_{b in K_t} pi(b|s)  for a in K_t,  0 elsewhere
+
+Rollouts sample from pi_K, the PPO ratio is pi_K,new / pi_K,old under the K_t of the rollout, and the KL
+penalty in the reward stays on the unmasked pi vs pi_ref (as in RL4LMs):
+
+    r_t = -beta * (log pi(a_t|s_t) - log pi_ref(a_t|s_t))  + [t == last] * score
+
+Because pi_mask lags the policy, the action set moves slowly: a sort of trust region on *which* tokens may
+be explored, on top of PPO's trust region on how their probabilities move.
+
+Run:  python nlpo.py                          # embedded sentiment task, tiny GPT-2, a few CPU minutes
+      python nlpo.py --model-name tiny-t5     # the same with a seq2seq policy
+      python nlpo.py --help                   # every flag
+"""
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from common.models import Policy, ValueHead, frozen_copy, load_policy, logprobs_of
+from common.tasks import evaluate, make_task
+from common.utils import CommonArgs, Run, exact_div, masked_mean, masked_whiten, pick_device, seed_everything
+
+
+@dataclass
+class Args(CommonArgs):
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+
+    # Algorithm specific arguments (PPO's, with ppo.py's defaults, then NLPO's own)
+    total_updates: int = 40
+    """number of NLPO updates; each is one rollout followed by `ppo_epochs` passes over it"""
+    rollout_batch_size: int = 64
+    """prompts (episodes) per rollout"""
+    minibatch_size: int = 16
+    """episodes per gradient step; must divide `rollout_batch_size`"""
+    ppo_epochs: int = 4
+    """passes over each rollout (RL4LMs IMDB: 5; lm-human-preferences: 4)"""
+    learning_rate: float = 1e-4
+    """AdamW learning rate, constant (RL4LMs IMDB NLPO with GPT-2: 1e-6)"""
+    weight_decay: float = 1e-6
+    """AdamW weight decay (RL4LMs' value)"""
+    max_grad_norm: float = 0.5
+    """global gradient-norm clip (RL4LMs/SB3: 0.5)"""
+    response_length: Optional[int] = None
+    """maximum new tokens per response; None takes the task's (sentiment: 24, GRUE IMDB: 48)"""
+    min_response_length: Optional[int] = None
+    """EOS is forbidden before this many tokens; None takes the task's (GRUE IMDB: 48)"""
+    temperature: float = 1.0
+    """sampling temperature; the ratio uses the same scaled, masked softmax (no top-k/top-p: rollouts come from the distribution the ratio measures)"""
+    gamma: float = 0.99
+    """discount over response tokens (RL4LMs: 0.99)"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    clip_range: float = 0.2
+    """PPO policy clip epsilon"""
+    clip_range_value: Optional[float] = 0.2
+    """value clip around the rollout's values; None for the plain squared error (RL4LMs/SB3 default)"""
+    vf_coef: float = 0.5
+    """value-loss weight (RL4LMs: 0.5)"""
+    ent_coef: float = 0.0
+    """weight of the bonus on the masked policy's entropy (RL4LMs: 0.0); entropy is logged either way"""
+    whiten_advantages: bool = True
+    """normalise advantages over each rollout's response tokens"""
+    whiten_rewards: bool = False
+    """scale the shaped per-token rewards to unit variance before GAE (lm-human-preferences option)"""
+    init_kl_coef: float = 0.1
+    """initial beta of the per-token KL penalty (RL4LMs IMDB: 0.1)"""
+    adaptive_kl: bool = True
+    """adapt beta toward `target_kl`; if off, beta stays at `init_kl_coef`"""
+    target_kl: float = 0.1
+    """target of the mean per-token KL to the reference (RL4LMs IMDB NLPO: 0.1)"""
+    kl_horizon: int = 640
+    """adaptive-KL horizon in episodes (Ziegler et al.): beta moves at most 0.2 * rollout_batch_size / kl_horizon per update"""
+    non_eos_penalty: bool = False
+    """replace the score of responses that never emit EOS by `penalty_reward_value` (lm-human-preferences)"""
+    penalty_reward_value: float = -1.0
+    """the score given to responses without EOS when `non_eos_penalty` is on"""
+    top_mask: float = 0.9
+    """p of the masking policy's nucleus: keep the fewest tokens whose probability under the masking policy
+    reaches p (RL4LMs `top_mask`, 0.9 in every config but IWSLT's 0.5); 1.0 keeps every token (NLPO == PPO)"""
+    min_tokens_to_keep: Optional[int] = None
+    """the mask keeps at least this many tokens; None scales RL4LMs' 100 (of GPT-2's 50257) to the vocabulary,
+    ceil(100 * V / 50257): 100 for gpt2, 2 for the built-in tiny models"""
+    mask_update_every: int = 5
+    """mu: copy the policy into the masking policy after every this many updates (RL4LMs
+    `target_update_iterations`: 5 on IMDB, 20 elsewhere)"""
+
+
+# ----------------------------------------------------------------------------------------------
+# ALGO LOGIC: NLPO's own pieces as small pure functions (each unit-tested in tests/test_nlpo.py)
+# ----------------------------------------------------------------------------------------------
+def top_p_keep_mask(logits: torch.Tensor, top_p: float, min_tokens_to_keep: int = 1,
+                    always_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The NLPO action set from the masking policy's logits `[..., V]` -> bool keep-mask `[..., V]`.
+
+    Keeps the fewest most-probable tokens whose probability reaches `top_p` (so the token that crosses the
+    threshold is kept: RL4LMs `learned_top_p` shifts its remove-mask right by one), at least
+    `min_tokens_to_keep` tokens, and the ids in `always_keep` (RL4LMs unmasks every special token, so EOS
+    stays reachable). The sort is stable, so ties are broken the same way at generation and afterwards.
+    """
+    if top_p >= 1.0:  # everything; cumsum rounding could otherwise drop the far tail
+        keep = torch.ones_like(logits, dtype=torch.bool)
+    else:
+        sorted_probs, order = logits.float().softmax(-1).sort(dim=-1, descending=True, stable=True)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs  # probability of the tokens ranked above
+        keep_sorted = mass_before < top_p
+        keep_sorted[..., :min_tokens_to_keep] = True
+        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    if always_keep is not None:
+        keep[..., always_keep] = True
+    return keep
+
+
+def masked_log_softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """log pi_K: the softmax renormalised over the kept tokens, -inf elsewhere (RL4LMs `MaskableCategorical`
+    zeroes masked probabilities and renormalises; it clamps them to log(eps) where we keep an exact -inf)."""
+    return logits.float().masked_fill(~keep, float("-inf")).log_softmax(-1)
+
+
+def masked_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
+                    keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi_K of the given tokens `[B, T]`, and the entropy of pi_K `[B, T]` (masked tokens contribute 0)."""
+    logp = masked_log_softmax(logits, keep)
+    logprobs = torch.gather(logp, -1, tokens.unsqueeze(-1)).squeeze(-1)
+    # 0 * -inf would be nan (and its gradient too), so masked entries enter the entropy as exact zeros.
+    entropy = -(logp.exp() * logp.masked_fill(~keep, 0.0)).sum(-1)
+    return logprobs, entropy
+
+
+def nlpo_policy_loss(logits: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor, old_logprobs: torch.Tensor,
+                     advantages: torch.Tensor, mask: torch.Tensor,
+                     clip_range: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """PPO's clipped surrogate on the masked policy, averaged over response tokens:
+    L = E[max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))], ratio = pi_K(a|s) / pi_K,old(a|s), both under
+    the rollout's keep-mask (RL4LMs `NLPO.train` passes the stored `action_masks` to `evaluate_actions`).
+    With every token kept this is exactly ppo.py's `ppo_policy_loss`. Returns (loss, entropy of pi_K, stats)."""
+    logprobs, entropy = masked_logprobs(logits, tokens, keep)
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "ratio": masked_mean(ratio, mask),
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "approx_kl": masked_mean((ratio - 1) - log_ratio, mask),  # k3, http://joschu.net/blog/kl-approx.html
+        }
+    return loss, entropy, stats
+
+
+def refresh_mask_policy(mask_policy: nn.Module, policy: nn.Module, update: int, every: int) -> bool:
+    """After every `every`-th update, copy the policy's weights into the masking policy (RL4LMs `NLPO.learn`:
+    `update_mask_model()` every `target_update_iterations` iterations). The copy is in place, so whatever holds
+    the masking policy (the logits processor of the next rollout) sees the new weights. RL4LMs rebinds
+    `_mask_model` to a new deepcopy instead, and its logits processor keeps sampling with the initial copy."""
+    if update % every != 0:
+        return False
+    mask_policy.load_state_dict(policy.state_dict())
+    return True
+
+
+class NLPOLogitsProcessor(LogitsProcessor):
+    """Applies the NLPO mask inside the policy's cached `generate`: at each step the masking policy reads the
+    newest token on its own KV cache (one token per step, not RL4LMs' full-sequence re-run, which is O(T^2)),
+    its top-p set is kept and every other token's score becomes -inf. `masks` records each step's keep-mask,
+    so the ratio can use exactly the action sets the rollout was sampled from."""
+
+    def __init__(self, mask_policy: Policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, top_p: float,
+                 min_tokens_to_keep: int, always_keep: torch.Tensor):
+        self.mask_policy, self.prompt_ids, self.prompt_mask = mask_policy, prompt_ids, prompt_mask
+        self.top_p, self.min_tokens_to_keep, self.always_keep = top_p, min_tokens_to_keep, always_keep
+        self.masks: list[torch.Tensor] = []
+        self.cache, self.encoder_outputs, self.attention_mask = None, None, prompt_mask
+
+    @torch.no_grad()
+    def next_token_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        model = self.mask_policy.model
+        if self.mask_policy.is_seq2seq:  # `input_ids` are the decoder's; the prompt is encoded once per rollout
+            if self.encoder_outputs is None:
+                self.encoder_outputs = model.get_encoder()(input_ids=self.prompt_ids, attention_mask=self.prompt_mask)
+            out = model(encoder_outputs=self.encoder_outputs, attention_mask=self.prompt_mask,
+                        decoder_input_ids=input_ids if self.cache is None else input_ids[:, -1:],
+                        past_key_values=self.cache, use_cache=True)
+        else:  # the first call sees the whole (left-padded) prompt, later calls one new token each
+            new = input_ids if self.cache is None else input_ids[:, -1:]
+            if self.cache is not None:
+                self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(new)], 1)
+            # Left padding: positions count real tokens only, as `generate` and `Policy.forward` do.
+            position_ids = (self.attention_mask.cumsum(1) - 1).clamp(min=0)[:, -new.shape[1]:]
+            out = model(input_ids=new, attention_mask=self.attention_mask, position_ids=position_ids,
+                        past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        return out.logits[:, -1]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        keep = top_p_keep_mask(self.next_token_logits(input_ids), self.top_p, self.min_tokens_to_keep, self.always_keep)
+        self.masks.append(keep)
+        return scores.masked_fill(~keep, float("-inf"))
+
+
+# ----------------------------------------------------------------------------------------------
+# ALGO LOGIC: the PPO machinery NLPO shares with ppo.py (repeated here so this file reads on its own)
+# ----------------------------------------------------------------------------------------------
+def shaped_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                   mask: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards: -beta * KL on every response token, plus the task score on the last one.
+
+    KL is the single-sample (k1) estimate log pi - log pi_ref at the sampled token, on the UNMASKED
+    distributions, as in RL4LMs (`raw_log_probs - ref_log_probs`, alg_wrappers.py). Returns (rewards, kl).
+    """
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * kl
+    last = mask.sum(1).long().clamp(min=1) - 1  # index of the last response token (EOS or truncation)
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards * mask, kl
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+                lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens (Schulman et al., 2016):
+    delta_t = r_t + gamma * V(s_{t+1}) - V(s_t);  A_t = delta_t + gamma * lam * A_{t+1}; V = 0 after the end.
+    Returns (advantages, returns = advantages + values), zero outside the mask."""
+    mask = mask.to(values.dtype)
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(next_advantage)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        advantages[:, t] = next_advantage
+    return advantages, (advantages + values) * mask
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                   mask: torch.Tensor, clip_range_value: Optional[float]) -> tuple[torch.Tensor, dict]:
+    """Squared error to the GAE returns; with a clip range, PPO2's pessimistic clipped form
+    max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2) as in lm-human-preferences."""
+    loss = (values - returns) ** 2
+    clipfrac = torch.zeros(())
+    if clip_range_value is not None:
+        clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+        clipped_loss = (clipped_values - returns) ** 2
+        clipfrac = masked_mean((clipped_loss > loss).float(), mask).detach()
+        loss = torch.max(loss, clipped_loss)
+    return masked_mean(loss, mask), {"value_clipfrac": clipfrac}
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019): beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon).
+    RL4LMs is the special case n / horizon = 0.1 with KL the mean per-token KL, which is what we use."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_episodes: int) -> None:
+        proportional_error = float(np.clip(current_kl / self.target - 1, -0.2, 0.2))
+        self.value *= 1 + proportional_error * n_episodes / self.horizon
+
+
+class FixedKLController:
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_episodes: int) -> None:
+        pass
+
+
+def forward_logits(policy: Policy, input_ids, attention_mask, start: int, temperature: float) -> torch.Tensor:
+    """Temperature-scaled logits `[B, R, V]` of the distributions that produced the response tokens."""
+    logits, _ = policy(input_ids, attention_mask, start)
+    return logits.float() / temperature
+
+
+class Critic(nn.Module):
+    """V(s_t) for every response token: a separate copy of the LM trunk with a scalar head (RL4LMs
+    `_value_model` + `_value_head`), so value regression never disturbs the policy's features."""
+
+    def __init__(self, policy: Policy):
+        super().__init__()
+        self.trunk = frozen_copy(policy).requires_grad_(True).train()
+        self.head = ValueHead(policy.hidden_size)
+
+    def forward(self, input_ids, attention_mask, start: int) -> torch.Tensor:
+        _, hidden = self.trunk(input_ids, attention_mask, start, with_logits=False)
+        return self.head(hidden)
+
+
+def main(args: Args) -> dict:
+    # TRY NOT TO MODIFY: seeding, then check the arguments before any heavy work (a bad one exits with one line)
+    seed_everything(args.seed, args.torch_deterministic)
+    try:
+        for name in ("total_updates", "rollout_batch_size", "minibatch_size", "ppo_epochs", "eval_every",
+                     "eval_episodes", "kl_horizon", "mask_update_every"):
+            if getattr(args, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        if not 0.0 < args.top_mask <= 1.0:
+            raise ValueError(f"--top-mask must be in (0, 1], got {args.top_mask}")
+        if args.min_tokens_to_keep is not None and args.min_tokens_to_keep <= 0:
+            raise ValueError(f"--min-tokens-to-keep must be positive, got {args.min_tokens_to_keep}")
+        exact_div(args.rollout_batch_size, args.minibatch_size, "--rollout-batch-size / --minibatch-size")
+        task = make_task(args.task)
+        response_length = task.max_new_tokens if args.response_length is None else args.response_length
+        min_response_length = task.min_new_tokens if args.min_response_length is None else args.min_response_length
+        if response_length <= 0 or not 0 <= min_response_length <= response_length:
+            raise ValueError(f"need 0 < response length ({response_length}) and 0 <= min response length "
+                             f"({min_response_length}) <= response length")
+        device = pick_device(args.cuda)
+        policy = load_policy(args.model_name, task, device)
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"error: {error}")
+    run = Run(args, "nlpo.py")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    # Models: the policy, its frozen reference (KL anchor), the critic (a second trunk + head), and NLPO's
+    # masking policy: a frozen copy of the starting policy (RL4LMs `mask_type: learned_top_p` deep-copies it).
+    ref_policy = frozen_copy(policy)
+    critic = Critic(policy).to(device)
+    mask_policy = frozen_copy(policy)
+    optimizer = torch.optim.AdamW(list(policy.parameters()) + list(critic.parameters()),
+                                  lr=args.learning_rate, weight_decay=args.weight_decay)
+    kl_ctl = (AdaptiveKLController(args.init_kl_coef, args.target_kl, args.kl_horizon) if args.adaptive_kl
+              else FixedKLController(args.init_kl_coef))
+    vocab_size = policy.model.get_output_embeddings().weight.shape[0]
+    min_tokens_to_keep = args.min_tokens_to_keep or math.ceil(100 * vocab_size / 50257)
+    special_ids = torch.tensor(sorted(set(policy.tokenizer.all_special_ids)), device=device)
+    eos_id = policy.tokenizer.eos_token_id
+    mask_age = 0  # updates the policy has had since the masking policy was copied from it
+    rng = np.random.default_rng(args.seed)
+    prompt_order = rng.permutation(len(task.train_prompts))
+    prompt_cursor = 0
+
+    def sample(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]:
+        """Prompts -> (input_ids, attention_mask, response_start, response_mask, keep-masks `[B, R, V]`),
+        sampled from the masked policy: temperature and the NLPO mask only, no top-k/top-p warper."""
+        prompt_ids, prompt_mask = policy.encode_prompts(prompts, task.max_prompt_tokens, device)
+        masker = NLPOLogitsProcessor(mask_policy, prompt_ids, prompt_mask, args.top_mask, min_tokens_to_keep,
+                                     special_ids)
+        with autocast:
+            response_ids, response_mask = policy.generate(
+                prompt_ids, prompt_mask, response_length, min_response_length, temperature=args.temperature,
+                top_k=0, top_p=1.0, logits_processor=LogitsProcessorList([masker]))
+        keep = torch.stack(masker.masks, 1)
+        assert keep.shape[:2] == response_ids.shape, (keep.shape, response_ids.shape)
+        return (torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1),
+                prompt_ids.shape[1], response_mask, keep)
+
+    def run_eval(step: int) -> dict:
+        """Held-out prompts, sampled as in training (NLPO's deployed decoding is the masked policy, as RL4LMs'
+        evaluation goes through the same masked `generate`); its own fixed RNG so evaluations are comparable."""
+        def generate_fn(prompts):
+            input_ids, _, start, response_mask, _ = sample(prompts)
+            return policy.decode(input_ids[:, start:], response_mask)
+
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(args.seed + 12345)
+            metrics, samples = evaluate(task, generate_fn, args.eval_episodes, args.rollout_batch_size)
+        run.log_eval(metrics, samples, step)
+        print(f"eval @ update {step}: return {metrics['eval/return_mean']:+.3f} +- {metrics['eval/return_std']:.3f}",
+              flush=True)
+        return metrics
+
+    run_eval(0)
+    update = 0
+    try:
+        for update in range(1, args.total_updates + 1):
+            update_start = time.time()
+            # ALGO LOGIC: 1. rollout: sample responses from the masked policy pi_K, keeping each step's mask
+            if prompt_cursor + args.rollout_batch_size > len(prompt_order):
+                prompt_order, prompt_cursor = rng.permutation(len(task.train_prompts)), 0
+            prompts = [task.train_prompts[i] for i in prompt_order[prompt_cursor:prompt_cursor + args.rollout_batch_size]]
+            prompt_cursor += args.rollout_batch_size
+            input_ids, attention_mask, start, mask, keep = sample(prompts)
+            responses = policy.decode(input_ids[:, start:], mask)
+            scores = torch.tensor(task.score(prompts, responses), dtype=torch.float32, device=device)
+            ends_with_eos = ((input_ids[:, start:] == eos_id) & (mask == 1)).any(1)
+            if args.non_eos_penalty:
+                scores = torch.where(ends_with_eos, scores, torch.full_like(scores, args.penalty_reward_value))
+
+            # ALGO LOGIC: 2. score the rollout: policy (unmasked for the KL, masked for the ratio), reference,
+            # critic, and the masking policy teacher-forced over the sequence to check the generation-time masks
+            with torch.no_grad(), autocast:
+                logits = forward_logits(policy, input_ids, attention_mask, start, args.temperature)
+                ref_logits = forward_logits(ref_policy, input_ids, attention_mask, start, args.temperature)
+                values = critic(input_ids, attention_mask, start).float()
+                mask_logits, _ = mask_policy(input_ids, attention_mask, start)
+            mask = mask.float()
+            response = mask.bool()
+            recomputed = top_p_keep_mask(mask_logits, args.top_mask, min_tokens_to_keep, special_ids)
+            mask_mismatch = masked_mean((recomputed != keep).any(-1).float(), mask).item()
+            # The ratio's action set is the support rollouts were sampled from: the NLPO mask, minus EOS where
+            # `generate` forbade it (min length), and every token after the response (nothing was sampled there).
+            action_keep = keep.clone()
+            action_keep[:, :min_response_length, eos_id] = False
+            action_keep[~response] = True
+            response_ids = input_ids[:, start:]
+            logprobs, ref_logprobs = logprobs_of(logits, response_ids), logprobs_of(ref_logits, response_ids)
+            old_logprobs, rollout_entropy = masked_logprobs(logits, response_ids, action_keep)
+            if not torch.isfinite(old_logprobs[response]).all():
+                raise RuntimeError(f"update {update}: a sampled token lies outside its stored mask; the rollout "
+                                   "was not sampled from the masked policy the ratio uses")
+            with torch.no_grad():
+                mask_tokens = masked_mean(action_keep.sum(-1).float(), mask).item()
+                mask_policy_mass = masked_mean((logits.softmax(-1) * action_keep).sum(-1), mask).item()
+
+            # ALGO LOGIC: 3. KL-shaped rewards (unmasked pi vs pi_ref, as RL4LMs), then GAE advantages and returns
+            rewards, kl = shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_ctl.value)
+            if args.whiten_rewards:
+                rewards = masked_whiten(rewards, mask, shift_mean=False)
+            advantages, returns = compute_gae(rewards, values, mask, args.gamma, args.gae_lambda)
+            if args.whiten_advantages:
+                advantages = masked_whiten(advantages, mask)
+
+            # ALGO LOGIC: 4. several epochs of clipped PPO on the masked policy, under the rollout's masks
+            stats: dict[str, list] = {}
+            for _ in range(args.ppo_epochs):
+                for mb in torch.randperm(args.rollout_batch_size, device=device).split(args.minibatch_size):
+                    with autocast:
+                        new_logits = forward_logits(policy, input_ids[mb], attention_mask[mb], start, args.temperature)
+                        new_values = critic(input_ids[mb], attention_mask[mb], start).float()
+                    pg_loss, entropy, pg_stats = nlpo_policy_loss(new_logits, response_ids[mb], action_keep[mb],
+                                                                  old_logprobs[mb], advantages[mb], mask[mb],
+                                                                  args.clip_range)
+                    vf_loss, vf_stats = ppo_value_loss(new_values, values[mb], returns[mb], mask[mb],
+                                                       args.clip_range_value)
+                    entropy_mean = masked_mean(entropy, mask[mb])
+                    loss = pg_loss + args.vf_coef * vf_loss - args.ent_coef * entropy_mean
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"non-finite loss at update {update}: policy {pg_loss.item()}, "
+                                                 f"value {vf_loss.item()}")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    nn.utils.clip_grad_norm_(list(policy.parameters()) + list(critic.parameters()), args.max_grad_norm)
+                    optimizer.step()
+                    for key, value in {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy_mean,
+                                       **pg_stats, **vf_stats}.items():
+                        stats.setdefault(key, []).append(float(value.detach()))
+
+            # ALGO LOGIC: 5. adapt beta to the KL this rollout actually had (mean per token, RL4LMs)
+            mean_kl = masked_mean(kl, mask).item()
+            kl_ctl.update(mean_kl, args.rollout_batch_size)
+
+            # ALGO LOGIC: 6. every mu updates the masking policy becomes a copy of the policy (RL4LMs NLPO.learn)
+            rollout_mask_age = mask_age
+            mask_age = 0 if refresh_mask_policy(mask_policy, policy, update, args.mask_update_every) else mask_age + 1
+
+            # TRY NOT TO MODIFY: record metrics
+            n_tokens = int(mask.sum())
+            run.tokens += n_tokens
+            elapsed = time.time() - update_start
+            mean = {k: float(np.mean(v)) for k, v in stats.items()}
+            run.log({
+                "objective/scores": scores.mean().item(), "objective/kl": mean_kl,
+                "objective/kl_sequence": (kl.sum(1)).mean().item(), "objective/kl_coef": kl_ctl.value,
+                "objective/entropy": masked_mean(rollout_entropy, mask).item(),
+                "objective/non_score_reward": (rewards.sum(1) - scores).mean().item() if not args.whiten_rewards else 0.0,
+                "objective/mask_tokens": mask_tokens, "objective/mask_policy_mass": mask_policy_mass,
+                "losses/policy_loss": mean["policy_loss"], "losses/value_loss": mean["value_loss"],
+                "losses/entropy": mean["entropy"], "losses/approx_kl": mean["approx_kl"],
+                "losses/clipfrac": mean["clipfrac"], "losses/value_clipfrac": mean["value_clipfrac"],
+                "losses/ratio": mean["ratio"], "charts/learning_rate": optimizer.param_groups[0]["lr"],
+                "charts/response_length": mask.sum(1).mean().item(),
+                "charts/eos_fraction": ends_with_eos.float().mean().item(),
+                "charts/mask_age": rollout_mask_age, "charts/mask_mismatch": mask_mismatch,
+                "charts/tokens_per_second": n_tokens / elapsed,
+                "charts/episodes_per_second": args.rollout_batch_size / elapsed,
+            }, update)
+            print(f"update {update}/{args.total_updates} | score {scores.mean().item():+.3f} | kl {mean_kl:.4f} "
+                  f"| beta {kl_ctl.value:.4f} | approx_kl {mean['approx_kl']:.4f} | clipfrac {mean['clipfrac']:.3f} "
+                  f"| mask {mask_tokens:.1f} tok {mask_policy_mass:.3f} mass | {n_tokens / elapsed:.0f} tok/s",
+                  flush=True)
+            if update % args.eval_every == 0 and update != args.total_updates:
+                run_eval(update)
+    except KeyboardInterrupt:  # keep what was learned: evaluate, save and summarise below
+        print(f"interrupted during update {update}; evaluating and saving what was trained so far", flush=True)
+
+    # TRY NOT TO MODIFY: final evaluation, model, summary
+    run_eval(update)
+    if args.save_model:
+        policy.model.save_pretrained(os.path.join(run.dir, "model"))
+        policy.tokenizer.save_pretrained(os.path.join(run.dir, "model"))
+    summary = run.write_summary({"updates": update, "min_tokens_to_keep": min_tokens_to_keep})
+    run.close()
+    print(f"initial eval/return_mean {summary['initial']['eval/return_mean']:+.3f} -> final "
+          f"{summary['final']['eval/return_mean']:+.3f}; {summary['wall_seconds']:.0f}s, "
+          f"{summary['tokens_per_second']:.0f} tok/s; run dir {run.dir}", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
