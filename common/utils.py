@@ -115,7 +115,14 @@ class Run:
         self.args, self.script, self.start = args, script, time.time()
         self.name = f"{args.task}__{args.exp_name}__{args.seed}__{int(self.start)}"
         self.dir = os.path.join(args.output_dir, self.name)
-        os.makedirs(self.dir, exist_ok=True)
+        suffix = 0
+        while True:  # two runs started in the same second never share (and overwrite) one directory
+            try:
+                os.makedirs(self.dir)
+                break
+            except FileExistsError:
+                suffix += 1
+                self.dir = os.path.join(args.output_dir, f"{self.name}_{suffix}")
         config = asdict(args)
         if args.track:
             try:

@@ -1,0 +1,532 @@
+"""A-LoL: Advantage-Leftover-Lunch RL, offline policy gradient on whole sequences, and its baselines.
+
+Paper: Baheti, Lu, Brahman, Le Bras, Sap, Riedl, "Leftover Lunch: Advantage-based Offline Reinforcement
+Learning for Language Models" (ICLR 2024). Reference code: abaheti95/LoL-RL, `lolrl_qlora_llama_hh.py` (H)
+and `train_generation_task_with_off_policy_PG.py` (G). Docs: docs/alol.md (implementation details, the
+reference code's bugs and what we do instead, every metric, results).
+
+A-LoL learns from a fixed dataset of (prompt x, response y, reward R) and treats the whole response as one
+action, so pi(y|x) is the product of its token probabilities. Starting from the reference policy pi_ref
+(the model that is fine-tuned; frozen copy), it follows
+
+    grad J = -E_{(x,y) ~ D} [ (R(x, y) - V_ref(x)) * pi_theta(y|x) / pi_ref(y|x) * grad log pi_theta(y|x) ]
+
+with the advantage A = R - V_ref(x) measured against a value head on the frozen pi_ref (fit first, to
+pi_ref's own sampled responses), the sequence importance weight clamped to [1 - eps, 1 + eps] and held
+constant (no gradient through it), and only the "leftover" examples with A > 0 used, drawn with
+probability proportional to A. `--algorithm` picks A-LoL, its variants (ref-free, seq, KL) or the
+baselines (NLL/BC, weighted BC, R-GOLD, R-LoL); the losses are the table of functions below.
+
+Run:  python alol.py                              # A-LoL on the embedded sentiment task's noisy offline data
+      python alol.py --algorithm nll              # behaviour cloning on the same data
+      python alol.py --help                       # every flag and every variant
+"""
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+
+from common.models import Policy, entropy_of, frozen_copy, load_policy, logprobs_of
+from common.tasks import Task, evaluate, make_task
+from common.utils import CommonArgs, Run, masked_mean, pick_device, seed_everything
+
+ALGORITHMS = ("a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl", "nll", "wbc", "r_gold", "r_lol")
+ADVANTAGE_METHODS = ("a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl")
+REWARD_METHODS = ("wbc", "r_gold", "r_lol")
+
+
+@dataclass
+class Args(CommonArgs):
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    eval_every: int = 100
+    """evaluate on held-out prompts every this many gradient steps (and before the first and after the last)"""
+
+    # Algorithm specific arguments
+    algorithm: Literal["a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl", "nll", "wbc", "r_gold", "r_lol"] = "a_lol"
+    """a_lol: A+ * clip(pi/pi_ref) * NLL; a_lol_ref_free: A+ * NLL; a_lol_seq: A+ * sum_t clip(pi_t/pi_ref_t) * NLL_t;
+    a_lol_kl: A+ * NLL + kl_beta * (log pi - log pi_ref); baselines: nll (BC), wbc (R * NLL), r_gold, r_lol"""
+    data_seed: int = 0
+    """seed of the offline dataset, fixed apart from `seed` so every run and variant learns from the same log"""
+    offline_size: Optional[int] = None
+    """use only the first this many offline examples; None uses all (sentiment: 4096)"""
+    offline_samples_per_prompt: int = 1
+    """tasks without an offline dataset get one sampled from pi_ref: this many responses per training prompt"""
+    total_steps: int = 400
+    """gradient steps (the same budget for every variant, so they compare at equal compute)"""
+    batch_size: int = 16
+    """examples per gradient step (H: 16 = 4 x 4 accumulation; G: 8 x 2)"""
+    learning_rate: float = 3e-4
+    """AdamW learning rate (G: 2e-5 for 350M-1.5B models; H: 2e-4 for QLoRA; the tiny built-in model takes more)"""
+    anneal_lr: bool = True
+    """decay the learning rate linearly to 0 over `total_steps` (G: linear, no warmup)"""
+    weight_decay: float = 0.01
+    """AdamW weight decay (G: 0.01)"""
+    max_grad_norm: float = 1.0
+    """global gradient-norm clip (G: 1.0; H: 0.3)"""
+    clip_eps: float = 0.9
+    """importance weights are clamped to [1 - eps, 1 + eps] (H default 0.9; G's old README used 0.2); in (0, 1)"""
+    kl_beta: float = 0.1
+    """beta of the sequence-level KL term of a_lol_kl (not recorded in the reference; on rewards scaled to [0, 1])"""
+    gold_min_prob: float = 0.1
+    """R-GOLD's floor u on the detached token probability, max(u, pi) (reference: 0.1)"""
+    priority_sampling: bool = True
+    """draw training examples with p proportional to A+ (A-LoL family) or to R (wbc, r_gold, r_lol), with
+    replacement; off: uniform (A-LoL family still drops A <= 0). nll always samples uniformly"""
+    response_length: Optional[int] = None
+    """maximum response tokens (offline responses are truncated to it, eval generates it); None: the task's"""
+    min_response_length: Optional[int] = None
+    """EOS is forbidden before this many tokens at evaluation; None takes the task's"""
+    forward_batch_size: int = 64
+    """prompts per batch for generation and for pi_ref's forward passes (value data, advantages, evaluation)"""
+    log_every: int = 10
+    """print a progress line every this many steps (TensorBoard gets every step)"""
+
+    # The value head V_ref(x)
+    value_prompts: int = 1024
+    """training prompts on which pi_ref's sampled responses are scored to fit V (H: 280 dev prompts)"""
+    value_samples_per_prompt: int = 1
+    """responses sampled from pi_ref per value prompt (reference: 1, greedy or beam)"""
+    value_holdout: float = 0.2
+    """fraction of value prompts held out to pick the epoch to keep and to stop early (reference: none)"""
+    value_epochs: int = 30
+    """maximum epochs of value-head training (H: 10, G: 5)"""
+    value_patience: int = 3
+    """stop after this many epochs without a better held-out MSE"""
+    value_learning_rate: float = 1e-3
+    """AdamW learning rate of the value head (H: 1e-5 on a 7B trunk; a fresh head on a tiny trunk needs more)"""
+    value_batch_size: int = 32
+    """examples per value-head step (H: 16; G: 32)"""
+    value_heads: int = 8
+    """attention heads of the value head's pooler (reference: 8); must divide the hidden size"""
+    value_dropout: float = 0.1
+    """dropout of the value head while it trains (reference: 0.1); it is in eval mode whenever V is used"""
+
+
+# ----------------------------------------------------------------------------------------------
+# ALGO LOGIC: the losses as small pure functions (each unit-tested in tests/test_alol.py)
+# ----------------------------------------------------------------------------------------------
+def importance_weight(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+                      clip_eps: float) -> torch.Tensor:
+    """clamp(pi_theta(y|x) / pi_ref(y|x), 1 - eps, 1 + eps) per sequence, with no gradient.
+
+    Computed in log space (H L865-870, G L671-673): the ratio of two products of up to hundreds of token
+    probabilities overflows or underflows as a product; the clamp is applied to the log ratio, which gives
+    the same value without ever forming exp(large). No gradient flows through w, so the update is the
+    paper's A * w * grad log pi, not a PPO surrogate: clamped examples still get gradient, scaled by w."""
+    log_ratio = ((logprobs - ref_logprobs) * mask).sum(1).detach()
+    return log_ratio.clamp(math.log1p(-clip_eps), math.log1p(clip_eps)).exp()
+
+
+def token_importance_weights(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+                             clip_eps: float) -> torch.Tensor:
+    """A-LoL seq's per-token weights clamp(pi_theta(y_t|.) / pi_ref(y_t|.), 1 - eps, 1 + eps), no gradient,
+    zero outside the response (H L906-952, G L662-668)."""
+    log_ratio = (logprobs - ref_logprobs).detach()
+    return log_ratio.clamp(math.log1p(-clip_eps), math.log1p(clip_eps)).exp() * mask
+
+
+def sequence_loss(algorithm: str, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+                  rewards: torch.Tensor, advantages: torch.Tensor, clip_eps: float = 0.9, kl_beta: float = 0.1,
+                  gold_min_prob: float = 0.1) -> tuple[torch.Tensor, dict]:
+    """The batch loss of every method: the mean over examples of a per-example loss built from the *summed*
+    token NLL of the response ("Consistently sum is better than mean", H L757-759).
+
+    logprobs / ref_logprobs `[B, T]`: log pi_theta / log pi_ref of the dataset response tokens; mask `[B, T]`;
+    rewards `[B]` in [0, 1]; advantages `[B]` = R - V_ref(x). A+ = max(A, 0): A-LoL never pushes a response's
+    likelihood down, whatever the sampler did (the reference's ref-free branch skips this clamp, H L953-962).
+    """
+    mask = mask.to(logprobs.dtype)
+    nll = -(logprobs * mask).sum(1)                    # -log pi_theta(y|x): the whole response is one action
+    positive = advantages.clamp(min=0.0)
+    stats = {}
+    if algorithm == "nll":                             # behaviour cloning (H L756-760)
+        per_example = nll
+    elif algorithm == "wbc":                           # reward-weighted BC (H L761-769)
+        per_example = rewards * nll
+    elif algorithm == "r_gold":                        # GOLD with the sequence reward (H L772-788)
+        floor = logprobs.detach().exp().clamp(min=gold_min_prob)
+        per_example = rewards * -(floor * logprobs * mask).sum(1)
+    elif algorithm in ("r_lol", "a_lol"):              # H L789-843, L844-905
+        weight = importance_weight(logprobs, ref_logprobs, mask, clip_eps)
+        per_example = (rewards if algorithm == "r_lol" else positive) * weight * nll
+        stats["importance_weight"] = weight.mean()
+        stats["clipfrac"] = ((weight <= 1 - clip_eps + 1e-6) | (weight >= 1 + clip_eps - 1e-6)).float().mean()
+    elif algorithm == "a_lol_ref_free":                # weight 1 (H L953-962)
+        per_example = positive * nll
+    elif algorithm == "a_lol_seq":                     # per-token clamped ratios inside the sum (H L906-952)
+        weights = token_importance_weights(logprobs, ref_logprobs, mask, clip_eps)
+        per_example = positive * -(weights * logprobs * mask).sum(1)
+        stats["importance_weight"] = masked_mean(weights, mask)
+        clipped = (weights <= 1 - clip_eps + 1e-6) | (weights >= 1 + clip_eps - 1e-6)
+        stats["clipfrac"] = masked_mean(clipped.float(), mask)
+    elif algorithm == "a_lol_kl":                      # weight 1 plus beta * (log pi - log pi_ref) (G L698-703)
+        log_ratio = ((logprobs - ref_logprobs) * mask).sum(1)
+        per_example = positive * nll + kl_beta * log_ratio
+    else:
+        raise ValueError(f"unknown algorithm {algorithm!r}; one of {', '.join(ALGORITHMS)}")
+    return per_example.mean(), stats
+
+
+def sampling_probabilities(algorithm: str, rewards: np.ndarray, advantages: np.ndarray,
+                           priority: bool) -> np.ndarray:
+    """Probability of drawing each training example. The A-LoL family drops A <= 0 (the "leftover lunch")
+    and, with priority sampling, draws p_i = A+_i / sum_j A+_j (H L590-623, G L504-511); the reward
+    baselines draw p proportional to R (H L668-677, G L467-476); NLL/BC and priority off are uniform."""
+    if algorithm in ADVANTAGE_METHODS:
+        weights = np.clip(advantages, 0.0, None) if priority else (advantages > 0).astype(np.float64)
+    elif algorithm in REWARD_METHODS and priority:
+        weights = np.clip(rewards, 0.0, None)
+    else:
+        weights = np.ones(len(rewards))
+    if weights.sum() <= 0:
+        raise ValueError(f"{algorithm}: no training example has a positive sampling weight "
+                         f"(max advantage {advantages.max():+.3f}, max reward {rewards.max():.3f})")
+    return weights / weights.sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# ALGO LOGIC: the value head V_ref(x) on the frozen reference's prompt representation
+# ----------------------------------------------------------------------------------------------
+class PromptValueHead(nn.Module):
+    """V(x) in [0, max_value]: a learned query attends over the prompt's hidden states, then a linear layer
+    and sigmoid * max_value (the reference's `ValueHeadAttention`, utils/rl_utils.py L452-505).
+
+    Two fixes over the reference: padding is masked out of the attention (the reference calls
+    `nn.MultiheadAttention` without `key_padding_mask`, so left-padding changes V), and callers put the head
+    in eval mode before using it (the HHA script never calls `.eval()`, so its advantages carry dropout noise)."""
+
+    def __init__(self, hidden_size: int, num_heads: int = 8, dropout: float = 0.1, max_value: float = 1.0):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(hidden_size))
+        self.attention = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(hidden_size, 1)
+        self.max_value = max_value
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """hidden `[B, T, H]` of the prompt tokens, mask `[B, T]` (1 on real tokens) -> V `[B]`."""
+        hidden = self.dropout(hidden.float())
+        query = self.query.expand(hidden.shape[0], 1, -1)
+        pooled, _ = self.attention(query, hidden, hidden, key_padding_mask=mask == 0, need_weights=False)
+        return torch.sigmoid(self.linear(self.dropout(pooled[:, 0])).squeeze(-1)) * self.max_value
+
+
+@torch.no_grad()
+def prompt_hidden_states(policy: Policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    """The last-layer hidden states of the prompt tokens `[B, T, H]` (the encoder's for a seq2seq model);
+    position ids as in `Policy.forward`, so left-padding does not shift the real tokens' states."""
+    if policy.is_seq2seq:
+        return policy.model.get_encoder()(input_ids=prompt_ids, attention_mask=prompt_mask).last_hidden_state
+    position_ids = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+    return policy.model.base_model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
+                                   use_cache=False).last_hidden_state
+
+
+def train_value_head(head: PromptValueHead, hidden: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor,
+                     groups: np.ndarray, holdout: float, epochs: int, patience: int, lr: float, batch_size: int,
+                     rng: np.random.Generator, log=None) -> dict:
+    """Fit V to pi_ref's sampled rewards by MSE on frozen features; keep the epoch with the lowest *held-out*
+    MSE and stop after `patience` epochs without improvement. The reference selects by training MSE on the
+    same 280 prompts (H L237-241), which rewards memorising single noisy samples. `groups` (the prompt of each
+    sample) keeps all samples of one prompt on the same side of the split. Returns MSE statistics; the head
+    is left in eval mode with its best weights."""
+    prompts = rng.permutation(np.unique(groups))
+    n_holdout = max(1, int(round(holdout * len(prompts))))
+    is_holdout = np.isin(groups, prompts[:n_holdout])
+    train_idx, holdout_idx = np.flatnonzero(~is_holdout), torch.as_tensor(np.flatnonzero(is_holdout))
+    if len(train_idx) == 0:
+        raise ValueError("the value head needs at least 2 value prompts (one to train on, one held out)")
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr)
+
+    def heldout_mse() -> float:
+        head.eval()
+        with torch.no_grad():
+            return float(((head(hidden[holdout_idx], mask[holdout_idx]) - targets[holdout_idx]) ** 2).mean())
+
+    constant_mse = float(((targets[train_idx].mean() - targets[holdout_idx]) ** 2).mean())
+    best, best_state, since_best, history = heldout_mse(), None, 0, []
+    for epoch in range(1, epochs + 1):
+        head.train()
+        losses = []
+        for batch in torch.as_tensor(rng.permutation(train_idx)).split(batch_size):
+            loss = ((head(hidden[batch], mask[batch]) - targets[batch]) ** 2).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        mse = heldout_mse()
+        history.append(mse)
+        if log is not None:
+            log({"value/train_mse": float(np.mean(losses)), "value/heldout_mse": mse}, epoch)
+        if mse < best:
+            best, best_state, since_best = mse, {k: v.clone() for k, v in head.state_dict().items()}, 0
+        else:
+            since_best += 1
+            if since_best >= patience:
+                break
+    if best_state is not None:
+        head.load_state_dict(best_state)
+    head.eval().requires_grad_(False)
+    return {"value_heldout_mse": best, "value_constant_mse": constant_mse, "value_epochs": len(history)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Plumbing: offline data, batches, sampling from the policy
+# ----------------------------------------------------------------------------------------------
+def sample_responses(policy: Policy, prompts: list[str], task: Task, max_new: int, min_new: int,
+                     batch_size: int, device) -> list[str]:
+    """pi's sampled responses (full softmax, temperature 1: the deployed decoding of every variant)."""
+    responses = []
+    for i in range(0, len(prompts), batch_size):
+        ids, mask = policy.encode_prompts(prompts[i:i + batch_size], task.max_prompt_tokens, device)
+        response_ids, response_mask = policy.generate(ids, mask, max_new, min_new)
+        responses += policy.decode(response_ids, response_mask)
+    return responses
+
+
+def load_offline_data(task: Task, policy: Policy, args: Args, max_new: int, min_new: int, device) -> list[dict]:
+    """The task's logged dataset; a task without one gets pi_ref's own samples on its training prompts,
+    scored by the task's reward (then importance weights start at exactly 1 and A-LoL is filtered BC)."""
+    if task.offline_data is not None:
+        data = task.offline_data(args.data_seed)
+    else:
+        prompts = [p for p in task.train_prompts for _ in range(args.offline_samples_per_prompt)]
+        prompts = prompts[:args.offline_size] if args.offline_size else prompts
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(args.data_seed)
+            responses = sample_responses(policy, prompts, task, max_new, min_new, args.forward_batch_size, device)
+        data = [{"prompt": p, "response": r, "reward": float(s)}
+                for p, r, s in zip(prompts, responses, task.score(prompts, responses))]
+    return data[:args.offline_size] if args.offline_size else data
+
+
+def make_batch(policy: Policy, prompts: list[str], responses: list[list[int]], max_prompt_tokens: int, device):
+    """Prompt (left-padded) + response tokens (right-padded) -> (input_ids, attention_mask, start, response_mask)."""
+    prompt_ids, prompt_mask = policy.encode_prompts(prompts, max_prompt_tokens, device)
+    width = max(len(r) for r in responses)
+    response_ids = torch.full((len(responses), width), policy.tokenizer.pad_token_id, dtype=torch.long)
+    response_mask = torch.zeros((len(responses), width), dtype=torch.long)
+    for i, r in enumerate(responses):
+        response_ids[i, :len(r)], response_mask[i, :len(r)] = torch.tensor(r), 1
+    response_ids, response_mask = response_ids.to(device), response_mask.to(device)
+    return (torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1),
+            prompt_ids.shape[1], response_mask)
+
+
+def main(args: Args) -> dict:
+    # TRY NOT TO MODIFY: check the arguments before any heavy work; a bad one exits with one line
+    try:
+        for name in ("total_steps", "batch_size", "eval_every", "eval_episodes", "forward_batch_size", "log_every",
+                     "value_prompts", "value_samples_per_prompt", "value_epochs", "value_patience",
+                     "value_batch_size", "value_heads", "offline_samples_per_prompt"):
+            if getattr(args, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        if args.offline_size is not None and args.offline_size <= 0:
+            raise ValueError(f"--offline-size must be positive, got {args.offline_size}")
+        if not 0.0 < args.clip_eps < 1.0:
+            raise ValueError(f"--clip-eps must be in (0, 1) (weights are clamped to [1 - eps, 1 + eps]), "
+                             f"got {args.clip_eps}")
+        if not (0.0 <= args.value_dropout < 1.0 and 0.0 <= args.gold_min_prob <= 1.0 and args.kl_beta >= 0.0):
+            raise ValueError(f"need 0 <= --value-dropout < 1, 0 <= --gold-min-prob <= 1 and --kl-beta >= 0, got "
+                             f"{args.value_dropout}, {args.gold_min_prob}, {args.kl_beta}")
+        if not 0.0 < args.value_holdout < 1.0:
+            raise ValueError(f"--value-holdout must be in (0, 1), got {args.value_holdout}")
+        if args.value_prompts < 2:
+            raise ValueError("--value-prompts must be at least 2 (one to train V on, one held out)")
+        task = make_task(args.task)
+        response_length = task.max_new_tokens if args.response_length is None else args.response_length
+        min_response_length = task.min_new_tokens if args.min_response_length is None else args.min_response_length
+        if response_length <= 0 or not 0 <= min_response_length <= response_length:
+            raise ValueError(f"need 0 < response length ({response_length}) and 0 <= min response length "
+                             f"({min_response_length}) <= response length")
+        device = pick_device(args.cuda)
+        policy = load_policy(args.model_name, task, device)
+        if policy.hidden_size % args.value_heads != 0:
+            raise ValueError(f"--value-heads {args.value_heads} must divide the hidden size {policy.hidden_size}")
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"error: {error}")
+    run = Run(args, "alol.py")
+    seed_everything(args.seed, args.torch_deterministic)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    rng = np.random.default_rng(args.seed)
+    ref_policy = frozen_copy(policy)  # pi_ref: the starting policy, never updated (reference: a second copy)
+    tokenizer = policy.tokenizer
+
+    def run_eval(step: int) -> dict:
+        """Held-out prompts, sampled as deployed; its own fixed RNG so evaluations are comparable."""
+        def generate_fn(prompts):
+            with autocast:
+                return sample_responses(policy, prompts, task, response_length, min_response_length,
+                                        args.forward_batch_size, device)
+
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(args.seed + 12345)
+            metrics, samples = evaluate(task, generate_fn, args.eval_episodes, args.forward_batch_size)
+        run.log_eval(metrics, samples, step)
+        print(f"eval @ step {step}: return {metrics['eval/return_mean']:+.3f} +- {metrics['eval/return_std']:.3f}",
+              flush=True)
+        return metrics
+
+    # 1. the offline dataset, with rewards mapped to [0, 1]: the reference's rewards are non-negative
+    # (sigmoid of a reward-model logit on HHA, sums of [0, 1] scores elsewhere, utils/rl_utils.py L593-610),
+    # which R-weighted losses and p ~ R need; A = R - V only changes scale. Min and max come from the data.
+    try:
+        data = load_offline_data(task, policy, args, response_length, min_response_length, device)
+        raw_rewards = np.array([d["reward"] for d in data], dtype=np.float64)
+        low, high = float(raw_rewards.min()), float(raw_rewards.max())
+        if not high > low:
+            raise ValueError(f"every offline reward equals {low}: there is nothing to learn from")
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+    rewards = (raw_rewards - low) / (high - low)
+    print(f"offline data: {len(data)} examples, reward {raw_rewards.mean():+.3f} in [{low:+.3f}, {high:+.3f}], "
+          f"scaled to [0, 1]", flush=True)
+    prompts = [d["prompt"] for d in data]
+    responses = [(tokenizer(d["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+                 [:response_length] for d in data]  # EOS appended, then truncated from the right (reference)
+
+    def encode_hidden(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """pi_ref's prompt hidden states for many prompts, left-padded to one width (padding is masked)."""
+        ids, mask = ref_policy.encode_prompts(texts, task.max_prompt_tokens, device)
+        hidden = [prompt_hidden_states(ref_policy, ids[i:i + args.forward_batch_size],
+                                       mask[i:i + args.forward_batch_size]).float()
+                  for i in range(0, len(texts), args.forward_batch_size)]
+        return torch.cat(hidden), mask
+
+    # ALGO LOGIC: 2. V_ref(x), for the advantage methods only (as in H L500): fit first, to pi_ref's own sampled
+    # responses on training prompts, scored by the task and mapped like the data's rewards (reference: pi_ref's
+    # outputs on the validation prompts; ours never sees the held-out evaluation prompts)
+    advantages, data_stats = np.zeros(len(data)), {"offline_examples": len(data),
+                                                   "offline_reward_mean": float(raw_rewards.mean())}
+    if args.algorithm in ADVANTAGE_METHODS:
+        value_order = rng.permutation(len(task.train_prompts))[:args.value_prompts]
+        value_prompts = [task.train_prompts[i] for i in value_order for _ in range(args.value_samples_per_prompt)]
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(args.seed + 777)
+            with autocast:
+                value_responses = sample_responses(ref_policy, value_prompts, task, response_length,
+                                                   min_response_length, args.forward_batch_size, device)
+        value_rewards = (task.score(value_prompts, value_responses) - low) / (high - low)
+        value_hidden, value_mask = encode_hidden(value_prompts)
+        head = PromptValueHead(policy.hidden_size, args.value_heads, args.value_dropout).to(device)
+        value_stats = train_value_head(
+            head, value_hidden, value_mask, torch.tensor(value_rewards, dtype=torch.float32, device=device).clamp(0, 1),
+            np.repeat(np.arange(len(value_order)), args.value_samples_per_prompt), args.value_holdout,
+            args.value_epochs, args.value_patience, args.value_learning_rate, args.value_batch_size, rng, log=run.log)
+
+        # ALGO LOGIC: 3. advantages of the whole dataset, once: V is frozen and in eval mode, so recomputing it
+        # every step (as the reference does, with dropout still on in H) would give the same numbers
+        with torch.no_grad():
+            unique_prompts = sorted(set(prompts))
+            hidden, mask = encode_hidden(unique_prompts)
+            values_by_prompt = torch.cat([head(hidden[i:i + args.forward_batch_size],
+                                               mask[i:i + args.forward_batch_size])
+                                          for i in range(0, len(unique_prompts), args.forward_batch_size)])
+            value_of = dict(zip(unique_prompts, values_by_prompt.tolist()))
+        values = np.array([value_of[p] for p in prompts])
+        advantages = rewards - values
+        data_stats.update(positive_fraction=float((advantages > 0).mean()), value_mean=float(values.mean()),
+                          **value_stats)
+        run.log({"data/positive_fraction": data_stats["positive_fraction"], "data/value_mean": values.mean()}, 0)
+        print(f"V: held-out MSE {value_stats['value_heldout_mse']:.4f} (a constant: "
+              f"{value_stats['value_constant_mse']:.4f}) after {value_stats['value_epochs']} epochs | mean V "
+              f"{values.mean():.3f} | A > 0 for {100 * data_stats['positive_fraction']:.1f}% of the data", flush=True)
+    try:
+        probabilities = sampling_probabilities(args.algorithm, rewards, advantages, args.priority_sampling)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+    print(f"sampling: {args.algorithm} draws from {int((probabilities > 0).sum())} of the {len(data)} examples "
+          f"({'priority' if args.priority_sampling and args.algorithm != 'nll' else 'uniform'})", flush=True)
+
+    # 4. the optimiser (G L520-523: AdamW, linear decay without warmup, gradient clip 1.0)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 1.0 - step / args.total_steps if args.anneal_lr else 1.0)
+    policy.train()
+    run_eval(0)
+    step, window = 0, []
+    try:
+        for step in range(1, args.total_steps + 1):
+            step_start = time.time()
+            # ALGO LOGIC: 5. draw a batch (with replacement, as the reference's sampler effectively does)
+            idx = rng.choice(len(data), size=args.batch_size, p=probabilities)
+            input_ids, attention_mask, start, response_mask = make_batch(
+                policy, [prompts[i] for i in idx], [responses[i] for i in idx], task.max_prompt_tokens, device)
+            tokens = input_ids[:, start:]
+
+            # ALGO LOGIC: 6. log-probs of the dataset responses under pi_theta and the frozen pi_ref
+            with autocast:
+                logits, _ = policy(input_ids, attention_mask, start)
+                with torch.no_grad():
+                    ref_logits, _ = ref_policy(input_ids, attention_mask, start)
+            logprobs, ref_logprobs = logprobs_of(logits, tokens), logprobs_of(ref_logits, tokens)
+            batch_rewards = torch.tensor(rewards[idx], dtype=torch.float32, device=device)
+            batch_advantages = torch.tensor(advantages[idx], dtype=torch.float32, device=device)
+
+            # ALGO LOGIC: 7. the method's loss, one step
+            loss, stats = sequence_loss(args.algorithm, logprobs, ref_logprobs, response_mask, batch_rewards,
+                                        batch_advantages, args.clip_eps, args.kl_beta, args.gold_min_prob)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at step {step}: {loss.item()}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            optimizer.step()
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+
+            # TRY NOT TO MODIFY: record metrics
+            with torch.no_grad():
+                mask = response_mask.float()
+                kl = masked_mean(logprobs - ref_logprobs, mask).item()
+                entropy = masked_mean(entropy_of(logits.detach()), mask).item()
+                nll = (-(logprobs * mask).sum(1)).mean().item()
+            n_tokens = int(mask.sum())
+            run.tokens += n_tokens
+            elapsed = time.time() - step_start
+            metrics = {
+                "losses/loss": loss.item(), "losses/nll": nll, "losses/grad_norm": float(grad_norm),
+                **{f"losses/{k}": float(v) for k, v in stats.items()},
+                "objective/kl": kl, "objective/entropy": entropy, "objective/scores": float(raw_rewards[idx].mean()),
+                "charts/learning_rate": lr,
+                "charts/tokens_per_second": n_tokens / elapsed, "charts/episodes_per_second": args.batch_size / elapsed,
+            }
+            if args.algorithm in ADVANTAGE_METHODS:
+                metrics["objective/advantage"] = float(advantages[idx].mean())
+            run.log(metrics, step)
+            window.append(metrics)
+            if step % args.log_every == 0 or step == args.total_steps:
+                mean = {k: float(np.mean([m[k] for m in window])) for k in metrics}
+                weight = f" | w {mean['losses/importance_weight']:.3f}" if "losses/importance_weight" in mean else ""
+                print(f"step {step}/{args.total_steps} | loss {mean['losses/loss']:.3f} | nll {mean['losses/nll']:.2f} "
+                      f"| kl {mean['objective/kl']:+.4f}{weight} | data score {mean['objective/scores']:+.3f} "
+                      f"| {mean['charts/tokens_per_second']:.0f} tok/s", flush=True)
+                window = []
+            if step % args.eval_every == 0 and step != args.total_steps:
+                run_eval(step)
+    except KeyboardInterrupt:  # keep what was learned: evaluate, save and summarise below
+        print(f"interrupted during step {step}; evaluating and saving what was trained so far", flush=True)
+
+    # TRY NOT TO MODIFY: final evaluation, model, summary
+    run_eval(step)
+    if args.save_model:
+        policy.model.save_pretrained(os.path.join(run.dir, "model"))
+        policy.tokenizer.save_pretrained(os.path.join(run.dir, "model"))
+    summary = run.write_summary({"steps": step, "algorithm": args.algorithm, **data_stats})
+    run.close()
+    print(f"{args.algorithm}: initial eval/return_mean {summary['initial']['eval/return_mean']:+.3f} -> final "
+          f"{summary['final']['eval/return_mean']:+.3f}; {summary['wall_seconds']:.0f}s, "
+          f"{summary['tokens_per_second']:.0f} tok/s; run dir {run.dir}", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
