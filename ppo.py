@@ -180,10 +180,16 @@ class FixedKLController:
         pass
 
 
-def forward_logprobs(policy: Policy, input_ids, attention_mask, start: int, temperature: float):
-    """Log-probs and entropies of the response tokens under the temperature-scaled policy."""
+def forward_logprobs(policy: Policy, input_ids, attention_mask, start: int, temperature: float,
+                     min_length: int = 0):
+    """Log-probs and entropies of the response tokens under the temperature-scaled policy.
+
+    `generate` forbids EOS in the first `min_length` response tokens, so the policy the ratio measures
+    must forbid it too, or rollouts come from another distribution than the one being optimised."""
     logits, _ = policy(input_ids, attention_mask, start)
     logits = logits / temperature
+    if min_length > 0:  # a large finite value, not -inf, so entropy stays finite (0 * log 0 -> 0)
+        logits[:, :min_length, policy.tokenizer.eos_token_id] = -1e9
     return logprobs_of(logits, input_ids[:, start:]), entropy_of(logits)
 
 
@@ -276,8 +282,10 @@ def main(args: Args) -> dict:
 
             # ALGO LOGIC: 2. score the rollout under the policy, the reference and the critic
             with torch.no_grad(), autocast:
-                logprobs, rollout_entropy = forward_logprobs(policy, input_ids, attention_mask, start, args.temperature)
-                ref_logprobs, _ = forward_logprobs(ref_policy, input_ids, attention_mask, start, args.temperature)
+                logprobs, rollout_entropy = forward_logprobs(policy, input_ids, attention_mask, start, args.temperature,
+                                                              min_response_length)
+                ref_logprobs, _ = forward_logprobs(ref_policy, input_ids, attention_mask, start, args.temperature,
+                                                   min_response_length)
                 values = critic(input_ids, attention_mask, start).float()
             mask = mask.float()
 
@@ -295,7 +303,7 @@ def main(args: Args) -> dict:
                 for mb in torch.randperm(args.rollout_batch_size, device=device).split(args.minibatch_size):
                     with autocast:
                         new_logprobs, entropy = forward_logprobs(policy, input_ids[mb], attention_mask[mb], start,
-                                                                 args.temperature)
+                                                                 args.temperature, min_response_length)
                         new_values = critic(input_ids[mb], attention_mask[mb], start).float()
                     pg_loss, pg_stats = ppo_policy_loss(new_logprobs, logprobs[mb], advantages[mb], mask[mb],
                                                         args.clip_range)

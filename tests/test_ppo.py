@@ -239,3 +239,29 @@ def test_ppo_improves_heldout_return(tmp_path):
     assert final >= initial + 0.2, f"held-out return {initial:+.3f} -> {final:+.3f}"
     kl = [v for _, v in _scalars(os.path.join(str(tmp_path), os.listdir(tmp_path)[0]))["objective/kl"]]
     assert all(math.isfinite(v) for v in kl) and max(kl) < 1.0, f"KL per token went to {max(kl)}"
+
+
+def test_min_length_forbids_eos_in_the_ratio_too():
+    """With a minimum length, generate never samples EOS early, so the scored policy must not either:
+    the EOS probability at those positions is 0 and the rest renormalises."""
+    task = make_task("sentiment")
+    policy = load_policy("tiny-gpt2", task)
+    prompt_ids, prompt_mask = policy.encode_prompts(task.train_prompts[:4], task.max_prompt_tokens, "cpu")
+    response_ids, mask = policy.generate(prompt_ids, prompt_mask, 8, min_new_tokens=5)
+    assert torch.all(mask[:, :5] == 1) and not torch.any(response_ids[:, :5] == policy.tokenizer.eos_token_id)
+    input_ids, attention_mask = torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, mask], 1)
+    start = prompt_ids.shape[1]
+    with torch.no_grad():
+        free, free_entropy = ppo.forward_logprobs(policy, input_ids, attention_mask, start, 1.0)
+        constrained, entropy = ppo.forward_logprobs(policy, input_ids, attention_mask, start, 1.0, min_length=5)
+        logits, _ = policy(input_ids, attention_mask, start)
+    p_eos = torch.softmax(logits, -1)[:, :5, policy.tokenizer.eos_token_id]
+    # renormalised without EOS: log p'(a) = log p(a) - log(1 - p(eos))
+    torch.testing.assert_close(constrained[:, :5], free[:, :5] - torch.log1p(-p_eos), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(constrained[:, 5:], free[:, 5:])
+    probs = torch.softmax(logits, -1)[:, :5]
+    probs[..., policy.tokenizer.eos_token_id] = 0
+    probs = probs / probs.sum(-1, keepdim=True)
+    expected_entropy = -(probs * torch.log(probs.clamp(min=1e-30))).sum(-1)
+    torch.testing.assert_close(entropy[:, :5], expected_entropy, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(entropy[:, 5:], free_entropy[:, 5:])
