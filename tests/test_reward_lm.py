@@ -1,0 +1,283 @@
+"""reward_lm.py: the environment's true values, the LM's three roles, the conditioned policy, the
+epistemic heads, the CLI, and a learning test (Thompson sampling escapes the trap greedy stays in)."""
+
+import ast
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import reward_lm as R
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_env(seed=0, **kw):
+    a = R.Args(**kw)
+    return R.InclusivePopulationEnv(seed, a.n_prompts, a.n_answer_tokens, a.deployed_mix, a.historical_mix,
+                                    a.inclusive_majority_approval, a.inclusive_pretrain_mass)
+
+
+def make_model(seed=0, **kw):
+    args = R.Args(**kw)
+    torch.manual_seed(seed)
+    lm, tokenizer, ids = R.build_lm(args)
+    head = R.EpistemicHead(args.uncertainty, 4 * lm.config.hidden_size, args.head_hidden, args.ensemble_size,
+                           args.index_dim, args.prior_scale)
+    return R.RewardLM(lm, ids, head), tokenizer, args
+
+
+# ----------------------------------------------------------------------------------------------
+# The didactic environment
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_environment_true_values(seed):
+    env = make_env(seed)
+    assert env.R == 64 and env.G == 3
+    for x in range(env.P):
+        fav0, fav1, fav2, inc = env.special[x]
+        # deployed mix (0.6, 0.25, 0.15): 0.6*0.9 + 0.4*0.1 = 0.58; inc 0.6*0.5 + 0.4*0.95 = 0.68
+        assert env.theta[x, fav0] == pytest.approx(0.58)
+        assert env.theta[x, fav1] == pytest.approx(0.6 * 0.1 + 0.25 * 0.9 + 0.15 * 0.1)
+        assert env.theta[x, fav2] == pytest.approx(0.6 * 0.1 + 0.25 * 0.1 + 0.15 * 0.9)
+        assert env.theta[x, inc] == pytest.approx(0.68)
+        assert env.best[x] == inc
+        uses_word = [r for r in range(env.R) if env.K - 1 in divmod(r, env.K) and r != inc]
+        others = [r for r in range(env.R) if r not in env.special[x] and r not in uses_word]
+        assert env.theta[x, others].max() <= 0.35
+        # minorities like the inclusive word anywhere (0.5-0.8), but only inc beats fav_0
+        assert np.all(env.approval[1:, x, uses_word] >= 0.5) and np.all(env.approval[0, x, uses_word] <= 0.35)
+        assert 0.6 * 0.05 + 0.4 * 0.5 <= env.theta[x, uses_word].min() and env.theta[x, uses_word].max() <= 0.53
+        # the trap: under the historical (majority-only) raters the ranking of fav_0 and inc is reversed
+        assert env.theta_historical[x, fav0] == pytest.approx(0.9) and env.theta_historical[x, inc] == pytest.approx(0.5)
+        # specials use disjoint tokens; inc ends with the inclusive word, which no other logged response uses
+        tokens = [t for r in env.special[x] for t in divmod(int(r), env.K)]
+        assert len(set(tokens)) == 8 and inc % env.K == env.K - 1
+        assert env.pi0[x, uses_word].sum() == 0
+        assert env.pi0[x].sum() == pytest.approx(1.0) and env.pi0[x, inc] == pytest.approx(0.005)
+        assert env.pi0[x, fav0] == pytest.approx(0.40)
+    assert env.opt_value == pytest.approx(0.68)
+
+
+def test_feedback_and_corpus_frequencies():
+    env = make_env(3)
+    rng = np.random.default_rng(0)
+    x = np.zeros(40000, dtype=int)
+    fav0, inc = env.special[0, 0], env.special[0, 3]
+    assert env.feedback(x, np.full(40000, fav0), rng).mean() == pytest.approx(0.58, abs=0.01)
+    assert env.feedback(x, np.full(40000, inc), rng).mean() == pytest.approx(0.68, abs=0.01)
+    cx, cr, cf = env.pretrain_corpus(40000, rng)
+    on_fav0 = (cr == env.special[cx, 0])
+    assert on_fav0.mean() == pytest.approx(0.40, abs=0.01)
+    assert cf[on_fav0].mean() == pytest.approx(0.9, abs=0.015)  # historical raters: majority only
+    assert (cr == env.special[cx, 3]).mean() == pytest.approx(0.005, abs=0.0015)
+
+
+# ----------------------------------------------------------------------------------------------
+# One LM: policy, transition, reward
+# ----------------------------------------------------------------------------------------------
+def test_policy_sums_to_one_and_matches_token_chain():
+    model, tokenizer, args = make_model()
+    log_pi, ell0, ell_z = model.table(4, 64, torch.arange(args.ensemble_size))
+    assert torch.allclose(log_pi.exp().sum(1), torch.ones(4), atol=1e-5)
+    assert ell_z.shape == (args.ensemble_size, 4, 64)
+    # the same numbers straight from the HF model on the tokenized text "<bos> q2 a3 a5"
+    ids = tokenizer("<bos> q2 a3 a5", return_tensors="pt")["input_ids"]
+    assert ids.shape == (1, 4)
+    logits = model.lm(input_ids=ids).logits[0]
+    answers = [tokenizer.convert_tokens_to_ids(f"a{k}") for k in range(8)]
+    expected = logits[1, answers].log_softmax(-1)[3] + logits[2, answers].log_softmax(-1)[5]
+    plus, minus = tokenizer.convert_tokens_to_ids("<+>"), tokenizer.convert_tokens_to_ids("<->")
+    assert log_pi[2, 3 * 8 + 5].item() == pytest.approx(expected.item(), abs=1e-5)
+    assert ell0[2, 3 * 8 + 5].item() == pytest.approx((logits[3, plus] - logits[3, minus]).item(), abs=1e-5)
+
+
+def test_conditioned_policy_formula():
+    torch.manual_seed(0)
+    log_pi = torch.log_softmax(torch.randn(3, 6), -1)
+    p = torch.rand(3, 6)
+    by_hand = log_pi.exp() * p / (log_pi.exp() * p).sum(-1, keepdim=True)
+    assert torch.allclose(R.conditioned_policy(log_pi, p, 1.0), by_hand, atol=1e-6)
+    sq = log_pi.exp() * p ** 2
+    assert torch.allclose(R.conditioned_policy(log_pi, p, 2.0), sq / sq.sum(-1, keepdim=True), atol=1e-6)
+    assert torch.allclose(R.conditioned_policy(log_pi, p, 0.0), log_pi.exp(), atol=1e-6)
+    greedy = R.conditioned_policy(log_pi, p, math.inf)
+    assert torch.equal(greedy.argmax(-1), p.argmax(-1)) and torch.all(greedy.sum(-1) == 1)
+
+
+def test_queries_to_target():
+    n = np.array([0, 16, 32, 48, 64])
+    assert R.queries_to_target(n, np.array([0.5, 0.7, 0.6, 0.7, 0.7]), 0.65) == 48  # must stay above
+    assert R.queries_to_target(n, np.array([0.7, 0.7, 0.7, 0.7, 0.7]), 0.65) == 0
+    assert R.queries_to_target(n, np.array([0.7, 0.7, 0.7, 0.7, 0.6]), 0.65) == math.inf
+
+
+def test_agents_select_differently():
+    gen = torch.Generator().manual_seed(0)
+    ell_z = torch.randn(10, 4, 64)
+    log_pi_ref = torch.log_softmax(torch.randn(4, 64), -1)
+    x = torch.tensor([0, 1, 2, 3] * 8)
+    greedy = [R.select_queries("greedy", ell_z, log_pi_ref, x, gen, 0.05) for _ in range(3)]
+    assert all(torch.equal(g, greedy[0]) for g in greedy)
+    assert torch.equal(greedy[0], torch.sigmoid(ell_z).mean(0)[x].argmax(-1))
+    ts = R.select_queries("ts", ell_z, log_pi_ref, x, gen, 0.05)
+    assert not torch.equal(ts, greedy[0])  # different heads pick different responses for the same prompt
+    per_head = ell_z.argmax(-1)  # [heads, prompts]
+    assert all(ts[i] in per_head[:, x[i]] for i in range(len(x)))
+    info = R.select_queries("infomax", ell_z, log_pi_ref, x, gen, 0.05)
+    assert torch.equal(info, torch.sigmoid(ell_z).var(0)[x].argmax(-1))
+    with pytest.raises(ValueError):
+        R.select_queries("nope", ell_z, log_pi_ref, x, gen, 0.05)
+
+
+@pytest.mark.parametrize("uncertainty", ["ensemble", "epinet"])
+def test_heads_disagree_before_training_and_agree_after(uncertainty):
+    """Train the one LM + heads on the same 4 (prompt, response) pairs, each with many labels."""
+    model, _, args = make_model(uncertainty=uncertainty, pretrain_heads=True, replay_coef=0.0)
+    gen = torch.Generator().manual_seed(0)
+    x, r = torch.tensor([0, 1, 2, 3] * 48), torch.tensor([5, 17, 40, 63] * 48)
+    f = (torch.arange(192) % 3 == 0).float()  # approval 1/3 on every pair
+    z = model.head.sample_z(args.ensemble_size, gen)
+
+    def spread():
+        _, _, ell_z = model.table(4, 64, z)
+        return torch.sigmoid(ell_z)[:, [0, 1, 2, 3], [5, 17, 40, 63]].std(0).mean().item()
+
+    before = spread()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    w = (torch.rand(192, args.ensemble_size, generator=gen) < 0.5).float()
+    for _ in range(100):
+        R.train_step(model, optimizer, x, r, f, w, 192, args, gen, "online")
+    after = spread()
+    assert before > 0.05, f"heads should disagree at init (std {before:.3f})"
+    assert after < 0.5 * before, f"heads should agree after training: std {before:.3f} -> {after:.3f}"
+    p_mean = torch.sigmoid(model.table(4, 64, z)[2]).mean(0)[[0, 1, 2, 3], [5, 17, 40, 63]]
+    assert torch.allclose(p_mean, torch.full((4,), 1 / 3), atol=0.05)
+
+
+# ----------------------------------------------------------------------------------------------
+# The script: --help, bad input, a tiny end-to-end run, a saved GPT-2 as --model-name
+# ----------------------------------------------------------------------------------------------
+def _args_fields(path, class_name):
+    tree = ast.parse(open(path).read())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    out = []
+    for i, node in enumerate(cls.body):
+        if isinstance(node, ast.AnnAssign):
+            nxt = cls.body[i + 1] if i + 1 < len(cls.body) else None
+            doc = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)
+            out.append((node.target.id, doc and len(nxt.value.value.split()) >= 2))
+    return out
+
+
+def test_help_documents_every_flag():
+    out = subprocess.run([sys.executable, "reward_lm.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "200"}, check=True).stdout
+    fields = _args_fields(os.path.join(ROOT, "reward_lm.py"), "Args")
+    assert len(fields) > 30
+    for name, documented in fields:
+        assert documented, f"Args.{name} has no docstring (it is the --help text)"
+        assert "--" + name.replace("_", "-") in out
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"queries_per_round": 10}, "not divisible"),
+    ({"task": "sentiment"}, "unknown task"),
+    ({"agents": ("ts", "oracle")}, "unknown agent"),
+    ({"model_name": "./no/such/dir"}, "does not exist"),
+    ({"deployed_mix": (0.5, 0.6, 0.1)}, "distributions"),
+    ({"num_seeds": 0}, "--num-seeds must be positive"),
+])
+def test_bad_input_fails_fast(kwargs, message, tmp_path):
+    with pytest.raises(SystemExit, match=message):
+        R.main(R.Args(output_dir=str(tmp_path), **kwargs))
+    assert not os.listdir(tmp_path), "no run directory is created for bad input"
+
+
+def test_bad_input_on_the_cli_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "reward_lm.py", "--output-dir", str(tmp_path), "--agents", "ts", "oracle"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "unknown agent" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_tiny_run_end_to_end_and_saved_model_reloads(tmp_path):
+    tiny = ["--num-seeds", "1", "--queries", "32", "--queries-per-round", "16", "--updates-per-round", "2",
+            "--pretrain-size", "512", "--pretrain-epochs", "1", "--agents", "ts", "greedy", "passive", "boltzmann", "infomax"]
+    result = subprocess.run([sys.executable, "reward_lm.py", *tiny, "--output-dir", str(tmp_path / "a")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "queries until the exploit policy stays >= 95%" in result.stdout
+    (run_name,) = os.listdir(tmp_path / "a")
+    assert run_name.startswith("inclusive__reward_lm__1__")
+    run_dir = tmp_path / "a" / run_name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["script"] == "reward_lm.py" and summary["seeds"] == [1]
+    for key in ("eval/return_mean", "eval/regret", "eval/frac_optimal", "eval/std_best", "eval/value_beta1"):
+        assert key in summary["initial"] and key in summary["final"]
+    assert summary["initial"]["eval/return_mean"] <= summary["opt_value"] + 1e-9
+    assert summary["final"]["eval/regret"] == pytest.approx(summary["opt_value"] - summary["final"]["eval/return_mean"])
+    assert set(summary["agents"]) == {"ts", "greedy", "passive", "boltzmann", "infomax"}
+    rows = (run_dir / "curves.csv").read_text().splitlines()
+    assert len(rows) == 1 + 5 * 3  # header + 5 agents x (2 rounds + final evaluation)
+    assert sorted(d for d in os.listdir(run_dir) if "__seed" in d) == sorted(f"{a}__seed1" for a in summary["agents"])
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    assert model.config.vocab_size == 17
+    # the saved GPT-2 serves as --model-name (pretraining skipped: it already knows the task)
+    again = subprocess.run([sys.executable, "reward_lm.py", *tiny[:-5], "ts", "--pretrain-epochs", "0",
+                            "--model-name", str(run_dir / "model"), "--output-dir", str(tmp_path / "b")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    (name_b,) = os.listdir(tmp_path / "b")
+    assert json.loads((tmp_path / "b" / name_b / "summary.json").read_text())["args"]["model_name"] == str(run_dir / "model")
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning: one short paired run (same seeds, same pretrained LM) shared by the two tests below
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("learning")
+    args = R.Args(agents=("ts", "greedy"), num_seeds=2, queries=320, output_dir=str(out), save_model=False,
+                  progress_every=1000)
+    summary = R.main(args)
+    import csv
+
+    (run_name,) = os.listdir(out)
+    rows = list(csv.DictReader(open(out / run_name / "curves.csv")))
+    per_agent = {agent: {seed: [r for r in rows if r["agent"] == agent and int(r["seed"]) == seed]
+                         for seed in summary["seeds"]} for agent in args.agents}
+    return summary, per_agent
+
+
+def _queried_best(curve):
+    return sum(float(r["objective/frac_queried_best"]) * 16 for r in curve if r["objective/frac_queried_best"])
+
+
+def test_one_lm_learns_todays_approval_and_greedy_stays_trapped(short_run):
+    """Reward learning is fine-tuning the LM's transition: on the response greedy deploys (fav_0, which
+    the historical majority approved 90% of the time), the LM's predicted approval must move to what
+    today's raters give (0.58). And the trap: the pretrained LM believes inc (0.5 under the historical
+    raters) is worse than fav_0, so greedy, which only queries its own best guess, never tries inc."""
+    summary, per_agent = short_run
+    for seed, curve in per_agent["greedy"].items():
+        first, last = float(curve[0]["eval/exploit_err"]), float(curve[-1]["eval/exploit_err"])
+        assert first >= 0.2 and last <= 0.1, (seed, first, last)
+        assert _queried_best(curve) == 0, seed
+    greedy = summary["agents"]["greedy"]
+    assert greedy["seeds_reached"] == 0 and greedy["final_value"] <= 0.60, greedy  # fav_0 everywhere: 0.58
+
+
+@pytest.mark.xfail(strict=True, reason="not reached in this environment (docs/reward_lm.md, Results): the heads' "
+                                       "uncertainty about the inclusive response is far smaller than the LM's "
+                                       "belief gap to fav_0, so TS rarely samples it above fav_0")
+def test_thompson_sampling_reaches_95_percent_where_greedy_does_not(short_run):
+    summary, _ = short_run
+    assert summary["agents"]["ts"]["seeds_reached"] >= 2 and summary["agents"]["greedy"]["seeds_reached"] == 0
