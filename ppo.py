@@ -217,6 +217,9 @@ def main(args: Args) -> dict:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
         exact_div(args.rollout_batch_size, args.minibatch_size, "--rollout-batch-size / --minibatch-size")
         task = make_task(args.task)
+        if task.extra.get("multi_turn"):
+            raise ValueError(f"task {task.name!r} is multi-turn; this script runs single-turn tasks "
+                             f"(try ilql.py --task {task.name})")
         response_length = task.max_new_tokens if args.response_length is None else args.response_length
         min_response_length = task.min_new_tokens if args.min_response_length is None else args.min_response_length
         if response_length <= 0 or not 0 <= min_response_length <= response_length:

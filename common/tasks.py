@@ -203,8 +203,16 @@ def make_sentiment_task(n_train: int = 4096, n_eval: int = 256, n_corpus: int = 
     )
 
 
+def make_wordle_task() -> Task:
+    """The multi-turn Wordle game (ILQL's benchmark); it lives in common/wordle.py."""
+    from common import wordle  # imported on use: single-turn scripts never load the word list
+
+    return wordle.make_task()
+
+
 TASKS: dict[str, Callable[[], Task]] = {
     "sentiment": make_sentiment_task,
+    "wordle": make_wordle_task,
 }
 
 

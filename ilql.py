@@ -1,0 +1,476 @@
+"""ILQL: offline implicit language Q-learning.
+
+Paper: Snell, Kostrikov, Su, Yang, Levine, "Offline RL for Natural Language Generation with Implicit
+Language Q Learning" (ICLR 2023). Reference code: the authors' `Implicit-Language-Q-Learning`
+(`src/models/iql_model.py::PerTokenIQL`) and trlX (`trlx/models/modeling_ilql.py`).
+Docs: docs/ilql.md (implementation details, deviations, the Wordle results table).
+
+Learn from a fixed dataset of episodes with their rewards, never sampling during training. Every
+token the agent wrote is an action; the state is everything before it. The networks:
+  pi_beta   the data's language model, trained by plain next-token cross-entropy on action tokens (BC);
+  Q, V      a second copy of the transformer (or pi_beta's own, --shared-trunk) with a V head and two Q
+            heads (one Q per vocabulary token), fitted by IQL: V is an expectile (tau) of the target Q
+            over the data's actions, Q regresses to r + gamma * V(next state); a CQL term keeps Q low
+            on tokens the data never chose;
+  target    Polyak averages of the two Q heads, which supply V's regression targets.
+Deployed policy: pi(a|s) ~ pi_beta(a|s) * exp(beta * (min_k Q_target_k(s, a) - V(s))), inside cached
+generation. With beta = 0 it is pi_beta, the BC baseline; with --top-fraction it is %BC.
+
+Run:  python ilql.py --task wordle                        # multi-turn Wordle from offline games
+      python ilql.py --task wordle --beta 0               # the BC baseline (Q/V not trained)
+      python ilql.py --task wordle --beta 0 --top-fraction 0.3   # %BC on the best 30% of games
+      python ilql.py --task sentiment                     # offline reviews with their VADER scores
+      python ilql.py --help                               # every flag
+"""
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from transformers import LogitsProcessor
+
+from common import wordle
+from common.models import Policy, entropy_of, frozen_copy, load_policy
+from common.tasks import evaluate, make_task
+from common.utils import CommonArgs, Run, masked_mean, pick_device, seed_everything
+
+
+@dataclass
+class Args(CommonArgs):
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    eval_every: int = 1000
+    """evaluate every this many gradient steps (and before the first and after the last)"""
+    eval_episodes: int = 256
+    """held-out prompts (sentiment) or evaluation games (Wordle) per evaluation"""
+
+    # Algorithm specific arguments
+    total_steps: int = 3000
+    """gradient steps (one minibatch each) over the offline dataset"""
+    batch_size: int = 32
+    """episodes per gradient step (original Wordle: 64 x 16 accumulation; trlX: 128)"""
+    learning_rate: Optional[float] = None
+    """AdamW learning rate of every network; None: 3e-3 for Wordle's from-scratch model, 5e-4 to fine-tune a pretrained LM (original: 1e-5 for GPT-2 small)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (original: 0.0)"""
+    gamma: float = 0.99
+    """discount per token (original and trlX: 0.99)"""
+    tau: float = 0.7
+    """expectile of V over the target Q (original Wordle and trlX: 0.7)"""
+    cql_weight: float = 0.1
+    """weight of the CQL term (original Wordle 1e-4, Reddit 0.25, VisDial 1.0; trlX 0.1)"""
+    bc_weight: float = 1.0
+    """weight of the pi_beta language-model (BC/AWAC) term (original `awac_weight`: 1.0)"""
+    awac_beta: float = 0.0
+    """training-time AWAC weights exp(awac_beta * (Q - V)) on the BC term; 0 is plain BC (every original config and trlX)"""
+    shared_trunk: bool = False
+    """put the Q and V heads on pi_beta's own transformer (trlX); by default they get their own copy of it (the original), so pi_beta is exactly the BC model"""
+    polyak_alpha: float = 0.1
+    """target Q heads <- alpha * online + (1 - alpha) * target (original: 0.005 every step; trlX: 0.001 every 5; faster here for short runs)"""
+    target_update_every: int = 1
+    """Polyak-update the target every this many gradient steps (trlX `steps_for_target_q_sync`)"""
+    beta: float = 16.0
+    """inference weight of the advantage in the decoding logits; 0 decodes pi_beta alone (BC) (original Wordle: 16; trlX: 1)"""
+    top_k: int = 0
+    """keep only the k most likely tokens of pi_beta before adding the advantage; 0 keeps all (original Wordle: none; trlX: 20)"""
+    adv_clip: Optional[float] = None
+    """clip beta * advantage from above at this value; None: the task's choice (Wordle 0.0, the original's: the advantage only vetoes tokens; elsewhere no clip, `inf`)"""
+    greedy: Optional[bool] = None
+    """greedy decoding instead of sampling; None: the task's choice (Wordle greedy as the original; sentiment samples)"""
+    temperature: float = 1.0
+    """temperature on pi_beta's logits before the advantage is added, when sampling"""
+    top_fraction: float = 1.0
+    """train on the best fraction of episodes by return only; with --beta 0 this is %BC"""
+    wordle_data: str = wordle.DEFAULT_DATA
+    """Wordle offline games: a per-turn mixture of scripted players `name=weight,...` (expert, random_consistent, random, wrong, repeat) or `branch[:player]`"""
+    wordle_games: int = 4096
+    """number of offline Wordle games"""
+    wordle_vocab: int = 200
+    """play on a fixed subset of this many words of the shipped list (original experiments: 200); 0 plays on all 1,029"""
+    wordle_layers: int = 2
+    """layers of the from-scratch character GPT-2 that `--model-name tiny-gpt2` gives on Wordle"""
+    wordle_width: int = 32
+    """hidden size of that character GPT-2"""
+    print_every: int = 100
+    """print a progress line every this many steps"""
+
+
+# ----------------------------------------------------------------------------------------------
+# ALGO LOGIC: the method's pieces as small pure functions (each unit-tested in tests/test_ilql.py).
+# Tensors are aligned to the batch columns 1..T-1: index j holds the decision that produced token j+1,
+# made from the state tokens[0..j]. `mask` is 1 where that token is an action.
+# ----------------------------------------------------------------------------------------------
+def next_action_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each position, the index of the next action after it, and whether there is one. After a
+    turn's last token the next action is the first token of the agent's next turn, so its state
+    already holds the environment's reply (original `state_idxs`, `src/data/rl_data.py`)."""
+    length = mask.shape[1]
+    positions = torch.arange(length, device=mask.device).expand_as(mask)
+    actions = torch.where(mask.bool(), positions, torch.full_like(positions, length))
+    later = torch.cat([actions[:, 1:], torch.full_like(actions[:, :1], length)], 1)  # strictly after j
+    nxt = torch.flip(torch.cummin(torch.flip(later, [1]), 1).values, [1])
+    return nxt.clamp(max=length - 1), nxt < length
+
+
+def bootstrap_values(v: torch.Tensor, mask: torch.Tensor, dones: torch.Tensor) -> torch.Tensor:
+    """V(s') for every action: V at the next action's state, 0 after a terminal action (or the last one)."""
+    nxt, has_next = next_action_index(mask)
+    return v.gather(1, nxt) * has_next * (1 - dones.to(v.dtype))
+
+
+def q_loss(q_taken: list[torch.Tensor], rewards: torch.Tensor, v_next: torch.Tensor, mask: torch.Tensor,
+           gamma: float) -> torch.Tensor:
+    """Sum over the Q heads of the mean squared error to r + gamma * V(s'), with V(s') detached
+    (original `PerTokenIQL.get_q_loss`; trlX `ILQLConfig.loss`)."""
+    target = (rewards + gamma * v_next).detach()
+    return sum(masked_mean((q - target) ** 2, mask) for q in q_taken)
+
+
+def expectile_loss(v: torch.Tensor, target_q: torch.Tensor, mask: torch.Tensor, tau: float) -> torch.Tensor:
+    """IQL's expectile regression of V on the (detached) min target Q: weight tau where Q >= V, else 1 - tau."""
+    diff = target_q.detach() - v
+    weight = torch.where(diff >= 0, tau, 1 - tau)
+    return masked_mean(weight * diff ** 2, mask)
+
+
+def cql_loss(q_logits: list[torch.Tensor], actions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """CQL over the vocabulary: sum over heads of logsumexp_a' Q(s, a') - Q(s, a), i.e. cross-entropy of
+    softmax(Q) at the data token (original `get_cql_loss` with cql_temp 1)."""
+    return sum(masked_mean(F.cross_entropy(q.flatten(0, 1), actions.flatten(), reduction="none").view_as(actions),
+                           mask) for q in q_logits)
+
+
+def bc_loss(logits: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor,
+            weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """pi_beta's cross-entropy on action tokens, optionally AWAC-weighted, averaged over action tokens
+    (as trlX; the original divides by every non-pad token, environment tokens included)."""
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), actions.flatten(), reduction="none").view_as(actions)
+    return masked_mean(ce if weights is None else ce * weights, mask)
+
+
+def perturbed_logits(pi_logits: torch.Tensor, target_q: torch.Tensor, v: torch.Tensor, beta: float,
+                     top_k: int = 0, adv_clip: Optional[float] = None, temperature: float = 1.0) -> torch.Tensor:
+    """log pi_beta (temperature, then top-k, as the original `IQL_Policy`; trlX takes top-k after adding
+    the advantage, which can pick tokens pi_beta finds unlikely) + beta * (Q_target - V), clipped above."""
+    logp = F.log_softmax(pi_logits.float() / temperature, dim=-1)
+    if top_k > 0:
+        kth = torch.topk(logp, min(top_k, logp.shape[-1]), dim=-1).values[..., -1:]
+        logp = logp.masked_fill(logp < kth, float("-inf"))
+    advantage = beta * (target_q.float() - v.float().unsqueeze(-1))
+    if adv_clip is not None:
+        advantage = advantage.clamp(max=adv_clip)
+    return logp + advantage
+
+
+@torch.no_grad()
+def polyak_update(target: nn.Module, online: nn.Module, alpha: float) -> None:
+    """target <- alpha * online + (1 - alpha) * target, parameter by parameter (original `soft_update`)."""
+    for t, o in zip(target.parameters(), online.parameters()):
+        t.lerp_(o, alpha)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model pieces: the Q/V network and the decoding processor
+# ----------------------------------------------------------------------------------------------
+def mlp_head(hidden: int, out: int) -> nn.Module:
+    """h -> 2h -> out, the original's and trlX's head shape. The last layer starts at zero, so before
+    training every advantage is 0 and the step-0 evaluation decodes pi_beta itself, not the noise of
+    random heads times beta (trlX's sentiment notebook starts from degenerate text this way)."""
+    head = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, out))
+    nn.init.zeros_(head[-1].weight)
+    nn.init.zeros_(head[-1].bias)
+    return head
+
+
+class ValueHeads(nn.Module):
+    """V head, twin Q heads (one value per vocabulary token) and their Polyak target copies, all reading
+    a transformer's last hidden state (trlX `ILQLHeads`; original `v`, `q`, `q2`, `target_q`, `target_q2`)."""
+
+    def __init__(self, hidden: int, vocab: int):
+        super().__init__()
+        self.v_head = mlp_head(hidden, 1)
+        self.q_heads = nn.ModuleList([mlp_head(hidden, vocab) for _ in range(2)])
+        self.target_q_heads = frozen_copy(self.q_heads)
+
+    def forward(self, hidden: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """(Q of each head over the vocabulary, V, min over the target heads), one per position, in fp32
+        even under bf16 autocast: values are regressed to small differences of returns."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            hidden = hidden.float()
+            with torch.no_grad():
+                target_q = torch.minimum(*[q(hidden) for q in self.target_q_heads])
+            return [q(hidden) for q in self.q_heads], self.v_head(hidden).squeeze(-1), target_q
+
+
+class ILQLLogitsProcessor(LogitsProcessor):
+    """Turns pi_beta's next-token logits inside `generate` into the ILQL policy's logits.
+
+    Shared trunk: a forward hook on pi_beta's transformer keeps the last hidden state of each step, so
+    the heads cost no extra transformer pass. Separate trunk: the value transformer runs alongside with
+    its own KV cache, fed only the new tokens each step. Use as a context manager (removes the hook)."""
+
+    def __init__(self, policy: Policy, heads: ValueHeads, value_trunk: Optional[Policy], context_mask, args: "Args",
+                 adv_clip: Optional[float] = None):
+        self.heads, self.value_trunk, self.mask, self.args = heads, value_trunk, context_mask, args
+        self.adv_clip = adv_clip
+        self.seen, self.past, self.hidden = 0, None, None
+        self.hook = None if value_trunk else policy.model.base_model.register_forward_hook(self._keep_hidden)
+
+    def _keep_hidden(self, module, inputs, output):
+        self.hidden = output.last_hidden_state[:, -1]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.hook is not None:
+            self.hook.remove()
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.value_trunk is not None:
+            grow = input_ids.shape[1] - self.mask.shape[1]  # generated tokens always attend, as in `generate`
+            mask = torch.cat([self.mask, self.mask.new_ones(len(input_ids), grow)], 1)
+            out = self.value_trunk.model.base_model(
+                input_ids=input_ids[:, self.seen:], attention_mask=mask, past_key_values=self.past, use_cache=True,
+                position_ids=(mask.cumsum(1) - 1).clamp(min=0)[:, self.seen:])
+            self.seen, self.past, self.hidden = input_ids.shape[1], out.past_key_values, out.last_hidden_state[:, -1]
+        _, v, target_q = self.heads(self.hidden)
+        a = self.args
+        return perturbed_logits(scores, target_q, v, a.beta, a.top_k, self.adv_clip, a.temperature)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: episodes -> the shared batch layout (ids, attention, action mask, rewards, dones)
+# ----------------------------------------------------------------------------------------------
+def sentiment_layout(policy: Policy, prompt: str, response: str, reward: float, max_prompt: int, max_new: int) -> dict:
+    """Prompt (no action) + response and EOS (actions), reward and done on the last response token."""
+    tok = policy.tokenizer
+    prompt_ids = tok(prompt)["input_ids"][-max_prompt:] or [tok.eos_token_id]
+    response_ids = (tok(response)["input_ids"] + [tok.eos_token_id])[:max_new]
+    n, m = len(prompt_ids), len(response_ids)
+    return {"input_ids": prompt_ids + response_ids, "action_mask": [0] * n + [1] * m,
+            "rewards": [0.0] * (n + m - 1) + [reward], "dones": [0] * (n + m - 1) + [1]}
+
+
+def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad layouts into `[N, T]` tensors."""
+    width = max(len(r["input_ids"]) for r in rows)
+    out = {"input_ids": torch.full((len(rows), width), pad_id), "attention_mask": torch.zeros(len(rows), width).long(),
+           "action_mask": torch.zeros(len(rows), width).long(), "rewards": torch.zeros(len(rows), width),
+           "dones": torch.zeros(len(rows), width).long()}
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        out["attention_mask"][i, :n] = 1
+        for key in ("input_ids", "action_mask", "rewards", "dones"):
+            out[key][i, :n] = torch.tensor(r[key], dtype=out[key].dtype)
+    return out
+
+
+def best_fraction(returns: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Indices of the best `fraction` of episodes by return, ties broken at random (%BC's filter)."""
+    order = np.random.default_rng(seed).permutation(len(returns))
+    order = order[np.argsort(-returns[order], kind="stable")]
+    return np.sort(order[:max(1, int(np.ceil(fraction * len(returns))))])
+
+
+def main(args: Args) -> dict:
+    # TRY NOT TO MODIFY: check the arguments before any heavy work; a bad one exits with one line
+    try:
+        for name in ("total_steps", "batch_size", "eval_every", "eval_episodes", "target_update_every",
+                     "wordle_games", "wordle_layers", "wordle_width", "print_every"):
+            if getattr(args, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        if not 0 < args.tau < 1:
+            raise ValueError(f"--tau must be in (0, 1), got {args.tau}")
+        for name in ("gamma", "polyak_alpha", "top_fraction"):
+            if not 0 < getattr(args, name) <= 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
+        if args.top_k < 0 or args.temperature <= 0 or args.beta < 0 or (args.learning_rate is not None and args.learning_rate <= 0):
+            raise ValueError("need --top-k >= 0, --temperature > 0, --beta >= 0 and --learning-rate > 0")
+        task = make_task(args.task)
+        is_wordle = task.name == "wordle"
+        if is_wordle:
+            wordle.use_words(args.wordle_vocab or None)
+            wordle.offline_games(args.wordle_data, 1, args.seed)  # a bad --wordle-data spec fails here
+        elif task.offline_data is None:
+            raise ValueError(f"task {task.name!r} has no offline dataset; ILQL learns from one")
+        device = pick_device(args.cuda)
+        if is_wordle and args.model_name == "tiny-gpt2":  # a fresh character-level GPT-2, as the original's
+            policy = wordle.char_policy(args.seed, args.wordle_layers, args.wordle_width, device=device)
+        else:
+            policy = load_policy(args.model_name, task, device)
+        if policy.is_seq2seq:
+            raise ValueError("ilql.py trains causal LMs (GPT-2 style); seq2seq models are not supported")
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"error: {error}")
+    run = Run(args, "ilql.py")
+    seed_everything(args.seed, args.torch_deterministic)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    greedy = is_wordle if args.greedy is None else args.greedy
+    adv_clip = (0.0 if is_wordle else None) if args.adv_clip is None else args.adv_clip
+    # beta = 0 and no AWAC weights: Q and V cannot change the deployed policy, so the BC baseline skips them
+    learn_values = args.beta > 0 or args.awac_beta != 0
+
+    # Data: every offline episode in the one layout, filtered to the best fraction for %BC
+    if is_wordle:
+        games = wordle.offline_games(args.wordle_data, args.wordle_games, args.seed)
+        rows, returns = [g.layout() for g in games], np.array([g.ret for g in games])
+    else:
+        episodes = task.offline_data(args.seed)
+        rows = [sentiment_layout(policy, e["prompt"], e["response"], e["reward"], task.max_prompt_tokens,
+                                 task.max_new_tokens) for e in episodes]
+        returns = np.array([e["reward"] for e in episodes])
+    keep = best_fraction(returns, args.top_fraction, args.seed)
+    data = collate([rows[i] for i in keep], policy.tokenizer.pad_token_id)
+    print(f"offline data: {len(rows)} episodes, mean return {returns.mean():+.3f}; training on {len(keep)} "
+          f"(mean return {returns[keep].mean():+.3f})" + ("" if learn_values else "; beta = 0: BC of pi_beta only"))
+
+    # Models: pi_beta (the policy), the V/Q heads with their target Q heads, and, unless the trunk is
+    # shared, a second copy of the transformer for the heads (the original's separate value network)
+    vocab = policy.model.get_output_embeddings().weight.shape[0]
+    heads = ValueHeads(policy.hidden_size, vocab).to(device) if learn_values else None
+    value_trunk = frozen_copy(policy).requires_grad_(True).train() if learn_values and not args.shared_trunk else None
+    params = [*policy.parameters(), *(heads.parameters() if heads else []),
+              *(value_trunk.parameters() if value_trunk else [])]
+    from_scratch = is_wordle and args.model_name == "tiny-gpt2"
+    lr = args.learning_rate if args.learning_rate is not None else (3e-3 if from_scratch else 5e-4)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+    policy.train()
+    rng = np.random.default_rng(args.seed)
+
+    def generate(context, mask, max_new: int, min_new: int, extra: list):
+        """pi_beta's cached generation; with beta > 0 its logits go through the ILQL processor."""
+        if args.beta == 0:
+            with autocast:
+                return policy.generate(context, mask, max_new, min_new, do_sample=not greedy, logits_processor=extra)
+        with ILQLLogitsProcessor(policy, heads, value_trunk, mask, args, adv_clip) as ilql, autocast:
+            return policy.generate(context, mask, max_new, min_new, do_sample=not greedy,
+                                   logits_processor=extra + [ilql])
+
+    def wordle_guesses(games: list) -> list[str]:
+        """One guess per unfinished game, batched: every context has the same length (same turn)."""
+        context = torch.tensor([[wordle.TOKEN_ID[t] for t in g.tokens()] for g in games], device=device)
+        mask = torch.ones_like(context)
+        ids, _ = generate(context, mask, 6, 0, [wordle.GuessGrammar(context.shape[1])])
+        return ["".join(wordle.VOCAB[i] for i in row[:5]) for row in ids.tolist()]
+
+    def run_eval(step: int) -> dict:
+        """The deployed decoding on held-out prompts or on the evaluation games, under its own RNG."""
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(args.seed + 12345)
+            if is_wordle:
+                games = wordle.play(wordle.eval_answers(args.eval_episodes), wordle_guesses)
+                metrics = wordle.game_metrics(games)
+                samples = [(g.answer, g.text(), g.ret) for g in games]
+            else:
+                def generate_fn(prompts):
+                    ids, mask = policy.encode_prompts(prompts, task.max_prompt_tokens, device)
+                    return policy.decode(*generate(ids, mask, task.max_new_tokens, task.min_new_tokens, []))
+
+                metrics, samples = evaluate(task, generate_fn, args.eval_episodes, args.batch_size)
+        run.log_eval(metrics, samples, step)
+        extra = f" | win rate {metrics['eval/win_rate']:.3f}" if is_wordle else ""
+        print(f"eval @ step {step}: return {metrics['eval/return_mean']:+.3f} +- {metrics['eval/return_std']:.3f}"
+              f"{extra}", flush=True)
+        return metrics
+
+    run_eval(0)
+    step, syncs, order, cursor = 0, 0, rng.permutation(len(keep)), 0
+    try:
+        for step in range(1, args.total_steps + 1):
+            step_start = time.time()
+            if cursor + args.batch_size > len(order):
+                order, cursor = rng.permutation(len(keep)), 0
+            index = torch.as_tensor(order[cursor:cursor + args.batch_size])
+            cursor += args.batch_size
+            batch = {k: v[index] for k, v in data.items()}
+            width = int(batch["attention_mask"].sum(1).max())  # right-padded: drop all-pad columns
+            batch = {k: v[:, :width].to(device) for k, v in batch.items()}
+            ids, attention = batch["input_ids"], batch["attention_mask"]
+            # ALGO LOGIC: align to the decision columns 1..T-1 (index j chose token j+1)
+            actions, mask = ids[:, 1:], batch["action_mask"][:, 1:].float()
+            rewards, dones = batch["rewards"][:, 1:], batch["dones"][:, 1:]
+
+            with autocast:
+                pi_logits, hidden = policy(ids, attention, 1)
+                if learn_values:
+                    if value_trunk is not None:
+                        _, hidden = value_trunk(ids, attention, 1, with_logits=False)
+                    q_logits, v, target_q_logits = heads(hidden)
+            stats = {}
+            if learn_values:
+                # ALGO LOGIC: Q of the data tokens, min over the target heads, V of the next state
+                q_taken = [q.gather(2, actions.unsqueeze(-1)).squeeze(-1) for q in q_logits]
+                target_q = target_q_logits.gather(2, actions.unsqueeze(-1)).squeeze(-1)
+                v_next = bootstrap_values(v.detach(), mask, dones)
+                losses = {"q_loss": q_loss(q_taken, rewards, v_next, mask, args.gamma),
+                          "v_loss": expectile_loss(v, target_q, mask, args.tau),
+                          "cql_loss": cql_loss(q_logits, actions, mask)}
+                weights = torch.exp(args.awac_beta * (target_q - v)).detach() if args.awac_beta != 0 else None
+                losses["bc_loss"] = bc_loss(pi_logits, actions, mask, weights)
+                loss = (losses["q_loss"] + losses["v_loss"] + args.cql_weight * losses["cql_loss"]
+                        + args.bc_weight * losses["bc_loss"])
+                stats = {"values/q": masked_mean(q_taken[0], mask), "values/v": masked_mean(v, mask),
+                         "values/target_q": masked_mean(target_q, mask),
+                         "values/advantage": masked_mean(target_q - v, mask)}
+            else:
+                losses = {"bc_loss": bc_loss(pi_logits, actions, mask)}
+                loss = args.bc_weight * losses["bc_loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at step {step}: " +
+                                         ", ".join(f"{k} {v.item()}" for k, v in losses.items()))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            # ALGO LOGIC: Polyak-average the target at the configured rate, inside the step loop: trlX's
+            # callback runs once per epoch since its 2023 refactor, so its targets are almost never synced
+            if learn_values and step % args.target_update_every == 0:
+                polyak_update(heads.target_q_heads, heads.q_heads, args.polyak_alpha)
+                syncs += 1
+
+            # TRY NOT TO MODIFY: record metrics
+            n_tokens = int(attention.sum())
+            run.tokens += n_tokens
+            elapsed = time.time() - step_start
+            with torch.no_grad():
+                entropy = masked_mean(entropy_of(pi_logits), mask).item()
+            run.log({**{f"losses/{k}": v.item() for k, v in losses.items()}, "losses/total_loss": loss.item(),
+                     **{k: v.item() for k, v in stats.items()}, "objective/entropy": entropy,
+                     "charts/target_syncs": syncs, "charts/learning_rate": optimizer.param_groups[0]["lr"],
+                     "charts/tokens_per_second": n_tokens / elapsed,
+                     "charts/episodes_per_second": len(index) / elapsed}, step)
+            if step % args.print_every == 0 or step == args.total_steps:
+                print(f"step {step}/{args.total_steps} | "
+                      + " | ".join(f"{k} {v.item():.4f}" for k, v in losses.items())
+                      + (f" | advantage {stats['values/advantage'].item():+.3f}" if stats else "")
+                      + f" | {n_tokens / elapsed:.0f} tok/s", flush=True)
+            if step % args.eval_every == 0 and step != args.total_steps:
+                run_eval(step)
+    except KeyboardInterrupt:  # keep what was learned: evaluate, save and summarise below
+        print(f"interrupted during step {step}; evaluating and saving what was trained so far", flush=True)
+
+    # TRY NOT TO MODIFY: final evaluation, model, summary
+    run_eval(step)
+    if args.save_model:
+        policy.model.save_pretrained(os.path.join(run.dir, "model"))  # pi_beta: plain AutoModelForCausalLM
+        policy.tokenizer.save_pretrained(os.path.join(run.dir, "model"))
+        if learn_values:  # the heads (and value trunk), needed to decode with beta > 0
+            torch.save({"heads": heads.state_dict(), "value_trunk": value_trunk.state_dict() if value_trunk else None},
+                       os.path.join(run.dir, "ilql_heads.pt"))
+    summary = run.write_summary({"steps": step, "target_syncs": syncs})
+    run.close()
+    print(f"initial eval/return_mean {summary['initial']['eval/return_mean']:+.3f} -> final "
+          f"{summary['final']['eval/return_mean']:+.3f}; {summary['wall_seconds']:.0f}s, "
+          f"{summary['tokens_per_second']:.0f} tok/s; run dir {run.dir}", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
