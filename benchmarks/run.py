@@ -1,0 +1,368 @@
+"""Benchmark runner: methods x tasks x seeds, then one Markdown table and one figure of learning curves.
+
+Each (script, task) entry of benchmarks/config.toml runs once per seed, sequentially, as a child
+process of the real CLI (`python ppo.py --task sentiment --seed 1 --output-dir ...`). From every run
+it reads `summary.json` (held-out return before and after training, wall time, tokens per second)
+and the TensorBoard scalars (`eval/return_mean` over training), measures the child's peak resident
+memory (`os.wait4`), and writes
+
+    benchmarks/results/benchmark.md     the table (mean +- std over seeds) and the command that made it
+    benchmarks/results/benchmark.png    learning curves (needs matplotlib: pip install -r requirements-bench.txt)
+    benchmarks/results/runs.json        every run's numbers and curves, for other tools
+    README.md                           the region between <!-- benchmark:start --> and <!-- benchmark:end -->
+
+Usage:
+    python benchmarks/run.py --quick                 # small budgets, seeds 1-3: minutes on 2 CPU cores
+    python benchmarks/run.py                         # the configured budgets (the scripts' defaults)
+    python benchmarks/run.py --only ppo.py --seeds 3 --no-readme   # one method, table only
+    python benchmarks/run.py --help
+
+A script that is missing or exits non-zero is listed under the table with its last output line;
+the other entries still run. Runs' directories and logs go to benchmarks/results/runs/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from typing import Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.join(ROOT, "benchmarks")
+START, END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
+
+
+# ----------------------------------------------------------------------------------------------
+# Running one child and reading what it wrote
+# ----------------------------------------------------------------------------------------------
+def run_child(cmd: list[str], log_path: str, cwd: str = ROOT, env: Optional[dict] = None) -> dict:
+    """Run `cmd`, its stdout and stderr to `log_path`; return exit code, wall seconds and peak RSS.
+
+    Peak RSS is the child's own `ru_maxrss` from `os.wait4`, so sequential runs never see each
+    other's peaks (RUSAGE_CHILDREN would report the largest child so far)."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            _, status, usage = os.wait4(process.pid, 0)
+        except KeyboardInterrupt:
+            process.kill()
+            process.wait()
+            raise
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return {"returncode": process.returncode, "process_seconds": time.perf_counter() - start,
+            "peak_rss_mib": usage.ru_maxrss / 1024}  # Linux reports KiB
+
+
+def find_run_dir(output_dir: str) -> Optional[str]:
+    """The run directory a script created under `output_dir` (the newest one with a summary)."""
+    if not os.path.isdir(output_dir):
+        return None
+    dirs = [os.path.join(output_dir, d) for d in os.listdir(output_dir)]
+    dirs = [d for d in dirs if os.path.isfile(os.path.join(d, "summary.json"))]
+    return max(dirs, key=os.path.getmtime) if dirs else None
+
+
+def read_scalars(run_dir: str, prefixes: tuple[str, ...] = ("eval/",)) -> dict[str, list[tuple[int, float]]]:
+    """TensorBoard scalars of a run whose tag starts with one of `prefixes`: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})  # 0 = keep every point
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)]
+            for tag in acc.Tags()["scalars"] if tag.startswith(prefixes)}
+
+
+def last_line(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            lines = [l.strip() for l in f if l.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:200] if lines else ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Aggregation and formatting (pure functions, tested in tests/test_benchmarks.py)
+# ----------------------------------------------------------------------------------------------
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def fmt(values: list[float], digits: int, signed: bool = False) -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "n/a"
+    mean, std = mean_std(values)
+    sign = "+" if signed else ""
+    return f"{mean:{sign}.{digits}f}" + (f" ± {std:.{digits}f}" if len(values) > 1 else "")
+
+
+def budget_of(summary: dict) -> str:
+    """How long the run trained, in the script's own unit: summary.json's count, else its args'."""
+    args = summary.get("args") or {}
+    for source, key, unit in ((summary, "updates", "updates"), (summary, "steps", "steps"),
+                              (args, "total_updates", "updates"), (args, "total_steps", "steps"),
+                              (args, "queries", "queries")):
+        if isinstance(source.get(key), (int, float)) and not isinstance(source.get(key), bool):
+            n = source[key]
+            return f"{n} {unit if n != 1 else unit[:-1]}"
+    return "n/a"
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """One row per (script, task) over its successful seeds."""
+    rows: dict[tuple[str, str], dict] = {}
+    for r in runs:
+        row = rows.setdefault((r["script"], r["task"]), {"script": r["script"], "task": r["task"], "runs": []})
+        if r.get("status") == "ok":
+            row["runs"].append(r)
+    out = []
+    for row in rows.values():
+        ok = row["runs"]
+        if not ok:
+            continue
+        pick = lambda path: [_get(r["summary"], path) for r in ok]  # noqa: E731
+        out.append({
+            "script": row["script"], "task": row["task"], "seeds": sorted(r["seed"] for r in ok),
+            "budget": budget_of(ok[0]["summary"]),
+            "initial": pick("initial/eval/return_mean"), "final": pick("final/eval/return_mean"),
+            "wall": pick("wall_seconds"), "tokens_per_second": pick("tokens_per_second"),
+            "peak_rss_mib": [r["peak_rss_mib"] for r in ok],
+        })
+    return out
+
+
+def _get(summary: dict, path: str) -> Optional[float]:
+    """summary["final"]["eval/return_mean"] for path "final/eval/return_mean"; None if absent."""
+    head, _, rest = path.partition("/")
+    value = summary.get(head) if rest == "" else (summary.get(head) or {}).get(rest)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| script | task | budget | seeds | held-out return before | final held-out return | wall (s) "
+             "| tokens/s | peak RSS (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        seeds = row["seeds"]
+        seed_text = f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 1 \
+            else ",".join(map(str, seeds))
+        lines.append(f"| `{row['script']}` | {row['task']} | {row['budget']} | {seed_text} "
+                     f"| {fmt(row['initial'], 3, signed=True)} | **{fmt(row['final'], 3, signed=True)}** "
+                     f"| {fmt(row['wall'], 0)} | {fmt(row['tokens_per_second'], 0)} | {fmt(row['peak_rss_mib'], 0)} |")
+    return "\n".join(lines)
+
+
+def problems_text(runs: list[dict]) -> str:
+    """One line per entry that did not produce a result."""
+    seen, lines = set(), []
+    for r in runs:
+        if r.get("status") == "ok" or (r["script"], r["task"], r["status"]) in seen:
+            continue
+        seen.add((r["script"], r["task"], r["status"]))
+        detail = f": {r['detail']}" if r.get("detail") else ""
+        lines.append(f"- `{r['script']}` on {r['task']}: {r['status']}{detail}")
+    return ("Not in the table:\n\n" + "\n".join(lines)) if lines else ""
+
+
+def replace_region(text: str, body: str, start: str = START, end: str = END) -> str:
+    """`text` with everything between the `start` and `end` markers replaced by `body`."""
+    i, j = text.find(start), text.find(end)
+    if i < 0 or j < i:
+        raise ValueError(f"markers {start} ... {end} not found (in this order)")
+    return text[:i + len(start)] + "\n" + body.strip() + "\n" + text[j:]
+
+
+# ----------------------------------------------------------------------------------------------
+# The figure
+# ----------------------------------------------------------------------------------------------
+def plot_curves(runs: list[dict], path: str) -> bool:
+    """One panel per (script, task): held-out return over training, mean +- std over seeds."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install --no-deps -r requirements-bench.txt); no plot", flush=True)
+        return False
+    import numpy as np
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        if r.get("status") == "ok" and r["curves"].get("eval/return_mean"):
+            groups.setdefault((r["script"], r["task"]), []).append(r)
+    if not groups:
+        return False
+    n = len(groups)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(4.2 * cols, 6.0), 3.2 * rows + 0.3), squeeze=False)
+    for ax, ((script, task), group) in zip(axes.flat, groups.items()):
+        steps = sorted(set.intersection(*(set(s for s, _ in r["curves"]["eval/return_mean"]) for r in group)))
+        values = np.array([[dict(r["curves"]["eval/return_mean"])[s] for s in steps] for r in group])
+        mean = values.mean(0)
+        std = values.std(0, ddof=1) if len(group) > 1 else np.zeros_like(mean)
+        ax.plot(steps, mean, marker="o", markersize=3, label=f"{len(group)} seed{'s' * (len(group) > 1)}")
+        ax.fill_between(steps, mean - std, mean + std, alpha=0.25)
+        ax.axhline(mean[0], color="grey", linestyle=":", linewidth=1)
+        unit = budget_of(group[0]["summary"]).split(" ")[-1]
+        ax.set_title(f"{script} on {task}", fontsize=10)
+        ax.set_xlabel(unit if unit != "n/a" else "step")
+        ax.set_ylabel("eval/return_mean")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle("held-out return (mean ± std over seeds; dotted: before training)", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+def load_config(path: str) -> list[dict]:
+    with open(path, "rb") as f:
+        entries = tomllib.load(f).get("entry", [])
+    for e in entries:
+        if not {"script", "task"} <= set(e):
+            raise SystemExit(f"error: {path}: every [[entry]] needs `script` and `task`, got {e}")
+    return entries
+
+
+def machine_line() -> str:
+    load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else ["?"] * 3
+    return (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+            f"Python {platform.python_version()}, 1/5/15-min load {' '.join(load)}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="run each entry's `quick` budget instead of its `flags`")
+    p.add_argument("--seeds", type=int, default=3, help="run seeds 1..SEEDS (default 3)")
+    p.add_argument("--only", default="", help="comma-separated scripts or script:task pairs to run (default: all)")
+    p.add_argument("--config", default=os.path.join(HERE, "config.toml"), help="the entries to run")
+    p.add_argument("--results-dir", default=os.path.join(HERE, "results"), help="where the table, plot and runs go")
+    p.add_argument("--extra", default="", help="flags appended to every run, e.g. --extra='--eval-episodes 16'")
+    p.add_argument("--threads", type=int, default=None,
+                   help="set OMP_NUM_THREADS for every run (default: inherit); 1 is far faster on a busy machine")
+    p.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's benchmark region")
+    return p.parse_args(argv)
+
+
+def child_env(threads: Optional[int]) -> dict:
+    """The children's environment: ours, with OMP_NUM_THREADS pinned when asked."""
+    return {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+
+
+def threads_text(threads: Optional[int]) -> str:
+    return f"{threads} intra-op thread{'s' * (threads != 1)} per run" if threads else \
+        f"torch's default intra-op threads ({os.environ.get('OMP_NUM_THREADS') or 'one per core'})"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.seeds <= 0 or (args.threads is not None and args.threads <= 0):
+        raise SystemExit(f"error: --seeds and --threads must be positive, got {args.seeds} and {args.threads}")
+    entries = load_config(args.config)
+    if args.only:
+        wanted = {w.strip() for w in args.only.split(",") if w.strip()}
+        entries = [e for e in entries if e["script"] in wanted or f"{e['script']}:{e['task']}" in wanted]
+        if not entries:
+            raise SystemExit(f"error: --only {args.only!r} matches no entry of {args.config}")
+    command = "python benchmarks/run.py" + "".join(f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]))
+    results_dir = os.path.abspath(args.results_dir)
+    runs_root = os.path.join(results_dir, "runs")
+    extra = shlex.split(args.extra)
+    machine_before = machine_line()
+    print(f"benchmark: {len(entries)} entries x {args.seeds} seeds{' (quick)' if args.quick else ''}; {machine_before}",
+          flush=True)
+
+    runs = []
+    for entry in entries:
+        script, task = entry["script"], entry["task"]
+        flags = list(entry.get("quick", []) if args.quick else entry.get("flags", []))
+        for seed in range(1, args.seeds + 1):
+            record = {"script": script, "task": task, "seed": seed, "flags": flags + extra}
+            runs.append(record)
+            if not os.path.isfile(os.path.join(ROOT, script)):
+                record.update(status="missing", detail=f"{script} does not exist yet")
+                print(f"  {script} {task}: missing, skipped", flush=True)
+                break
+            tag = f"{os.path.splitext(script)[0]}__{task}__{seed}"
+            output_dir = os.path.join(runs_root, tag)
+            shutil.rmtree(output_dir, ignore_errors=True)
+            cmd = [sys.executable, script, "--task", task, "--seed", str(seed), "--output-dir", output_dir,
+                   *flags, *extra]
+            print(f"  {script} {task} seed {seed} ...", end=" ", flush=True)
+            result = run_child(cmd, os.path.join(runs_root, f"{tag}.log"), env=child_env(args.threads))
+            record.update(result, log=os.path.relpath(os.path.join(runs_root, f"{tag}.log"), ROOT))
+            run_dir = find_run_dir(output_dir)
+            if result["returncode"] != 0 or run_dir is None:
+                why = "exit code " + str(result["returncode"]) if result["returncode"] != 0 else "no summary.json"
+                record.update(status="failed", detail=f"{why}: {last_line(os.path.join(runs_root, f'{tag}.log'))}")
+                print(f"FAILED ({record['detail']})", flush=True)
+                break  # a broken script fails the same way on every seed
+            with open(os.path.join(run_dir, "summary.json")) as f:
+                summary = json.load(f)
+            record.update(status="ok", summary=summary, curves=read_scalars(run_dir))
+            final = _get(summary, "final/eval/return_mean")
+            print(f"final {final if final is None else round(final, 3)}, {result['process_seconds']:.0f}s, "
+                  f"{result['peak_rss_mib']:.0f} MiB", flush=True)
+
+    rows = aggregate(runs)
+    machine_after = machine_line()
+    plotted = plot_curves(runs, os.path.join(results_dir, "benchmark.png"))
+    table = markdown_table(rows) if rows else "(no run finished)"
+    problems = problems_text(runs)
+    when = time.strftime("%Y-%m-%d")
+    readme_png = os.path.relpath(os.path.join(results_dir, "benchmark.png"), ROOT)
+    body = "\n\n".join(x for x in [
+        f"`{command}` ({when}; {machine_before.split(', 1/5/15')[0]}; {threads_text(args.threads)}; load before/after: "
+        f"{machine_before.split('load ')[-1]} / {machine_after.split('load ')[-1]}):",
+        table,
+        "Held-out return is `eval/return_mean` (the task score of the method's deployed decoding on held-out "
+        "prompts or games), mean ± sample std over seeds; wall is the whole process (imports, model loading, "
+        "evaluations); tokens/s is the script's own `summary.json` figure; peak RSS is the process's maximum "
+        "resident memory.",
+        problems,
+        f"![held-out return during training]({readme_png})" if plotted else "",
+    ] if x)
+    os.makedirs(results_dir, exist_ok=True)
+    with open(os.path.join(results_dir, "benchmark.md"), "w") as f:
+        f.write("# Benchmark\n\n" + body.replace(f"]({readme_png})", "](benchmark.png)") + "\n")
+    with open(os.path.join(results_dir, "runs.json"), "w") as f:
+        json.dump({"command": command, "machine": [machine_before, machine_after], "runs": runs}, f, indent=1)
+    if not args.no_readme:
+        readme = os.path.join(ROOT, "README.md")
+        with open(readme) as f:
+            text = f.read()
+        with open(readme, "w") as f:
+            f.write(replace_region(text, body))
+    print("\n" + table + ("\n\n" + problems if problems else ""), flush=True)
+    print(f"\nwrote {os.path.relpath(results_dir, ROOT)}/benchmark.md, runs.json"
+          f"{', benchmark.png' if plotted else ''}{'' if args.no_readme else ' and README.md'}", flush=True)
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""benchmarks/: the runner's aggregation, table, README rewriting and per-child peak memory; the TRL
+comparison's ratios. Fast (no training); the end-to-end runner is exercised by tests/test_docs.py."""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import run as bench  # noqa: E402
+import trl_compare  # noqa: E402
+
+
+def fake_run(seed, final, status="ok", script="ppo.py", task="sentiment", rss=400.0):
+    return {"script": script, "task": task, "seed": seed, "status": status, "peak_rss_mib": rss,
+            "summary": {"initial": {"eval/return_mean": 0.1}, "final": {"eval/return_mean": final},
+                        "wall_seconds": 10.0 * seed, "tokens_per_second": 100.0, "updates": 40},
+            "curves": {"eval/return_mean": [(0, 0.1), (40, final)]}}
+
+
+def test_mean_std_is_sample_std():
+    assert bench.mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
+    assert bench.mean_std([5.0]) == (5.0, 0.0)
+
+
+def test_aggregate_and_table():
+    runs = [fake_run(1, 0.5), fake_run(2, 0.7), fake_run(3, 0.6),
+            {"script": "ilql.py", "task": "wordle", "seed": 1, "status": "failed", "detail": "exit code 1: boom"}]
+    (row,) = bench.aggregate(runs)
+    assert row["seeds"] == [1, 2, 3] and row["budget"] == "40 updates"
+    table = bench.markdown_table([row])
+    assert "| `ppo.py` | sentiment | 40 updates | 1-3 | +0.100 ± 0.000 | **+0.600 ± 0.100** | 20 ± 10 |" in table
+    assert "`ilql.py` on wordle: failed: exit code 1: boom" in bench.problems_text(runs)
+
+
+def test_replace_region_keeps_everything_outside_the_markers():
+    text = f"intro\n{bench.START}\nold table\n{bench.END}\noutro\n"
+    new = bench.replace_region(text, "new table")
+    assert new == f"intro\n{bench.START}\nnew table\n{bench.END}\noutro\n"
+    assert bench.replace_region(new, "new table") == new  # idempotent
+    with pytest.raises(ValueError):
+        bench.replace_region("no markers", "x")
+
+
+def test_readme_has_both_regions():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    for start, end in ((bench.START, bench.END), (trl_compare.START, trl_compare.END)):
+        assert text.index(start) < text.index(end)
+
+
+def test_peak_memory_is_per_child(tmp_path):
+    """os.wait4 gives each child's own peak: a small child after a big one is not reported as big.
+
+    Measured from a fresh, small launcher process, as benchmarks/run.py is in use: Linux carries the
+    parent's resident set into a forked child's peak, so children of this pytest process (torch
+    loaded, ~600 MiB) would all look big."""
+    import json
+    import subprocess
+
+    code = (
+        "import json, sys; sys.path.insert(0, 'benchmarks'); import run as bench\n"
+        "big = bench.run_child([sys.executable, '-c', \"x = bytearray(300 * 2**20); x[::4096] = b'1' * len(x[::4096])\"],"
+        f" {str(tmp_path / 'big.log')!r})\n"
+        f"small = bench.run_child([sys.executable, '-c', 'pass'], {str(tmp_path / 'small.log')!r})\n"
+        "print(json.dumps([big, small]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    big, small = json.loads(out.strip().splitlines()[-1])
+    assert big["returncode"] == 0 and small["returncode"] == 0
+    assert big["peak_rss_mib"] > 300 and small["peak_rss_mib"] < 100
+
+
+def test_config_entries_name_a_script_and_a_task():
+    entries = bench.load_config(os.path.join(ROOT, "benchmarks", "config.toml"))
+    assert any(e["script"] == "ppo.py" for e in entries)
+    for e in entries:
+        assert e["script"].endswith(".py") and e["task"] and isinstance(e.get("quick", []), list)
+
+
+def test_trl_table_ratios_are_relative_to_ppo():
+    results = [
+        {"trainer": "ppo.py", "samples": 100, "train_seconds": 10.0, "peak_rss_mib": 500.0,
+         "final": {"eval/return_mean": 0.5}},
+        {"trainer": "grpo", "samples": 100, "train_seconds": 5.0, "peak_rss_mib": 750.0,
+         "final": {"eval/return_mean": 0.3}},
+    ]
+    table = trl_compare.comparison_table(results, initial=0.1)
+    ours, grpo = [line for line in table.splitlines() if line.startswith("| ours") or line.startswith("| TRL")]
+    assert "| 10.0 | 1.00x | +0.500 | +0.400 | 1.00x | 500 | 1.00x |" in ours
+    assert "| 20.0 | 2.00x | +0.300 | +0.200 | 0.50x | 750 | 1.50x |" in grpo

@@ -1,0 +1,194 @@
+"""Every command shown in README.md and docs/*.md works.
+
+Each `python <script> ...` line of a fenced code block (backslash continuations joined, `# comments`
+dropped) is run as a subprocess with a tiny budget appended (later flags override earlier ones), so a
+documented command with a wrong flag, a renamed option or a broken default fails here.
+
+Not run, only parsed (their flags must parse into the script's `Args`, or its argparse options):
+- commands that need the network: a hub model (`--model-name gpt2`, any name that is neither a
+  built-in model nor an existing directory) or a hub task (`--task imdb`);
+- `benchmarks/trl_compare.py`, which needs TRL (requirements-bench.txt), not part of the test install.
+
+A documented program with no tiny budget here (TINY, OTHER, MODULES) fails the test with a message
+saying where to add one: a new command in the docs needs a tiny budget to be covered.
+
+`benchmarks/run.py` commands run for real, restricted to one tiny `ppo.py` run (`--only ppo.py
+--seeds 1`) writing to a temporary directory, without touching README.md. matplotlib is optional there.
+
+Commands run two at a time with one intra-op thread each (the machine has 2 cores); the whole file
+takes about a minute on an idle 2-core machine.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import os
+import re
+import shlex
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
+
+# A tiny budget per script: appended to the documented command, so it overrides the same flags there.
+TINY = {
+    "ppo.py": ["--total-updates", "1", "--rollout-batch-size", "4", "--minibatch-size", "2", "--ppo-epochs", "1",
+               "--eval-episodes", "4", "--eval-every", "1"],
+    "nlpo.py": ["--total-updates", "1", "--rollout-batch-size", "4", "--minibatch-size", "2", "--ppo-epochs", "1",
+                "--eval-episodes", "4", "--eval-every", "1", "--mask-update-every", "1"],
+    "ilql.py": ["--total-steps", "2", "--batch-size", "4", "--eval-episodes", "4", "--eval-every", "2",
+                "--wordle-games", "64", "--print-every", "1"],
+    "alol.py": ["--total-steps", "2", "--batch-size", "4", "--eval-episodes", "4", "--eval-every", "2",
+                "--offline-size", "64", "--value-prompts", "16", "--value-epochs", "1", "--forward-batch-size", "16"],
+    "reward_lm.py": ["--num-seeds", "1", "--queries", "32", "--pretrain-size", "512", "--pretrain-epochs", "1",
+                     "--updates-per-round", "2", "--ensemble-size", "2", "--progress-every", "1"],
+}
+METHOD_COMMON = ["--no-save-model"]
+# Other documented programs: how to make each tiny (given a temporary directory).
+OTHER = {
+    "benchmarks/ilql_wordle.py": lambda tmp: ["--games", "8", "--output-dir", os.path.join(tmp, "ilql_wordle"), "--",
+                                              "--total-steps", "2", "--batch-size", "4", "--eval-every", "2",
+                                              "--wordle-games", "64"],
+}
+MODULES = {"common.wordle": ["20", "200"]}  # `python -m common.wordle [games] [words]`: positional, replaced
+BUILTIN_MODELS = ("tiny-gpt2", "tiny-t5")
+NETWORK_TASKS = ("imdb",)
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """(file, command) for every `python ...` line inside a fenced code block of the docs."""
+    found = []
+    for rel in DOCS:
+        with open(os.path.join(ROOT, rel)) as f:
+            text = f.read()
+        for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.S | re.M):
+            for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+                try:
+                    argv = shlex.split(line, comments=True)
+                except ValueError:
+                    continue
+                if argv and argv[0] == "python" and len(argv) > 1 and (argv[1].endswith(".py") or argv[1] == "-m"):
+                    found.append((rel, shlex.join(argv)))
+    return list(dict.fromkeys(found))
+
+
+def flag_value(argv: list[str], flag: str):
+    value = None
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def needs_network(argv: list[str]) -> bool:
+    model = flag_value(argv, "--model-name")
+    if model is not None and model not in BUILTIN_MODELS and not os.path.isdir(os.path.join(ROOT, model)):
+        return True
+    return flag_value(argv, "--task") in NETWORK_TASKS
+
+
+def plan(command: str, tmp: str) -> tuple[str, list[str]]:
+    """("run", argv with the tiny budget) or ("parse", argv) for a documented command."""
+    argv = shlex.split(command)[1:]  # drop "python"
+    if argv[0] == "-m":
+        if argv[1] not in MODULES:
+            raise AssertionError(f"python -m {argv[1]}: add its tiny arguments to MODULES in tests/test_docs.py")
+        return "run", ["-m", argv[1], *MODULES[argv[1]]]
+    script, flags = argv[0], argv[1:]
+    if "--help" in flags or "-h" in flags:
+        return "run", [script, *flags]
+    if script == "benchmarks/trl_compare.py":
+        return "parse", argv
+    if script == "benchmarks/run.py":
+        extra = " ".join(TINY["ppo.py"] + METHOD_COMMON)
+        return "run", [script, *flags, "--only", "ppo.py", "--seeds", "1", "--no-readme", "--results-dir",
+                       os.path.join(tmp, "bench"), f"--extra={extra}"]
+    if script in OTHER:
+        return "run", [script, *flags, *OTHER[script](tmp)]
+    if script not in TINY:
+        raise AssertionError(f"{script}: add a tiny budget for it to TINY in tests/test_docs.py")
+    if needs_network(flags):
+        return "parse", argv
+    return "run", [script, *flags, *TINY[script], *METHOD_COMMON, "--output-dir", os.path.join(tmp, "runs")]
+
+
+def parse_only(argv: list[str]) -> None:
+    """The flags parse: into the method's tyro `Args`, or the benchmark script's argparse options."""
+    script, flags = argv[0], argv[1:]
+    if script.startswith("benchmarks/"):
+        sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+        module = importlib.import_module(os.path.basename(script)[:-3])
+        module.parse_args(flags)
+        return
+    import tyro
+
+    module = importlib.import_module(script[:-3])
+    tyro.cli(module.Args, args=flags)
+
+
+COMMANDS = documented_commands()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Run every runnable command once, two at a time, before the per-command checks read the results."""
+    jobs = {}
+    for i, (_, command) in enumerate(COMMANDS):
+        kind, argv = plan(command, str(tmp_path_factory.mktemp(f"cmd{i}")))
+        if kind == "run":
+            jobs[command] = argv
+
+    # Two commands share the 2 cores, so each gets one intra-op thread: two 2-thread torch processes on
+    # 2 cores spend most of their time waiting on each other's OpenMP barriers (many times slower).
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(argv):
+        return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {command: pool.submit(run, argv) for command, argv in jobs.items()}
+        return {command: (jobs[command], future.result()) for command, future in futures.items()}
+
+
+def test_docs_show_commands():
+    scripts = {shlex.split(c)[1] for _, c in COMMANDS}
+    assert COMMANDS, "no `python ...` command found in README.md or docs/*.md code blocks"
+    assert "ppo.py" in scripts and "benchmarks/run.py" in scripts, scripts
+
+
+@pytest.mark.parametrize("source, command", COMMANDS, ids=[f"{s}: {c}" for s, c in COMMANDS])
+def test_documented_command(source, command, results, tmp_path):
+    kind, argv = plan(command, str(tmp_path))
+    if kind == "parse":
+        parse_only(argv)
+        return
+    argv, result = results[command]
+    assert result.returncode == 0, (f"{source}: `{command}` failed as `python {shlex.join(argv)}`:\n"
+                                    f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+
+
+def test_plan_overrides_budget_and_spots_network_commands(tmp_path):
+    kind, argv = plan("python ppo.py --total-updates 100", str(tmp_path))
+    assert kind == "run" and argv[-1] == os.path.join(str(tmp_path), "runs")
+    assert argv.index("--total-updates") < len(argv) - argv[::-1].index("--total-updates") - 1  # tiny one comes last
+    assert plan("python ppo.py --model-name gpt2", str(tmp_path))[0] == "parse"
+    assert plan("python ppo.py --model-name tiny-t5", str(tmp_path))[0] == "run"
+    assert plan("python ppo.py --task imdb --model-name lvwerra/gpt2-imdb", str(tmp_path))[0] == "parse"
+    assert plan("python benchmarks/trl_compare.py", str(tmp_path))[0] == "parse"
+
+
+def test_tyro_takes_the_last_occurrence_of_a_flag():
+    """The tiny budget works by appending flags; that relies on the last occurrence winning."""
+    import tyro
+
+    import ppo
+
+    args = tyro.cli(ppo.Args, args=["--total-updates", "100", "--total-updates", "1"])
+    assert args.total_updates == 1
