@@ -1,7 +1,6 @@
 """alol.py: every variant's loss against hand values, the clamp, dropped negatives and sampling weights, the
 value head's masking and eval mode, first-step invariants, the CLI, every variant end to end, and learning."""
 
-import ast
 import dataclasses
 import json
 import math
@@ -18,6 +17,7 @@ from common import tasks
 from common.models import frozen_copy, load_policy, logprobs_of
 from common.tasks import make_task
 
+from helpers import args_fields
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -209,23 +209,13 @@ def test_first_step_invariants(model_name):
 # ----------------------------------------------------------------------------------------------
 # The script: --help, bad input, a tiny end-to-end run, every variant, any task
 # ----------------------------------------------------------------------------------------------
-def _args_fields(path, class_name):
-    tree = ast.parse(open(path).read())
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
-    out = []
-    for i, node in enumerate(cls.body):
-        if isinstance(node, ast.AnnAssign):
-            nxt = cls.body[i + 1] if i + 1 < len(cls.body) else None
-            doc = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)
-            out.append((node.target.id, doc and len(nxt.value.value.split()) >= 2))
-    return out
 
 
 def test_help_documents_every_flag_and_variant():
     out = subprocess.run([sys.executable, "alol.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "COLUMNS": "200"}, check=True).stdout
-    fields = _args_fields(os.path.join(ROOT, "alol.py"), "Args") + \
-        _args_fields(os.path.join(ROOT, "common", "utils.py"), "CommonArgs")
+    fields = args_fields(os.path.join(ROOT, "alol.py"), "Args") + \
+        args_fields(os.path.join(ROOT, "common", "utils.py"), "CommonArgs")
     assert len(fields) > 35
     for name, documented in fields:
         assert documented, f"Args.{name} has no docstring (it is the --help text)"

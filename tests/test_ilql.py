@@ -2,7 +2,6 @@
 hand, the Polyak update and its schedule, the perturbed logits inside cached generation, the CLI, and
 learning (ILQL beats BC trained on the same suboptimal Wordle data)."""
 
-import ast
 import json
 import math
 import os
@@ -16,6 +15,7 @@ import torch
 import ilql
 from common import wordle
 
+from helpers import args_fields
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -231,23 +231,13 @@ def test_perturbed_logits_inside_cached_generation(shared_trunk):
 # ----------------------------------------------------------------------------------------------
 # The script: --help, bad input, tiny end-to-end runs, the target schedule
 # ----------------------------------------------------------------------------------------------
-def _args_fields(path, class_name):
-    tree = ast.parse(open(path).read())
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
-    out = []
-    for i, node in enumerate(cls.body):
-        if isinstance(node, ast.AnnAssign):
-            nxt = cls.body[i + 1] if i + 1 < len(cls.body) else None
-            doc = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)
-            out.append((node.target.id, doc and len(nxt.value.value.split()) >= 2))
-    return out
 
 
 def test_help_documents_every_flag():
     out = subprocess.run([sys.executable, "ilql.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}, check=True).stdout
-    fields = _args_fields(os.path.join(ROOT, "ilql.py"), "Args") + \
-        _args_fields(os.path.join(ROOT, "common", "utils.py"), "CommonArgs")
+    fields = args_fields(os.path.join(ROOT, "ilql.py"), "Args") + \
+        args_fields(os.path.join(ROOT, "common", "utils.py"), "CommonArgs")
     assert len(fields) > 30
     for name, documented in fields:
         assert documented, f"Args.{name} has no docstring (it is the --help text)"

@@ -1,6 +1,5 @@
 """ppo.py: every loss term against hand values, first-update invariants, the CLI, and learning."""
 
-import ast
 import json
 import math
 import os
@@ -15,6 +14,7 @@ import ppo
 from common.models import frozen_copy, load_policy
 from common.tasks import make_task
 
+from helpers import args_fields
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -144,24 +144,13 @@ def test_first_update_invariants(model_name):
 # ----------------------------------------------------------------------------------------------
 # The script: --help, bad input, a tiny end-to-end run
 # ----------------------------------------------------------------------------------------------
-def _args_fields(path, class_name):
-    """(field, has_docstring) for every field of a dataclass, read from the source."""
-    tree = ast.parse(open(path).read())
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
-    out = []
-    for i, node in enumerate(cls.body):
-        if isinstance(node, ast.AnnAssign):
-            nxt = cls.body[i + 1] if i + 1 < len(cls.body) else None
-            doc = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)
-            out.append((node.target.id, doc and len(nxt.value.value.split()) >= 2))
-    return out
 
 
 def test_help_documents_every_flag():
     out = subprocess.run([sys.executable, "ppo.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "COLUMNS": "200"}, check=True).stdout
-    fields = _args_fields(os.path.join(ROOT, "ppo.py"), "Args") + \
-        _args_fields(os.path.join(ROOT, "common", "utils.py"), "CommonArgs")
+    fields = args_fields(os.path.join(ROOT, "ppo.py"), "Args") + \
+        args_fields(os.path.join(ROOT, "common", "utils.py"), "CommonArgs")
     assert len(fields) > 30
     for name, documented in fields:
         assert documented, f"Args.{name} has no docstring (it is the --help text)"

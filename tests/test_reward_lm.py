@@ -1,7 +1,6 @@
 """reward_lm.py: the environment's true values, the LM's three roles, the conditioned policy, the
 epistemic heads, the CLI, and a learning test (Thompson sampling escapes the trap greedy stays in)."""
 
-import ast
 import json
 import math
 import os
@@ -14,6 +13,7 @@ import torch
 
 import reward_lm as R
 
+from helpers import args_fields
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -163,22 +163,12 @@ def test_heads_disagree_before_training_and_agree_after(uncertainty):
 # ----------------------------------------------------------------------------------------------
 # The script: --help, bad input, a tiny end-to-end run, a saved GPT-2 as --model-name
 # ----------------------------------------------------------------------------------------------
-def _args_fields(path, class_name):
-    tree = ast.parse(open(path).read())
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
-    out = []
-    for i, node in enumerate(cls.body):
-        if isinstance(node, ast.AnnAssign):
-            nxt = cls.body[i + 1] if i + 1 < len(cls.body) else None
-            doc = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)
-            out.append((node.target.id, doc and len(nxt.value.value.split()) >= 2))
-    return out
 
 
 def test_help_documents_every_flag():
     out = subprocess.run([sys.executable, "reward_lm.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "COLUMNS": "200"}, check=True).stdout
-    fields = _args_fields(os.path.join(ROOT, "reward_lm.py"), "Args")
+    fields = args_fields(os.path.join(ROOT, "reward_lm.py"), "Args")
     assert len(fields) > 30
     for name, documented in fields:
         assert documented, f"Args.{name} has no docstring (it is the --help text)"

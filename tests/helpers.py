@@ -1,0 +1,17 @@
+"""Helpers shared by the script tests (pytest puts tests/ on sys.path)."""
+
+import ast
+
+
+def args_fields(path: str, class_name: str) -> list[tuple[str, bool]]:
+    """(field, has a docstring of at least two words) for every field of a dataclass, read from the
+    source: tyro turns those docstrings into the --help text, so a missing one is an undocumented flag."""
+    tree = ast.parse(open(path).read())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    out = []
+    for i, node in enumerate(cls.body):
+        if isinstance(node, ast.AnnAssign):
+            nxt = cls.body[i + 1] if i + 1 < len(cls.body) else None
+            doc = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)
+            out.append((node.target.id, doc and len(nxt.value.value.split()) >= 2))
+    return out
