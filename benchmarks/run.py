@@ -341,8 +341,9 @@ def main(argv=None) -> int:
         f"{machine_before.split('load ')[-1]} / {machine_after.split('load ')[-1]}):",
         table,
         "Held-out return is `eval/return_mean` (the task score of the method's deployed decoding on held-out "
-        "prompts or games), mean ± sample std over seeds; wall is the whole process (imports, model loading, "
-        "evaluations); tokens/s is the script's own `summary.json` figure; peak RSS is the process's maximum "
+        "prompts or games), mean ± sample std over seeds; wall is the script's own `wall_seconds` (from its run "
+        "directory's creation to the summary: training and evaluations, not imports; runs.json also keeps each "
+        "whole process's seconds); tokens/s is the script's own `summary.json` figure; peak RSS is the process's maximum "
         "resident memory.",
         problems,
         f"![held-out return during training]({readme_png})" if plotted else "",
