@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import logging as hf_logging
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig
+from transformers import LogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
 BUILTIN_MODELS = ("tiny-gpt2", "tiny-t5")
 # Bump when the built-in models' recipe changes; cached models from another version are rebuilt.
@@ -142,12 +143,25 @@ class Policy(nn.Module):
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
                  min_new_tokens: int = 0, do_sample: bool = True, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, logits_processor=None) -> tuple[torch.Tensor, torch.Tensor]:
+                 top_k: int = 0, top_p: float = 1.0, logits_processor=None,
+                 seeds: Optional[list[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Batched, KV-cached generation. Returns response ids `[B, R]` (pad after the first EOS)
         and their mask (1 up to and including EOS). Sampling settings are always passed explicitly:
         a hidden default (transformers' top_k=50) would make rollouts come from another
-        distribution than the one PPO's ratio uses, a known flaw of RL4LMs' NLPO/PPO rollouts."""
+        distribution than the one PPO's ratio uses, a known flaw of RL4LMs' NLPO/PPO rollouts.
+
+        With `seeds` (one per row), each row samples from its own random stream (`SeededSampling`), so
+        a response does not depend on the rest of the batch, the process it runs in, or the global RNG."""
         tok = self.tokenizer
+        if seeds is not None and do_sample:
+            if len(seeds) != len(prompt_ids):
+                raise ValueError(f"generate: {len(seeds)} seeds for {len(prompt_ids)} prompts")
+            logits_processor = list(logits_processor or [])
+            if top_k or top_p < 1.0:  # applied before the noise, exactly as sampling would
+                logits_processor += [TopKLogitsWarper(top_k)] if top_k else []
+                logits_processor += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+            logits_processor.append(SeededSampling(seeds, temperature, prompt_ids.device))
+            do_sample = False  # the argmax of the noised scores is the sample
         config = GenerationConfig(
             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None, do_sample=do_sample,
             temperature=temperature if do_sample else None, top_k=top_k if do_sample else None,
@@ -163,6 +177,24 @@ class Policy(nn.Module):
         response = sequences[:, 1:] if self.is_seq2seq else sequences[:, prompt_ids.shape[1]:]
         mask = response_mask_from(response, tok.eos_token_id)
         return response.masked_fill(mask == 0, tok.pad_token_id), mask
+
+
+class SeededSampling(LogitsProcessor):
+    """Sampling as a logits processor, one random stream per row: the Gumbel-max trick.
+
+    argmax_v(scores_v / T + g_v) with g_v = -log(-log u_v), u_v ~ U(0, 1) iid, is an exact sample from
+    softmax(scores / T). Drawing u from a generator seeded per row makes each row's tokens a function
+    of its seed alone. Runs last, after every processor that shapes the distribution (masks, min length)."""
+
+    def __init__(self, seeds: list[int], temperature: float, device):
+        self.temperature = temperature
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        uniform = torch.stack([torch.rand(scores.shape[1], generator=g, device=scores.device)
+                               for g in self.generators])
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20)))
+        return scores.float() / self.temperature + gumbel
 
 
 class ValueHead(nn.Module):
