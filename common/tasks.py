@@ -11,11 +11,23 @@ the VADER compound score of the continuation alone, in [-1, 1]. Positive, negati
 sentences are drawn independently inside a review, so a prompt does not fix the sentiment of its
 continuation: the pretrained model continues positively about as often as negatively, and RL has
 something to learn.
+
+Hub tasks (need the network or local copies; `make_task(name, args)` reads their flags from `args`):
+- `imdb`: GRUE's IMDB continuation task (prompts = first half of a review's words, reward = the
+  positive-class probability of `lvwerra/distilbert-imdb` on prompt + continuation). Its data loads
+  with `datasets`, imported only here.
+- `jsonl`: your prompts (`--prompts-file`, one JSON object per line) with the reward of a sequence
+  classifier (`--reward-model`, `--reward-label`) or of a Python callable (`--reward-fn`).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import json
+import os
 import random
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -138,9 +150,14 @@ class Task:
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         """Rewards for a batch; fails loudly on a reward that is not a finite number."""
-        rewards = np.asarray(self.reward_fn(prompts, responses), dtype=np.float64)
-        if rewards.shape != (len(responses),) or not np.all(np.isfinite(rewards)):
-            raise ValueError(f"task {self.name!r}: the reward function returned {rewards!r}; "
+        raw = self.reward_fn(prompts, responses)
+        try:
+            rewards = np.asarray(raw, dtype=np.float64)
+        except (TypeError, ValueError):  # None, strings, ragged lists: not numbers at all
+            rewards = None
+        if rewards is None or rewards.shape != (len(responses),) or not np.all(np.isfinite(rewards)):
+            shown = " ".join(repr(raw).split())  # one line, whatever the type
+            raise ValueError(f"task {self.name!r}: the reward function returned {shown[:200]}; "
                              f"expected {len(responses)} finite floats")
         return rewards
 
@@ -216,10 +233,267 @@ TASKS: dict[str, Callable[[], Task]] = {
 }
 
 
-def make_task(name: str) -> Task:
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
-    return TASKS[name]()
+# ----------------------------------------------------------------------------------------------
+# Hub tasks: GRUE IMDB and your own prompts. Data and reward models come from the hub or from local
+# copies; `datasets` is imported on this path only (the embedded tasks never need it).
+# ----------------------------------------------------------------------------------------------
+DATASETS_REQUIREMENT = "datasets==5.2.0"
+IMDB_DATASET = "stanfordnlp/imdb"
+IMDB_REWARD_MODEL = "lvwerra/distilbert-imdb"
+GRUE_SEED = 42  # RL4LMs' IMDB datapool seed (PR #50): shuffles the train split (80/20) and the test split
+GRUE_TEST_SIZE = 5000  # RL4LMs evaluates on the first 5,000 reviews of the shuffled test split
+HOLDOUT_FRACTION = 0.1  # jsonl without "split": "eval" lines: this share of distinct prompts is held out
+HUB_FLAGS = ("dataset", "prompts_file", "reward_model", "reward_label", "reward_fn")  # CommonArgs fields
+TASK_FLAGS = {"imdb": ("dataset", "reward_model", "reward_label", "reward_fn"),
+              "jsonl": ("prompts_file", "reward_model", "reward_label", "reward_fn")}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id ("name" or "org/name")."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+class ClassifierReward:
+    """reward(prompts, responses) = softmax(classifier(prompt + response))[label].
+
+    Any `AutoModelForSequenceClassification` (hub id or `save_pretrained` directory). The prompt is
+    included, as in GRUE's IMDB training reward (`include_prompt_for_eval: True`): the classifier
+    judges the whole review. Batched, no gradients, on `device`; texts longer than the classifier's
+    window keep their last tokens (left truncation, as GRUE's reward tokenizer). A one-output model
+    (a reward-model head, num_labels = 1) scores with its raw logit instead of a probability.
+    """
+
+    def __init__(self, name: str, label: Optional[str], device, batch_size: int = 32):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import logging as hf_logging
+
+        from common.models import BUILTIN_MODELS, resolve_model_path
+
+        if name in BUILTIN_MODELS:
+            raise ValueError(f"--reward-model {name!r} is a built-in policy, not a sequence classifier")
+        path = resolve_model_path(name, None)  # FileNotFoundError for a missing local path
+        hf_logging.disable_progress_bar()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer.truncation_side = "left"
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).eval().to(device)
+        if self.tokenizer.pad_token is None:  # GPT-2-style classifiers have none
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        config = self.model.config
+        window = getattr(config, "max_position_embeddings", None) or 512
+        self.max_length = min(window, self.tokenizer.model_max_length or window)
+        self.device, self.batch_size, self.name = device, batch_size, name
+        id2label = {int(i): str(v) for i, v in (config.id2label or {}).items()}
+        n = config.num_labels
+        if label is None:
+            if n > 2:
+                raise ValueError(f"reward model {name!r} has {n} labels ({id2label}); choose one with --reward-label")
+            self.index = n - 1  # 2 labels: index 1, the positive class (GRUE: label_ix 1); 1 output: it
+        else:
+            names = [i for i, v in sorted(id2label.items()) if v == label] or \
+                    [i for i, v in sorted(id2label.items()) if v.lower() == label.lower()]
+            if names:
+                self.index = names[0]
+            elif label.isdigit() and int(label) < n:
+                self.index = int(label)
+            else:
+                raise ValueError(f"--reward-label {label!r} is not a label of reward model {name!r} "
+                                 f"(labels: {id2label or list(range(n))})")
+        self.label = id2label.get(self.index, str(self.index))
+        self.raw_logit = n == 1
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        import torch
+
+        texts = [p + r for p, r in zip(prompts, responses)]
+        scores = []
+        with torch.no_grad():
+            for i in range(0, len(texts), self.batch_size):
+                batch = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True,
+                                       max_length=self.max_length, return_tensors="pt")
+                # Only ids and mask: single-text inputs need no token types (DistilBERT takes none).
+                logits = self.model(input_ids=batch["input_ids"].to(self.device),
+                                    attention_mask=batch["attention_mask"].to(self.device)).logits.float()
+                column = logits if self.raw_logit else logits.softmax(-1)
+                scores.append(column[:, self.index].cpu())
+        return torch.cat(scores).double().numpy() if scores else np.zeros(0)
+
+
+def load_reward_fn(spec: str) -> Callable[[Sequence[str], Sequence[str]], Sequence[float]]:
+    """`module:function` (importable from the current directory or PYTHONPATH) or `file.py:function`."""
+    module_name, _, fn_name = spec.rpartition(":")
+    if not module_name or not fn_name.isidentifier():
+        raise ValueError(f"--reward-fn {spec!r}: expected module:function, e.g. my_rewards:score")
+    try:
+        if module_name.endswith(".py"):
+            if not os.path.isfile(module_name):
+                raise FileNotFoundError(f"--reward-fn {spec!r}: file {module_name!r} does not exist")
+            loader = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.append(os.getcwd())  # the scripts' sys.path[0] is the repository, not the cwd
+            module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"--reward-fn {spec!r}: cannot import {module_name!r} ({e})") from e
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ValueError(f"--reward-fn {spec!r}: module {module_name!r} has no function {fn_name!r}")
+    return fn
+
+
+def _reward_device(args):
+    """The policy's device: the scripts' `pick_device(args.cuda)`, this rank's GPU under torchrun."""
+    import torch
+
+    if getattr(args, "cuda", True) and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _check_reward_flags(task_name: str, args, default_model: Optional[str]) -> None:
+    model, fn = getattr(args, "reward_model", None), getattr(args, "reward_fn", None)
+    if model is not None and fn is not None:
+        raise ValueError("give --reward-model or --reward-fn, not both")
+    if fn is not None and getattr(args, "reward_label", None) is not None:
+        raise ValueError("--reward-label chooses a label of --reward-model; it does not apply to --reward-fn")
+    if model is None and fn is None and default_model is None:
+        raise ValueError(f"task {task_name} needs a reward: --reward-model <hub id or directory> "
+                         f"or --reward-fn module:function")
+
+
+def _make_reward(args, default_model: Optional[str]):
+    if getattr(args, "reward_fn", None) is not None:
+        return load_reward_fn(args.reward_fn)
+    return ClassifierReward(getattr(args, "reward_model", None) or default_model,
+                            getattr(args, "reward_label", None), _reward_device(args))
+
+
+def load_imdb_texts(source: Optional[str] = None) -> tuple[list[str], list[str], list[str]]:
+    """GRUE's IMDB datapool: (train, val, test) review texts.
+
+    Train and val: the `train` split shuffled with seed 42, first 80% / last 20% (20k / 5k). Test:
+    the `test` split shuffled with seed 42, first 5,000. `datasets`' shuffle is the one RL4LMs calls,
+    so the orders are RL4LMs'. `source`: a hub id (default `stanfordnlp/imdb`), a directory written
+    by `save_to_disk`, or a local data directory `load_dataset` reads (e.g. train/test parquet or json).
+    """
+    try:
+        import datasets
+    except ImportError as e:
+        raise ValueError(f"task imdb needs the datasets package: pip install {DATASETS_REQUIREMENT}") from e
+    source = source or IMDB_DATASET
+    path = os.path.expanduser(source)
+    if os.path.isdir(path):
+        saved = any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json"))
+        data = datasets.load_from_disk(path) if saved else datasets.load_dataset(path)
+    elif _looks_like_path(source):
+        raise FileNotFoundError(f"dataset path {source!r} does not exist")
+    else:
+        data = datasets.load_dataset(source)
+    if not isinstance(data, datasets.DatasetDict) or not {"train", "test"} <= set(data) or \
+            any("text" not in data[s].column_names for s in ("train", "test")):
+        raise ValueError(f"dataset {source!r} needs a 'train' and a 'test' split with a 'text' column")
+    train = data["train"].shuffle(seed=GRUE_SEED)
+    cut = int(len(train) * 0.8)
+    test = data["test"].shuffle(seed=GRUE_SEED)
+    return train[:cut]["text"], train[cut:]["text"], test[:GRUE_TEST_SIZE]["text"]
+
+
+def make_imdb_task(args=None) -> Task:
+    """GRUE's IMDB continuation task (Ramamurthy et al., 2023; RL4LMs `imdb_text_continuation`).
+
+    Prompt: the first 50% of a review's whitespace-separated words (`split_review`), truncated by the
+    scripts to its last 64 tokens. Exactly 48 new tokens. Reward: `lvwerra/distilbert-imdb`'s P(positive)
+    (label index 1) of prompt + continuation. Held-out prompts: the 5,000 test reviews; the 5,000 val
+    prompts are in `extra["val_prompts"]`. The rare training prompt identical to a held-out one (IMDB
+    has duplicate reviews) is dropped, so the two sets are disjoint.
+    """
+    _check_reward_flags("imdb", args, IMDB_REWARD_MODEL)
+    train_texts, val_texts, test_texts = load_imdb_texts(getattr(args, "dataset", None))
+    eval_prompts = [split_review(t)[0] for t in test_texts]
+    held_out = set(eval_prompts)
+    train_prompts = [p for p in (split_review(t)[0] for t in train_texts) if p not in held_out]
+    return Task(name="imdb", train_prompts=train_prompts, eval_prompts=eval_prompts,
+                reward_fn=_make_reward(args, IMDB_REWARD_MODEL), max_prompt_tokens=64, max_new_tokens=48,
+                min_new_tokens=48, extra={"val_prompts": [split_review(t)[0] for t in val_texts]})
+
+
+def read_prompts_file(path: Optional[str]) -> tuple[list[str], list[str]]:
+    """(train, eval) prompts of a JSONL file: one object per line with a string "prompt" and an
+    optional "split" ("train", the default, or "eval"). Without any "eval" line, a seeded 10% of the
+    distinct prompts (seed 42, the same for every --seed) is held out. The two sets are disjoint."""
+    if not path:
+        raise ValueError("task jsonl needs --prompts-file PATH (one JSON object per line with a \"prompt\" field)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompts file {path!r} does not exist")
+    train, held_out = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from e
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise ValueError(f"{path}:{number}: expected an object with a string \"prompt\" field")
+            split = row.get("split", "train")
+            if split not in ("train", "eval"):
+                raise ValueError(f"{path}:{number}: \"split\" must be \"train\" or \"eval\", got {split!r}")
+            (train if split == "train" else held_out).append(row["prompt"])
+    if not train and not held_out:
+        raise ValueError(f"prompts file {path!r} has no prompts")
+    if not held_out:
+        distinct = sorted(set(train))
+        if len(distinct) < 2:
+            raise ValueError(f"prompts file {path!r}: need at least 2 distinct prompts to hold some out "
+                             f"(or mark held-out ones with \"split\": \"eval\")")
+        random.Random(GRUE_SEED).shuffle(distinct)
+        held_out = distinct[:max(1, round(HOLDOUT_FRACTION * len(distinct)))]
+    eval_set = set(held_out)
+    train = [p for p in train if p not in eval_set]
+    if not train:
+        raise ValueError(f"prompts file {path!r} has no training prompts (every prompt is held out)")
+    return train, list(dict.fromkeys(held_out))
+
+
+def make_jsonl_task(args=None) -> Task:
+    """Your prompts (`--prompts-file`) and reward (`--reward-model` or `--reward-fn`); prompts keep their
+    last 128 tokens, responses up to 48 tokens (the scripts' --response-length overrides it)."""
+    _check_reward_flags("jsonl", args, None)
+    train_prompts, eval_prompts = read_prompts_file(getattr(args, "prompts_file", None))
+    return Task(name="jsonl", train_prompts=train_prompts, eval_prompts=eval_prompts,
+                reward_fn=_make_reward(args, None), max_prompt_tokens=128, max_new_tokens=48)
+
+
+HUB_TASKS: dict[str, Callable[..., Task]] = {
+    "imdb": make_imdb_task,
+    "jsonl": make_jsonl_task,
+}
+
+
+def make_task(name: str, args=None) -> Task:
+    """The task `name`. `args` (any object; the scripts pass their parsed `Args`) carries the hub
+    tasks' flags (`HUB_FLAGS`, read with getattr, None when absent); the embedded tasks take none."""
+    given = [f for f in HUB_FLAGS if getattr(args, f, None) is not None]
+    if name in TASKS:
+        if given:
+            raise ValueError(f"{', '.join(map(_flag, given))} only apply to the hub tasks "
+                             f"({', '.join(HUB_TASKS)}), not to task {name!r}")
+        return TASKS[name]()
+    if name not in HUB_TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted([*TASKS, *HUB_TASKS]))}")
+    stray = [f for f in given if f not in TASK_FLAGS[name]]
+    if stray:
+        raise ValueError(f"{', '.join(map(_flag, stray))} does not apply to task {name!r}")
+    task = HUB_TASKS[name](args)
+    task.score(task.train_prompts[:2], task.train_prompts[:2])  # a broken reward fails now, before training
+    return task
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ documented command with a wrong flag, a renamed option or a broken default fails
 
 Not run, only parsed (their flags must parse into the script's `Args`, or its argparse options):
 - commands that need the network: a hub model (`--model-name gpt2`, any name that is neither a
-  built-in model nor an existing directory) or a hub task (`--task imdb`);
+  built-in model nor an existing directory) or a hub task (`--task imdb`, `--task jsonl`);
 - `benchmarks/trl_compare.py`, which needs TRL (requirements-bench.txt), not part of the test install.
 
 A documented program with no tiny budget here (TINY, OTHER, MODULES) fails the test with a message
@@ -57,7 +57,7 @@ OTHER = {
 }
 MODULES = {"common.wordle": ["20", "200"]}  # `python -m common.wordle [games] [words]`: positional, replaced
 BUILTIN_MODELS = ("tiny-gpt2", "tiny-t5")
-NETWORK_TASKS = ("imdb",)
+NETWORK_TASKS = ("imdb", "jsonl")  # jsonl: the documented prompts file and reward are the reader's own
 
 
 def documented_commands() -> list[tuple[str, str]]:
@@ -181,6 +181,7 @@ def test_plan_overrides_budget_and_spots_network_commands(tmp_path):
     assert plan("python ppo.py --model-name gpt2", str(tmp_path))[0] == "parse"
     assert plan("python ppo.py --model-name tiny-t5", str(tmp_path))[0] == "run"
     assert plan("python ppo.py --task imdb --model-name lvwerra/gpt2-imdb", str(tmp_path))[0] == "parse"
+    assert plan("python ppo.py --task jsonl --prompts-file p.jsonl --reward-fn m:f", str(tmp_path))[0] == "parse"
     assert plan("python benchmarks/trl_compare.py", str(tmp_path))[0] == "parse"
 
 
