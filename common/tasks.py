@@ -491,6 +491,11 @@ def make_task(name: str, args=None) -> Task:
     stray = [f for f in given if f not in TASK_FLAGS[name]]
     if stray:
         raise ValueError(f"{', '.join(map(_flag, stray))} does not apply to task {name!r}")
+    from common.models import BUILTIN_MODELS
+
+    if getattr(args, "model_name", None) in BUILTIN_MODELS:  # said now, before any download
+        raise ValueError(f"task {name!r} has no built-in model; pass --model-name (a hub id such as "
+                         f"{'lvwerra/gpt2-imdb' if name == 'imdb' else 'gpt2'}, or a directory)")
     task = HUB_TASKS[name](args)
     task.score(task.train_prompts[:2], task.train_prompts[:2])  # a broken reward fails now, before training
     return task

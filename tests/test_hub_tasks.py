@@ -274,6 +274,8 @@ def error_cases(hub):
         ("imdb", dict(dataset=str(hub / "imdb"), reward_model=model, prompts_file=prompts), ValueError,
          "--prompts-file does not apply to task 'imdb'"),
         ("sentiment", dict(reward_model=model), ValueError, "--reward-model only apply to the hub tasks"),
+        ("imdb", dict(dataset=str(hub / "imdb"), reward_model=model, model_name="tiny-gpt2"), ValueError,
+         "task 'imdb' has no built-in model; pass --model-name"),
     ]
 
 
