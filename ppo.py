@@ -32,7 +32,9 @@ import tyro
 
 from common.models import Policy, ValueHead, entropy_of, frozen_copy, load_policy, logprobs_of
 from common.tasks import evaluate, make_task
-from common.utils import CommonArgs, Run, exact_div, masked_mean, masked_whiten, pick_device, seed_everything
+from common.utils import (CommonArgs, Run, all_reduce, close_distributed, episode_seeds, exact_div, init_distributed,
+                          masked_mean, masked_whiten, restore_rng_states, resume_args, save_checkpoint, seed_everything,
+                          stop_on_sigterm, sync_gradients)
 
 
 @dataclass
@@ -208,15 +210,19 @@ class Critic(nn.Module):
 
 
 def main(args: Args) -> dict:
-    # TRY NOT TO MODIFY: seeding, then check the arguments before any heavy work (a bad one exits with one line)
-    seed_everything(args.seed, args.torch_deterministic)
+    # TRY NOT TO MODIFY: check the arguments before any heavy work (a bad one exits with one line)
     try:
+        args, checkpoint = resume_args(args, Args)
         for name in ("total_updates", "rollout_batch_size", "minibatch_size", "ppo_epochs", "eval_every",
-                     "eval_episodes", "kl_horizon"):
+                     "eval_episodes", "kl_horizon", "checkpoint_every"):
             if getattr(args, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
         exact_div(args.rollout_batch_size, args.minibatch_size, "--rollout-batch-size / --minibatch-size")
-        task = make_task(args.task)
+        rank, world_size, device = init_distributed(args.cuda)
+        local_batch = exact_div(args.rollout_batch_size, world_size, "--rollout-batch-size / number of processes")
+        local_minibatch = exact_div(args.minibatch_size, world_size, "--minibatch-size / number of processes")
+        seed_everything(args.seed, args.torch_deterministic)  # the same seed on every rank (see init_distributed)
+        task = make_task(args.task, args)
         if task.extra.get("multi_turn"):
             raise ValueError(f"task {task.name!r} is multi-turn; this script runs single-turn tasks "
                              f"(try ilql.py --task {task.name})")
@@ -225,58 +231,75 @@ def main(args: Args) -> dict:
         if response_length <= 0 or not 0 <= min_response_length <= response_length:
             raise ValueError(f"need 0 < response length ({response_length}) and 0 <= min response length "
                              f"({min_response_length}) <= response length")
-        device = pick_device(args.cuda)
         policy = load_policy(args.model_name, task, device)
     except (ValueError, OSError) as error:
         raise SystemExit(f"error: {error}")
-    run = Run(args, "ppo.py")
+    run = Run(args, "ppo.py", checkpoint)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     # Models: the policy, its frozen reference (KL anchor), and the critic (a second trunk + head).
-    ref_policy = frozen_copy(policy)
+    ref_policy = frozen_copy(policy)  # always the starting model, also when resuming
     critic = Critic(policy).to(device)
-    optimizer = torch.optim.AdamW(list(policy.parameters()) + list(critic.parameters()),
-                                  lr=args.learning_rate, weight_decay=args.weight_decay)
+    parameters = list(policy.parameters()) + list(critic.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.weight_decay)
     kl_ctl = (AdaptiveKLController(args.init_kl_coef, args.target_kl, args.kl_horizon) if args.adaptive_kl
               else FixedKLController(args.init_kl_coef))
+    # The prompt order is drawn by every rank alike; each rank takes its slice of every global batch.
     rng = np.random.default_rng(args.seed)
-    prompt_order = rng.permutation(len(task.train_prompts))
-    prompt_cursor = 0
+    prompt_order, prompt_cursor = rng.permutation(len(task.train_prompts)), 0
+    first_update = 1
+    if checkpoint is not None:  # --resume: weights, optimizer, KL coefficient, data position, RNG states
+        policy.load_state_dict(checkpoint["policy"])
+        critic.load_state_dict(checkpoint["critic"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        kl_ctl.value, rng.bit_generator.state = checkpoint["kl_coef"], checkpoint["data_rng"]
+        prompt_order, prompt_cursor = checkpoint["prompt_order"], checkpoint["prompt_cursor"]
+        restore_rng_states(checkpoint["rng"][rank])
+        first_update = checkpoint["step"] + 1
+        print(f"resumed {run.dir} after update {checkpoint['step']}", flush=True)
 
-    def sample(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
-        """Prompts -> (input_ids, attention_mask, response_start, response_mask) from the policy."""
+    def sample(prompts: list[str], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+        """Prompts -> (input_ids, attention_mask, response_start, response_mask) from the policy; each
+        episode samples from its own seed, so the text does not depend on the number of processes."""
         prompt_ids, prompt_mask = policy.encode_prompts(prompts, task.max_prompt_tokens, device)
         with autocast:
-            response_ids, response_mask = policy.generate(
-                prompt_ids, prompt_mask, response_length, min_response_length, temperature=args.temperature)
+            response_ids, response_mask = policy.generate(prompt_ids, prompt_mask, response_length,
+                                                          min_response_length, temperature=args.temperature,
+                                                          seeds=seeds)
         return (torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1),
                 prompt_ids.shape[1], response_mask)
 
     def run_eval(step: int) -> dict:
-        """Held-out prompts, sampled as in training; its own fixed RNG so evaluations are comparable."""
-        def generate_fn(prompts):
-            input_ids, _, start, response_mask = sample(prompts)
+        """Held-out prompts, sampled as in training with the same per-prompt seeds at every evaluation."""
+        def generate_fn(prompts, indices):
+            input_ids, _, start, response_mask = sample(prompts, episode_seeds(args.seed, 1, 0, indices))
             return policy.decode(input_ids[:, start:], response_mask)
 
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(args.seed + 12345)
-            metrics, samples = evaluate(task, generate_fn, args.eval_episodes, args.rollout_batch_size)
+        metrics, samples = evaluate(task, generate_fn, args.eval_episodes, local_batch)
         run.log_eval(metrics, samples, step)
         print(f"eval @ update {step}: return {metrics['eval/return_mean']:+.3f} +- {metrics['eval/return_std']:.3f}",
               flush=True)
         return metrics
 
-    run_eval(0)
-    update = 0
+    def checkpoint_state(step: int) -> dict:
+        return {"step": step, "policy": policy.state_dict(), "critic": critic.state_dict(),
+                "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value, "data_rng": rng.bit_generator.state,
+                "prompt_order": prompt_order, "prompt_cursor": prompt_cursor}
+
+    if checkpoint is None:
+        run_eval(0)
+    stop_on_sigterm()
+    update = first_update - 1
     try:
-        for update in range(1, args.total_updates + 1):
+        for update in range(first_update, args.total_updates + 1):
             update_start = time.time()
-            # ALGO LOGIC: 1. rollout: sample responses to a batch of training prompts
+            # ALGO LOGIC: 1. rollout: sample responses to a batch of training prompts (this rank's slice)
             if prompt_cursor + args.rollout_batch_size > len(prompt_order):
                 prompt_order, prompt_cursor = rng.permutation(len(task.train_prompts)), 0
-            prompts = [task.train_prompts[i] for i in prompt_order[prompt_cursor:prompt_cursor + args.rollout_batch_size]]
+            mine = range(prompt_cursor + rank * local_batch, prompt_cursor + (rank + 1) * local_batch)
+            prompts = [task.train_prompts[prompt_order[i]] for i in mine]
             prompt_cursor += args.rollout_batch_size
-            input_ids, attention_mask, start, mask = sample(prompts)
+            input_ids, attention_mask, start, mask = sample(prompts, episode_seeds(args.seed, 0, update, mine))
             responses = policy.decode(input_ids[:, start:], mask)
             scores = torch.tensor(task.score(prompts, responses), dtype=torch.float32, device=device)
             ends_with_eos = ((input_ids[:, start:] == policy.tokenizer.eos_token_id) & (mask == 1)).any(1)
@@ -292,18 +315,18 @@ def main(args: Args) -> dict:
                 values = critic(input_ids, attention_mask, start).float()
             mask = mask.float()
 
-            # ALGO LOGIC: 3. KL-shaped rewards, then GAE advantages and returns
+            # ALGO LOGIC: 3. KL-shaped rewards, then GAE advantages and returns (statistics over all ranks)
             rewards, kl = shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_ctl.value)
             if args.whiten_rewards:
-                rewards = masked_whiten(rewards, mask, shift_mean=False)
+                rewards = masked_whiten(rewards, mask, shift_mean=False, across_ranks=True)
             advantages, returns = compute_gae(rewards, values, mask, args.gamma, args.gae_lambda)
             if args.whiten_advantages:
-                advantages = masked_whiten(advantages, mask)
+                advantages = masked_whiten(advantages, mask, across_ranks=True)
 
             # ALGO LOGIC: 4. several epochs of clipped PPO over minibatches of the rollout
             stats: dict[str, list] = {}
             for _ in range(args.ppo_epochs):
-                for mb in torch.randperm(args.rollout_batch_size, device=device).split(args.minibatch_size):
+                for mb in torch.randperm(local_batch, device=device).split(local_minibatch):
                     with autocast:
                         new_logprobs, entropy = forward_logprobs(policy, input_ids[mb], attention_mask[mb], start,
                                                                  args.temperature, min_response_length)
@@ -314,55 +337,71 @@ def main(args: Args) -> dict:
                                                        args.clip_range_value)
                     entropy_mean = masked_mean(entropy, mask[mb])
                     loss = pg_loss + args.vf_coef * vf_loss - args.ent_coef * entropy_mean
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"non-finite loss at update {update}: policy {pg_loss.item()}, "
-                                                 f"value {vf_loss.item()}")
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    nn.utils.clip_grad_norm_(list(policy.parameters()) + list(critic.parameters()), args.max_grad_norm)
+                    sync_gradients(parameters)  # torchrun: average gradients over ranks (a no-op otherwise)
+                    nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
                     optimizer.step()
-                    for key, value in {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": entropy_mean,
-                                       **pg_stats, **vf_stats}.items():
-                        stats.setdefault(key, []).append(float(value.detach()))
+                    for key, value in {"loss": loss, "policy_loss": pg_loss, "value_loss": vf_loss,
+                                       "entropy": entropy_mean, **pg_stats, **vf_stats}.items():
+                        stats.setdefault(key, []).append(value.detach())  # kept on device: no sync per step
 
-            # ALGO LOGIC: 5. adapt beta to the KL this rollout actually had (mean per token, RL4LMs)
-            mean_kl = masked_mean(kl, mask).item()
+            # One host sync per update: stop on a non-finite loss (every rank together), then average stats.
+            losses = torch.stack(stats.pop("loss"))
+            if all_reduce((~torch.isfinite(losses)).any().float(), "max").item():
+                raise FloatingPointError(f"non-finite loss at update {update} (per-step losses {losses.tolist()})")
+            mean = dict(zip(stats, all_reduce(torch.stack([torch.stack(v).mean() for v in stats.values()]),
+                                              "mean").tolist()))
+
+            # ALGO LOGIC: 5. adapt beta to the KL this rollout actually had (mean per token over all ranks, RL4LMs)
+            mean_kl = masked_mean(kl, mask, across_ranks=True).item()
             kl_ctl.update(mean_kl, args.rollout_batch_size)
 
             # TRY NOT TO MODIFY: record metrics
-            n_tokens = int(mask.sum())
+            n_tokens = int(all_reduce(mask.sum()))
             run.tokens += n_tokens
             elapsed = time.time() - update_start
-            mean = {k: float(np.mean(v)) for k, v in stats.items()}
+            mean_score = all_reduce(scores.mean(), "mean").item()
             run.log({
-                "objective/scores": scores.mean().item(), "objective/kl": mean_kl,
-                "objective/kl_sequence": (kl.sum(1)).mean().item(), "objective/kl_coef": kl_ctl.value,
-                "objective/entropy": masked_mean(rollout_entropy, mask).item(),
-                "objective/non_score_reward": (rewards.sum(1) - scores).mean().item() if not args.whiten_rewards else 0.0,
+                "objective/scores": mean_score, "objective/kl": mean_kl,
+                "objective/kl_sequence": all_reduce(kl.sum(1).mean(), "mean").item(),
+                "objective/kl_coef": kl_ctl.value,
+                "objective/entropy": masked_mean(rollout_entropy, mask, across_ranks=True).item(),
+                "objective/non_score_reward": (all_reduce((rewards.sum(1) - scores).mean(), "mean").item()
+                                               if not args.whiten_rewards else 0.0),
                 "losses/policy_loss": mean["policy_loss"], "losses/value_loss": mean["value_loss"],
                 "losses/entropy": mean["entropy"], "losses/approx_kl": mean["approx_kl"],
                 "losses/clipfrac": mean["clipfrac"], "losses/value_clipfrac": mean["value_clipfrac"],
                 "losses/ratio": mean["ratio"], "charts/learning_rate": optimizer.param_groups[0]["lr"],
-                "charts/response_length": mask.sum(1).mean().item(),
-                "charts/eos_fraction": ends_with_eos.float().mean().item(),
+                "charts/response_length": all_reduce(mask.sum(1).mean(), "mean").item(),
+                "charts/eos_fraction": all_reduce(ends_with_eos.float().mean(), "mean").item(),
                 "charts/tokens_per_second": n_tokens / elapsed,
                 "charts/episodes_per_second": args.rollout_batch_size / elapsed,
             }, update)
-            print(f"update {update}/{args.total_updates} | score {scores.mean().item():+.3f} | kl {mean_kl:.4f} "
+            print(f"update {update}/{args.total_updates} | score {mean_score:+.3f} | kl {mean_kl:.4f} "
                   f"| beta {kl_ctl.value:.4f} | approx_kl {mean['approx_kl']:.4f} | clipfrac {mean['clipfrac']:.3f} "
                   f"| {n_tokens / elapsed:.0f} tok/s", flush=True)
             if update % args.eval_every == 0 and update != args.total_updates:
                 run_eval(update)
+            if update % args.checkpoint_every == 0 and update != args.total_updates:
+                save_checkpoint(run, checkpoint_state(update))
     except KeyboardInterrupt:  # keep what was learned: evaluate, save and summarise below
-        print(f"interrupted during update {update}; evaluating and saving what was trained so far", flush=True)
+        print(f"interrupted during update {update}; the last checkpoint is kept", flush=True)
+        if world_size > 1:  # the ranks stopped at different points: no collective evaluation is safe now
+            raise SystemExit(130)
+        print("evaluating and saving what was trained so far", flush=True)
+    except FloatingPointError as error:  # weights are now unusable: keep the last checkpoint, save nothing
+        run.close()
+        raise SystemExit(f"error: {error}; the last checkpoint (if any) is kept in {run.dir}/checkpoint")
 
     # TRY NOT TO MODIFY: final evaluation, model, summary
     run_eval(update)
-    if args.save_model:
+    if args.save_model and run.is_main:
         policy.model.save_pretrained(os.path.join(run.dir, "model"))
         policy.tokenizer.save_pretrained(os.path.join(run.dir, "model"))
     summary = run.write_summary({"updates": update})
     run.close()
+    close_distributed()
     print(f"initial eval/return_mean {summary['initial']['eval/return_mean']:+.3f} -> final "
           f"{summary['final']['eval/return_mean']:+.3f}; {summary['wall_seconds']:.0f}s, "
           f"{summary['tokens_per_second']:.0f} tok/s; run dir {run.dir}", flush=True)

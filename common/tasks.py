@@ -504,17 +504,27 @@ def make_task(name: str, args=None) -> Task:
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------
-def evaluate(task: Task, generate_fn: Callable[[list[str]], list[str]], n_prompts: int,
+def evaluate(task: Task, generate_fn: Callable[[list[str], list[int]], list[str]], n_prompts: int,
              batch_size: int) -> tuple[dict[str, float], list[tuple[str, str, float]]]:
     """Score the policy's responses to the first `n_prompts` held-out prompts.
 
-    `generate_fn(prompts) -> responses` is the method's deployed decoding. Returns the `eval/*`
-    metrics and (prompt, response, reward) samples for logging.
+    `generate_fn(prompts, indices) -> responses` is the method's deployed decoding; `indices` are the
+    prompts' positions in the held-out list (for per-episode seeds). Under torchrun each rank answers
+    its share of the prompts and the metrics are computed over all of them, on every rank. Returns the
+    `eval/*` metrics and (prompt, response, reward) samples for logging.
     """
+    from common.utils import all_gather_objects, world
+
     prompts = task.eval_prompts[:n_prompts]
+    rank, world_size = world()
+    share = -(-len(prompts) // world_size)
+    mine = range(rank * share, min((rank + 1) * share, len(prompts)))
     responses: list[str] = []
-    for i in range(0, len(prompts), batch_size):
-        responses += generate_fn(prompts[i:i + batch_size])
-    rewards = task.score(prompts, responses)
+    for i in range(mine.start, mine.stop, batch_size):
+        batch = list(range(i, min(i + batch_size, mine.stop)))
+        responses += generate_fn([prompts[j] for j in batch], batch)
+    scored = task.score([prompts[j] for j in mine], responses).tolist() if responses else []
+    responses = [r for part in all_gather_objects(responses) for r in part]
+    rewards = np.asarray([r for part in all_gather_objects(scored) for r in part])
     metrics = {"eval/return_mean": float(rewards.mean()), "eval/return_std": float(rewards.std())}
     return metrics, list(zip(prompts, responses, rewards.tolist()))

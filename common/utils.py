@@ -1,5 +1,6 @@
 """Plumbing every script shares and that is not the algorithm: the common `Args` block, seeding,
-the run directory with its TensorBoard writer and `summary.json`, masked statistics, exact_div."""
+the run directory with its TensorBoard writer and `summary.json`, masked statistics, exact_div,
+torch.distributed helpers (torchrun) and checkpoints for `--resume`."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 
 @dataclass
@@ -52,6 +54,10 @@ class CommonArgs:
     """evaluate on held-out prompts every this many updates (and before the first and after the last)"""
     eval_episodes: int = 256
     """number of held-out prompts per evaluation"""
+    resume: Optional[str] = None
+    """a run directory to continue from its last checkpoint (the run keeps the arguments it was started with)"""
+    checkpoint_every: int = 10
+    """save `<run dir>/checkpoint` (weights, optimizer, data position, RNG states) every this many updates"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,28 +70,37 @@ def exact_div(a: int, b: int, what: str = "") -> int:
     return a // b
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
-    """Mean of `values` where `mask` is 1 (over all entries, or along `dim`)."""
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None,
+                across_ranks: bool = False) -> torch.Tensor:
+    """Mean of `values` where `mask` is 1 (over all entries, or along `dim`).
+
+    `across_ranks=True` (no gradient) averages over the whole batch of all torchrun processes: the
+    statistics that steer the run (whitening, the KL controller) must not depend on the world size."""
     mask = mask.to(values.dtype)
     if dim is None:
-        return (values * mask).sum() / mask.sum()
+        total, count = (values * mask).sum(), mask.sum()
+        if across_ranks:
+            total, count = all_reduce(total.detach()), all_reduce(count)
+        return total / count
     return (values * mask).sum(dim) / mask.sum(dim)
 
 
-def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, across_ranks: bool = False) -> torch.Tensor:
     """Variance of `values` where `mask` is 1; Bessel-corrected by default, as in lm-human-preferences."""
     mask = mask.to(values.dtype)
-    count = mask.sum()
+    count = all_reduce(mask.sum()) if across_ranks else mask.sum()
     if count == 0 or (unbiased and count == 1):
         raise ValueError(f"masked_var needs at least {2 if unbiased else 1} unmasked values, got {int(count)}")
-    mean = masked_mean(values, mask)
-    variance = masked_mean((values - mean) ** 2, mask)
+    mean = masked_mean(values, mask, across_ranks=across_ranks)
+    variance = masked_mean((values - mean) ** 2, mask, across_ranks=across_ranks)
     return variance * count / (count - 1) if unbiased else variance
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  across_ranks: bool = False) -> torch.Tensor:
     """(x - mean) / std over the unmasked entries; `shift_mean=False` keeps the mean (for rewards)."""
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    mean = masked_mean(values, mask, across_ranks=across_ranks)
+    var = masked_var(values, mask, across_ranks=across_ranks)
     whitened = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
@@ -109,6 +124,162 @@ def pick_device(use_cuda: bool) -> torch.device:
     return torch.device("cuda" if use_cuda and torch.cuda.is_available() else "cpu")
 
 
+def episode_seeds(seed: int, stream: int, step: int, indices) -> list[int]:
+    """One seed per episode from (run seed, stream, step, the episode's index in the global batch).
+
+    Sampling an episode with its own seed (`Policy.generate(..., seeds=)`) makes its tokens independent of
+    which process, batch or position it lands in: the same run on 1 or N processes samples the same text."""
+    return [int(np.random.SeedSequence([seed, stream, step, int(i)]).generate_state(1)[0]) for i in indices]
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.distributed: `torchrun --nproc_per_node N script.py` runs N copies of a script, one per device
+# ----------------------------------------------------------------------------------------------
+def init_distributed(use_cuda: bool) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun (which sets WORLD_SIZE, RANK, LOCAL_RANK) join the
+    process group, NCCL between GPUs and gloo between CPU processes; plain `python` gives (0, 1, device).
+
+    Every rank uses the same seed: the global batch is drawn identically everywhere and each rank takes
+    its slice, models start identical, and sampling is seeded per episode (`episode_seeds`). Only rank 0
+    prints and writes; other ranks' `print` is silenced here."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, pick_device(use_cuda)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    if rank != 0:
+        import builtins
+
+        builtins.print = lambda *args, **kwargs: None
+    return rank, world_size, device
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def rank_slice(n: int, what: str = "batch") -> slice:
+    """This rank's contiguous share of a global batch of `n` (which the world size must divide)."""
+    rank, world_size = world()
+    share = exact_div(n, world_size, f"{what} / number of processes")
+    return slice(rank * share, (rank + 1) * share)
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Sum (or "mean", "max") of a tensor over all ranks, as a new tensor; the tensor itself without torchrun."""
+    if not dist.is_initialized():
+        return tensor
+    out = tensor.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return out / dist.get_world_size() if op == "mean" else out
+
+
+def all_gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...]; [obj] without torchrun."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def sync_gradients(parameters, bucket_numel: int = 1 << 24) -> None:
+    """Average gradients over ranks: what DistributedDataParallel does after `backward`, written out.
+
+    With each rank holding an equal share of the minibatch, the average of per-rank gradients is the
+    gradient of the average per-rank loss. DDP would also overlap this with the backward pass; here it
+    runs after it, in buckets, which keeps the method's code free of a wrapper around every model."""
+    if not dist.is_initialized():
+        return
+    params = [p for p in parameters if p.requires_grad]
+    for p in params:
+        if p.grad is None:  # every rank must send the same tensors, used this step or not
+            p.grad = torch.zeros_like(p)
+    world_size, bucket = dist.get_world_size(), []
+    for i, p in enumerate(params):
+        bucket.append(p)
+        if sum(q.numel() for q in bucket) >= bucket_numel or i == len(params) - 1:
+            flat = torch.cat([q.grad.reshape(-1) for q in bucket])
+            dist.all_reduce(flat)
+            flat /= world_size
+            offset = 0
+            for q in bucket:
+                q.grad.copy_(flat[offset:offset + q.numel()].view_as(q.grad))
+                offset += q.numel()
+            bucket = []
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM (what `kill`, schedulers and torchrun send) into KeyboardInterrupt, so a run stopped
+    either way takes the same path: stop the loop, keep the last checkpoint, save what was learned."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def close_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: everything `--resume` needs, written atomically by rank 0
+# ----------------------------------------------------------------------------------------------
+def rng_states() -> dict:
+    """Every global RNG this process draws from."""
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(run: "Run", state: dict) -> None:
+    """Write `<run dir>/checkpoint/state.pt` with `state` plus the run's records and every rank's RNG
+    states. The file is replaced atomically, so a run killed while saving keeps the previous checkpoint."""
+    state = {**state, "args": asdict(run.args), "run": run.state(), "rng": all_gather_objects(rng_states())}
+    if world()[0] != 0:
+        return
+    path = os.path.join(run.dir, "checkpoint", "state.pt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(run_dir: str) -> dict:
+    """The state saved by `save_checkpoint` in `run_dir` (a FileNotFoundError with the path if none)."""
+    path = os.path.join(os.path.expanduser(run_dir), "checkpoint", "state.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--resume {run_dir}: no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def resume_args(args, cls):
+    """With `--resume`, the saved run's arguments (and the checkpoint); otherwise (args, None)."""
+    if not args.resume:
+        return args, None
+    checkpoint = load_checkpoint(args.resume)
+    saved = {k: v for k, v in checkpoint["args"].items() if k in {f.name for f in fields(cls)}}
+    return cls(**{**saved, "resume": args.resume}), checkpoint
+
+
 # ----------------------------------------------------------------------------------------------
 # Runs: directory, TensorBoard, summary.json
 # ----------------------------------------------------------------------------------------------
@@ -116,23 +287,31 @@ class Run:
     """A run directory `runs/{task}__{exp_name}__{seed}__{unix_time}` with its TensorBoard writer.
 
     Holds the evaluations so that `summary.json` can report the initial (before any update), final
-    (last) and best values of every `eval/*` metric.
+    (last) and best values of every `eval/*` metric. Under torchrun only rank 0 writes; the other ranks
+    keep the same records. Given a checkpoint (`--resume`), it continues in that checkpoint's directory:
+    TensorBoard events logged after the checkpoint by the interrupted run are dropped (`purge_step`).
     """
 
-    def __init__(self, args, script: str):
+    def __init__(self, args, script: str, checkpoint: Optional[dict] = None):
+        self.args, self.script, self.start = args, script, time.time()
+        self.is_main = world()[0] == 0
+        self.evals: list[dict[str, float]] = []
+        self.tokens = 0
+        self.writer = None
+        if checkpoint is not None:
+            self.dir, self.name = os.path.expanduser(args.resume), os.path.basename(os.path.normpath(args.resume))
+            self.evals, self.tokens = checkpoint["run"]["evals"], checkpoint["run"]["tokens"]
+            self.start -= checkpoint["run"]["wall_seconds"]
+        else:
+            self.name = f"{args.task}__{args.exp_name}__{args.seed}__{int(self.start)}"
+            self.dir = os.path.join(args.output_dir, self.name)
+            if self.is_main:
+                self.dir = self._make_dir(args.output_dir)
+            self.dir = all_gather_objects(self.dir)[0]
+        if not self.is_main:
+            return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.args, self.script, self.start = args, script, time.time()
-        self.name = f"{args.task}__{args.exp_name}__{args.seed}__{int(self.start)}"
-        self.dir = os.path.join(args.output_dir, self.name)
-        suffix = 0
-        while True:  # two runs started in the same second never share (and overwrite) one directory
-            try:
-                os.makedirs(self.dir)
-                break
-            except FileExistsError:
-                suffix += 1
-                self.dir = os.path.join(args.output_dir, f"{self.name}_{suffix}")
         config = asdict(args)
         if args.track:
             try:
@@ -140,14 +319,25 @@ class Run:
             except ImportError as e:
                 raise SystemExit("--track needs W&B: pip install wandb") from e
             wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                       config=config, name=self.name, save_code=True)
-        self.writer = SummaryWriter(self.dir)
-        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
-                             "\n".join(f"|{k}|{v}|" for k, v in config.items()))
-        self.evals: list[dict[str, float]] = []
-        self.tokens = 0
+                       config=config, name=self.name, save_code=True, resume="allow" if checkpoint else None)
+        self.writer = SummaryWriter(self.dir, purge_step=checkpoint["step"] + 1 if checkpoint else None)
+        if checkpoint is None:
+            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
+                                 "\n".join(f"|{k}|{v}|" for k, v in config.items()))
+
+    def _make_dir(self, output_dir: str) -> str:
+        path, suffix = self.dir, 0
+        while True:  # two runs started in the same second never share (and overwrite) one directory
+            try:
+                os.makedirs(path)
+                return path
+            except FileExistsError:
+                suffix += 1
+                path = os.path.join(output_dir, f"{self.name}_{suffix}")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.writer is None:
+            return
         for key, value in metrics.items():
             self.writer.add_scalar(key, value, step)
 
@@ -156,24 +346,33 @@ class Run:
         self.log(metrics, step)
         table = "|prompt|response|reward|\n|-|-|-|\n" + "\n".join(
             f"|{p}|{r}|{s:.3f}|".replace("\n", " ") for p, r, s in samples[:n_text])
-        self.writer.add_text("eval/samples", table, step)
+        if self.writer is not None:
+            self.writer.add_text("eval/samples", table, step)
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of the run itself."""
+        return {"evals": self.evals, "tokens": self.tokens, "wall_seconds": time.time() - self.start}
 
     def write_summary(self, extra: Optional[dict] = None) -> dict:
-        """Write `summary.json` (the shape benchmark tools read) and return it."""
+        """Write `summary.json` (the shape benchmark tools read; rank 0 only) and return it."""
         wall = time.time() - self.start
         best = {}
         for key in self.evals[0] if self.evals else []:
             best[key] = (min if key.endswith(("_std", "mean_guesses")) else max)(e[key] for e in self.evals)
         summary = {
             "script": self.script, "task": self.args.task, "seed": self.args.seed, "args": asdict(self.args),
+            "world_size": world()[1],
             "initial": self.evals[0] if self.evals else {}, "final": self.evals[-1] if self.evals else {},
             "best": best, "wall_seconds": wall, "tokens_per_second": self.tokens / max(wall, 1e-9), **(extra or {}),
         }
-        with open(os.path.join(self.dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        if self.is_main:
+            with open(os.path.join(self.dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
         return summary
 
     def close(self) -> None:
+        if self.writer is None:
+            return
         self.writer.close()
         if self.args.track:
             import wandb
