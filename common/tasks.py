@@ -122,6 +122,11 @@ def vader_compound(texts: Sequence[str]) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # The task interface and the registry
 # ----------------------------------------------------------------------------------------------
+class RewardError(ValueError):
+    """The reward function returned something other than one finite float per response. Before training
+    it is bad input; during training the scripts stop with one line and keep the last checkpoint."""
+
+
 @dataclass
 class Task:
     """Everything a method needs to know about a task."""
@@ -157,7 +162,7 @@ class Task:
             rewards = None
         if rewards is None or rewards.shape != (len(responses),) or not np.all(np.isfinite(rewards)):
             shown = " ".join(repr(raw).split())  # one line, whatever the type
-            raise ValueError(f"task {self.name!r}: the reward function returned {shown[:200]}; "
+            raise RewardError(f"task {self.name!r}: the reward function returned {shown[:200]}; "
                              f"expected {len(responses)} finite floats")
         return rewards
 

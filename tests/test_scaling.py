@@ -13,6 +13,7 @@ by the usual data-parallel weighting of a per-rank mean.
 
 import glob
 import importlib
+import json
 import os
 import signal
 import subprocess
@@ -163,3 +164,28 @@ def test_bad_input_fails_fast_with_one_line(script, fields, message, tmp_path):
     text = str(error.value.code)
     assert text.startswith("error: ") and message in text and "\n" not in text, text
     assert not os.listdir(tmp_path), "no run directory is created for bad input"
+
+
+@pytest.mark.parametrize("script", ["ppo.py", "nlpo.py"])
+def test_reward_turning_non_finite_mid_run_stops_with_one_line(script, tmp_path):
+    from common.models import ensure_builtin_model
+    from common.tasks import make_task
+
+    (tmp_path / "flaky_reward.py").write_text(
+        "calls = 0\n\n\ndef score(prompts, responses):  # finite for 3 calls (the check, eval, update 1), then NaN\n"
+        "    global calls\n    calls += 1\n    return [float('nan') if calls > 3 else 0.5 for _ in responses]\n")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"the film was {i} times", "split": "eval" if i < 8 else "train"})
+                               + "\n" for i in range(40)))
+    model_dir = ensure_builtin_model(make_task("sentiment"), "tiny-gpt2")
+    flags = ["--task", "jsonl", "--prompts-file", str(prompts), "--reward-fn", "flaky_reward:score",
+             "--model-name", model_dir, "--total-updates", "4", "--rollout-batch-size", "8", "--minibatch-size", "8",
+             "--ppo-epochs", "1", "--eval-episodes", "8", "--checkpoint-every", "1", "--response-length", "8"]
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags, "--output-dir", str(tmp_path / "runs")],
+                            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: task 'jsonl': the reward function returned") and "checkpoint" in last, result.stderr
+    assert "Traceback" not in result.stderr
+    run_dir = only_run_dir(tmp_path / "runs")
+    assert os.path.isfile(os.path.join(run_dir, "checkpoint", "state.pt"))
