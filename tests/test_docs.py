@@ -7,7 +7,11 @@ documented command with a wrong flag, a renamed option or a broken default fails
 Not run, only parsed (their flags must parse into the script's `Args`, or its argparse options):
 - commands that need the network: a hub model (`--model-name gpt2`, any name that is neither a
   built-in model nor an existing directory) or a hub task (`--task imdb`, `--task jsonl`);
-- `benchmarks/trl_compare.py`, which needs TRL (requirements-bench.txt), not part of the test install.
+- `benchmarks/trl_compare.py`, which needs TRL (requirements-bench.txt), not part of the test install;
+- `--resume <run dir>` commands: the run directory is the reader's own.
+
+`torchrun ...` lines run as `python -m torch.distributed.run` with 2 CPU processes (gloo), unless they
+need the network or several machines (`--nnodes`), which are parsed.
 
 A documented program with no tiny budget here (TINY, OTHER, MODULES) fails the test with a message
 saying where to add one: a new command in the docs needs a tiny budget to be covered.
@@ -74,6 +78,8 @@ def documented_commands() -> list[tuple[str, str]]:
                     continue
                 if argv and argv[0] == "python" and len(argv) > 1 and (argv[1].endswith(".py") or argv[1] == "-m"):
                     found.append((rel, shlex.join(argv)))
+                elif argv and argv[0] == "torchrun" and any(a.endswith(".py") for a in argv):
+                    found.append((rel, shlex.join(argv)))
     return list(dict.fromkeys(found))
 
 
@@ -96,7 +102,16 @@ def needs_network(argv: list[str]) -> bool:
 
 def plan(command: str, tmp: str) -> tuple[str, list[str]]:
     """("run", argv with the tiny budget) or ("parse", argv) for a documented command."""
-    argv = shlex.split(command)[1:]  # drop "python"
+    argv = shlex.split(command)
+    if argv[0] == "torchrun":
+        at = next(i for i, a in enumerate(argv) if a.endswith(".py"))
+        script, flags = argv[at], argv[at + 1:]
+        if needs_network(flags) or "--nnodes" in argv or "--resume" in flags:
+            return "parse", [script, *flags]
+        port = str(29600 + sum(map(ord, command)) % 300)  # commands run two at a time: distinct ports
+        return "run", ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, script, *flags,
+                       *TINY[script], *METHOD_COMMON, "--output-dir", os.path.join(tmp, "runs")]
+    argv = argv[1:]  # drop "python"
     if argv[0] == "-m":
         if argv[1] not in MODULES:
             raise AssertionError(f"python -m {argv[1]}: add its tiny arguments to MODULES in tests/test_docs.py")
@@ -114,7 +129,7 @@ def plan(command: str, tmp: str) -> tuple[str, list[str]]:
         return "run", [script, *flags, *OTHER[script](tmp)]
     if script not in TINY:
         raise AssertionError(f"{script}: add a tiny budget for it to TINY in tests/test_docs.py")
-    if needs_network(flags):
+    if needs_network(flags) or "--resume" in flags:
         return "parse", argv
     return "run", [script, *flags, *TINY[script], *METHOD_COMMON, "--output-dir", os.path.join(tmp, "runs")]
 
@@ -183,6 +198,10 @@ def test_plan_overrides_budget_and_spots_network_commands(tmp_path):
     assert plan("python ppo.py --task imdb --model-name lvwerra/gpt2-imdb", str(tmp_path))[0] == "parse"
     assert plan("python ppo.py --task jsonl --prompts-file p.jsonl --reward-fn m:f", str(tmp_path))[0] == "parse"
     assert plan("python benchmarks/trl_compare.py", str(tmp_path))[0] == "parse"
+    assert plan("python ppo.py --resume runs/x", str(tmp_path))[0] == "parse"
+    kind, argv = plan("torchrun --nproc_per_node 8 ppo.py --rollout-batch-size 128", str(tmp_path))
+    assert kind == "run" and argv[:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    assert plan("torchrun --nnodes 2 --nproc_per_node 8 ppo.py", str(tmp_path)) == ("parse", ["ppo.py"])
 
 
 def test_tyro_takes_the_last_occurrence_of_a_flag():
