@@ -115,12 +115,9 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = deterministic
-    # Only CUDA has non-deterministic kernels among the ops used here; on CPU the switch changes nothing
-    # but costs ~4 s per process (it imports torch's compiler stack), so it is set only where it matters.
-    if torch.cuda.is_available():
-        torch.use_deterministic_algorithms(deterministic, warn_only=True)
-        if deterministic:  # cuBLAS needs this for deterministic matmuls
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if deterministic:  # cuBLAS needs this for deterministic matmuls; harmless elsewhere
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def pick_device(use_cuda: bool) -> torch.device:
