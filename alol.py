@@ -19,6 +19,8 @@ baselines (NLL/BC, weighted BC, R-GOLD, R-LoL); the losses are the table of func
 
 Run:  python alol.py                              # A-LoL on the embedded sentiment task's noisy offline data
       python alol.py --algorithm nll              # behaviour cloning on the same data
+      torchrun --nproc_per_node 2 alol.py         # data parallel: each process takes its slice of every batch
+      python alol.py --resume runs/<run dir>      # continue a stopped run from its last checkpoint
       python alol.py --help                       # every flag and every variant
 """
 
@@ -35,7 +37,9 @@ import tyro
 
 from common.models import Policy, entropy_of, frozen_copy, load_policy, logprobs_of
 from common.tasks import Task, evaluate, make_task
-from common.utils import CommonArgs, Run, masked_mean, pick_device, seed_everything
+from common.utils import (CommonArgs, Run, all_gather_objects, all_reduce, close_distributed, episode_seeds, exact_div,
+                          init_distributed, masked_mean, restore_rng_states, resume_args, save_checkpoint,
+                          seed_everything, stop_on_sigterm, sync_gradients, world)
 
 ALGORITHMS = ("a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl", "nll", "wbc", "r_gold", "r_lol")
 ADVANTAGE_METHODS = ("a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl")
@@ -87,7 +91,10 @@ class Args(CommonArgs):
     forward_batch_size: int = 64
     """prompts per batch for generation and for pi_ref's forward passes (value data, advantages, evaluation)"""
     log_every: int = 10
-    """print a progress line every this many steps (TensorBoard gets every step)"""
+    """print a progress line every this many steps (TensorBoard gets every step; statistics reach the host only
+    at these lines, evaluations and checkpoints)"""
+    checkpoint_every: int = 100
+    """save `<run dir>/checkpoint` (weights, optimizer, data position, RNG states, advantages) every this many steps"""
 
     # The value head V_ref(x)
     value_prompts: int = 1024
@@ -261,11 +268,11 @@ def train_value_head(head: PromptValueHead, hidden: torch.Tensor, mask: torch.Te
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(loss.detach())  # on the device: one host sync per epoch, not per step
         mse = heldout_mse()
         history.append(mse)
         if log is not None:
-            log({"value/train_mse": float(np.mean(losses)), "value/heldout_mse": mse}, epoch)
+            log({"value/train_mse": torch.stack(losses).mean().item(), "value/heldout_mse": mse}, epoch)
         if mse < best:
             best, best_state, since_best = mse, {k: v.clone() for k, v in head.state_dict().items()}, 0
         else:
@@ -281,15 +288,35 @@ def train_value_head(head: PromptValueHead, hidden: torch.Tensor, mask: torch.Te
 # ----------------------------------------------------------------------------------------------
 # Plumbing: offline data, batches, sampling from the policy
 # ----------------------------------------------------------------------------------------------
-def sample_responses(policy: Policy, prompts: list[str], task: Task, max_new: int, min_new: int,
-                     batch_size: int, device) -> list[str]:
-    """pi's sampled responses (full softmax, temperature 1: the deployed decoding of every variant)."""
+def shard(n: int) -> range:
+    """This rank's contiguous share of n items (the last ranks may get fewer); range(n) without torchrun."""
+    rank, world_size = world()
+    share = -(-n // world_size)
+    return range(min(rank * share, n), min((rank + 1) * share, n))
+
+
+def sample_responses(policy: Policy, prompts: list[str], seeds: list[int], task: Task, max_new: int,
+                     min_new: int, device) -> list[str]:
+    """pi's sampled responses to one batch (full softmax, temperature 1: the deployed decoding of every
+    variant); each response is drawn from its own seed, so it does not depend on the batch or the process."""
+    ids, mask = policy.encode_prompts(prompts, task.max_prompt_tokens, device)
+    response_ids, response_mask = policy.generate(ids, mask, max_new, min_new, seeds=seeds)
+    return policy.decode(response_ids, response_mask)
+
+
+def sample_and_score(policy: Policy, prompts: list[str], seeds: list[int], task: Task, max_new: int,
+                     min_new: int, batch_size: int, device) -> tuple[list[str], np.ndarray]:
+    """Responses to every prompt and their rewards. Under torchrun each rank samples and scores its
+    contiguous share (`shard`) and every rank receives all of them: the same result on 1 or N processes."""
+    mine = shard(len(prompts))
     responses = []
-    for i in range(0, len(prompts), batch_size):
-        ids, mask = policy.encode_prompts(prompts[i:i + batch_size], task.max_prompt_tokens, device)
-        response_ids, response_mask = policy.generate(ids, mask, max_new, min_new)
-        responses += policy.decode(response_ids, response_mask)
-    return responses
+    for i in range(mine.start, mine.stop, batch_size):
+        batch = range(i, min(i + batch_size, mine.stop))
+        responses += sample_responses(policy, [prompts[j] for j in batch], [seeds[j] for j in batch], task,
+                                      max_new, min_new, device)
+    scores = task.score([prompts[j] for j in mine], responses).tolist() if responses else []
+    parts = all_gather_objects((responses, scores))
+    return [r for part, _ in parts for r in part], np.array([s for _, part in parts for s in part])
 
 
 def load_offline_data(task: Task, policy: Policy, args: Args, max_new: int, min_new: int, device) -> list[dict]:
@@ -300,11 +327,10 @@ def load_offline_data(task: Task, policy: Policy, args: Args, max_new: int, min_
     else:
         prompts = [p for p in task.train_prompts for _ in range(args.offline_samples_per_prompt)]
         prompts = prompts[:args.offline_size] if args.offline_size else prompts
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(args.data_seed)
-            responses = sample_responses(policy, prompts, task, max_new, min_new, args.forward_batch_size, device)
-        data = [{"prompt": p, "response": r, "reward": float(s)}
-                for p, r, s in zip(prompts, responses, task.score(prompts, responses))]
+        seeds = episode_seeds(args.data_seed, 3, 0, range(len(prompts)))  # stream 3: the sampled log
+        responses, scores = sample_and_score(policy, prompts, seeds, task, max_new, min_new,
+                                             args.forward_batch_size, device)
+        data = [{"prompt": p, "response": r, "reward": float(s)} for p, r, s in zip(prompts, responses, scores)]
     return data[:args.offline_size] if args.offline_size else data
 
 
@@ -324,9 +350,10 @@ def make_batch(policy: Policy, prompts: list[str], responses: list[list[int]], m
 def main(args: Args) -> dict:
     # TRY NOT TO MODIFY: check the arguments before any heavy work; a bad one exits with one line
     try:
+        args, checkpoint = resume_args(args, Args)
         for name in ("total_steps", "batch_size", "eval_every", "eval_episodes", "forward_batch_size", "log_every",
                      "value_prompts", "value_samples_per_prompt", "value_epochs", "value_patience",
-                     "value_batch_size", "value_heads", "offline_samples_per_prompt"):
+                     "value_batch_size", "value_heads", "offline_samples_per_prompt", "checkpoint_every"):
             if getattr(args, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
         if args.offline_size is not None and args.offline_size <= 0:
@@ -341,35 +368,35 @@ def main(args: Args) -> dict:
             raise ValueError(f"--value-holdout must be in (0, 1), got {args.value_holdout}")
         if args.value_prompts < 2:
             raise ValueError("--value-prompts must be at least 2 (one to train V on, one held out)")
-        task = make_task(args.task)
+        rank, world_size, device = init_distributed(args.cuda)
+        local_batch = exact_div(args.batch_size, world_size, "--batch-size / number of processes")
+        seed_everything(args.seed, args.torch_deterministic)  # the same seed on every rank (see init_distributed)
+        task = make_task(args.task, args)
         response_length = task.max_new_tokens if args.response_length is None else args.response_length
         min_response_length = task.min_new_tokens if args.min_response_length is None else args.min_response_length
         if response_length <= 0 or not 0 <= min_response_length <= response_length:
             raise ValueError(f"need 0 < response length ({response_length}) and 0 <= min response length "
                              f"({min_response_length}) <= response length")
-        device = pick_device(args.cuda)
         policy = load_policy(args.model_name, task, device)
         if policy.hidden_size % args.value_heads != 0:
             raise ValueError(f"--value-heads {args.value_heads} must divide the hidden size {policy.hidden_size}")
     except (ValueError, OSError) as error:
         raise SystemExit(f"error: {error}")
-    run = Run(args, "alol.py")
-    seed_everything(args.seed, args.torch_deterministic)
+    run = Run(args, "alol.py", checkpoint)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    rng = np.random.default_rng(args.seed)
-    ref_policy = frozen_copy(policy)  # pi_ref: the starting policy, never updated (reference: a second copy)
+    rng = np.random.default_rng(args.seed)  # the same draws on every rank: V's split, then the global batches
+    ref_policy = frozen_copy(policy)  # pi_ref: the starting policy, never updated (also when resuming)
     tokenizer = policy.tokenizer
 
     def run_eval(step: int) -> dict:
-        """Held-out prompts, sampled as deployed; its own fixed RNG so evaluations are comparable."""
-        def generate_fn(prompts):
+        """Held-out prompts, sampled as deployed, each from the same seed at every evaluation (comparable
+        evaluations, the same on 1 or N processes); `evaluate` shares the prompts out over the ranks."""
+        def generate_fn(prompts, indices):
             with autocast:
-                return sample_responses(policy, prompts, task, response_length, min_response_length,
-                                        args.forward_batch_size, device)
+                return sample_responses(policy, prompts, episode_seeds(args.seed, 1, 0, indices), task,
+                                        response_length, min_response_length, device)
 
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(args.seed + 12345)
-            metrics, samples = evaluate(task, generate_fn, args.eval_episodes, args.forward_batch_size)
+        metrics, samples = evaluate(task, generate_fn, args.eval_episodes, args.forward_batch_size)
         run.log_eval(metrics, samples, step)
         print(f"eval @ step {step}: return {metrics['eval/return_mean']:+.3f} +- {metrics['eval/return_std']:.3f}",
               flush=True)
@@ -378,8 +405,13 @@ def main(args: Args) -> dict:
     # 1. the offline dataset, with rewards mapped to [0, 1]: the reference's rewards are non-negative
     # (sigmoid of a reward-model logit on HHA, sums of [0, 1] scores elsewhere, utils/rl_utils.py L593-610),
     # which R-weighted losses and p ~ R need; A = R - V only changes scale. Min and max come from the data.
+    # A log sampled from pi_ref is kept in the checkpoint, so --resume does not sample it again.
     try:
-        data = load_offline_data(task, policy, args, response_length, min_response_length, device)
+        if checkpoint is not None and checkpoint["data"] is not None:
+            data = checkpoint["data"]
+        else:
+            with autocast:
+                data = load_offline_data(task, policy, args, response_length, min_response_length, device)
         raw_rewards = np.array([d["reward"] for d in data], dtype=np.float64)
         low, high = float(raw_rewards.min()), float(raw_rewards.max())
         if not high > low:
@@ -403,39 +435,47 @@ def main(args: Args) -> dict:
 
     # ALGO LOGIC: 2. V_ref(x), for the advantage methods only (as in H L500): fit first, to pi_ref's own sampled
     # responses on training prompts, scored by the task and mapped like the data's rewards (reference: pi_ref's
-    # outputs on the validation prompts; ours never sees the held-out evaluation prompts)
+    # outputs on the validation prompts; ours never sees the held-out evaluation prompts). Under torchrun the
+    # ranks share the sampling and scoring; the small head is then fit by every rank alike on all of it (same
+    # seed, same data: the same V everywhere, with no dropout masks that depend on the number of processes).
     advantages, data_stats = np.zeros(len(data)), {"offline_examples": len(data),
                                                    "offline_reward_mean": float(raw_rewards.mean())}
-    if args.algorithm in ADVANTAGE_METHODS:
+    value_history: list[dict] = []
+    if args.algorithm in ADVANTAGE_METHODS and checkpoint is not None:  # --resume: V's result, not its fit
+        advantages, data_stats = checkpoint["advantages"], checkpoint["data_stats"]
+        value_history = checkpoint["value_history"]
+        for epoch, metrics in enumerate(value_history, 1):  # TensorBoard dropped the curve's steps after the
+            run.log(metrics, epoch)                         # checkpoint's step (`purge_step`): write it again
+    elif args.algorithm in ADVANTAGE_METHODS:
         value_order = rng.permutation(len(task.train_prompts))[:args.value_prompts]
         value_prompts = [task.train_prompts[i] for i in value_order for _ in range(args.value_samples_per_prompt)]
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(args.seed + 777)
-            with autocast:
-                value_responses = sample_responses(ref_policy, value_prompts, task, response_length,
-                                                   min_response_length, args.forward_batch_size, device)
-        value_rewards = (task.score(value_prompts, value_responses) - low) / (high - low)
+        seeds = episode_seeds(args.seed, 2, 0, range(len(value_prompts)))  # stream 2: V's data
+        with autocast:
+            _, value_rewards = sample_and_score(ref_policy, value_prompts, seeds, task, response_length,
+                                                min_response_length, args.forward_batch_size, device)
+        value_rewards = (value_rewards - low) / (high - low)
         value_hidden, value_mask = encode_hidden(value_prompts)
         head = PromptValueHead(policy.hidden_size, args.value_heads, args.value_dropout).to(device)
         value_stats = train_value_head(
             head, value_hidden, value_mask, torch.tensor(value_rewards, dtype=torch.float32, device=device).clamp(0, 1),
             np.repeat(np.arange(len(value_order)), args.value_samples_per_prompt), args.value_holdout,
-            args.value_epochs, args.value_patience, args.value_learning_rate, args.value_batch_size, rng, log=run.log)
+            args.value_epochs, args.value_patience, args.value_learning_rate, args.value_batch_size, rng,
+            log=lambda metrics, epoch: (value_history.append(metrics), run.log(metrics, epoch)))
 
         # ALGO LOGIC: 3. advantages of the whole dataset, once: V is frozen and in eval mode, so recomputing it
-        # every step (as the reference does, with dropout still on in H) would give the same numbers
+        # every step (as the reference does, with dropout still on in H) would give the same numbers. Each rank
+        # computes V for its share of the distinct prompts, and every rank receives all of them.
         with torch.no_grad():
             unique_prompts = sorted(set(prompts))
-            hidden, mask = encode_hidden(unique_prompts)
-            values_by_prompt = torch.cat([head(hidden[i:i + args.forward_batch_size],
-                                               mask[i:i + args.forward_batch_size])
-                                          for i in range(0, len(unique_prompts), args.forward_batch_size)])
-            value_of = dict(zip(unique_prompts, values_by_prompt.tolist()))
+            mine = [unique_prompts[i] for i in shard(len(unique_prompts))]
+            hidden, mask = encode_hidden(mine) if mine else (None, None)
+            values_mine = [v for i in range(0, len(mine), args.forward_batch_size) for v in
+                           head(hidden[i:i + args.forward_batch_size], mask[i:i + args.forward_batch_size]).tolist()]
+            value_of = dict(zip(unique_prompts, [v for part in all_gather_objects(values_mine) for v in part]))
         values = np.array([value_of[p] for p in prompts])
         advantages = rewards - values
         data_stats.update(positive_fraction=float((advantages > 0).mean()), value_mean=float(values.mean()),
                           **value_stats)
-        run.log({"data/positive_fraction": data_stats["positive_fraction"], "data/value_mean": values.mean()}, 0)
         print(f"V: held-out MSE {value_stats['value_heldout_mse']:.4f} (a constant: "
               f"{value_stats['value_constant_mse']:.4f}) after {value_stats['value_epochs']} epochs | mean V "
               f"{values.mean():.3f} | A > 0 for {100 * data_stats['positive_fraction']:.1f}% of the data", flush=True)
@@ -447,19 +487,64 @@ def main(args: Args) -> dict:
           f"({'priority' if args.priority_sampling and args.algorithm != 'nll' else 'uniform'})", flush=True)
 
     # 4. the optimiser (G L520-523: AdamW, linear decay without warmup, gradient clip 1.0)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    parameters = list(policy.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 1.0 - step / args.total_steps if args.anneal_lr else 1.0)
+    first_step = checkpoint["step"] + 1 if checkpoint is not None else 1
+    if checkpoint is not None:  # --resume: weights, optimizer, schedule, data position, RNG states
+        policy.load_state_dict(checkpoint["policy"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        rng.bit_generator.state = checkpoint["data_rng"]
+        restore_rng_states(checkpoint["rng"][rank])
+        print(f"resumed {run.dir} after step {checkpoint['step']}", flush=True)
+
+    def checkpoint_state(step: int) -> dict:
+        return {"step": step, "policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "data_rng": rng.bit_generator.state,
+                "data": data if task.offline_data is None else None, "advantages": advantages,
+                "data_stats": data_stats, "value_history": value_history}
+
+    def flush(pending: list[tuple[int, float, np.ndarray, dict]], elapsed: float) -> tuple[list[dict], float]:
+        """The one host sync of a logging interval: sum each step's statistics over the ranks, stop on a
+        non-finite loss (every rank sees the same sums, so all stop together), log each step's metrics."""
+        sums = all_reduce(torch.stack([torch.stack([v.float() for v in s.values()]) for *_, s in pending])).tolist()
+        totals = [dict(zip(pending[0][3], row)) for row in sums]
+        for (step, *_), total in zip(pending, totals):
+            if not math.isfinite(total["loss"]):
+                raise FloatingPointError(f"non-finite loss at update {step} of {args.total_steps} (an update is "
+                                         f"a gradient step): {total['loss'] / world_size}")
+        logged, n_tokens = [], 0
+        for (step, lr, idx, _), total in zip(pending, totals):
+            tokens, kl, entropy = total.pop("tokens"), total.pop("kl_sum"), total.pop("entropy_sum")
+            metrics = {**{f"losses/{k}": v / world_size for k, v in total.items()},  # means of equal shares
+                       "objective/kl": kl / tokens, "objective/entropy": entropy / tokens,  # per token, all ranks
+                       "objective/scores": float(raw_rewards[idx].mean()), "charts/learning_rate": lr}
+            if args.algorithm in ADVANTAGE_METHODS:
+                metrics["objective/advantage"] = float(advantages[idx].mean())
+            run.log(metrics, step)
+            logged.append(metrics)
+            n_tokens += int(tokens)
+        run.tokens += n_tokens
+        run.log({"charts/tokens_per_second": n_tokens / elapsed,
+                 "charts/episodes_per_second": len(pending) * args.batch_size / elapsed}, pending[-1][0])
+        return logged, n_tokens / elapsed
+
     policy.train()
-    run_eval(0)
-    step, window = 0, []
+    if checkpoint is None:
+        run_eval(0)
+        save_checkpoint(run, checkpoint_state(0))  # V's fit and the advantages are never redone
+    stop_on_sigterm()
+    step, pending, window, since = first_step - 1, [], [], time.time()
     try:
-        for step in range(1, args.total_steps + 1):
-            step_start = time.time()
-            # ALGO LOGIC: 5. draw a batch (with replacement, as the reference's sampler effectively does)
+        for step in range(first_step, args.total_steps + 1):
+            # ALGO LOGIC: 5. draw a batch (with replacement, as the reference's sampler effectively does): every
+            # rank draws the same global batch and takes its contiguous slice, so 1 and N processes see the same
             idx = rng.choice(len(data), size=args.batch_size, p=probabilities)
+            mine = idx[rank * local_batch:(rank + 1) * local_batch]
             input_ids, attention_mask, start, response_mask = make_batch(
-                policy, [prompts[i] for i in idx], [responses[i] for i in idx], task.max_prompt_tokens, device)
+                policy, [prompts[i] for i in mine], [responses[i] for i in mine], task.max_prompt_tokens, device)
             tokens = input_ids[:, start:]
 
             # ALGO LOGIC: 6. log-probs of the dataset responses under pi_theta and the frozen pi_ref
@@ -468,60 +553,61 @@ def main(args: Args) -> dict:
                 with torch.no_grad():
                     ref_logits, _ = ref_policy(input_ids, attention_mask, start)
             logprobs, ref_logprobs = logprobs_of(logits, tokens), logprobs_of(ref_logits, tokens)
-            batch_rewards = torch.tensor(rewards[idx], dtype=torch.float32, device=device)
-            batch_advantages = torch.tensor(advantages[idx], dtype=torch.float32, device=device)
+            batch_rewards = torch.tensor(rewards[mine], dtype=torch.float32, device=device)
+            batch_advantages = torch.tensor(advantages[mine], dtype=torch.float32, device=device)
 
-            # ALGO LOGIC: 7. the method's loss, one step
+            # ALGO LOGIC: 7. the method's loss (a mean over this rank's equal share of examples), one step
             loss, stats = sequence_loss(args.algorithm, logprobs, ref_logprobs, response_mask, batch_rewards,
                                         batch_advantages, args.clip_eps, args.kl_beta, args.gold_min_prob)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at step {step}: {loss.item()}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            sync_gradients(parameters)  # torchrun: average gradients over ranks (a no-op otherwise)
+            grad_norm = nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
             optimizer.step()
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
 
-            # TRY NOT TO MODIFY: record metrics
+            # TRY NOT TO MODIFY: keep the step's statistics on the device; sync once per logging interval
             with torch.no_grad():
                 mask = response_mask.float()
-                kl = masked_mean(logprobs - ref_logprobs, mask).item()
-                entropy = masked_mean(entropy_of(logits.detach()), mask).item()
-                nll = (-(logprobs * mask).sum(1)).mean().item()
-            n_tokens = int(mask.sum())
-            run.tokens += n_tokens
-            elapsed = time.time() - step_start
-            metrics = {
-                "losses/loss": loss.item(), "losses/nll": nll, "losses/grad_norm": float(grad_norm),
-                **{f"losses/{k}": float(v) for k, v in stats.items()},
-                "objective/kl": kl, "objective/entropy": entropy, "objective/scores": float(raw_rewards[idx].mean()),
-                "charts/learning_rate": lr,
-                "charts/tokens_per_second": n_tokens / elapsed, "charts/episodes_per_second": args.batch_size / elapsed,
-            }
-            if args.algorithm in ADVANTAGE_METHODS:
-                metrics["objective/advantage"] = float(advantages[idx].mean())
-            run.log(metrics, step)
-            window.append(metrics)
+                pending.append((step, lr, idx, {
+                    "loss": loss.detach(), "nll": (-(logprobs * mask).sum(1)).mean(), "grad_norm": grad_norm,
+                    **{k: v.detach() for k, v in stats.items()}, "kl_sum": ((logprobs - ref_logprobs) * mask).sum(),
+                    "entropy_sum": (entropy_of(logits.detach()) * mask).sum(), "tokens": mask.sum()}))
+            if not (step == args.total_steps or any(step % every == 0 for every in
+                                                    (args.log_every, args.eval_every, args.checkpoint_every))):
+                continue
+            logged, speed = flush(pending, time.time() - since)
+            window, pending = window + logged, []
             if step % args.log_every == 0 or step == args.total_steps:
-                mean = {k: float(np.mean([m[k] for m in window])) for k in metrics}
+                mean = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
                 weight = f" | w {mean['losses/importance_weight']:.3f}" if "losses/importance_weight" in mean else ""
                 print(f"step {step}/{args.total_steps} | loss {mean['losses/loss']:.3f} | nll {mean['losses/nll']:.2f} "
                       f"| kl {mean['objective/kl']:+.4f}{weight} | data score {mean['objective/scores']:+.3f} "
-                      f"| {mean['charts/tokens_per_second']:.0f} tok/s", flush=True)
+                      f"| {speed:.0f} tok/s", flush=True)
                 window = []
             if step % args.eval_every == 0 and step != args.total_steps:
                 run_eval(step)
+            if step % args.checkpoint_every == 0 and step != args.total_steps:
+                save_checkpoint(run, checkpoint_state(step))
+            since = time.time()
     except KeyboardInterrupt:  # keep what was learned: evaluate, save and summarise below
-        print(f"interrupted during step {step}; evaluating and saving what was trained so far", flush=True)
+        print(f"interrupted during step {step}; the last checkpoint is kept", flush=True)
+        if world_size > 1:  # the ranks stopped at different points: no collective evaluation is safe now
+            raise SystemExit(130)
+        print("evaluating and saving what was trained so far", flush=True)
+    except FloatingPointError as error:  # weights are now unusable: keep the last checkpoint, save nothing
+        run.close()
+        raise SystemExit(f"error: {error}; the last checkpoint (if any) is kept in {run.dir}/checkpoint")
 
     # TRY NOT TO MODIFY: final evaluation, model, summary
     run_eval(step)
-    if args.save_model:
+    if args.save_model and run.is_main:
         policy.model.save_pretrained(os.path.join(run.dir, "model"))
         policy.tokenizer.save_pretrained(os.path.join(run.dir, "model"))
     summary = run.write_summary({"steps": step, "algorithm": args.algorithm, **data_stats})
     run.close()
+    close_distributed()
     print(f"{args.algorithm}: initial eval/return_mean {summary['initial']['eval/return_mean']:+.3f} -> final "
           f"{summary['final']['eval/return_mean']:+.3f}; {summary['wall_seconds']:.0f}s, "
           f"{summary['tokens_per_second']:.0f} tok/s; run dir {run.dir}", flush=True)
