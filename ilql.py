@@ -20,9 +20,12 @@ Run:  python ilql.py --task wordle                        # multi-turn Wordle fr
       python ilql.py --task wordle --beta 0               # the BC baseline (Q/V not trained)
       python ilql.py --task wordle --beta 0 --top-fraction 0.3   # %BC on the best 30% of games
       python ilql.py --task sentiment                     # offline reviews with their VADER scores
+      torchrun --nproc_per_node 2 ilql.py --task wordle   # data parallel: each process its slice of a batch
+      python ilql.py --resume runs/<run dir>              # continue a stopped run from its last checkpoint
       python ilql.py --help                               # every flag
 """
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -38,7 +41,9 @@ from transformers import LogitsProcessor
 from common import wordle
 from common.models import Policy, entropy_of, frozen_copy, load_policy
 from common.tasks import evaluate, make_task
-from common.utils import CommonArgs, Run, masked_mean, pick_device, seed_everything
+from common.utils import (CommonArgs, Run, all_gather_objects, all_reduce, close_distributed, episode_seeds, exact_div,
+                          init_distributed, masked_mean, restore_rng_states, resume_args, save_checkpoint,
+                          seed_everything, stop_on_sigterm, sync_gradients)
 
 
 @dataclass
@@ -98,7 +103,7 @@ class Args(CommonArgs):
     wordle_width: int = 32
     """hidden size of that character GPT-2"""
     print_every: int = 100
-    """print a progress line every this many steps"""
+    """print a progress line every this many steps; step statistics reach the host (one sync, where a non-finite loss is caught) once per such interval"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,8 +288,9 @@ def best_fraction(returns: np.ndarray, fraction: float, seed: int) -> np.ndarray
 def main(args: Args) -> dict:
     # TRY NOT TO MODIFY: check the arguments before any heavy work; a bad one exits with one line
     try:
+        args, checkpoint = resume_args(args, Args)
         for name in ("total_steps", "batch_size", "eval_every", "eval_episodes", "target_update_every",
-                     "wordle_games", "wordle_layers", "wordle_width", "print_every"):
+                     "wordle_games", "wordle_layers", "wordle_width", "print_every", "checkpoint_every"):
             if getattr(args, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
         if not 0 < args.tau < 1:
@@ -294,14 +300,15 @@ def main(args: Args) -> dict:
                 raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
         if args.top_k < 0 or args.temperature <= 0 or args.beta < 0 or (args.learning_rate is not None and args.learning_rate <= 0):
             raise ValueError("need --top-k >= 0, --temperature > 0, --beta >= 0 and --learning-rate > 0")
-        task = make_task(args.task)
+        rank, world_size, device = init_distributed(args.cuda)
+        local_batch = exact_div(args.batch_size, world_size, "--batch-size / number of processes")
+        task = make_task(args.task, args)
         is_wordle = task.name == "wordle"
         if is_wordle:
             wordle.use_words(args.wordle_vocab or None)
             wordle.offline_games(args.wordle_data, 1, args.seed)  # a bad --wordle-data spec fails here
         elif task.offline_data is None:
             raise ValueError(f"task {task.name!r} has no offline dataset; ILQL learns from one")
-        device = pick_device(args.cuda)
         if is_wordle and args.model_name == "tiny-gpt2":  # a fresh character-level GPT-2, as the original's
             policy = wordle.char_policy(args.seed, args.wordle_layers, args.wordle_width, device=device)
         else:
@@ -310,15 +317,16 @@ def main(args: Args) -> dict:
             raise ValueError("ilql.py trains causal LMs (GPT-2 style); seq2seq models are not supported")
     except (ValueError, OSError) as error:
         raise SystemExit(f"error: {error}")
-    run = Run(args, "ilql.py")
-    seed_everything(args.seed, args.torch_deterministic)
+    run = Run(args, "ilql.py", checkpoint)
+    seed_everything(args.seed, args.torch_deterministic)  # the same seed on every rank: identical heads
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     greedy = is_wordle if args.greedy is None else args.greedy
     adv_clip = (0.0 if is_wordle else None) if args.adv_clip is None else args.adv_clip
     # beta = 0 and no AWAC weights: Q and V cannot change the deployed policy, so the BC baseline skips them
     learn_values = args.beta > 0 or args.awac_beta != 0
 
-    # Data: every offline episode in the one layout, filtered to the best fraction for %BC
+    # Data: every offline episode in the one layout, filtered to the best fraction for %BC. Every rank
+    # holds all of it (on the device: no copy per step); token counts stay on the host for bookkeeping.
     if is_wordle:
         games = wordle.offline_games(args.wordle_data, args.wordle_games, args.seed)
         rows, returns = [g.layout() for g in games], np.array([g.ret for g in games])
@@ -328,7 +336,11 @@ def main(args: Args) -> dict:
                                  task.max_new_tokens) for e in episodes]
         returns = np.array([e["reward"] for e in episodes])
     keep = best_fraction(returns, args.top_fraction, args.seed)
+    if len(keep) < args.batch_size:
+        raise SystemExit(f"error: --batch-size {args.batch_size} is larger than the {len(keep)} training episodes")
     data = collate([rows[i] for i in keep], policy.tokenizer.pad_token_id)
+    lengths, n_actions = data["attention_mask"].sum(1).numpy(), data["action_mask"][:, 1:].sum(1).numpy()
+    data = {k: v.to(device) for k, v in data.items()}
     print(f"offline data: {len(rows)} episodes, mean return {returns.mean():+.3f}; training on {len(keep)} "
           f"(mean return {returns[keep].mean():+.3f})" + ("" if learn_values else "; beta = 0: BC of pi_beta only"))
 
@@ -337,128 +349,203 @@ def main(args: Args) -> dict:
     vocab = policy.model.get_output_embeddings().weight.shape[0]
     heads = ValueHeads(policy.hidden_size, vocab).to(device) if learn_values else None
     value_trunk = frozen_copy(policy).requires_grad_(True).train() if learn_values and not args.shared_trunk else None
-    params = [*policy.parameters(), *(heads.parameters() if heads else []),
-              *(value_trunk.parameters() if value_trunk else [])]
+    params = [p for p in [*policy.parameters(), *(heads.parameters() if heads else []),
+                          *(value_trunk.parameters() if value_trunk else [])] if p.requires_grad]
     from_scratch = is_wordle and args.model_name == "tiny-gpt2"
     lr = args.learning_rate if args.learning_rate is not None else (3e-3 if from_scratch else 5e-4)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
     policy.train()
+    # The episode order is drawn by every rank alike; each rank takes its slice of every global batch.
     rng = np.random.default_rng(args.seed)
+    order, cursor, syncs, first_step = None, 0, 0, 1
+    if checkpoint is not None:  # --resume: weights, targets, optimizer, data position, RNG states
+        policy.load_state_dict(checkpoint["policy"])
+        if heads is not None:
+            heads.load_state_dict(checkpoint["heads"])
+        if value_trunk is not None:
+            value_trunk.load_state_dict(checkpoint["value_trunk"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        rng.bit_generator.state, order, cursor = checkpoint["data_rng"], checkpoint["order"], checkpoint["cursor"]
+        syncs, first_step = checkpoint["target_syncs"], checkpoint["step"] + 1
+        restore_rng_states(checkpoint["rng"][rank])
+        print(f"resumed {run.dir} after step {checkpoint['step']}", flush=True)
 
-    def generate(context, mask, max_new: int, min_new: int, extra: list):
-        """pi_beta's cached generation; with beta > 0 its logits go through the ILQL processor."""
+    def generate(context, mask, max_new: int, min_new: int, extra: list, seeds: list[int]):
+        """pi_beta's cached generation; with beta > 0 its logits go through the ILQL processor. When
+        sampling, each row draws from its own seed, so the text does not depend on batch or process."""
         if args.beta == 0:
             with autocast:
-                return policy.generate(context, mask, max_new, min_new, do_sample=not greedy, logits_processor=extra)
+                return policy.generate(context, mask, max_new, min_new, do_sample=not greedy, logits_processor=extra,
+                                       seeds=seeds)
         with ILQLLogitsProcessor(policy, heads, value_trunk, mask, args, adv_clip) as ilql, autocast:
             return policy.generate(context, mask, max_new, min_new, do_sample=not greedy,
-                                   logits_processor=extra + [ilql])
+                                   logits_processor=extra + [ilql], seeds=seeds)
 
-    def wordle_guesses(games: list) -> list[str]:
+    def wordle_guesses(games: list, index: dict) -> list[str]:
         """One guess per unfinished game, batched: every context has the same length (same turn)."""
         context = torch.tensor([[wordle.TOKEN_ID[t] for t in g.tokens()] for g in games], device=device)
         mask = torch.ones_like(context)
-        ids, _ = generate(context, mask, 6, 0, [wordle.GuessGrammar(context.shape[1])])
+        seeds = episode_seeds(args.seed, 1, len(games[0].guesses), [index[id(g)] for g in games])
+        ids, _ = generate(context, mask, 6, 0, [wordle.GuessGrammar(context.shape[1])], seeds)
         return ["".join(wordle.VOCAB[i] for i in row[:5]) for row in ids.tolist()]
 
-    def run_eval(step: int) -> dict:
-        """The deployed decoding on held-out prompts or on the evaluation games, under its own RNG."""
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(args.seed + 12345)
-            if is_wordle:
-                games = wordle.play(wordle.eval_answers(args.eval_episodes), wordle_guesses)
-                metrics = wordle.game_metrics(games)
-                samples = [(g.answer, g.text(), g.ret) for g in games]
-            else:
-                def generate_fn(prompts):
-                    ids, mask = policy.encode_prompts(prompts, task.max_prompt_tokens, device)
-                    return policy.decode(*generate(ids, mask, task.max_new_tokens, task.min_new_tokens, []))
+    def play_eval_games() -> list:
+        """The evaluation games, each rank playing its share; every rank gets all of them back."""
+        answers = wordle.eval_answers(args.eval_episodes)
+        share = -(-len(answers) // world_size)
+        first = min(rank * share, len(answers))
+        index: dict[int, int] = {}  # game -> its position among all evaluation games (its sampling seed)
 
-                metrics, samples = evaluate(task, generate_fn, args.eval_episodes, args.batch_size)
+        def guess_fn(active):
+            if not index:  # the first turn: every game is still active, in order
+                index.update({id(g): first + i for i, g in enumerate(active)})
+            return wordle_guesses(active, index)
+
+        games = wordle.play(answers[first:first + share], guess_fn)
+        return [g for part in all_gather_objects(games) for g in part]
+
+    def run_eval(step: int) -> dict:
+        """The deployed decoding on held-out prompts or on the evaluation games, shared among the ranks;
+        sampling (if any) uses the same per-episode seeds at every evaluation."""
+        if is_wordle:
+            games = play_eval_games()
+            metrics = wordle.game_metrics(games)
+            samples = [(g.answer, g.text(), g.ret) for g in games]
+        else:
+            def generate_fn(prompts, indices):
+                ids, mask = policy.encode_prompts(prompts, task.max_prompt_tokens, device)
+                return policy.decode(*generate(ids, mask, task.max_new_tokens, task.min_new_tokens, [],
+                                               episode_seeds(args.seed, 1, 0, indices)))
+
+            metrics, samples = evaluate(task, generate_fn, args.eval_episodes, args.batch_size)
         run.log_eval(metrics, samples, step)
         extra = f" | win rate {metrics['eval/win_rate']:.3f}" if is_wordle else ""
         print(f"eval @ step {step}: return {metrics['eval/return_mean']:+.3f} +- {metrics['eval/return_std']:.3f}"
               f"{extra}", flush=True)
         return metrics
 
-    run_eval(0)
-    step, syncs, order, cursor = 0, 0, rng.permutation(len(keep)), 0
+    def checkpoint_state(step: int) -> dict:
+        return {"step": step, "policy": policy.state_dict(), "heads": heads.state_dict() if heads else None,
+                "value_trunk": value_trunk.state_dict() if value_trunk else None,
+                "optimizer": optimizer.state_dict(), "target_syncs": syncs, "data_rng": rng.bit_generator.state,
+                "order": order, "cursor": cursor}
+
+    def flush(pending: list, since: float) -> None:
+        """The one host sync of a logging interval: average the pending steps' statistics over the ranks,
+        stop at the first non-finite loss (every rank reads the same averages, so all stop together),
+        then log every step and print the progress line."""
+        values = all_reduce(torch.stack([row for _, row, _, _ in pending]), "mean").tolist()
+        for (step, _, step_syncs, _), row in zip(pending, values):
+            stats = dict(zip(names, row))
+            losses = {k[len("losses/"):]: v for k, v in stats.items() if k.startswith("losses/")}
+            if not math.isfinite(losses["total_loss"]):
+                raise FloatingPointError(f"non-finite loss at update {step} (gradient step {step}/{args.total_steps}): "
+                                         + ", ".join(f"{k} {v}" for k, v in losses.items()))
+            run.log({**stats, "charts/target_syncs": step_syncs,
+                     "charts/learning_rate": optimizer.param_groups[0]["lr"]}, step)
+        elapsed, n_tokens = time.time() - since, sum(n for *_, n in pending)
+        run.log({"charts/tokens_per_second": n_tokens / elapsed,
+                 "charts/episodes_per_second": len(pending) * args.batch_size / elapsed}, step)
+        if step % args.print_every == 0 or step == args.total_steps:
+            print(f"step {step}/{args.total_steps} | "
+                  + " | ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "total_loss")
+                  + (f" | advantage {stats['values/advantage']:+.3f}" if learn_values else "")
+                  + f" | {n_tokens / elapsed:.0f} tok/s", flush=True)
+
+    if checkpoint is None:
+        run_eval(0)
+        order = rng.permutation(len(keep))
+    stop_on_sigterm()
+    order_on_device = torch.as_tensor(order, device=device)
+    step, pending, since, names = first_step - 1, [], time.time(), []
     try:
-        for step in range(1, args.total_steps + 1):
-            step_start = time.time()
-            if cursor + args.batch_size > len(order):
-                order, cursor = rng.permutation(len(keep)), 0
-            index = torch.as_tensor(order[cursor:cursor + args.batch_size])
-            cursor += args.batch_size
-            batch = {k: v[index] for k, v in data.items()}
-            width = int(batch["attention_mask"].sum(1).max())  # right-padded: drop all-pad columns
-            batch = {k: v[:, :width].to(device) for k, v in batch.items()}
-            ids, attention = batch["input_ids"], batch["attention_mask"]
-            # ALGO LOGIC: align to the decision columns 1..T-1 (index j chose token j+1)
-            actions, mask = ids[:, 1:], batch["action_mask"][:, 1:].float()
-            rewards, dones = batch["rewards"][:, 1:], batch["dones"][:, 1:]
+        try:
+            for step in range(first_step, args.total_steps + 1):
+                if cursor + args.batch_size > len(order):
+                    order, cursor = rng.permutation(len(keep)), 0
+                    order_on_device = torch.as_tensor(order, device=device)
+                # The global batch is order[cursor:cursor + batch_size]; this rank trains on its slice
+                mine = slice(cursor + rank * local_batch, cursor + (rank + 1) * local_batch)
+                width = int(lengths[order[mine]].max())  # right-padded: drop all-pad columns (host-side count)
+                # Every loss is a mean over this rank's action tokens; rescaled by this rank's share of the
+                # global batch's action tokens, the average over ranks is the mean over all of them.
+                token_share = world_size * float(n_actions[order[mine]].sum()) / float(
+                    n_actions[order[cursor:cursor + args.batch_size]].sum())
+                n_tokens = int(lengths[order[cursor:cursor + args.batch_size]].sum())
+                cursor += args.batch_size
+                batch = {k: v[order_on_device[mine], :width] for k, v in data.items()}
+                ids, attention = batch["input_ids"], batch["attention_mask"]
+                # ALGO LOGIC: align to the decision columns 1..T-1 (index j chose token j+1)
+                actions, mask = ids[:, 1:], batch["action_mask"][:, 1:].float()
+                rewards, dones = batch["rewards"][:, 1:], batch["dones"][:, 1:]
 
-            with autocast:
-                pi_logits, hidden = policy(ids, attention, 1)
+                with autocast:
+                    pi_logits, hidden = policy(ids, attention, 1)
+                    if learn_values:
+                        if value_trunk is not None:
+                            _, hidden = value_trunk(ids, attention, 1, with_logits=False)
+                        q_logits, v, target_q_logits = heads(hidden)
+                stats = {}
                 if learn_values:
-                    if value_trunk is not None:
-                        _, hidden = value_trunk(ids, attention, 1, with_logits=False)
-                    q_logits, v, target_q_logits = heads(hidden)
-            stats = {}
-            if learn_values:
-                # ALGO LOGIC: Q of the data tokens, min over the target heads, V of the next state
-                q_taken = [q.gather(2, actions.unsqueeze(-1)).squeeze(-1) for q in q_logits]
-                target_q = target_q_logits.gather(2, actions.unsqueeze(-1)).squeeze(-1)
-                v_next = bootstrap_values(v.detach(), mask, dones)
-                losses = {"q_loss": q_loss(q_taken, rewards, v_next, mask, args.gamma),
-                          "v_loss": expectile_loss(v, target_q, mask, args.tau),
-                          "cql_loss": cql_loss(q_logits, actions, mask)}
-                weights = torch.exp(args.awac_beta * (target_q - v)).detach() if args.awac_beta != 0 else None
-                losses["bc_loss"] = bc_loss(pi_logits, actions, mask, weights)
-                loss = (losses["q_loss"] + losses["v_loss"] + args.cql_weight * losses["cql_loss"]
-                        + args.bc_weight * losses["bc_loss"])
-                stats = {"values/q": masked_mean(q_taken[0], mask), "values/v": masked_mean(v, mask),
-                         "values/target_q": masked_mean(target_q, mask),
-                         "values/advantage": masked_mean(target_q - v, mask)}
-            else:
-                losses = {"bc_loss": bc_loss(pi_logits, actions, mask)}
-                loss = args.bc_weight * losses["bc_loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at step {step}: " +
-                                         ", ".join(f"{k} {v.item()}" for k, v in losses.items()))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            # ALGO LOGIC: Polyak-average the target at the configured rate, inside the step loop: trlX's
-            # callback runs once per epoch since its 2023 refactor, so its targets are almost never synced
-            if learn_values and step % args.target_update_every == 0:
-                polyak_update(heads.target_q_heads, heads.q_heads, args.polyak_alpha)
-                syncs += 1
+                    # ALGO LOGIC: Q of the data tokens, min over the target heads, V of the next state
+                    q_taken = [q.gather(2, actions.unsqueeze(-1)).squeeze(-1) for q in q_logits]
+                    target_q = target_q_logits.gather(2, actions.unsqueeze(-1)).squeeze(-1)
+                    v_next = bootstrap_values(v.detach(), mask, dones)
+                    losses = {"q_loss": q_loss(q_taken, rewards, v_next, mask, args.gamma),
+                              "v_loss": expectile_loss(v, target_q, mask, args.tau),
+                              "cql_loss": cql_loss(q_logits, actions, mask)}
+                    weights = torch.exp(args.awac_beta * (target_q - v)).detach() if args.awac_beta != 0 else None
+                    losses["bc_loss"] = bc_loss(pi_logits, actions, mask, weights)
+                    losses = {k: value * token_share for k, value in losses.items()}
+                    loss = (losses["q_loss"] + losses["v_loss"] + args.cql_weight * losses["cql_loss"]
+                            + args.bc_weight * losses["bc_loss"])
+                    stats = {"values/q": masked_mean(q_taken[0], mask), "values/v": masked_mean(v, mask),
+                             "values/target_q": masked_mean(target_q, mask),
+                             "values/advantage": masked_mean(target_q - v, mask)}
+                else:
+                    losses = {"bc_loss": bc_loss(pi_logits, actions, mask) * token_share}
+                    loss = args.bc_weight * losses["bc_loss"]
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                sync_gradients(params)  # torchrun: average gradients over ranks (a no-op otherwise)
+                optimizer.step()
+                # ALGO LOGIC: Polyak-average the target at the configured rate, inside the step loop: trlX's
+                # callback runs once per epoch since its 2023 refactor, so its targets are almost never synced
+                if learn_values and step % args.target_update_every == 0:
+                    polyak_update(heads.target_q_heads, heads.q_heads, args.polyak_alpha)
+                    syncs += 1
 
-            # TRY NOT TO MODIFY: record metrics
-            n_tokens = int(attention.sum())
-            run.tokens += n_tokens
-            elapsed = time.time() - step_start
-            with torch.no_grad():
-                entropy = masked_mean(entropy_of(pi_logits), mask).item()
-            run.log({**{f"losses/{k}": v.item() for k, v in losses.items()}, "losses/total_loss": loss.item(),
-                     **{k: v.item() for k, v in stats.items()}, "objective/entropy": entropy,
-                     "charts/target_syncs": syncs, "charts/learning_rate": optimizer.param_groups[0]["lr"],
-                     "charts/tokens_per_second": n_tokens / elapsed,
-                     "charts/episodes_per_second": len(index) / elapsed}, step)
-            if step % args.print_every == 0 or step == args.total_steps:
-                print(f"step {step}/{args.total_steps} | "
-                      + " | ".join(f"{k} {v.item():.4f}" for k, v in losses.items())
-                      + (f" | advantage {stats['values/advantage'].item():+.3f}" if stats else "")
-                      + f" | {n_tokens / elapsed:.0f} tok/s", flush=True)
-            if step % args.eval_every == 0 and step != args.total_steps:
-                run_eval(step)
-    except KeyboardInterrupt:  # keep what was learned: evaluate, save and summarise below
-        print(f"interrupted during step {step}; evaluating and saving what was trained so far", flush=True)
+                # TRY NOT TO MODIFY: keep this step's statistics on the device (no host sync per step)
+                with torch.no_grad():
+                    stats["objective/entropy"] = masked_mean(entropy_of(pi_logits), mask)
+                record = {"losses/total_loss": loss, **{f"losses/{k}": v for k, v in losses.items()},
+                          **{k: v * token_share for k, v in stats.items()}}  # token means over all ranks, as the losses
+                names = list(record)
+                pending.append((step, torch.stack([v.detach().float() for v in record.values()]), syncs, n_tokens))
+                run.tokens += n_tokens
+                if any(step % every == 0 for every in (args.print_every, args.eval_every, args.checkpoint_every)) \
+                        or step == args.total_steps:
+                    flush(pending, since)
+                    pending = []
+                    if step % args.eval_every == 0 and step != args.total_steps:
+                        run_eval(step)
+                    if step % args.checkpoint_every == 0 and step != args.total_steps:
+                        save_checkpoint(run, checkpoint_state(step))
+                    since = time.time()
+        except KeyboardInterrupt:  # keep what was learned: evaluate, save and summarise below
+            print(f"interrupted during step {step}; the last checkpoint is kept", flush=True)
+            if world_size > 1:  # the ranks stopped at different points: no collective evaluation is safe now
+                raise SystemExit(130)
+            if pending:  # the steps since the last sync: nothing non-finite is evaluated or saved
+                flush(pending, since)
+            print("evaluating and saving what was trained so far", flush=True)
+    except FloatingPointError as error:  # weights are now unusable: keep the last checkpoint, save nothing
+        run.close()
+        raise SystemExit(f"error: {error}; the last checkpoint (if any) is kept in {run.dir}/checkpoint")
 
     # TRY NOT TO MODIFY: final evaluation, model, summary
     run_eval(step)
-    if args.save_model:
+    if args.save_model and run.is_main:
         policy.model.save_pretrained(os.path.join(run.dir, "model"))  # pi_beta: plain AutoModelForCausalLM
         policy.tokenizer.save_pretrained(os.path.join(run.dir, "model"))
         if learn_values:  # the heads (and value trunk), needed to decode with beta > 0
@@ -466,6 +553,7 @@ def main(args: Args) -> dict:
                        os.path.join(run.dir, "ilql_heads.pt"))
     summary = run.write_summary({"steps": step, "target_syncs": syncs})
     run.close()
+    close_distributed()
     print(f"initial eval/return_mean {summary['initial']['eval/return_mean']:+.3f} -> final "
           f"{summary['final']['eval/return_mean']:+.3f}; {summary['wall_seconds']:.0f}s, "
           f"{summary['tokens_per_second']:.0f} tok/s; run dir {run.dir}", flush=True)
