@@ -4,22 +4,19 @@ Paper: Xu, Dong, Arumugam, Van Roy, "Shattering the Agent-Environment Interface 
 Inclusive Language Models" (arXiv 2305.11455). Its body could not be read; this file follows the
 reconstruction in docs/reward_lm.md (abstract + Dwaracherla et al. 2024, "Efficient Exploration for LLMs").
 
-A response y to a prompt x is followed, in the same token stream, by a feedback token <+> or <->
-written by a human rater. So one GPT-2 over [<bos>, x, y, f] is
+A response y to a prompt x is followed, in the same token stream, by a rater's feedback token <+>
+or <->. So one GPT-2 over [<bos>, x, y, f] is
   - the policy:      pi(y | x), its next-token distribution at the response positions;
   - the transition:  p(f | x, y), its next-token distribution at the feedback position;
   - the reward:      r(x, y) = log p(<+> | x, y), the log-probability that a rater approves.
-Reward learning is then just fine-tuning the LM on the feedback tokens it receives, and the improved
-policy is read off the same model by Bayes' rule, with no PPO:
-    pi_beta(y | x)  ~  pi_ref(y | x) * p(<+> | x, y) ** beta      (beta = 1: the LM conditioned on
-                                                                    approval; beta = inf: argmax)
-Epistemic uncertainty about the feedback comes from an ensemble of small heads with randomized
-priors (or an epinet) on the LM's input embeddings and last hidden state; Thompson sampling queries
-the response that is best under one sampled head, so it tries what the LM undervalues but is unsure of.
-
-The built-in didactic task: a population of rater groups whose deployed mix differs from the
-historical mix the LM was pretrained on; the response the pretrained LM undervalues ("inclusive") is
-in fact the best for the whole population. Agents differ only in which response they query.
+Reward learning is fine-tuning the LM on the feedback tokens it receives; the improved policy is read
+off the same model by Bayes' rule, with no PPO: pi_beta(y | x) ~ pi_ref(y | x) * p(<+> | x, y) ** beta
+(beta = 1: the LM conditioned on approval; beta = inf: argmax). Epistemic uncertainty about the
+feedback comes from an ensemble of small heads with randomized priors (or an epinet) on the LM's
+features; Thompson sampling queries the response that is best under one sampled head.
+The built-in didactic task: rater groups whose deployed mix differs from the historical mix the LM
+was pretrained on, so the response the pretrained LM undervalues ("inclusive") is in fact the best
+for the whole population. Agents differ only in which response they query.
 
 Run:  python reward_lm.py                 # ts, greedy, passive x 5 seeds, a few CPU minutes
       python reward_lm.py --help          # every flag
@@ -81,14 +78,14 @@ class Args(CommonArgs):
     """layers of the built-in tiny GPT-2"""
     n_head: int = 2
     """attention heads of the built-in tiny GPT-2"""
-    pretrain_epochs: int = 3
-    """epochs of next-token pretraining on the historical corpus (0 keeps a loaded model as it is)"""
+    pretrain_epochs: int = 10
+    """epochs of next-token pretraining on the historical corpus, enough to reach its entropy (0 keeps a loaded model as it is)"""
     pretrain_batch_size: int = 256
     """sequences per pretraining step"""
     pretrain_lr: float = 3e-3
     """AdamW learning rate of pretraining"""
-    pretrain_heads: bool = True
-    """also fit the epistemic heads on the historical corpus, so uncertainty starts small where it is dense"""
+    pretrain_heads: bool = False
+    """also fit the epistemic heads on the historical corpus (off: the heads express uncertainty about today's raters, whom those labels do not come from)"""
 
     # Epistemic uncertainty on the feedback prediction
     uncertainty: Literal["ensemble", "epinet"] = "ensemble"
@@ -99,8 +96,10 @@ class Args(CommonArgs):
     """dimension of the epinet index z"""
     head_hidden: int = 32
     """hidden units of each head"""
-    prior_scale: float = 1.0
-    """alpha: the frozen prior functions are scaled to about unit logit std at init, times this"""
+    prior_scale: float = 0.67
+    """alpha: prior std in logits of a response's approval today around the LM's belief (2/3: a share rho ~ U(0, 1) of raters with unknown approval u ~ U(0, 1) gives std 1/6 in probability)"""
+    relative_prior: bool = True
+    """measure alpha on a response's prior offset relative to the prompt's other responses (what TS's argmax sees); off: on the raw offsets, mostly shared across responses"""
     bootstrap: bool = True
     """ensemble only: each head sees each data point with probability 1/2 (fixed per point and head)"""
     anchor_coef: float = 1.0
@@ -122,7 +121,9 @@ class Args(CommonArgs):
     update_batch_size: int = 64
     """feedback examples per online step (sampled with replacement from the buffer)"""
     learning_rate: float = 1e-4
-    """AdamW learning rate of the online phase (a fresh AdamW at 1e-3 moves every logit by ~2 in its first steps)"""
+    """AdamW learning rate of the LM in the online phase (a fresh AdamW at 1e-3 moves every logit by ~2 in its first steps)"""
+    head_learning_rate: float = 1e-3
+    """AdamW learning rate of the heads in the online phase: their output starts at 0 and must cancel priors of ~1 logit"""
     buffer_size: int = 4096
     """FIFO capacity of the online feedback buffer"""
     replay_coef: float = 0.1
@@ -141,12 +142,9 @@ class Args(CommonArgs):
     """torch CPU threads: this tiny model gains nothing from more, and extra threads thrash when other processes share the cores"""
 
 
-# ----------------------------------------------------------------------------------------------
-# The didactic data-generating process: rater groups, historical vs deployed mix
-# ----------------------------------------------------------------------------------------------
+# ---- The didactic data-generating process: rater groups, historical vs deployed mix ----
 class InclusivePopulationEnv:
     """Prompts x in 0..P-1, responses r = K*i + j for answer tokens (a_i, a_j), G rater groups.
-
     For every prompt, G+1 "special" responses use disjoint tokens: fav_g is group g's favourite
     (0.9 from g, 0.1 from the others) and `inc` is approved by every minority (0.95) and half the
     majority; it ends with the "inclusive word" a_{K-1}, which minorities like anywhere (U(0.5, 0.8))
@@ -168,20 +166,16 @@ class InclusivePopulationEnv:
             tokens = rng.permutation(K - 1)
             special = [K * tokens[2 * s] + tokens[2 * s + 1] for s in range(G)] + [K * tokens[2 * G] + K - 1]
             self.special[x] = special
-            for g in range(G):
-                self.approval[:, x, special[g]] = 0.1
-                self.approval[g, x, special[g]] = 0.9
-            self.approval[:, x, special[G]] = 0.95
+            self.approval[:, x, special] = 0.1 + 0.8 * np.eye(G, G + 1) + 0.85 * (np.arange(G + 1) == G)
             self.approval[0, x, special[G]] = inclusive_majority_approval
             # minorities like the inclusive word wherever it appears, so what is learned about it transfers
             uses_word = [r for r in range(self.R) if K - 1 in divmod(r, K) and r != special[G]]
             self.approval[1:, x, uses_word] = rng.uniform(0.5, 0.8, size=(G - 1, len(uses_word)))
             # the majority's favourite dominates the logs; inc is almost never written
             others = rng.permutation([r for r in range(self.R) if r not in special and r % K != K - 1 and r // K != K - 1])
-            rest = 1.0 - 0.40 - 0.05 * (G - 1) - inclusive_pretrain_mass
-            zipf = 1.0 / np.arange(1, len(others) + 1)
-            self.pi0[x, others] = rest * zipf / zipf.sum()
             self.pi0[x, special] = [0.40] + [0.05] * (G - 1) + [inclusive_pretrain_mass]
+            zipf = 1.0 / np.arange(1, len(others) + 1)
+            self.pi0[x, others] = (1.0 - self.pi0[x].sum()) * zipf / zipf.sum()
         self.theta = np.tensordot(self.deployed, self.approval, 1)  # true population approval [P, R]
         self.theta_historical = np.tensordot(self.historical, self.approval, 1)
         self.best = self.theta.argmax(1)
@@ -201,9 +195,7 @@ class InclusivePopulationEnv:
         return x, r, f
 
 
-# ----------------------------------------------------------------------------------------------
-# ALGO LOGIC: pure pieces of the method (each unit-tested in tests/test_reward_lm.py)
-# ----------------------------------------------------------------------------------------------
+# ---- ALGO LOGIC: pure pieces of the method (each unit-tested in tests/test_reward_lm.py) ----
 def conditioned_policy(log_pi_ref: torch.Tensor, p_approve: torch.Tensor, beta: float) -> torch.Tensor:
     """pi_beta(y|x) = pi_ref(y|x) p(<+>|x,y)^beta / Z(x) over the last dim; beta = inf is the argmax
     of p (first one on ties): the policy improvement is Bayes' rule on the LM, no optimisation."""
@@ -215,7 +207,6 @@ def conditioned_policy(log_pi_ref: torch.Tensor, p_approve: torch.Tensor, beta: 
 def select_queries(agent: str, ell_z: torch.Tensor, log_pi_ref: torch.Tensor, x: torch.Tensor,
                    gen: torch.Generator, temperature: float) -> torch.Tensor:
     """The only thing agents differ in: which response to query for each prompt in `x`.
-
     ell_z: [S, P, R] feedback logits under S epistemic indices; log_pi_ref: [P, R]."""
     probs = torch.sigmoid(ell_z)
     if agent == "ts":  # Thompson sampling: act greedily w.r.t. one sampled reward model per query
@@ -242,17 +233,13 @@ def head_loss(ell0: torch.Tensor, offsets: torch.Tensor, f: torch.Tensor, weight
 def queries_to_target(n_queries: np.ndarray, values: np.ndarray, target: float) -> float:
     """First query count from which the value stays >= target until the end; inf if never."""
     below = np.nonzero(values < target)[0]
-    if len(below) == 0:
-        return float(n_queries[0])
-    return float(n_queries[below[-1] + 1]) if below[-1] + 1 < len(values) else math.inf
+    last = below[-1] if len(below) else -1
+    return float(n_queries[last + 1]) if last + 1 < len(values) else math.inf
 
 
-# ----------------------------------------------------------------------------------------------
-# Model pieces: the epistemic heads and the one LM that plays all three roles
-# ----------------------------------------------------------------------------------------------
+# ---- Model pieces: the epistemic heads and the one LM that plays all three roles ----
 class EpistemicHead(nn.Module):
     """Index-dependent offsets to the LM's approval logit, from its (detached) features h.
-
     ensemble: z in {0..M-1}, offset_z(h) = g_z(h) + alpha * prior_z(h) with M small MLPs;
     epinet:   z ~ N(0, I_d), offset_z(h) = (g([h, z]) + alpha * prior([h, z])) . z  (Osband et al.).
     Priors are frozen; trainable output layers start at 0, so before training the heads differ by
@@ -262,31 +249,28 @@ class EpistemicHead(nn.Module):
         super().__init__()
         self.kind, self.size, self.index_dim, self.prior_scale = kind, size, index_dim, prior_scale
         n, fan_in, out = (size, hidden, 1) if kind == "ensemble" else (1, hidden + index_dim, index_dim)
-
         def mlp(trainable: bool):  # He-style init: unit-scale outputs for unit-scale features
             w1 = torch.randn(n, fan_in, units) / math.sqrt(fan_in)
             w2 = torch.zeros(n, units, out) if trainable else torch.randn(n, units, out) * math.sqrt(2 / (units * out))
             return [w1, torch.zeros(n, 1, units), w2]
-
         self.params = nn.ParameterList([nn.Parameter(t) for t in mlp(True)])
-        for i, t in enumerate(mlp(False)):
-            self.register_buffer(f"prior{i}", t)
+        for i, t in enumerate(mlp(False)): self.register_buffer(f"prior{i}", t)
         self.register_buffer("init", torch.cat([p.detach().flatten() for p in self.params]).clone())
+        self.register_buffer("prior_norm", torch.ones(()))  # set by RewardLM.calibrate_prior
 
     def sample_z(self, n: int, gen: torch.Generator) -> torch.Tensor:  # ensemble: every head; epinet: n draws
-        return torch.arange(n) if self.kind == "ensemble" else torch.randn(n, self.index_dim, generator=gen)
+        return torch.arange(self.size) if self.kind == "ensemble" else torch.randn(n, self.index_dim, generator=gen)
 
     def forward(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """h [N, H], z (ensemble: indices [S]; epinet: [S, d]) -> offsets [S, N]."""
         def run(w1, b1, w2, inputs):  # inputs [n, N, fan_in] -> [n, N, out]
             return torch.relu(inputs @ w1 + b1) @ w2
-
         z = z.to(h.device)
         if self.kind == "ensemble":  # all M heads at once, then the requested ones
             inputs = h.unsqueeze(0).expand(self.size, -1, -1)
         else:  # one net over [h, z] for each index sample
             inputs = torch.cat([h.unsqueeze(0).expand(len(z), -1, -1), z[:, None, :].expand(-1, len(h), -1)], -1)
-        out = run(*self.params, inputs) + self.prior_scale * run(self.prior0, self.prior1, self.prior2, inputs)
+        out = run(*self.params, inputs) + self.prior_scale * self.prior_norm * run(self.prior0, self.prior1, self.prior2, inputs)
         return out.squeeze(-1)[z] if self.kind == "ensemble" else (out * z[:, None, :]).sum(-1)
 
     def anchor(self) -> torch.Tensor:
@@ -325,15 +309,22 @@ class RewardLM(nn.Module):
     def table(self, P: int, R: int, z: torch.Tensor):
         """Every (prompt, response): log pi [P, R], ell0 [P, R], ell_z [S, P, R] in one batched forward."""
         x = torch.arange(P, device=self.answer_ids.device).repeat_interleave(R)
-        r = torch.arange(R, device=x.device).repeat(P)
-        log_pi, ell0, h, _, _ = self(x, r)
+        log_pi, ell0, h, _, _ = self(x, torch.arange(R, device=x.device).repeat(P))
         ell_z = ell0 + self.head(h, z)
         return log_pi.view(P, R), ell0.view(P, R), ell_z.view(-1, P, R)
+
+    def calibrate_prior(self, P: int, R: int) -> None:
+        """Rescale the prior so that a response's offset relative to the mean over the prompt's responses has
+        std alpha; call it before the heads are fitted (offsets = prior alone). TS's argmax ignores what all
+        responses of a prompt share, and a random ReLU net on these features shares most of its output
+        across them (correlation ~0.7): measured on the raw offsets, alpha leaves only ~alpha/2 that matters."""
+        _, ell0, ell_z = self.table(P, R, self.head.sample_z(64, torch.Generator().manual_seed(0)))
+        rel = (ell_z - ell0) - (ell_z - ell0).mean(-1, keepdim=True)
+        self.head.prior_norm *= self.head.prior_scale / rel.std(0).mean().clamp_min(1e-8)
 
 
 def train_step(model: RewardLM, optimizer, x, r, f, weights, n_data: int, args: Args, gen, mode: str, replay=None):
     """One AdamW step of the joint objective.
-
     pretrain: next-token NLL over [x, a_i, a_j, f] (the LM learns policy and transition together);
     online:   BCE of the LM's own approval logit on deployed feedback (reward learning = fine-tuning
               the transition), plus kappa * NLL on historical sequences with the feedback masked,
@@ -342,8 +333,7 @@ def train_step(model: RewardLM, optimizer, x, r, f, weights, n_data: int, args: 
     n = len(x)
     if replay is not None:  # one batched forward for the feedback batch and the replay batch
         x, r = torch.cat([x, replay[0]]), torch.cat([r, replay[1]])
-    log_pi, ell0, h, logits, ids = model(x, r)
-    stats = {}
+    (log_pi, ell0, h, logits, ids), stats = model(x, r), {}
     if mode == "pretrain":
         targets = torch.cat([ids[:, 1:], torch.where(f > 0.5, model.plus, model.minus)[:, None]], 1)
         loss = stats["lm_nll"] = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
@@ -354,8 +344,7 @@ def train_step(model: RewardLM, optimizer, x, r, f, weights, n_data: int, args: 
             if args.replay_feedback:  # historical raters too: keeps what the LM knew about responses nobody re-asked
                 targets = torch.cat([targets, torch.where(replay[2] > 0.5, model.plus, model.minus)[:, None]], 1)
             replay_nll = F.cross_entropy(logits[n:, :targets.shape[1]].flatten(0, 1).float(), targets.flatten())
-            loss = loss + args.replay_coef * replay_nll
-            stats["replay_nll"] = replay_nll
+            loss, stats["replay_nll"] = loss + args.replay_coef * replay_nll, replay_nll
     if mode == "online" or args.pretrain_heads:
         z = model.head.sample_z(args.ensemble_size, gen)
         stats["head_bce"] = head_loss(ell0[:n], model.head(h[:n].detach(), z), f,
@@ -363,15 +352,11 @@ def train_step(model: RewardLM, optimizer, x, r, f, weights, n_data: int, args: 
         loss = loss + stats["head_bce"] + args.anchor_coef / n_data * model.head.anchor()
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss during {mode}: {({k: v.item() for k, v in stats.items()})}")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    optimizer.zero_grad(set_to_none=True), loss.backward(), optimizer.step()
     return {k: v.item() for k, v in stats.items()}
 
 
-# ----------------------------------------------------------------------------------------------
-# Building and pretraining the LM (the "pretrained language model" of the didactic task)
-# ----------------------------------------------------------------------------------------------
+# ---- Building and pretraining the LM (the "pretrained language model" of the didactic task) ----
 def task_tokens(args: Args) -> list[str]:
     return (["<pad>", "<unk>", "<bos>", "<+>", "<->"] + [f"q{i}" for i in range(args.n_prompts)]
             + [f"a{k}" for k in range(args.n_answer_tokens)])
@@ -381,20 +366,17 @@ def build_lm(args: Args, base=None):
     """(GPT-2, tokenizer, token ids): a fresh tiny GPT-2 with a word-level tokenizer trained by
     `tokenizers`, or a loaded (model, tokenizer) with any missing task tokens added."""
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
     if base is None:
         from tokenizers import Tokenizer, models, pre_tokenizers
-
         vocab = {t: i for i, t in enumerate(task_tokens(args))}
         word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
         word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="<bos>", eos_token="<pad>",
                                             pad_token="<pad>", unk_token="<unk>")
-        lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_positions=8, n_embd=args.n_embd,
-                                        n_layer=args.n_layer, n_head=args.n_head, n_inner=2 * args.n_embd,
-                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                        bos_token_id=vocab["<bos>"], eos_token_id=vocab["<pad>"],
-                                        pad_token_id=vocab["<pad>"]))
+        lm = GPT2LMHeadModel(GPT2Config(
+            vocab_size=len(vocab), n_positions=8, n_embd=args.n_embd, n_layer=args.n_layer, n_head=args.n_head,
+            n_inner=2 * args.n_embd, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=vocab["<bos>"],
+            eos_token_id=vocab["<pad>"], pad_token_id=vocab["<pad>"]))
     else:
         lm, tokenizer = copy.deepcopy(base[0]), base[1]
     vocab = tokenizer.get_vocab()
@@ -404,23 +386,15 @@ def build_lm(args: Args, base=None):
     return lm, tokenizer, ids
 
 
-def add_task_tokens(lm, tokenizer, args: Args) -> None:
-    """A GPT-2 from elsewhere gets the task's words as new tokens; it learns them in pretraining."""
-    missing = [t for t in task_tokens(args) if t not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_tokens(missing, special_tokens=True)
-        lm.resize_token_embeddings(len(tokenizer))
-
-
 def pretrain(model: RewardLM, env: InclusivePopulationEnv, args: Args, seed: int, device):
     """Next-token pretraining on historical logs (and the heads, so their disagreement reflects the data)."""
     x, r, f = (torch.as_tensor(a, device=device) for a in env.pretrain_corpus(args.pretrain_size, np.random.default_rng([seed, 1])))
     gen = torch.Generator().manual_seed(seed)
     weights = (torch.rand(len(x), args.ensemble_size, generator=gen) < 0.5).float().to(device) if args.bootstrap else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, weight_decay=0.0)
-    steps_per_epoch = -(-len(x) // args.pretrain_batch_size)
     # warm-up then cosine decay: at a constant rate the rare responses' feedback never settles
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.pretrain_lr, total_steps=max(1, args.pretrain_epochs * steps_per_epoch), pct_start=0.1)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.pretrain_lr, pct_start=0.1,
+                                                    total_steps=max(1, args.pretrain_epochs * -(-len(x) // args.pretrain_batch_size)))
     for epoch in range(args.pretrain_epochs):
         order, stats = torch.randperm(len(x), generator=gen).to(device), []
         for b in order.split(args.pretrain_batch_size):
@@ -432,31 +406,24 @@ def pretrain(model: RewardLM, env: InclusivePopulationEnv, args: Args, seed: int
     return x, r, f  # kept for the online replay term
 
 
-# ----------------------------------------------------------------------------------------------
-# Metrics: everything is exact, because the task enumerates every (prompt, response)
-# ----------------------------------------------------------------------------------------------
+# ---- Metrics: everything is exact, because the task enumerates every (prompt, response) ----
 def evaluate(model: RewardLM, env: InclusivePopulationEnv, log_pi_ref: torch.Tensor, args: Args, gen):
     """eval/* metrics of the exploit policy read off the model, plus the per-index logits agents select from."""
     z = model.head.sample_z(args.ensemble_size, gen)
     log_pi, ell0, ell_z = model.table(env.P, env.R, z)
-    probs = torch.sigmoid(ell_z)
-    p_mean, p_std = probs.mean(0), probs.std(0)
+    p_mean, p_std = torch.sigmoid(ell_z).mean(0), torch.sigmoid(ell_z).std(0)
     theta = torch.as_tensor(env.theta, dtype=torch.float32, device=p_mean.device)
     exploit, beta1 = conditioned_policy(log_pi_ref, p_mean, args.beta), conditioned_policy(log_pi_ref, p_mean, 1.0)
     per_prompt = (exploit * theta).sum(1)
-    best = torch.as_tensor(env.best, device=p_mean.device)
-    rows = torch.arange(env.P, device=p_mean.device)
+    best, rows = torch.as_tensor(env.best, device=p_mean.device), torch.arange(env.P, device=p_mean.device)
     metrics = {
         "eval/return_mean": per_prompt.mean().item(), "eval/return_std": per_prompt.std(unbiased=False).item(),
-        "eval/regret": env.opt_value - per_prompt.mean().item(),
+        "eval/regret": env.opt_value - per_prompt.mean().item(), "eval/value_beta1": (beta1 * theta).sum(1).mean().item(),
         "eval/frac_optimal": (p_mean.argmax(1) == best).float().mean().item(),
-        "eval/value_beta1": (beta1 * theta).sum(1).mean().item(),
         "eval/kl_beta1_ref": (beta1 * (beta1.clamp_min(1e-30).log() - log_pi_ref)).sum(1).mean().item(),
         "eval/policy_drift_kl": (log_pi_ref.exp() * (log_pi_ref - log_pi)).sum(1).mean().item(),
-        "eval/reward_err": (p_mean - theta).abs().mean().item(),
-        "eval/exploit_err": (p_mean - theta).abs()[rows, p_mean.argmax(1)].mean().item(),
-        "eval/std_best": p_std[rows, best].mean().item(),
-    }
+        "eval/reward_err": (p_mean - theta).abs().mean().item(), "eval/std_best": p_std[rows, best].mean().item(),
+        "eval/exploit_err": (p_mean - theta).abs()[rows, p_mean.argmax(1)].mean().item()}
     return metrics, ell_z.cpu(), " ".join(str(int(y)) for y in p_mean.argmax(1))
 
 
@@ -466,7 +433,8 @@ def run_agent(agent: str, model: RewardLM, env: InclusivePopulationEnv, log_pi_r
     Returns one row per round: the evaluation before the round's update and what the round queried."""
     gen = torch.Generator().manual_seed(seed)
     prompt_rng, rater_rng = np.random.default_rng([seed, 2]), np.random.default_rng([seed, 3])  # same prompts for every agent
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([{"params": model.lm.parameters()}, {"params": model.head.parameters(),
+                                   "lr": args.head_learning_rate}], lr=args.learning_rate, weight_decay=0.0)
     buffer = {k: torch.empty(0, device=device) for k in ("x", "r", "f", "w")}
     theta = torch.as_tensor(env.theta, dtype=torch.float32)
     n_rounds, cum_regret, curve, start = args.queries // args.queries_per_round, 0.0, [], time.time()
@@ -474,10 +442,8 @@ def run_agent(agent: str, model: RewardLM, env: InclusivePopulationEnv, log_pi_r
         n_queries = rnd * args.queries_per_round
         metrics, ell_z, exploit = evaluate(model, env, log_pi_ref, args, gen)
         curve.append({"n_queries": n_queries, **metrics, "exploit": exploit})
-        for k, v in metrics.items():
-            writer.add_scalar(k, v, n_queries)
-        if rnd == n_rounds:
-            break
+        for k, v in metrics.items(): writer.add_scalar(k, v, n_queries)
+        if rnd == n_rounds: break
         # ALGO LOGIC: 1. pick the responses to query (the only difference between agents)
         x = torch.as_tensor(prompt_rng.integers(env.P, size=args.queries_per_round))
         r = select_queries(agent, ell_z, log_pi_ref.cpu(), x, gen, args.boltzmann_temperature)
@@ -492,10 +458,8 @@ def run_agent(agent: str, model: RewardLM, env: InclusivePopulationEnv, log_pi_r
         n_steps = min(args.updates_per_round, math.ceil(args.update_epochs * len(buffer["x"]) / args.update_batch_size))
         for _ in range(n_steps):
             b = torch.randint(len(buffer["x"]), (args.update_batch_size,), generator=gen).to(device)
-            replay = None
-            if args.replay_coef > 0:
-                c = torch.randint(len(corpus[0]), (args.update_batch_size,), generator=gen).to(device)
-                replay = (corpus[0][c], corpus[1][c], corpus[2][c])
+            c = torch.randint(len(corpus[0]), (args.update_batch_size,), generator=gen).to(device)
+            replay = tuple(t[c] for t in corpus) if args.replay_coef > 0 else None
             stats.append(train_step(model, optimizer, buffer["x"][b], buffer["r"][b], buffer["f"][b],
                                     buffer["w"][b] if args.bootstrap else None, n_seen, args, gen, "online", replay))
             run.tokens += 4 * args.update_batch_size * (1 if replay is None else 2)
@@ -511,42 +475,38 @@ def run_agent(agent: str, model: RewardLM, env: InclusivePopulationEnv, log_pi_r
                      "charts/seconds": time.time() - start}.items():
             writer.add_scalar(k, v, n_seen)
         if (rnd + 1) % args.progress_every == 0 or rnd + 1 == n_rounds:
-            print(f"  seed {seed} {agent:9s} | queries {n_seen:5d}/{args.queries} | exploit value "
-                  f"{metrics['eval/return_mean']:.3f} ({metrics['eval/return_mean'] / env.opt_value:.0%} of opt) "
-                  f"| optimal on {metrics['eval/frac_optimal']:.0%} of prompts | std chosen {std_chosen:.3f} "
-                  f"best {metrics['eval/std_best']:.3f} | cum regret {cum_regret:.1f} | {time.time() - start:.0f}s",
-                  flush=True)
+            value = metrics["eval/return_mean"]
+            print(f"  seed {seed} {agent:9s} | queries {n_seen:5d}/{args.queries} | exploit value {value:.3f} "
+                  f"({value / env.opt_value:.0%} of opt) | optimal on {metrics['eval/frac_optimal']:.0%} of prompts | std "
+                  f"chosen {std_chosen:.3f} best {metrics['eval/std_best']:.3f} | cum regret {cum_regret:.1f} | "
+                  f"{time.time() - start:.0f}s", flush=True)
     return curve
 
 
 def summarise(curves: dict, opt_values: dict, args: Args) -> dict:
     """Per agent: queries to target on each seed (inf if never), median and range, final value and regret."""
-    out = {}
+    out, value = {}, lambda curve, key="eval/return_mean": np.array([c[key] for c in curve])
     for agent, by_seed in curves.items():
-        q = {s: queries_to_target(np.array([c["n_queries"] for c in curve]),
-                                  np.array([c["eval/return_mean"] for c in curve]), args.target_fraction * opt_values[s])
-             for s, curve in by_seed.items()}
+        q = {s: queries_to_target(value(c, "n_queries"), value(c), args.target_fraction * opt_values[s])
+             for s, c in by_seed.items()}
         out[agent] = {
             "queries_to_target": {str(s): (v if math.isfinite(v) else None) for s, v in q.items()},
             "median": float(np.median(list(q.values()))), "min": min(q.values()), "max": max(q.values()),
             "seeds_reached": sum(math.isfinite(v) for v in q.values()), "num_seeds": len(q),
-            "final_value": float(np.mean([c[-1]["eval/return_mean"] for c in by_seed.values()])),
+            "final_value": float(np.mean([value(c)[-1] for c in by_seed.values()])),
             "final_cum_regret": float(np.mean([c[-2]["objective/cum_regret"] for c in by_seed.values()])),
-            "value_auc": float(np.mean([np.mean([r["eval/return_mean"] for r in c]) for c in by_seed.values()])),
-        }
+            "value_auc": float(np.mean([value(c).mean() for c in by_seed.values()]))}
     return out
 
 
 def format_table(summary: dict, opt_value: float, queries: int, target: float) -> str:
     fmt = lambda v: f"{v:.0f}" if math.isfinite(v) else f">{queries}"
-    lines = [f"queries until the exploit policy stays >= {target:.0%} of the optimum ({opt_value:.3f}):",
-             f"{'agent':10s} | {'median':>7s} | {'range over seeds':>16s} | reached | final value | cum regret",
-             "-" * 78]
-    for agent, s in summary.items():
-        lines.append(f"{agent:10s} | {fmt(s['median']):>7s} | {fmt(s['min']) + ' - ' + fmt(s['max']):>16s} | "
-                     f"{s['seeds_reached']}/{s['num_seeds']:<5d} | {s['final_value']:.3f} ({s['final_value'] / opt_value:.0%}) "
-                     f"| {s['final_cum_regret']:.1f}")
-    return "\n".join(lines)
+    return "\n".join([f"queries until the exploit policy stays >= {target:.0%} of the optimum ({opt_value:.3f}):",
+                      f"{'agent':10s} | {'median':>7s} | {'range over seeds':>16s} | reached | final value | cum regret",
+                      "-" * 78] + [
+        f"{agent:10s} | {fmt(s['median']):>7s} | {fmt(s['min']) + ' - ' + fmt(s['max']):>16s} | {s['seeds_reached']}/"
+        f"{s['num_seeds']:<5d} | {s['final_value']:.3f} ({s['final_value'] / opt_value:.0%}) | {s['final_cum_regret']:.1f}"
+        for agent, s in summary.items()])
 
 
 def main(args: Args) -> dict:
@@ -563,8 +523,8 @@ def main(args: Args) -> dict:
             raise ValueError(f"--queries / --queries-per-round: {args.queries} is not divisible by {args.queries_per_round}")
         if unknown := [a for a in args.agents if a not in AGENTS]:
             raise ValueError(f"unknown agent(s) {unknown}; choose from {', '.join(AGENTS)}")
-        if len(args.deployed_mix) != len(args.historical_mix) or not all(
-                abs(sum(m) - 1) < 1e-6 and min(m) >= 0 for m in (args.deployed_mix, args.historical_mix)):
+        mixes = (args.deployed_mix, args.historical_mix)
+        if len(mixes[0]) != len(mixes[1]) or not all(abs(sum(m) - 1) < 1e-6 and min(m) >= 0 for m in mixes):
             raise ValueError("--deployed-mix and --historical-mix must be distributions over the same groups")
         if 2 * len(args.deployed_mix) + 2 > args.n_answer_tokens:
             raise ValueError(f"--n-answer-tokens must be >= {2 * len(args.deployed_mix) + 2} for disjoint special responses")
@@ -573,16 +533,15 @@ def main(args: Args) -> dict:
         device, base = pick_device(args.cuda), None
         if args.model_name != "tiny-gpt2":
             from common.models import load_policy
-
             policy = load_policy(args.model_name, None, device) if args.model_name != "tiny-t5" else None
             if policy is None or policy.is_seq2seq:
                 raise ValueError(f"{args.model_name!r} is a seq2seq model; reward_lm.py needs a causal LM")
-            add_task_tokens(policy.model, policy.tokenizer, args)
-            base = (policy.model, policy.tokenizer)
+            base = (policy.model, policy.tokenizer)  # it gets the task's words as new tokens, learned in pretraining
+            if missing := [t for t in task_tokens(args) if t not in base[1].get_vocab()]:
+                base[1].add_tokens(missing, special_tokens=True), base[0].resize_token_embeddings(len(base[1]))
     except (ValueError, OSError) as error:
         raise SystemExit(f"error: {error}")
     from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the run's output
     run = Run(args, "reward_lm.py")
     seed_everything(args.seed, args.torch_deterministic)
@@ -592,16 +551,18 @@ def main(args: Args) -> dict:
     curves, envs, rows = {agent: {} for agent in args.agents}, {}, []
     for seed in seeds:
         env = envs[seed] = InclusivePopulationEnv(seed, args.n_prompts, args.n_answer_tokens, args.deployed_mix,
-                                                  args.historical_mix, args.inclusive_majority_approval,
-                                                  args.inclusive_pretrain_mass)
+                                                  args.historical_mix, args.inclusive_majority_approval, args.inclusive_pretrain_mass)
         torch.manual_seed(seed)
         lm, tokenizer, ids = build_lm(args, base)
         head = EpistemicHead(args.uncertainty, 4 * lm.config.hidden_size, args.head_hidden, args.ensemble_size,
                              args.index_dim, args.prior_scale)
         model = RewardLM(lm, ids, head).to(device)
-        print(f"seed {seed}: pretraining on {args.pretrain_size} historical sequences (optimum {env.opt_value:.3f})",
-              flush=True)
+        print(f"seed {seed}: pretraining on {args.pretrain_size} historical sequences (optimum {env.opt_value:.3f})")
+        if args.relative_prior and args.pretrain_heads:  # measured before the heads are first fitted
+            model.calibrate_prior(env.P, env.R)
         corpus = pretrain(model, env, args, seed, device)
+        if args.relative_prior and not args.pretrain_heads:  # ... on the pretrained LM's features
+            model.calibrate_prior(env.P, env.R)
         with torch.no_grad():  # pi_ref: the pretrained LM's policy, frozen as a table (the task enumerates it)
             log_pi_ref = model.table(env.P, env.R, model.head.sample_z(1, torch.Generator()))[0]
         for agent in args.agents:
@@ -611,8 +572,7 @@ def main(args: Args) -> dict:
             writer.close()
             rows += [{"seed": seed, "agent": agent, **c} for c in curves[agent][seed]]
             if args.save_model and seed == seeds[0] and agent == args.agents[0]:  # plain from_pretrained loads it
-                agent_model.lm.save_pretrained(os.path.join(run.dir, "model"))
-                tokenizer.save_pretrained(os.path.join(run.dir, "model"))
+                for part in (agent_model.lm, tokenizer): part.save_pretrained(os.path.join(run.dir, "model"))
                 torch.save(agent_model.head.state_dict(), os.path.join(run.dir, "model", "epistemic_head.pt"))
     # TRY NOT TO MODIFY: the method's seed-mean curve goes to eval/*, every row to curves.csv, the table last
     method, env = args.agents[0], envs[seeds[0]]
@@ -622,10 +582,8 @@ def main(args: Args) -> dict:
                    for x, y in enumerate(point["exploit"].split())]
         run.log_eval(mean, samples, point["n_queries"])
     with open(os.path.join(run.dir, "curves.csv"), "w", newline="") as handle:
-        fields = list(dict.fromkeys(k for row in rows for k in row))
-        table = csv.DictWriter(handle, fieldnames=fields)
-        table.writeheader()
-        table.writerows(rows)
+        table = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+        table.writeheader(), table.writerows(rows)
     per_agent = summarise(curves, {s: e.opt_value for s, e in envs.items()}, args)
     opt_value = float(np.mean([e.opt_value for e in envs.values()]))
     summary = run.write_summary({"seeds": seeds, "opt_value": opt_value, "agents": per_agent})
