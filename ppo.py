@@ -28,9 +28,10 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import tyro
 
-from common.models import Policy, ValueHead, entropy_of, frozen_copy, load_policy, logprobs_of
+from common.models import Policy, ValueHead, frozen_copy, load_policy
 from common.tasks import RewardError, evaluate, make_task
 from common.utils import (CommonArgs, Run, all_reduce, close_distributed, episode_seeds, exact_div, init_distributed,
                           masked_mean, masked_whiten, restore_rng_states, resume_args, save_checkpoint, seed_everything,
@@ -183,16 +184,23 @@ class FixedKLController:
 
 
 def forward_logprobs(policy: Policy, input_ids, attention_mask, start: int, temperature: float,
-                     min_length: int = 0):
+                     min_length: int = 0, entropy_grad: bool = True):
     """Log-probs and entropies of the response tokens under the temperature-scaled policy.
 
     `generate` forbids EOS in the first `min_length` response tokens, so the policy the ratio measures
-    must forbid it too, or rollouts come from another distribution than the one being optimised."""
+    must forbid it too, or rollouts come from another distribution than the one being optimised.
+    One log-softmax serves both outputs, and with `entropy_grad=False` (no entropy bonus) the entropy
+    stays out of the autograd graph: with GPT-2's 50k vocabulary the [B, T, V] passes are a large share
+    of a minibatch step (benchmarks/README.md)."""
     logits, _ = policy(input_ids, attention_mask, start)
     logits = logits / temperature
     if min_length > 0:  # a large finite value, not -inf, so entropy stays finite (0 * log 0 -> 0)
         logits[:, :min_length, policy.tokenizer.eos_token_id] = -1e9
-    return logprobs_of(logits, input_ids[:, start:]), entropy_of(logits)
+    logp = F.log_softmax(logits.float(), dim=-1)
+    logprobs = torch.gather(logp, 2, input_ids[:, start:].unsqueeze(-1)).squeeze(-1)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = -(logp.exp() * logp).sum(-1)
+    return logprobs, entropy
 
 
 class Critic(nn.Module):
@@ -329,7 +337,8 @@ def main(args: Args) -> dict:
                 for mb in torch.randperm(local_batch, device=device).split(local_minibatch):
                     with autocast:
                         new_logprobs, entropy = forward_logprobs(policy, input_ids[mb], attention_mask[mb], start,
-                                                                 args.temperature, min_response_length)
+                                                                 args.temperature, min_response_length,
+                                                                 entropy_grad=args.ent_coef != 0)
                         new_values = critic(input_ids[mb], attention_mask[mb], start).float()
                     pg_loss, pg_stats = ppo_policy_loss(new_logprobs, logprobs[mb], advantages[mb], mask[mb],
                                                         args.clip_range)

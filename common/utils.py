@@ -199,8 +199,13 @@ def sync_gradients(parameters, bucket_numel: int = 1 << 24) -> None:
     if not dist.is_initialized():
         return
     params = [p for p in parameters if p.requires_grad]
+    # A parameter no rank used keeps grad None (the optimizer skips it, as in one process); one that some
+    # rank used gets zeros where it was unused, so that every rank sends the same tensors.
+    used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+    dist.all_reduce(used)
+    params = [p for p, u in zip(params, used.tolist()) if u > 0]
     for p in params:
-        if p.grad is None:  # every rank must send the same tensors, used this step or not
+        if p.grad is None:
             p.grad = torch.zeros_like(p)
     world_size, bucket = dist.get_world_size(), []
     for i, p in enumerate(params):

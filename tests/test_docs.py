@@ -55,6 +55,7 @@ TINY = {
 METHOD_COMMON = ["--no-save-model"]
 # Other documented programs: how to make each tiny (given a temporary directory).
 OTHER = {
+    "benchmarks/ppo_step.py": lambda tmp: ["--steps", "1", "--repeats", "1"],
     "benchmarks/ilql_wordle.py": lambda tmp: ["--games", "8", "--output-dir", os.path.join(tmp, "ilql_wordle"), "--",
                                               "--total-steps", "2", "--batch-size", "4", "--eval-every", "2",
                                               "--wordle-games", "64"],
@@ -108,8 +109,7 @@ def plan(command: str, tmp: str) -> tuple[str, list[str]]:
         script, flags = argv[at], argv[at + 1:]
         if needs_network(flags) or "--nnodes" in argv or "--resume" in flags:
             return "parse", [script, *flags]
-        port = str(29600 + sum(map(ord, command)) % 300)  # commands run two at a time: distinct ports
-        return "run", ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, script, *flags,
+        return "run", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *flags,
                        *TINY[script], *METHOD_COMMON, "--output-dir", os.path.join(tmp, "runs")]
     argv = argv[1:]  # drop "python"
     if argv[0] == "-m":
@@ -200,7 +200,7 @@ def test_plan_overrides_budget_and_spots_network_commands(tmp_path):
     assert plan("python benchmarks/trl_compare.py", str(tmp_path))[0] == "parse"
     assert plan("python ppo.py --resume runs/x", str(tmp_path))[0] == "parse"
     kind, argv = plan("torchrun --nproc_per_node 8 ppo.py --rollout-batch-size 128", str(tmp_path))
-    assert kind == "run" and argv[:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    assert kind == "run" and argv[:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     assert plan("torchrun --nnodes 2 --nproc_per_node 8 ppo.py", str(tmp_path)) == ("parse", ["ppo.py"])
 
 

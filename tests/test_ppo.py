@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ppo
-from common.models import frozen_copy, load_policy
+from common.models import entropy_of, frozen_copy, load_policy, logprobs_of
 from common.tasks import make_task
 
 from helpers import args_fields
@@ -260,3 +260,20 @@ def test_min_length_forbids_eos_in_the_ratio_too():
     expected_entropy = -(probs * torch.log(probs.clamp(min=1e-30))).sum(-1)
     torch.testing.assert_close(entropy[:, :5], expected_entropy, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(entropy[:, 5:], free_entropy[:, 5:])
+
+
+def test_forward_logprobs_one_log_softmax_and_entropy_out_of_the_graph_without_bonus():
+    task = make_task("sentiment")
+    policy = load_policy("tiny-gpt2", task)
+    prompt_ids, prompt_mask = policy.encode_prompts(task.train_prompts[:3], task.max_prompt_tokens, "cpu")
+    response_ids, mask = policy.generate(prompt_ids, prompt_mask, 6, seeds=[1, 2, 3])
+    input_ids, attention_mask = torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, mask], 1)
+    start = prompt_ids.shape[1]
+    logits, _ = policy(input_ids, attention_mask, start)
+    expected_logprobs, expected_entropy = logprobs_of(logits / 0.7, response_ids), entropy_of(logits / 0.7)
+    for entropy_grad in (True, False):
+        logprobs, entropy = ppo.forward_logprobs(policy, input_ids, attention_mask, start, 0.7,
+                                                 entropy_grad=entropy_grad)
+        torch.testing.assert_close(logprobs, expected_logprobs)
+        torch.testing.assert_close(entropy, expected_entropy)
+        assert logprobs.requires_grad and entropy.requires_grad == entropy_grad

@@ -105,7 +105,7 @@ def assert_same_scalars(expected: dict, actual: dict, tags, rel: float, context:
 
 @pytest.mark.parametrize("script", list(SCRIPTS))
 def test_torchrun_two_processes_log_the_losses_of_one(script, tmp_path, tmp_path_factory):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
     result = run([*torchrun, script, *SCRIPTS[script]["tiny"], "--no-save-model"], tmp_path)
     run_dir = only_run_dir(tmp_path)
     assert '"world_size": 2' in open(os.path.join(run_dir, "summary.json")).read()
