@@ -36,7 +36,7 @@ import torch.nn as nn
 import tyro
 
 from common.models import Policy, entropy_of, frozen_copy, load_policy, logprobs_of
-from common.tasks import Task, evaluate, make_task
+from common.tasks import RewardError, Task, evaluate, make_task
 from common.utils import (CommonArgs, Run, all_gather_objects, all_reduce, close_distributed, episode_seeds, exact_div,
                           init_distributed, masked_mean, restore_rng_states, resume_args, save_checkpoint,
                           seed_everything, stop_on_sigterm, sync_gradients, world)
@@ -596,7 +596,7 @@ def main(args: Args) -> dict:
         if world_size > 1:  # the ranks stopped at different points: no collective evaluation is safe now
             raise SystemExit(130)
         print("evaluating and saving what was trained so far", flush=True)
-    except FloatingPointError as error:  # weights are now unusable: keep the last checkpoint, save nothing
+    except (FloatingPointError, RewardError) as error:  # stop, keep the last checkpoint, save nothing new
         run.close()
         raise SystemExit(f"error: {error}; the last checkpoint (if any) is kept in {run.dir}/checkpoint")
 

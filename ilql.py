@@ -40,7 +40,7 @@ from transformers import LogitsProcessor
 
 from common import wordle
 from common.models import Policy, entropy_of, frozen_copy, load_policy
-from common.tasks import evaluate, make_task
+from common.tasks import RewardError, evaluate, make_task
 from common.utils import (CommonArgs, Run, all_gather_objects, all_reduce, close_distributed, episode_seeds, exact_div,
                           init_distributed, masked_mean, restore_rng_states, resume_args, save_checkpoint,
                           seed_everything, stop_on_sigterm, sync_gradients)
@@ -539,7 +539,7 @@ def main(args: Args) -> dict:
             if pending:  # the steps since the last sync: nothing non-finite is evaluated or saved
                 flush(pending, since)
             print("evaluating and saving what was trained so far", flush=True)
-    except FloatingPointError as error:  # weights are now unusable: keep the last checkpoint, save nothing
+    except (FloatingPointError, RewardError) as error:  # stop, keep the last checkpoint, save nothing new
         run.close()
         raise SystemExit(f"error: {error}; the last checkpoint (if any) is kept in {run.dir}/checkpoint")
 
