@@ -164,8 +164,7 @@ class InclusivePopulationEnv:
         for x in range(n_prompts):
             # the last answer token is the "inclusive word": it ends inc and no historical response uses it
             tokens = rng.permutation(K - 1)
-            special = [K * tokens[2 * s] + tokens[2 * s + 1] for s in range(G)] + [K * tokens[2 * G] + K - 1]
-            self.special[x] = special
+            self.special[x] = special = [K * tokens[2 * s] + tokens[2 * s + 1] for s in range(G)] + [K * tokens[2 * G] + K - 1]
             self.approval[:, x, special] = 0.1 + 0.8 * np.eye(G, G + 1) + 0.85 * (np.arange(G + 1) == G)
             self.approval[0, x, special[G]] = inclusive_majority_approval
             # minorities like the inclusive word wherever it appears, so what is learned about it transfers
@@ -352,7 +351,9 @@ def train_step(model: RewardLM, optimizer, x, r, f, weights, n_data: int, args: 
         loss = loss + stats["head_bce"] + args.anchor_coef / n_data * model.head.anchor()
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss during {mode}: {({k: v.item() for k, v in stats.items()})}")
-    optimizer.zero_grad(set_to_none=True), loss.backward(), optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
     return {k: v.item() for k, v in stats.items()}
 
 
@@ -409,8 +410,7 @@ def pretrain(model: RewardLM, env: InclusivePopulationEnv, args: Args, seed: int
 # ---- Metrics: everything is exact, because the task enumerates every (prompt, response) ----
 def evaluate(model: RewardLM, env: InclusivePopulationEnv, log_pi_ref: torch.Tensor, args: Args, gen):
     """eval/* metrics of the exploit policy read off the model, plus the per-index logits agents select from."""
-    z = model.head.sample_z(args.ensemble_size, gen)
-    log_pi, ell0, ell_z = model.table(env.P, env.R, z)
+    log_pi, ell0, ell_z = model.table(env.P, env.R, model.head.sample_z(args.ensemble_size, gen))
     p_mean, p_std = torch.sigmoid(ell_z).mean(0), torch.sigmoid(ell_z).std(0)
     theta = torch.as_tensor(env.theta, dtype=torch.float32, device=p_mean.device)
     exploit, beta1 = conditioned_policy(log_pi_ref, p_mean, args.beta), conditioned_policy(log_pi_ref, p_mean, 1.0)
@@ -436,7 +436,6 @@ def run_agent(agent: str, model: RewardLM, env: InclusivePopulationEnv, log_pi_r
     optimizer = torch.optim.AdamW([{"params": model.lm.parameters()}, {"params": model.head.parameters(),
                                    "lr": args.head_learning_rate}], lr=args.learning_rate, weight_decay=0.0)
     buffer = {k: torch.empty(0, device=device) for k in ("x", "r", "f", "w")}
-    theta = torch.as_tensor(env.theta, dtype=torch.float32)
     n_rounds, cum_regret, curve, start = args.queries // args.queries_per_round, 0.0, [], time.time()
     for rnd in range(n_rounds + 1):
         n_queries = rnd * args.queries_per_round
@@ -464,7 +463,7 @@ def run_agent(agent: str, model: RewardLM, env: InclusivePopulationEnv, log_pi_r
                                     buffer["w"][b] if args.bootstrap else None, n_seen, args, gen, "online", replay))
             run.tokens += 4 * args.update_batch_size * (1 if replay is None else 2)
         # TRY NOT TO MODIFY: what this round queried, and the cost of exploring (regret of the queries)
-        inst_regret = (theta.max(1).values[x] - theta[x, r]).mean().item()
+        inst_regret = float((env.theta.max(1)[x.numpy()] - env.theta[x.numpy(), r.numpy()]).mean())
         cum_regret += inst_regret * len(x)
         std_chosen = torch.sigmoid(ell_z).std(0)[x, r].mean().item()
         objective = {"objective/inst_regret": inst_regret, "objective/cum_regret": cum_regret,
@@ -538,7 +537,8 @@ def main(args: Args) -> dict:
                 raise ValueError(f"{args.model_name!r} is a seq2seq model; reward_lm.py needs a causal LM")
             base = (policy.model, policy.tokenizer)  # it gets the task's words as new tokens, learned in pretraining
             if missing := [t for t in task_tokens(args) if t not in base[1].get_vocab()]:
-                base[1].add_tokens(missing, special_tokens=True), base[0].resize_token_embeddings(len(base[1]))
+                base[1].add_tokens(missing, special_tokens=True)
+                base[0].resize_token_embeddings(len(base[1]))
     except (ValueError, OSError) as error:
         raise SystemExit(f"error: {error}")
     from transformers.utils import logging as hf_logging
@@ -558,11 +558,9 @@ def main(args: Args) -> dict:
                              args.index_dim, args.prior_scale)
         model = RewardLM(lm, ids, head).to(device)
         print(f"seed {seed}: pretraining on {args.pretrain_size} historical sequences (optimum {env.opt_value:.3f})")
-        if args.relative_prior and args.pretrain_heads:  # measured before the heads are first fitted
-            model.calibrate_prior(env.P, env.R)
+        if args.relative_prior and args.pretrain_heads: model.calibrate_prior(env.P, env.R)
         corpus = pretrain(model, env, args, seed, device)
-        if args.relative_prior and not args.pretrain_heads:  # ... on the pretrained LM's features
-            model.calibrate_prior(env.P, env.R)
+        if args.relative_prior and not args.pretrain_heads: model.calibrate_prior(env.P, env.R)
         with torch.no_grad():  # pi_ref: the pretrained LM's policy, frozen as a table (the task enumerates it)
             log_pi_ref = model.table(env.P, env.R, model.head.sample_z(1, torch.Generator()))[0]
         for agent in args.agents:
@@ -583,7 +581,8 @@ def main(args: Args) -> dict:
         run.log_eval(mean, samples, point["n_queries"])
     with open(os.path.join(run.dir, "curves.csv"), "w", newline="") as handle:
         table = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
-        table.writeheader(), table.writerows(rows)
+        table.writeheader()
+        table.writerows(rows)
     per_agent = summarise(curves, {s: e.opt_value for s, e in envs.items()}, args)
     opt_value = float(np.mean([e.opt_value for e in envs.values()]))
     summary = run.write_summary({"seeds": seeds, "opt_value": opt_value, "agents": per_agent})

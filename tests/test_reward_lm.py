@@ -265,7 +265,7 @@ def test_one_lm_learns_todays_approval_and_greedy_stays_trapped(short_run):
     assert greedy["seeds_reached"] == 0 and greedy["final_value"] <= 0.60, greedy  # fav_0 everywhere: 0.58
 
 
-@pytest.mark.xfail(strict=True, reason="not reached in this environment (docs/reward_lm.md, Results and rows 15-22): "
+@pytest.mark.xfail(strict=True, reason="not reached in this environment (docs/reward_lm.md, Results and rows 15-24): "
                                        "TS finds the inclusive response on some prompts, but the LM's beliefs about "
                                        "unqueried responses follow the shift it learns on fav_0, and 320 queries are "
                                        "too few to move the exploit policy on 3 of 4 prompts")
