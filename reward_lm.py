@@ -37,7 +37,8 @@ import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-from common.utils import CommonArgs, Run, pick_device, seed_everything
+from common.utils import (CommonArgs, Run, ScalarRecorder, all_gather_objects, close_distributed, init_distributed,
+                          map_in_waves, resume_args, save_checkpoint, seed_everything, stop_on_sigterm)
 
 AGENTS = ("ts", "greedy", "passive", "boltzmann", "infomax")
 
@@ -54,6 +55,8 @@ class Args(CommonArgs):
     """unused here: the exploit policy is evaluated exactly after every round (agents select from that same forward pass)"""
     eval_episodes: int = 0
     """unused here: evaluation is exact, over every prompt and every response"""
+    checkpoint_every: int = 1
+    """unused here: the checkpoint is rewritten after every wave of simulations (one seed per process)"""
 
     # The didactic data-generating process
     n_prompts: int = 4
@@ -428,7 +431,7 @@ def evaluate(model: RewardLM, env: InclusivePopulationEnv, log_pi_ref: torch.Ten
 
 
 def run_agent(agent: str, model: RewardLM, env: InclusivePopulationEnv, log_pi_ref: torch.Tensor, corpus,
-              args: Args, seed: int, writer: SummaryWriter, device, run: Run) -> list[dict]:
+              args: Args, seed: int, writer: ScalarRecorder, device, run: Run) -> list[dict]:
     """One agent's online phase: query, receive feedback, update the one LM jointly; evaluate every round.
     Returns one row per round: the evaluation before the round's update and what the round queried."""
     gen = torch.Generator().manual_seed(seed)
@@ -455,12 +458,16 @@ def run_agent(agent: str, model: RewardLM, env: InclusivePopulationEnv, log_pi_r
         n_seen, stats = n_queries + args.queries_per_round, []
         # about `update_epochs` passes over the buffer: a fixed step count would memorise the first few labels
         n_steps = min(args.updates_per_round, math.ceil(args.update_epochs * len(buffer["x"]) / args.update_batch_size))
-        for _ in range(n_steps):
+        for step in range(n_steps):
             b = torch.randint(len(buffer["x"]), (args.update_batch_size,), generator=gen).to(device)
             c = torch.randint(len(corpus[0]), (args.update_batch_size,), generator=gen).to(device)
             replay = tuple(t[c] for t in corpus) if args.replay_coef > 0 else None
-            stats.append(train_step(model, optimizer, buffer["x"][b], buffer["r"][b], buffer["f"][b],
-                                    buffer["w"][b] if args.bootstrap else None, n_seen, args, gen, "online", replay))
+            try:  # train_step refuses to step on a non-finite loss; say where it happened
+                stats.append(train_step(model, optimizer, buffer["x"][b], buffer["r"][b], buffer["f"][b],
+                                        buffer["w"][b] if args.bootstrap else None, n_seen, args, gen, "online", replay))
+            except FloatingPointError as error:
+                raise FloatingPointError(f"non-finite loss at update {rnd + 1}, step {step + 1} (seed {seed}, agent "
+                                         f"{agent}): {error}") from None
             run.tokens += 4 * args.update_batch_size * (1 if replay is None else 2)
         # TRY NOT TO MODIFY: what this round queried, and the cost of exploring (regret of the queries)
         inst_regret = float((env.theta.max(1)[x.numpy()] - env.theta[x.numpy(), r.numpy()]).mean())
@@ -511,11 +518,12 @@ def format_table(summary: dict, opt_value: float, queries: int, target: float) -
 def main(args: Args) -> dict:
     # TRY NOT TO MODIFY: check the arguments before any heavy work; a bad one exits with one line
     try:
+        args, checkpoint = resume_args(args, Args)
         if args.task != "inclusive":
             raise ValueError(f"unknown task {args.task!r}: reward_lm.py runs on its built-in task 'inclusive'")
         for name in ("num_seeds", "queries", "queries_per_round", "updates_per_round", "update_batch_size",
                      "buffer_size", "ensemble_size", "head_hidden", "index_dim", "n_prompts", "pretrain_size",
-                     "pretrain_batch_size", "eval_every", "progress_every", "threads"):
+                     "pretrain_batch_size", "eval_every", "progress_every", "threads", "checkpoint_every"):
             if getattr(args, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
         if args.queries % args.queries_per_round:
@@ -529,7 +537,7 @@ def main(args: Args) -> dict:
             raise ValueError(f"--n-answer-tokens must be >= {2 * len(args.deployed_mix) + 2} for disjoint special responses")
         if not (args.beta >= 0 and 0 < args.target_fraction <= 1 and args.pretrain_epochs >= 0):
             raise ValueError("need --beta >= 0, 0 < --target-fraction <= 1 and --pretrain-epochs >= 0")
-        device, base = pick_device(args.cuda), None
+        (rank, world_size, device), base = init_distributed(args.cuda), None
         if args.model_name != "tiny-gpt2":
             from common.models import load_policy
             policy = load_policy(args.model_name, None, device) if args.model_name != "tiny-t5" else None
@@ -543,15 +551,18 @@ def main(args: Args) -> dict:
         raise SystemExit(f"error: {error}")
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the run's output
-    run = Run(args, "reward_lm.py")
+    run = Run(args, "reward_lm.py", checkpoint)
     seed_everything(args.seed, args.torch_deterministic)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     seeds = [args.seed + i for i in range(args.num_seeds)]
-    curves, envs, rows = {agent: {} for agent in args.agents}, {}, []
-    for seed in seeds:
-        env = envs[seed] = InclusivePopulationEnv(seed, args.n_prompts, args.n_answer_tokens, args.deployed_mix,
-                                                  args.historical_mix, args.inclusive_majority_approval, args.inclusive_pretrain_mass)
+    make_env = lambda seed: InclusivePopulationEnv(seed, args.n_prompts, args.n_answer_tokens, args.deployed_mix,
+                                                   args.historical_mix, args.inclusive_majority_approval, args.inclusive_pretrain_mass)
+    envs = {seed: make_env(seed) for seed in seeds}
+
+    def simulate(seed: int) -> dict:
+        """Pretrain one LM on the seed's historical data, then run every agent from a copy of it."""
+        env, out = envs[seed], {"curves": {}, "scalars": {}}
         torch.manual_seed(seed)
         lm, tokenizer, ids = build_lm(args, base)
         head = EpistemicHead(args.uncertainty, 4 * lm.config.hidden_size, args.head_hidden, args.ensemble_size,
@@ -564,14 +575,39 @@ def main(args: Args) -> dict:
         with torch.no_grad():  # pi_ref: the pretrained LM's policy, frozen as a table (the task enumerates it)
             log_pi_ref = model.table(env.P, env.R, model.head.sample_z(1, torch.Generator()))[0]
         for agent in args.agents:
-            writer = SummaryWriter(os.path.join(run.dir, f"{agent}__seed{seed}"))  # one TensorBoard run each
+            writer = ScalarRecorder()  # written to TensorBoard by rank 0 once the wave is checkpointed
             agent_model = copy.deepcopy(model)
-            curves[agent][seed] = run_agent(agent, agent_model, env, log_pi_ref, corpus, args, seed, writer, device, run)
-            writer.close()
-            rows += [{"seed": seed, "agent": agent, **c} for c in curves[agent][seed]]
-            if args.save_model and seed == seeds[0] and agent == args.agents[0]:  # plain from_pretrained loads it
+            out["curves"][agent] = run_agent(agent, agent_model, env, log_pi_ref, corpus, args, seed, writer, device, run)
+            out["scalars"][agent] = writer.scalars
+            if args.save_model and seed == seeds[0] and agent == args.agents[0]:  # rank 0's; from_pretrained loads it
                 for part in (agent_model.lm, tokenizer): part.save_pretrained(os.path.join(run.dir, "model"))
                 torch.save(agent_model.head.state_dict(), os.path.join(run.dir, "model", "epistemic_head.pt"))
+        return out
+
+    # Under torchrun the independent simulations are the batch: each rank runs one seed (all agents) per wave;
+    # rank 0 checkpoints each wave's results (a killed run redoes at most one wave) and writes their TensorBoard
+    # runs (purge_step=0: a redone simulation replaces a half-written one).
+    def write_wave(results: dict) -> None:
+        save_checkpoint(run, {"step": len(done), "done": done})
+        for seed, result in results.items() if run.is_main else []:
+            for agent, scalars in result["scalars"].items():
+                with SummaryWriter(os.path.join(run.dir, f"{agent}__seed{seed}"), purge_step=0) as writer:
+                    for tag, value, step in scalars: writer.add_scalar(tag, value, step)
+
+    done = checkpoint["done"] if checkpoint is not None else {}
+    if checkpoint is None:
+        save_checkpoint(run, {"step": 0, "done": done})
+    else:
+        print(f"resumed {run.dir}: {len(done)} of {len(seeds)} seeds done", flush=True)
+    stop_on_sigterm()
+    try:
+        map_in_waves(simulate, seeds, done, write_wave)
+    except KeyboardInterrupt:
+        raise SystemExit(f"interrupted; the finished seeds are kept: python reward_lm.py --resume {run.dir}")
+    except FloatingPointError as error:
+        raise SystemExit(f"error: {error}; the last checkpoint is kept in {run.dir}/checkpoint")
+    curves = {agent: {seed: done[seed]["curves"][agent] for seed in seeds} for agent in args.agents}
+    rows = [{"seed": seed, "agent": agent, **c} for seed in seeds for agent in args.agents for c in curves[agent][seed]]
     # TRY NOT TO MODIFY: the method's seed-mean curve goes to eval/*, every row to curves.csv, the table last
     method, env = args.agents[0], envs[seeds[0]]
     for i, point in enumerate(curves[method][seeds[0]]):
@@ -579,14 +615,17 @@ def main(args: Args) -> dict:
         samples = [(f"q{x} (seed {seeds[0]})", f"response {y} (best {env.best[x]})", float(env.theta[x, int(y)]))
                    for x, y in enumerate(point["exploit"].split())]
         run.log_eval(mean, samples, point["n_queries"])
-    with open(os.path.join(run.dir, "curves.csv"), "w", newline="") as handle:
-        table = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
-        table.writeheader()
-        table.writerows(rows)
+    if run.is_main:
+        with open(os.path.join(run.dir, "curves.csv"), "w", newline="") as handle:
+            table = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+            table.writeheader()
+            table.writerows(rows)
+    run.tokens = sum(all_gather_objects(run.tokens))
     per_agent = summarise(curves, {s: e.opt_value for s, e in envs.items()}, args)
     opt_value = float(np.mean([e.opt_value for e in envs.values()]))
     summary = run.write_summary({"seeds": seeds, "opt_value": opt_value, "agents": per_agent})
     run.close()
+    close_distributed()
     print(format_table(per_agent, opt_value, args.queries, args.target_fraction))
     print(f"{summary['wall_seconds']:.0f}s; run dir {run.dir}", flush=True)
     torch.set_num_threads(threads_before)

@@ -232,6 +232,36 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def map_in_waves(fn, items: list, done: dict, after_wave) -> dict:
+    """`done[item] = fn(item)` for every item not yet in `done`, for independent units of work (reward_lm.py's
+    simulations): each wave gives one item to each rank, gathers the wave's results into `done` on every rank,
+    then calls `after_wave(results of the wave)` on every rank. A FloatingPointError on any rank stops all."""
+    rank, world_size = world()
+    todo = [item for item in items if item not in done]
+    for wave in range(0, len(todo), world_size):
+        mine = todo[wave + rank] if wave + rank < len(todo) else None
+        try:
+            result = fn(mine) if mine is not None else None
+        except FloatingPointError as error:  # every rank must reach the gather, then all stop together
+            result = FloatingPointError(str(error))
+        results = {item: r for item, r in all_gather_objects((mine, result)) if item is not None}
+        if errors := [r for r in results.values() if isinstance(r, FloatingPointError)]:
+            raise errors[0]
+        done.update(results)
+        after_wave(results)
+    return done
+
+
+class ScalarRecorder:
+    """`add_scalar` into a list, so that work done on any rank can be written to TensorBoard by rank 0."""
+
+    def __init__(self):
+        self.scalars: list[tuple[str, float, int]] = []
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.scalars.append((tag, float(value), int(step)))
+
+
 def close_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -117,15 +117,17 @@ def test_score_rejects_bad_rewards():
 
 
 def test_evaluate(task):
-    batches = []
+    batches, indices = [], []
 
-    def generate_fn(prompts):
+    def generate_fn(prompts, positions):
         batches.append(list(prompts))
+        indices.append(list(positions))
         return [POSITIVE] * len(prompts)
 
     metrics, samples = evaluate(task, generate_fn, n_prompts=10, batch_size=4)
     assert [len(b) for b in batches] == [4, 4, 2]
     assert sum(batches, []) == task.eval_prompts[:10]
+    assert sum(indices, []) == list(range(10))  # positions in the held-out list, for per-prompt seeds
     assert set(metrics) == {"eval/return_mean", "eval/return_std"}
     assert metrics["eval/return_mean"] == pytest.approx(vader_compound([POSITIVE])[0])
     assert metrics["eval/return_mean"] > 0.5
@@ -140,7 +142,7 @@ def test_evaluate(task):
 
 def test_evaluate_mixed_rewards(task):
     texts = [POSITIVE, "i hated the ending ."]
-    metrics, samples = evaluate(task, lambda prompts: [texts[i % 2] for i in range(len(prompts))],
+    metrics, samples = evaluate(task, lambda prompts, _: [texts[i % 2] for i in range(len(prompts))],
                                 n_prompts=4, batch_size=4)
     expected = vader_compound(texts * 2)
     assert metrics["eval/return_mean"] == pytest.approx(expected.mean())
