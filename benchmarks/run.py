@@ -188,6 +188,15 @@ def replace_region(text: str, body: str, start: str = START, end: str = END) -> 
     return text[:i + len(start)] + "\n" + body.strip() + "\n" + text[j:]
 
 
+def write_readme_region(body: str, start: str = START, end: str = END) -> None:
+    """Put `body` between the `start` and `end` markers of README.md (the generated table's region)."""
+    path = os.path.join(ROOT, "README.md")
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(replace_region(text, body, start, end))
+
+
 # ----------------------------------------------------------------------------------------------
 # The figure
 # ----------------------------------------------------------------------------------------------
@@ -354,11 +363,7 @@ def main(argv=None) -> int:
     with open(os.path.join(results_dir, "runs.json"), "w") as f:
         json.dump({"command": command, "machine": [machine_before, machine_after], "runs": runs}, f, indent=1)
     if not args.no_readme:
-        readme = os.path.join(ROOT, "README.md")
-        with open(readme) as f:
-            text = f.read()
-        with open(readme, "w") as f:
-            f.write(replace_region(text, body))
+        write_readme_region(body)
     print("\n" + table + ("\n\n" + problems if problems else ""), flush=True)
     print(f"\nwrote {os.path.relpath(results_dir, ROOT)}/benchmark.md, runs.json"
           f"{', benchmark.png' if plotted else ''}{'' if args.no_readme else ' and README.md'}", flush=True)

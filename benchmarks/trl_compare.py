@@ -352,11 +352,7 @@ def main(argv=None) -> int:
     with open(os.path.join(results_dir, "trl_compare.json"), "w") as f:
         json.dump({"command": command, "machine": [machine_before, machine_after], "results": results}, f, indent=1)
     if not args.no_readme:
-        path = os.path.join(ROOT, "README.md")
-        with open(path) as f:
-            text = f.read()
-        with open(path, "w") as f:
-            f.write(bench.replace_region(text, body, START, END))
+        bench.write_readme_region(body, START, END)
     print("\n" + body, flush=True)
     return 0 if not failed else 1
 

@@ -14,14 +14,7 @@ from common.tasks import make_task
 B, Y, G = wordle.BLACK, wordle.YELLOW, wordle.GREEN
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread is as fast, and on a busy 2-core machine several threads per
-    process make every small matmul wait on the others (a 100x slowdown measured here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(autouse=True)
