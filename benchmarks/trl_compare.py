@@ -74,23 +74,20 @@ def load_tiny(task):
 
 
 def heldout_eval(model, tokenizer, task, seed: int) -> dict:
-    """ppo.py's evaluation, verbatim in effect: same prompts, sampling, batch size and RNG seed."""
-    import torch
-
+    """ppo.py's evaluation, verbatim in effect: same prompts, sampling, batch size and per-prompt seeds."""
     from common.models import Policy
     from common.tasks import evaluate
+    from common.utils import episode_seeds
 
     policy = Policy(model.cpu().eval(), tokenizer)
 
-    def generate_fn(prompts):
+    def generate_fn(prompts, indices):
         ids, mask = policy.encode_prompts(prompts, task.max_prompt_tokens, "cpu")
         response, response_mask = policy.generate(ids, mask, RESPONSE_LENGTH, task.min_new_tokens,
-                                                  temperature=TEMPERATURE)
+                                                  temperature=TEMPERATURE, seeds=episode_seeds(seed, 1, 0, indices))
         return policy.decode(response, response_mask)
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 12345)
-        metrics, _ = evaluate(task, generate_fn, EVAL_EPISODES, BATCH)
+    metrics, _ = evaluate(task, generate_fn, EVAL_EPISODES, BATCH)
     return metrics
 
 

@@ -91,3 +91,24 @@ def test_trl_table_ratios_are_relative_to_ppo():
     ours, grpo = [line for line in table.splitlines() if line.startswith("| ours") or line.startswith("| TRL")]
     assert "| 10.0 | 1.00x | +0.500 | +0.400 | 1.00x | 500 | 1.00x |" in ours
     assert "| 20.0 | 2.00x | +0.300 | +0.200 | 0.50x | 750 | 1.50x |" in grpo
+
+
+def test_trl_heldout_eval_scores_a_model_like_ppo_py(monkeypatch):
+    """The TRL side-by-side scores TRL's models with ppo.py's evaluation: same prompts and per-prompt seeds,
+    so the starting model gets ppo.py's step-0 number (here on a few prompts; TRL itself is not needed)."""
+    from common.models import load_policy
+    from common.tasks import evaluate, make_task
+    from common.utils import episode_seeds
+
+    monkeypatch.setattr(trl_compare, "EVAL_EPISODES", 6)
+    task = make_task("sentiment")
+    policy = load_policy("tiny-gpt2", task)
+    metrics = trl_compare.heldout_eval(policy.model, policy.tokenizer, task, seed=1)
+
+    def ppo_like(prompts, indices):
+        ids, mask = policy.encode_prompts(prompts, task.max_prompt_tokens, "cpu")
+        response, response_mask = policy.generate(ids, mask, trl_compare.RESPONSE_LENGTH, task.min_new_tokens,
+                                                  seeds=episode_seeds(1, 1, 0, indices))
+        return policy.decode(response, response_mask)
+
+    assert metrics == evaluate(task, ppo_like, 6, 64)[0]
