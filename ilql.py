@@ -373,10 +373,10 @@ def main(args: Args) -> dict:
     def generate(context, mask, max_new: int, min_new: int, extra: list, seeds: list[int]):
         """pi_beta's cached generation; with beta > 0 its logits go through the ILQL processor. When
         sampling, each row draws from its own seed, so the text does not depend on batch or process."""
-        if args.beta == 0:
+        if args.beta == 0:  # pi_beta alone, with the same temperature and top-k the ILQL processor applies
             with autocast:
                 return policy.generate(context, mask, max_new, min_new, do_sample=not greedy, logits_processor=extra,
-                                       seeds=seeds)
+                                       temperature=args.temperature, top_k=args.top_k, seeds=seeds)
         with ILQLLogitsProcessor(policy, heads, value_trunk, mask, args, adv_clip) as ilql, autocast:
             return policy.generate(context, mask, max_new, min_new, do_sample=not greedy,
                                    logits_processor=extra + [ilql], seeds=seeds)
