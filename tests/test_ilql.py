@@ -398,3 +398,15 @@ def test_ilql_beats_bc_on_suboptimal_wordle_data(tmp_path):
           f"ILQL {ilql_final['eval/return_mean']:+.3f} (win {ilql_final['eval/win_rate']:.2f})")
     assert ilql_final["eval/return_mean"] >= bc["eval/return_mean"] + 0.5, (ilql_final, bc)
     assert ilql_final["eval/win_rate"] > bc["eval/win_rate"]
+
+
+def test_bc_sampling_applies_temperature(tmp_path):
+    """With --beta 0 the deployed policy is pi_beta alone, sampled with --temperature (as the ILQL processor
+    does for beta > 0): a near-zero temperature must reproduce greedy decoding exactly, temperature 1 must not."""
+    setting = dict(task="sentiment", total_steps=1, batch_size=8, eval_episodes=16, eval_every=100, print_every=1,
+                   beta=0.0, save_model=False)
+    finals = {name: ilql.main(ilql.Args(exp_name=name, output_dir=str(tmp_path / name), **setting, **flags))["final"]
+              for name, flags in (("greedy", dict(greedy=True)), ("cold", dict(greedy=False, temperature=1e-4)),
+                                  ("warm", dict(greedy=False, temperature=1.0)))}
+    assert finals["cold"] == finals["greedy"]
+    assert finals["warm"] != finals["greedy"]
