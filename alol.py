@@ -38,8 +38,8 @@ import tyro
 from common.models import Policy, entropy_of, frozen_copy, load_policy, logprobs_of
 from common.tasks import RewardError, Task, evaluate, make_task
 from common.utils import (CommonArgs, Run, all_gather_objects, all_reduce, close_distributed, episode_seeds, exact_div,
-                          init_distributed, masked_mean, restore_rng_states, resume_args, save_checkpoint,
-                          seed_everything, stop_on_sigterm, sync_gradients, world)
+                          init_distributed, masked_mean, rank_share, restore_rng_states, resume_args,
+                          save_checkpoint, seed_everything, stop_on_sigterm, sync_gradients)
 
 ALGORITHMS = ("a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl", "nll", "wbc", "r_gold", "r_lol")
 ADVANTAGE_METHODS = ("a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl")
@@ -288,13 +288,6 @@ def train_value_head(head: PromptValueHead, hidden: torch.Tensor, mask: torch.Te
 # ----------------------------------------------------------------------------------------------
 # Plumbing: offline data, batches, sampling from the policy
 # ----------------------------------------------------------------------------------------------
-def shard(n: int) -> range:
-    """This rank's contiguous share of n items (the last ranks may get fewer); range(n) without torchrun."""
-    rank, world_size = world()
-    share = -(-n // world_size)
-    return range(min(rank * share, n), min((rank + 1) * share, n))
-
-
 def sample_responses(policy: Policy, prompts: list[str], seeds: list[int], task: Task, max_new: int,
                      min_new: int, device) -> list[str]:
     """pi's sampled responses to one batch (full softmax, temperature 1: the deployed decoding of every
@@ -308,7 +301,7 @@ def sample_and_score(policy: Policy, prompts: list[str], seeds: list[int], task:
                      min_new: int, batch_size: int, device) -> tuple[list[str], np.ndarray]:
     """Responses to every prompt and their rewards. Under torchrun each rank samples and scores its
     contiguous share (`shard`) and every rank receives all of them: the same result on 1 or N processes."""
-    mine = shard(len(prompts))
+    mine = rank_share(len(prompts))
     responses = []
     for i in range(mine.start, mine.stop, batch_size):
         batch = range(i, min(i + batch_size, mine.stop))
@@ -467,7 +460,7 @@ def main(args: Args) -> dict:
         # computes V for its share of the distinct prompts, and every rank receives all of them.
         with torch.no_grad():
             unique_prompts = sorted(set(prompts))
-            mine = [unique_prompts[i] for i in shard(len(unique_prompts))]
+            mine = [unique_prompts[i] for i in rank_share(len(unique_prompts))]
             hidden, mask = encode_hidden(mine) if mine else (None, None)
             values_mine = [v for i in range(0, len(mine), args.forward_batch_size) for v in
                            head(hidden[i:i + args.forward_batch_size], mask[i:i + args.forward_batch_size]).tolist()]

@@ -42,8 +42,8 @@ from common import wordle
 from common.models import Policy, entropy_of, frozen_copy, load_policy
 from common.tasks import RewardError, evaluate, make_task
 from common.utils import (CommonArgs, Run, all_gather_objects, all_reduce, close_distributed, episode_seeds, exact_div,
-                          init_distributed, masked_mean, restore_rng_states, resume_args, save_checkpoint,
-                          seed_everything, stop_on_sigterm, sync_gradients)
+                          init_distributed, masked_mean, rank_share, restore_rng_states, resume_args,
+                          save_checkpoint, seed_everything, stop_on_sigterm, sync_gradients)
 
 
 @dataclass
@@ -392,8 +392,8 @@ def main(args: Args) -> dict:
     def play_eval_games() -> list:
         """The evaluation games, each rank playing its share; every rank gets all of them back."""
         answers = wordle.eval_answers(args.eval_episodes)
-        share = -(-len(answers) // world_size)
-        first = min(rank * share, len(answers))
+        mine = rank_share(len(answers))
+        first = mine.start
         index: dict[int, int] = {}  # game -> its position among all evaluation games (its sampling seed)
 
         def guess_fn(active):
@@ -401,7 +401,7 @@ def main(args: Args) -> dict:
                 index.update({id(g): first + i for i, g in enumerate(active)})
             return wordle_guesses(active, index)
 
-        games = wordle.play(answers[first:first + share], guess_fn)
+        games = wordle.play(answers[mine.start:mine.stop], guess_fn)
         return [g for part in all_gather_objects(games) for g in part]
 
     def run_eval(step: int) -> dict:

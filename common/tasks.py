@@ -518,12 +518,10 @@ def evaluate(task: Task, generate_fn: Callable[[list[str], list[int]], list[str]
     its share of the prompts and the metrics are computed over all of them, on every rank. Returns the
     `eval/*` metrics and (prompt, response, reward) samples for logging.
     """
-    from common.utils import all_gather_objects, world
+    from common.utils import all_gather_objects, rank_share
 
     prompts = task.eval_prompts[:n_prompts]
-    rank, world_size = world()
-    share = -(-len(prompts) // world_size)
-    mine = range(rank * share, min((rank + 1) * share, len(prompts)))
+    mine = rank_share(len(prompts))
     responses: list[str] = []
     for i in range(mine.start, mine.stop, batch_size):
         batch = list(range(i, min(i + batch_size, mine.stop)))

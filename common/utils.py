@@ -165,11 +165,11 @@ def world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def rank_slice(n: int, what: str = "batch") -> slice:
-    """This rank's contiguous share of a global batch of `n` (which the world size must divide)."""
+def rank_share(n: int) -> range:
+    """This rank's contiguous share of n items (the last ranks may get fewer); range(n) without torchrun."""
     rank, world_size = world()
-    share = exact_div(n, world_size, f"{what} / number of processes")
-    return slice(rank * share, (rank + 1) * share)
+    share = -(-n // world_size)
+    return range(min(rank * share, n), min((rank + 1) * share, n))
 
 
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
