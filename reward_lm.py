@@ -18,7 +18,7 @@ The built-in didactic task: rater groups whose deployed mix differs from the his
 was pretrained on, so the response the pretrained LM undervalues ("inclusive") is in fact the best
 for the whole population. Agents differ only in which response they query.
 
-Run:  python reward_lm.py                 # ts, greedy, passive x 5 seeds, a few CPU minutes
+Run:  python reward_lm.py                 # ts, greedy, passive x 5 seeds, about 6 CPU minutes
       python reward_lm.py --help          # every flag
 """
 
@@ -113,9 +113,9 @@ class Args(CommonArgs):
     """agents to compare, from ts, greedy, passive, boltzmann, infomax; the first is the method reported in eval/*"""
     num_seeds: int = 5
     """seeds seed, seed+1, ...; every agent runs on the same seeds (same environment, same pretrained LM)"""
-    queries: int = 1024
-    """feedback queries per agent and seed"""
-    queries_per_round: int = 16
+    queries: int = 4096
+    """feedback queries per agent and seed (an exact-posterior TS needs a median of 2016 here: benchmarks/reward_lm_tabular.py)"""
+    queries_per_round: int = 64
     """queries between two updates; must divide `queries`"""
     updates_per_round: int = 25
     """at most this many AdamW steps on the feedback buffer after each round"""
