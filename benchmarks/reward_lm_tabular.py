@@ -73,8 +73,11 @@ def main() -> None:
                         help="QUERIES:PER_ROUND pairs; 1024:16 was reward_lm.py's first default, 4096:64 today's")
     parser.add_argument("--priors", nargs="+", default=["centred", "population"], choices=["centred", "population"])
     cli = parser.parse_args()
-    budgets = [tuple(int(v) for v in b.split(":")) for b in cli.budgets]
-    if cli.seeds <= 0 or any(q <= 0 or p <= 0 or q % p for q, p in budgets):
+    try:
+        budgets = [tuple(int(v) for v in b.split(":")) for b in cli.budgets]
+    except ValueError:
+        budgets = [(0, 0)]
+    if cli.seeds <= 0 or any(len(b) != 2 or min(b) <= 0 or b[0] % b[1] for b in budgets):
         raise SystemExit("error: need --seeds > 0 and budgets QUERIES:PER_ROUND with PER_ROUND dividing QUERIES")
     args = Args()
     print("| prior | budget (queries, per round) | agent | seeds reaching 95% | queries to 95%: median [min, max] |")
