@@ -133,8 +133,6 @@ class Args(CommonArgs):
     """kappa: weight of next-token NLL on replayed historical sequences, which keeps the policy part of the LM the pretrained policy"""
     replay_feedback: bool = False
     """also replay the historical (majority-only) feedback token at weight kappa, anchoring beliefs about responses nobody re-queries (off: historical raters are not today's raters)"""
-    function_anchor: bool = False
-    """MAP under the heads' prior: penalise each response's approval logit for leaving its pretrained value, as a Gaussian of std `prior_scale` per response weighted 1/N, so learning about queried responses does not shift beliefs about unqueried ones"""
     beta: float = float("inf")
     """exploit policy pi_ref * p(<+>)**beta / Z; inf = argmax of predicted approval"""
     boltzmann_temperature: float = 0.05
@@ -234,15 +232,6 @@ def head_loss(ell0: torch.Tensor, offsets: torch.Tensor, f: torch.Tensor, weight
     return bce.mean() if weights is None else (bce * weights).sum() / weights.sum().clamp_min(1.0)
 
 
-def function_anchor_loss(ell0: torch.Tensor, ell0_ref: torch.Tensor, n_points: int, prior_std: float,
-                         n_data: int) -> torch.Tensor:
-    """-log N(ell0 | ell0_ref, prior_std^2) summed over all n_points (prompt, response) pairs, per label (/ n_data,
-    as the heads' anchor): an independent Gaussian prior on every response's approval logit, centred on what the
-    pretrained LM believed. Estimated from a uniform sample of the pairs (ell0, ell0_ref: [K]), scaled by n_points / K.
-    Where labels exist their BCE outweighs it within a few labels; where none exist it holds the belief in place."""
-    return (ell0 - ell0_ref).pow(2).sum() * (n_points / len(ell0)) / (2 * prior_std ** 2 * n_data)
-
-
 def queries_to_target(n_queries: np.ndarray, values: np.ndarray, target: float) -> float:
     """First query count from which the value stays >= target until the end; inf if never."""
     below = np.nonzero(values < target)[0]
@@ -336,19 +325,16 @@ class RewardLM(nn.Module):
         self.head.prior_norm *= self.head.prior_scale / rel.std(0).mean().clamp_min(1e-8)
 
 
-def train_step(model: RewardLM, optimizer, x, r, f, weights, n_data: int, args: Args, gen, mode: str, replay=None,
-               anchor=None):
+def train_step(model: RewardLM, optimizer, x, r, f, weights, n_data: int, args: Args, gen, mode: str, replay=None):
     """One AdamW step of the joint objective.
     pretrain: next-token NLL over [x, a_i, a_j, f] (the LM learns policy and transition together);
     online:   BCE of the LM's own approval logit on deployed feedback (reward learning = fine-tuning
               the transition), plus kappa * NLL on historical sequences with the feedback masked,
               because historical raters are not today's raters but the policy should stay the LM's.
-    Both add the heads' BCE and the anchor scaled by 1/N (the prior washes out as data grows).
-    anchor: (x, r, pretrained ell0) of sampled (prompt, response) pairs for `function_anchor_loss`."""
-    n, m = len(x), 0 if replay is None else len(replay[0])
-    # one batched forward for the feedback batch, the replay batch and the anchor points
-    x = torch.cat([x] + ([replay[0]] if m else []) + ([anchor[0]] if anchor is not None else []))
-    r = torch.cat([r] + ([replay[1]] if m else []) + ([anchor[1]] if anchor is not None else []))
+    Both add the heads' BCE and the anchor scaled by 1/N (the prior washes out as data grows)."""
+    n = len(x)
+    if replay is not None:  # one batched forward for the feedback batch and the replay batch
+        x, r = torch.cat([x, replay[0]]), torch.cat([r, replay[1]])
     (log_pi, ell0, h, logits, ids), stats = model(x, r), {}
     if mode == "pretrain":
         targets = torch.cat([ids[:, 1:], torch.where(f > 0.5, model.plus, model.minus)[:, None]], 1)
@@ -356,14 +342,11 @@ def train_step(model: RewardLM, optimizer, x, r, f, weights, n_data: int, args: 
     else:
         loss = stats["feedback_bce"] = F.binary_cross_entropy_with_logits(ell0[:n], f)
         if replay is not None:
-            targets = ids[n:n + m, 1:]
+            targets = ids[n:, 1:]
             if args.replay_feedback:  # historical raters too: keeps what the LM knew about responses nobody re-asked
                 targets = torch.cat([targets, torch.where(replay[2] > 0.5, model.plus, model.minus)[:, None]], 1)
-            replay_nll = F.cross_entropy(logits[n:n + m, :targets.shape[1]].flatten(0, 1).float(), targets.flatten())
+            replay_nll = F.cross_entropy(logits[n:, :targets.shape[1]].flatten(0, 1).float(), targets.flatten())
             loss, stats["replay_nll"] = loss + args.replay_coef * replay_nll, replay_nll
-        if anchor is not None:
-            stats["function_anchor"] = function_anchor_loss(ell0[n + m:], anchor[2], anchor[3], args.prior_scale, n_data)
-            loss = loss + stats["function_anchor"]
     if mode == "online" or args.pretrain_heads:
         z = model.head.sample_z(args.ensemble_size, gen)
         stats["head_bce"] = head_loss(ell0[:n], model.head(h[:n].detach(), z), f,
@@ -456,8 +439,6 @@ def run_agent(agent: str, model: RewardLM, env: InclusivePopulationEnv, log_pi_r
     optimizer = torch.optim.AdamW([{"params": model.lm.parameters()}, {"params": model.head.parameters(),
                                    "lr": args.head_learning_rate}], lr=args.learning_rate, weight_decay=0.0)
     buffer = {k: torch.empty(0, device=device) for k in ("x", "r", "f", "w")}
-    # the function-space prior's centre: every (prompt, response)'s approval logit under the pretrained LM
-    ell0_ref = model.table(env.P, env.R, model.head.sample_z(1, torch.Generator()))[1].flatten() if args.function_anchor else None
     n_rounds, cum_regret, curve, start = args.queries // args.queries_per_round, 0.0, [], time.time()
     for rnd in range(n_rounds + 1):
         n_queries = rnd * args.queries_per_round
@@ -481,17 +462,13 @@ def run_agent(agent: str, model: RewardLM, env: InclusivePopulationEnv, log_pi_r
             b = torch.randint(len(buffer["x"]), (args.update_batch_size,), generator=gen).to(device)
             c = torch.randint(len(corpus[0]), (args.update_batch_size,), generator=gen).to(device)
             replay = tuple(t[c] for t in corpus) if args.replay_coef > 0 else None
-            anchor = None
-            if ell0_ref is not None:  # a uniform sample of all (prompt, response) pairs, for function_anchor_loss
-                a = torch.randint(len(ell0_ref), (args.update_batch_size,), generator=gen).to(device)
-                anchor = (a // env.R, a % env.R, ell0_ref[a], len(ell0_ref))
             try:  # train_step refuses to step on a non-finite loss; say where it happened
                 stats.append(train_step(model, optimizer, buffer["x"][b], buffer["r"][b], buffer["f"][b],
-                                        buffer["w"][b] if args.bootstrap else None, n_seen, args, gen, "online", replay, anchor))
+                                        buffer["w"][b] if args.bootstrap else None, n_seen, args, gen, "online", replay))
             except FloatingPointError as error:
                 raise FloatingPointError(f"non-finite loss at update {rnd + 1}, step {step + 1} (seed {seed}, agent "
                                          f"{agent}): {error}") from None
-            run.tokens += 4 * args.update_batch_size * (1 + (replay is not None) + (anchor is not None))
+            run.tokens += 4 * args.update_batch_size * (1 if replay is None else 2)
         # TRY NOT TO MODIFY: what this round queried, and the cost of exploring (regret of the queries)
         inst_regret = float((env.theta.max(1)[x.numpy()] - env.theta[x.numpy(), r.numpy()]).mean())
         cum_regret += inst_regret * len(x)

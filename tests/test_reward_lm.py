@@ -110,16 +110,6 @@ def test_conditioned_policy_formula():
     assert torch.equal(greedy.argmax(-1), p.argmax(-1)) and torch.all(greedy.sum(-1) == 1)
 
 
-def test_function_anchor_loss_is_a_gaussian_prior_per_label():
-    # two sampled pairs of 256, one 1 logit off its pretrained value: 1^2 * (256 / 2) / (2 * 0.5^2 * 10 labels) = 25.6
-    ell0, ref = torch.tensor([1.0, 0.0]), torch.zeros(2)
-    assert R.function_anchor_loss(ell0, ref, 256, 0.5, 10).item() == pytest.approx(25.6)
-    # it is -log N(ell0 | ref, std^2) up to a constant: its gradient is (ell0 - ref) / std^2, scaled the same way
-    ell0.requires_grad_(True)
-    R.function_anchor_loss(ell0, ref, 2, 0.5, 1).backward()
-    assert torch.allclose(ell0.grad, torch.tensor([4.0, 0.0]))
-
-
 def test_queries_to_target():
     n = np.array([0, 16, 32, 48, 64])
     assert R.queries_to_target(n, np.array([0.5, 0.7, 0.6, 0.7, 0.7]), 0.65) == 48  # must stay above
