@@ -38,7 +38,7 @@ import tyro
 from common.models import Policy, entropy_of, frozen_copy, load_policy, logprobs_of
 from common.tasks import RewardError, Task, evaluate, make_task
 from common.utils import (CommonArgs, Run, all_gather_objects, all_reduce, close_distributed, episode_seeds, exact_div,
-                          init_distributed, masked_mean, rank_share, restore_rng_states, resume_args,
+                          init_distributed, masked_mean, rank_share, require_positive, restore_rng_states, resume_args,
                           save_checkpoint, seed_everything, stop_on_sigterm, sync_gradients)
 
 ALGORITHMS = ("a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl", "nll", "wbc", "r_gold", "r_lol")
@@ -344,11 +344,9 @@ def main(args: Args) -> dict:
     # TRY NOT TO MODIFY: check the arguments before any heavy work; a bad one exits with one line
     try:
         args, checkpoint = resume_args(args, Args)
-        for name in ("total_steps", "batch_size", "eval_every", "eval_episodes", "forward_batch_size", "log_every",
-                     "value_prompts", "value_samples_per_prompt", "value_epochs", "value_patience",
-                     "value_batch_size", "value_heads", "offline_samples_per_prompt", "checkpoint_every"):
-            if getattr(args, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        require_positive(args, "total_steps", "batch_size", "eval_every", "eval_episodes", "forward_batch_size",
+                         "log_every", "value_prompts", "value_samples_per_prompt", "value_epochs", "value_patience",
+                         "value_batch_size", "value_heads", "offline_samples_per_prompt", "checkpoint_every")
         if args.offline_size is not None and args.offline_size <= 0:
             raise ValueError(f"--offline-size must be positive, got {args.offline_size}")
         if not 0.0 < args.clip_eps < 1.0:

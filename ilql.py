@@ -42,7 +42,7 @@ from common import wordle
 from common.models import Policy, entropy_of, frozen_copy, load_policy
 from common.tasks import RewardError, evaluate, make_task
 from common.utils import (CommonArgs, Run, all_gather_objects, all_reduce, close_distributed, episode_seeds, exact_div,
-                          init_distributed, masked_mean, rank_share, restore_rng_states, resume_args,
+                          init_distributed, masked_mean, rank_share, require_positive, restore_rng_states, resume_args,
                           save_checkpoint, seed_everything, stop_on_sigterm, sync_gradients)
 
 
@@ -289,10 +289,8 @@ def main(args: Args) -> dict:
     # TRY NOT TO MODIFY: check the arguments before any heavy work; a bad one exits with one line
     try:
         args, checkpoint = resume_args(args, Args)
-        for name in ("total_steps", "batch_size", "eval_every", "eval_episodes", "target_update_every",
-                     "wordle_games", "wordle_layers", "wordle_width", "print_every", "checkpoint_every"):
-            if getattr(args, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        require_positive(args, "total_steps", "batch_size", "eval_every", "eval_episodes", "target_update_every",
+                         "wordle_games", "wordle_layers", "wordle_width", "print_every", "checkpoint_every")
         if not 0 < args.tau < 1:
             raise ValueError(f"--tau must be in (0, 1), got {args.tau}")
         for name in ("gamma", "polyak_alpha", "top_fraction"):

@@ -41,8 +41,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from common.models import Policy, ValueHead, frozen_copy, load_policy, logprobs_of
 from common.tasks import RewardError, evaluate, make_task
 from common.utils import (CommonArgs, Run, all_reduce, close_distributed, episode_seeds, exact_div, init_distributed,
-                          masked_mean, masked_whiten, restore_rng_states, resume_args, save_checkpoint, seed_everything,
-                          stop_on_sigterm, sync_gradients)
+                          masked_mean, masked_whiten, require_positive, restore_rng_states, resume_args,
+                          save_checkpoint, seed_everything, stop_on_sigterm, sync_gradients)
 
 
 @dataclass
@@ -315,10 +315,8 @@ def main(args: Args) -> dict:
     # TRY NOT TO MODIFY: check the arguments before any heavy work (a bad one exits with one line)
     try:
         args, checkpoint = resume_args(args, Args)
-        for name in ("total_updates", "rollout_batch_size", "minibatch_size", "ppo_epochs", "eval_every",
-                     "eval_episodes", "kl_horizon", "mask_update_every", "checkpoint_every"):
-            if getattr(args, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        require_positive(args, "total_updates", "rollout_batch_size", "minibatch_size", "ppo_epochs", "eval_every",
+                         "eval_episodes", "kl_horizon", "mask_update_every", "checkpoint_every")
         if not 0.0 < args.top_mask <= 1.0:
             raise ValueError(f"--top-mask must be in (0, 1], got {args.top_mask}")
         if args.min_tokens_to_keep is not None and args.min_tokens_to_keep <= 0:

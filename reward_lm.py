@@ -37,8 +37,9 @@ import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
+from common.models import load_causal_lm
 from common.utils import (CommonArgs, Run, ScalarRecorder, all_gather_objects, close_distributed, init_distributed,
-                          map_in_waves, resume_args, save_checkpoint, seed_everything, stop_on_sigterm)
+                          map_in_waves, require_positive, resume_args, seed_everything, stop_on_sigterm)
 
 AGENTS = ("ts", "greedy", "passive", "boltzmann", "infomax")
 
@@ -521,11 +522,9 @@ def main(args: Args) -> dict:
         args, checkpoint = resume_args(args, Args)
         if args.task != "inclusive":
             raise ValueError(f"unknown task {args.task!r}: reward_lm.py runs on its built-in task 'inclusive'")
-        for name in ("num_seeds", "queries", "queries_per_round", "updates_per_round", "update_batch_size",
-                     "buffer_size", "ensemble_size", "head_hidden", "index_dim", "n_prompts", "pretrain_size",
-                     "pretrain_batch_size", "eval_every", "progress_every", "threads", "checkpoint_every"):
-            if getattr(args, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        require_positive(args, "num_seeds", "queries", "queries_per_round", "updates_per_round", "update_batch_size",
+                         "buffer_size", "ensemble_size", "head_hidden", "index_dim", "n_prompts", "pretrain_size",
+                         "pretrain_batch_size", "eval_every", "progress_every", "threads", "checkpoint_every")
         if args.queries % args.queries_per_round:
             raise ValueError(f"--queries / --queries-per-round: {args.queries} is not divisible by {args.queries_per_round}")
         if unknown := [a for a in args.agents if a not in AGENTS]:
@@ -537,16 +536,9 @@ def main(args: Args) -> dict:
             raise ValueError(f"--n-answer-tokens must be >= {2 * len(args.deployed_mix) + 2} for disjoint special responses")
         if not (args.beta >= 0 and 0 < args.target_fraction <= 1 and args.pretrain_epochs >= 0):
             raise ValueError("need --beta >= 0, 0 < --target-fraction <= 1 and --pretrain-epochs >= 0")
-        (rank, world_size, device), base = init_distributed(args.cuda), None
-        if args.model_name != "tiny-gpt2":
-            from common.models import load_policy
-            policy = load_policy(args.model_name, None, device) if args.model_name != "tiny-t5" else None
-            if policy is None or policy.is_seq2seq:
-                raise ValueError(f"{args.model_name!r} is a seq2seq model; reward_lm.py needs a causal LM")
-            base = (policy.model, policy.tokenizer)  # it gets the task's words as new tokens, learned in pretraining
-            if missing := [t for t in task_tokens(args) if t not in base[1].get_vocab()]:
-                base[1].add_tokens(missing, special_tokens=True)
-                base[0].resize_token_embeddings(len(base[1]))
+        device = init_distributed(args.cuda)[2]
+        # any other causal LM gets the task's words as new tokens, learned in pretraining
+        base = None if args.model_name == "tiny-gpt2" else load_causal_lm(args.model_name, task_tokens(args), device)
     except (ValueError, OSError) as error:
         raise SystemExit(f"error: {error}")
     from transformers.utils import logging as hf_logging
@@ -588,20 +580,14 @@ def main(args: Args) -> dict:
     # rank 0 checkpoints each wave's results (a killed run redoes at most one wave) and writes their TensorBoard
     # runs (purge_step=0: a redone simulation replaces a half-written one).
     def write_wave(results: dict) -> None:
-        save_checkpoint(run, {"step": len(done), "done": done})
         for seed, result in results.items() if run.is_main else []:
             for agent, scalars in result["scalars"].items():
                 with SummaryWriter(os.path.join(run.dir, f"{agent}__seed{seed}"), purge_step=0) as writer:
                     for tag, value, step in scalars: writer.add_scalar(tag, value, step)
 
-    done = checkpoint["done"] if checkpoint is not None else {}
-    if checkpoint is None:
-        save_checkpoint(run, {"step": 0, "done": done})
-    else:
-        print(f"resumed {run.dir}: {len(done)} of {len(seeds)} seeds done", flush=True)
     stop_on_sigterm()
     try:
-        map_in_waves(simulate, seeds, done, write_wave)
+        done = map_in_waves(simulate, seeds, run, checkpoint, write_wave)
     except KeyboardInterrupt:
         raise SystemExit(f"interrupted; the finished seeds are kept: python reward_lm.py --resume {run.dir}")
     except FloatingPointError as error:

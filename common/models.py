@@ -244,6 +244,20 @@ def load_policy(model_name: str, task, device="cpu") -> Policy:
     return Policy(model, tokenizer).to(device)
 
 
+def load_causal_lm(model_name: str, new_words: list[str], device="cpu"):
+    """(model, tokenizer) of a local directory or hub causal LM, for a script that trains it on a vocabulary of its
+    own (reward_lm.py): each of `new_words` the tokenizer lacks becomes a new token with a new embedding row."""
+    if model_name in BUILTIN_MODELS:  # the built-ins belong to the text tasks, whose builder needs a task
+        raise ValueError(f"{model_name!r} is a built-in model of the text tasks; pass a causal LM directory or hub id")
+    policy = load_policy(model_name, None, device)
+    if policy.is_seq2seq:
+        raise ValueError(f"{model_name!r} is a seq2seq model; a causal LM is needed")
+    if missing := [w for w in new_words if w not in policy.tokenizer.get_vocab()]:
+        policy.tokenizer.add_tokens(missing, special_tokens=True)
+        policy.model.resize_token_embeddings(len(policy.tokenizer))
+    return policy.model, policy.tokenizer
+
+
 @contextlib.contextmanager
 def _file_lock(path: str):
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -110,6 +110,13 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
 # ----------------------------------------------------------------------------------------------
 # Seeding and devices
 # ----------------------------------------------------------------------------------------------
+def require_positive(args, *names: str) -> None:
+    """Fail fast, before any heavy work, on the first of these flags that is not positive."""
+    for name in names:
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+
+
 def seed_everything(seed: int, deterministic: bool = True) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -232,10 +239,17 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def map_in_waves(fn, items: list, done: dict, after_wave) -> dict:
-    """`done[item] = fn(item)` for every item not yet in `done`, for independent units of work (reward_lm.py's
-    simulations): each wave gives one item to each rank, gathers the wave's results into `done` on every rank,
-    then calls `after_wave(results of the wave)` on every rank. A FloatingPointError on any rank stops all."""
+def map_in_waves(fn, items: list, run: "Run", checkpoint: Optional[dict], after_wave) -> dict:
+    """`done[item] = fn(item)` for every item, for independent units of work (reward_lm.py's simulations): each
+    wave gives one item to each rank, gathers the wave's results into `done` on every rank, checkpoints `done`
+    (rank 0 writes it), then calls `after_wave(results of the wave)` on every rank. A killed run therefore redoes
+    at most one wave, and a resumed one (`checkpoint` from `resume_args`) runs only the missing items.
+    A FloatingPointError on any rank stops all."""
+    done = checkpoint["done"] if checkpoint is not None else {}
+    if checkpoint is None:
+        save_checkpoint(run, {"step": 0, "done": done})
+    else:
+        print(f"resumed {run.dir}: {len(done)} of {len(items)} done", flush=True)
     rank, world_size = world()
     todo = [item for item in items if item not in done]
     for wave in range(0, len(todo), world_size):
@@ -248,6 +262,7 @@ def map_in_waves(fn, items: list, done: dict, after_wave) -> dict:
         if errors := [r for r in results.values() if isinstance(r, FloatingPointError)]:
             raise errors[0]
         done.update(results)
+        save_checkpoint(run, {"step": len(done), "done": done})
         after_wave(results)
     return done
 

@@ -160,6 +160,20 @@ def test_load_policy_without_pad_token_uses_eos(model_dirs):
     assert mask[1, 0] == 0 and ids[1, 0] == tok.eos_token_id
 
 
+def test_load_causal_lm_adds_missing_words_and_refuses_seq2seq(model_dirs):
+    from common.models import load_causal_lm
+
+    model, tok = load_causal_lm(model_dirs["gpt2"], ["<+>", "<->", "the"], device="cpu")
+    vocab = tok.get_vocab()
+    assert "<+>" in vocab and "<->" in vocab and tok.convert_tokens_to_ids("<+>") >= len(vocab) - 2
+    assert model.get_input_embeddings().weight.shape[0] >= len(tok)  # a row for every new token
+    assert tok("<+>")["input_ids"] == [vocab["<+>"]]  # one token, never split into characters
+    with pytest.raises(ValueError, match="seq2seq"):
+        load_causal_lm(model_dirs["t5"], ["<+>"])
+    with pytest.raises(ValueError, match="built-in"):
+        load_causal_lm("tiny-t5", ["<+>"])
+
+
 def test_resolve_model_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no stray local directory called "gpt2" or "org"
     with pytest.raises(FileNotFoundError):
