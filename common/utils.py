@@ -70,6 +70,13 @@ def exact_div(a: int, b: int, what: str = "") -> int:
     return a // b
 
 
+def require_positive(args, *names: str) -> None:
+    """Fail fast, before any heavy work, on the first of these flags that is not positive."""
+    for name in names:
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None,
                 across_ranks: bool = False) -> torch.Tensor:
     """Mean of `values` where `mask` is 1 (over all entries, or along `dim`).
@@ -110,13 +117,6 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
 # ----------------------------------------------------------------------------------------------
 # Seeding and devices
 # ----------------------------------------------------------------------------------------------
-def require_positive(args, *names: str) -> None:
-    """Fail fast, before any heavy work, on the first of these flags that is not positive."""
-    for name in names:
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-
-
 def seed_everything(seed: int, deterministic: bool = True) -> None:
     random.seed(seed)
     np.random.seed(seed)
