@@ -184,6 +184,11 @@ class InclusivePopulationEnv:
         self.best = self.theta.argmax(1)
         self.opt_value = float(self.theta.max(1).mean())
 
+    @classmethod
+    def from_args(cls, seed: int, args: "Args") -> "InclusivePopulationEnv":
+        return cls(seed, args.n_prompts, args.n_answer_tokens, args.deployed_mix, args.historical_mix,
+                   args.inclusive_majority_approval, args.inclusive_pretrain_mass)
+
     def feedback(self, x: np.ndarray, r: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One rater from today's population per query: 1 (<+>) with that group's approval."""
         groups = rng.choice(self.G, size=len(x), p=self.deployed)
@@ -548,9 +553,7 @@ def main(args: Args) -> dict:
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     seeds = [args.seed + i for i in range(args.num_seeds)]
-    make_env = lambda seed: InclusivePopulationEnv(seed, args.n_prompts, args.n_answer_tokens, args.deployed_mix,
-                                                   args.historical_mix, args.inclusive_majority_approval, args.inclusive_pretrain_mass)
-    envs = {seed: make_env(seed) for seed in seeds}
+    envs = {seed: InclusivePopulationEnv.from_args(seed, args) for seed in seeds}
 
     def simulate(seed: int) -> dict:
         """Pretrain one LM on the seed's historical data, then run every agent from a copy of it."""

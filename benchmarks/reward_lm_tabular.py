@@ -43,8 +43,7 @@ def beta_prior(approvals: np.ndarray, ratings: np.ndarray, prior: str):
 
 def simulate(seed: int, agent: str, prior: str, queries: int, per_round: int, args: Args) -> float:
     """One agent on one seed with exact Beta posteriors; returns queries to target (inf if never)."""
-    env = InclusivePopulationEnv(seed, args.n_prompts, args.n_answer_tokens, args.deployed_mix, args.historical_mix,
-                                 args.inclusive_majority_approval, args.inclusive_pretrain_mass)
+    env = InclusivePopulationEnv.from_args(seed, args)
     x, r, f = env.pretrain_corpus(args.pretrain_size, np.random.default_rng([seed, 1]))
     ratings, approvals = np.zeros((env.P, env.R)), np.zeros((env.P, env.R))
     np.add.at(ratings, (x, r), 1)

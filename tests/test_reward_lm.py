@@ -18,9 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_env(seed=0, **kw):
-    a = R.Args(**kw)
-    return R.InclusivePopulationEnv(seed, a.n_prompts, a.n_answer_tokens, a.deployed_mix, a.historical_mix,
-                                    a.inclusive_majority_approval, a.inclusive_pretrain_mass)
+    return R.InclusivePopulationEnv.from_args(seed, R.Args(**kw))
 
 
 def make_model(seed=0, **kw):
