@@ -4,6 +4,7 @@ torch.distributed helpers (torchrun) and checkpoints for `--resume`."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import random
@@ -159,6 +160,7 @@ def init_distributed(use_cuda: bool) -> tuple[int, int, torch.device]:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
+        importlib.import_module("torch._dynamo")  # before the group exists: see close_distributed
         dist.init_process_group(backend)
     if rank != 0:
         import builtins
@@ -278,6 +280,13 @@ class ScalarRecorder:
 
 
 def close_distributed() -> None:
+    """Destroy the process group, which joins its communication threads before the interpreter exits.
+
+    In torch 2.13, importing torch._dynamo *after* the group exists (seed_everything does, through
+    torch.use_deterministic_algorithms) leaves references to the group that destroy_process_group does not drop:
+    gloo's threads then outlive it into the interpreter's exit, where a 2-process reward_lm.py run in CI aborted
+    (SIGABRT, "terminate called without an active exception"). init_distributed therefore imports torch._dynamo
+    first; tests/test_utils.py checks that no gloo thread is left."""
     if dist.is_initialized():
         dist.destroy_process_group()
 

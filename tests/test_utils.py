@@ -220,3 +220,33 @@ def test_sync_gradients_and_statistics_across_two_processes(tmp_path):
         assert mean == pytest.approx((1 + 2 + 2 + 4 + 6) / 5)  # every unmasked value of both ranks
         assert reduced == 3.0 and gathered == ["rank0", "rank1"]
         assert shares == [(range(0, 3), range(0, 1)), (range(3, 5), range(1, 1))][rank]  # the last rank may get fewer
+
+
+def _closing_worker(rank: int, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    from common.utils import all_gather_objects, close_distributed, init_distributed
+
+    init_distributed(use_cuda=False)
+    seed_everything(1)  # use_deterministic_algorithms imports torch._dynamo: after the group exists, as in every script
+    all_gather_objects(rank)
+    close_distributed()
+    tasks = f"/proc/{os.getpid()}/task"
+    results[rank] = [name for name in (open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks))
+                     if "gloo" in name]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc to list a process's threads")
+def test_close_distributed_leaves_no_communication_thread():
+    """Every script's order (init_distributed, then seed_everything, collectives, close_distributed) must end with
+    gloo's threads joined: threads left running into the interpreter's exit aborted a 2-process run in CI."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_closing_worker, args=(port, results), nprocs=2, join=True)
+    assert results[0] == [] and results[1] == []
