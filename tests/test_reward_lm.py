@@ -260,15 +260,23 @@ def test_tabular_control_priors_match_the_population_model():
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("learning")
-    # the default budget (4096 queries in rounds of 64) on the first 3 default seeds, ts and greedy only
-    args = R.Args(agents=("ts", "greedy"), num_seeds=3, output_dir=str(out), save_model=False, progress_every=1000)
-    summary = R.main(args)
+    # The default budget (4096 queries in rounds of 64) on the first 3 default seeds, ts and greedy only. Two
+    # torchrun processes run the seeds two at a time (a simulation is one seed, so they log exactly what one
+    # process logs, tests/test_scaling.py), which takes about two thirds of the time of one process.
+    agents = ("ts", "greedy")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "reward_lm.py", "--agents", *agents, "--num-seeds", "3", "--no-save-model",
+                             "--progress-every", "1000", "--output-dir", str(out)],
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     import csv
 
     (run_name,) = os.listdir(out)
+    summary = json.loads((out / run_name / "summary.json").read_text())
     rows = list(csv.DictReader(open(out / run_name / "curves.csv")))
     per_agent = {agent: {seed: [r for r in rows if r["agent"] == agent and int(r["seed"]) == seed]
-                         for seed in summary["seeds"]} for agent in args.agents}
+                         for seed in summary["seeds"]} for agent in agents}
     return summary, per_agent
 
 
