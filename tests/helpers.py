@@ -2,6 +2,9 @@
 
 import ast
 
+# `python` + these = torchrun with 2 CPU processes (gloo); --standalone picks a free port for the rendezvous
+TORCHRUN_2 = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
 
 def args_fields(path: str, class_name: str) -> list[tuple[str, bool]]:
     """(field, has a docstring of at least two words) for every field of a dataclass, read from the

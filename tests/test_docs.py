@@ -36,6 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from helpers import TORCHRUN_2
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 
@@ -110,8 +112,8 @@ def plan(command: str, tmp: str) -> tuple[str, list[str]]:
         script, flags = argv[at], argv[at + 1:]
         if needs_network(flags) or "--nnodes" in argv or "--resume" in flags:
             return "parse", [script, *flags]
-        return "run", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *flags,
-                       *TINY[script], *METHOD_COMMON, "--output-dir", os.path.join(tmp, "runs")]
+        return "run", [*TORCHRUN_2, script, *flags, *TINY[script], *METHOD_COMMON,
+                       "--output-dir", os.path.join(tmp, "runs")]
     argv = argv[1:]  # drop "python"
     if argv[0] == "-m":
         if argv[1] not in MODULES:
@@ -201,7 +203,7 @@ def test_plan_overrides_budget_and_spots_network_commands(tmp_path):
     assert plan("python benchmarks/trl_compare.py", str(tmp_path))[0] == "parse"
     assert plan("python ppo.py --resume runs/x", str(tmp_path))[0] == "parse"
     kind, argv = plan("torchrun --nproc_per_node 8 ppo.py --rollout-batch-size 128", str(tmp_path))
-    assert kind == "run" and argv[:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    assert kind == "run" and argv[:5] == TORCHRUN_2
     assert plan("torchrun --nnodes 2 --nproc_per_node 8 ppo.py", str(tmp_path)) == ("parse", ["ppo.py"])
 
 

@@ -13,7 +13,7 @@ import torch
 
 import reward_lm as R
 
-from helpers import args_fields
+from helpers import TORCHRUN_2, args_fields
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -264,9 +264,8 @@ def short_run(tmp_path_factory):
     # torchrun processes run the seeds two at a time (a simulation is one seed, so they log exactly what one
     # process logs, tests/test_scaling.py): 121 s here against 160 s for one process.
     agents = ("ts", "greedy")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "reward_lm.py", "--agents", *agents, "--num-seeds", "3", "--no-save-model",
-                             "--progress-every", "1000", "--output-dir", str(out)],
+    result = subprocess.run([sys.executable, *TORCHRUN_2, "reward_lm.py", "--agents", *agents, "--num-seeds", "3",
+                             "--no-save-model", "--progress-every", "1000", "--output-dir", str(out)],
                             cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

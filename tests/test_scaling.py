@@ -22,6 +22,8 @@ import time
 
 import pytest
 
+from helpers import TORCHRUN_2
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 DISTRIBUTED_RTOL = 1e-4
@@ -112,8 +114,7 @@ def assert_same_scalars(expected: dict, actual: dict, tags, rel: float, context:
 
 @pytest.mark.parametrize("script", list(SCRIPTS))
 def test_torchrun_two_processes_log_the_losses_of_one(script, tmp_path, tmp_path_factory):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
-    result = run([*torchrun, script, *SCRIPTS[script]["tiny"], "--no-save-model"], tmp_path)
+    result = run([sys.executable, *TORCHRUN_2, script, *SCRIPTS[script]["tiny"], "--no-save-model"], tmp_path)
     run_dir = only_run_dir(tmp_path)
     assert '"world_size": 2' in open(os.path.join(run_dir, "summary.json")).read()
     assert len(glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))) == 1  # only rank 0 writes
