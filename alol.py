@@ -36,7 +36,7 @@ import torch.nn as nn
 import tyro
 
 from common.models import Policy, entropy_of, frozen_copy, load_policy, logprobs_of
-from common.tasks import RewardError, Task, evaluate, make_task
+from common.tasks import RewardError, Task, eval_line, evaluate, make_task
 from common.utils import (CommonArgs, Run, all_gather_objects, all_reduce, close_distributed, episode_seeds, exact_div,
                           init_distributed, masked_mean, rank_share, require_positive, restore_rng_states, resume_args,
                           save_checkpoint, seed_everything, stop_on_sigterm, sync_gradients)
@@ -387,10 +387,12 @@ def main(args: Args) -> dict:
                 return sample_responses(policy, prompts, episode_seeds(args.seed, 1, 0, indices), task,
                                         response_length, min_response_length, device)
 
-        metrics, samples = evaluate(task, generate_fn, args.eval_episodes, args.forward_batch_size)
+        # fluency beside the reward: perplexity of the references under the policy, and the sampled
+        # responses' NLL under the --model-name model as loaded (pi_ref here: it is never updated)
+        metrics, samples = evaluate(task, generate_fn, args.eval_episodes, args.forward_batch_size, policy=policy,
+                                    start_model=ref_policy, response_length=response_length)
         run.log_eval(metrics, samples, step)
-        print(f"eval @ step {step}: return {metrics['eval/return_mean']:+.3f} +- {metrics['eval/return_std']:.3f}",
-              flush=True)
+        print(f"eval @ step {step}: {eval_line(metrics)}", flush=True)
         return metrics
 
     # 1. the offline dataset, with rewards mapped to [0, 1]: the reference's rewards are non-negative

@@ -40,7 +40,7 @@ from transformers import LogitsProcessor
 
 from common import wordle
 from common.models import Policy, entropy_of, frozen_copy, load_policy
-from common.tasks import RewardError, evaluate, make_task
+from common.tasks import RewardError, eval_line, evaluate, make_task
 from common.utils import (CommonArgs, Run, all_gather_objects, all_reduce, close_distributed, episode_seeds, exact_div,
                           init_distributed, masked_mean, rank_share, require_positive, restore_rng_states, resume_args,
                           save_checkpoint, seed_everything, stop_on_sigterm, sync_gradients)
@@ -347,6 +347,7 @@ def main(args: Args) -> dict:
     vocab = policy.model.get_output_embeddings().weight.shape[0]
     heads = ValueHeads(policy.hidden_size, vocab).to(device) if learn_values else None
     value_trunk = frozen_copy(policy).requires_grad_(True).train() if learn_values and not args.shared_trunk else None
+    start_model = None if is_wordle else frozen_copy(policy)  # the model as loaded, for eval/ref_nll
     params = [p for p in [*policy.parameters(), *(heads.parameters() if heads else []),
                           *(value_trunk.parameters() if value_trunk else [])] if p.requires_grad]
     from_scratch = is_wordle and args.model_name == "tiny-gpt2"
@@ -415,11 +416,13 @@ def main(args: Args) -> dict:
                 return policy.decode(*generate(ids, mask, task.max_new_tokens, task.min_new_tokens, [],
                                                episode_seeds(args.seed, 1, 0, indices)))
 
-            metrics, samples = evaluate(task, generate_fn, args.eval_episodes, args.batch_size)
+            # perplexity is pi_beta's (the LM the Q heads perturb at decoding; docs/ilql.md), ref_nll the
+            # sampled responses' NLL under the --model-name model as loaded
+            metrics, samples = evaluate(task, generate_fn, args.eval_episodes, args.batch_size, policy=policy,
+                                        start_model=start_model, response_length=task.max_new_tokens)
         run.log_eval(metrics, samples, step)
         extra = f" | win rate {metrics['eval/win_rate']:.3f}" if is_wordle else ""
-        print(f"eval @ step {step}: return {metrics['eval/return_mean']:+.3f} +- {metrics['eval/return_std']:.3f}"
-              f"{extra}", flush=True)
+        print(f"eval @ step {step}: {eval_line(metrics)}{extra}", flush=True)
         return metrics
 
     def checkpoint_state(step: int) -> dict:

@@ -39,7 +39,7 @@ import tyro
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from common.models import Policy, ValueHead, frozen_copy, load_policy, logprobs_of
-from common.tasks import RewardError, evaluate, make_task
+from common.tasks import RewardError, eval_line, evaluate, make_task
 from common.utils import (CommonArgs, Run, all_reduce, close_distributed, episode_seeds, exact_div, init_distributed,
                           masked_mean, masked_whiten, require_positive, restore_rng_states, resume_args,
                           save_checkpoint, seed_everything, stop_on_sigterm, sync_gradients)
@@ -391,10 +391,10 @@ def main(args: Args) -> dict:
             input_ids, _, start, response_mask, _ = sample(prompts, episode_seeds(args.seed, 1, 0, indices))
             return policy.decode(input_ids[:, start:], response_mask)
 
-        metrics, samples = evaluate(task, generate_fn, args.eval_episodes, local_batch)
+        metrics, samples = evaluate(task, generate_fn, args.eval_episodes, local_batch, policy=policy,
+                                    start_model=ref_policy, response_length=response_length)
         run.log_eval(metrics, samples, step)
-        print(f"eval @ update {step}: return {metrics['eval/return_mean']:+.3f} +- {metrics['eval/return_std']:.3f}",
-              flush=True)
+        print(f"eval @ update {step}: {eval_line(metrics)}", flush=True)
         return metrics
 
     def checkpoint_state(step: int) -> dict:

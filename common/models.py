@@ -26,6 +26,7 @@ import sys
 import tempfile
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -141,6 +142,35 @@ class Policy(nn.Module):
         hidden = hidden[:, response_start - 1:-1]  # the state before token t predicts token t
         logits = self.model.get_output_embeddings()(hidden) if with_logits else None
         return logits, hidden
+
+    @torch.no_grad()
+    def text_nll(self, prompts: list[str], continuations: list[str], max_prompt_tokens: int,
+                 batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """Teacher-forced negative log-likelihood of each continuation after its prompt, in fp32 at
+        temperature 1: (summed NLL, token count) per text. The continuation is tokenized on its own (no
+        special tokens) and kept to what fits the model's context after the prompt; an empty one has 0
+        tokens. Evaluation's `eval/perplexity` and `eval/ref_nll` are built from it."""
+        device = next(self.parameters()).device
+        config, tok = self.model.config, self.tokenizer
+        context = None if self.is_seq2seq else getattr(config, "n_positions", None) or \
+            getattr(config, "max_position_embeddings", None)
+        nll, count = np.zeros(len(prompts)), np.zeros(len(prompts))
+        for i in range(0, len(prompts), batch_size):
+            prompt_ids, prompt_mask = self.encode_prompts(prompts[i:i + batch_size], max_prompt_tokens, device)
+            rows = [tok(c, add_special_tokens=False)["input_ids"] for c in continuations[i:i + batch_size]]
+            if context is not None:
+                rows = [r[:max(context - prompt_ids.shape[1], 0)] for r in rows]
+            width = max([1] + [len(r) for r in rows])
+            ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, r in enumerate(rows):
+                ids[j, :len(r)], mask[j, :len(r)] = torch.tensor(r, dtype=torch.long), 1
+            ids, mask = ids.to(device), mask.to(device)
+            logits, _ = self(torch.cat([prompt_ids, ids], 1), torch.cat([prompt_mask, mask], 1), prompt_ids.shape[1])
+            token_nll = -logprobs_of(logits, ids) * mask
+            nll[i:i + len(rows)] = token_nll.sum(1).double().cpu().numpy()
+            count[i:i + len(rows)] = mask.sum(1).cpu().numpy()
+        return nll, count
 
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,

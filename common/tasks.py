@@ -103,6 +103,71 @@ def sentiment_corpus(n: int, seed: int) -> list[str]:
     return [make_review(rng) for _ in range(n)]
 
 
+# The grammar read backwards: which word sequences each template slot accepts. A sentence is valid when
+# it is an instance of one template with words from these lists; a review is 3 or 4 valid sentences.
+# The recogniser makes `eval/grammatical` exact on this task: fluency measured, not estimated.
+def _phrases(words: Sequence[str]) -> list[tuple[str, ...]]:
+    return sorted({tuple(w.split()) for w in words})
+
+
+_SLOTS = {
+    "noun": _phrases(NOUNS), "noun2": _phrases(NOUNS), "kind": _phrases(KINDS), "adv": _phrases(ADVERBS),
+    "time": _phrases(TIMES), **{slot: _phrases([w for sentiment in WORDS.values() for w in sentiment[slot]])
+                                for slot in ("adj", "verb", "feeling")},
+}
+_TEMPLATE_SLOTS = [tuple(t[1:-1] if t.startswith("{") else (t,) for t in template.split()) for template in TEMPLATES]
+
+
+def _sentence_ends(words: Sequence[str], start: int) -> tuple[set[int], bool]:
+    """Where a valid sentence starting at `words[start]` can end (exclusive indices), and whether the text
+    runs out inside one (words[start:] is a non-empty proper prefix of some valid sentence)."""
+    ends, prefix = set(), False
+
+    def walk(slots, pos, noun):
+        nonlocal prefix
+        if not slots:
+            ends.add(pos)
+            return
+        if pos == len(words):
+            prefix = prefix or pos > start
+            return
+        slot, rest = slots[0], slots[1:]
+        options = _SLOTS[slot] if slot in _SLOTS else [slot]
+        for option in options:
+            if slot == "noun2" and option == noun:  # the grammar draws two different nouns
+                continue
+            got = tuple(words[pos:pos + len(option)])
+            if got == option:
+                walk(rest, pos + len(option), option if slot == "noun" else noun)
+            elif pos + len(got) == len(words) and option[:len(got)] == got:  # text ends inside a phrase
+                prefix = True
+
+    for slots in _TEMPLATE_SLOTS:
+        walk(slots, start, None)
+    return ends, prefix
+
+
+def is_review(text: str, cut_off: bool = False) -> bool:
+    """Is `text` a review the grammar can write: 3 or 4 sentences, each an instance of one template with
+    words from the grammar's lists? With `cut_off` (the length limit stopped the text), a text that ends
+    inside its 1st-4th sentence counts when what is there is a valid prefix."""
+    words = text.split()
+    frontier = {0}
+    for sentences in range(1, 5):
+        reached = set()
+        for pos in frontier:
+            ends, prefix = _sentence_ends(words, pos)
+            if cut_off and prefix:
+                return True
+            reached |= ends
+        if len(words) in reached and (sentences >= 3 or cut_off):
+            return True
+        frontier = reached - {len(words)}
+        if not frontier:
+            return False
+    return False
+
+
 # ----------------------------------------------------------------------------------------------
 # Rewards
 # ----------------------------------------------------------------------------------------------
@@ -151,6 +216,12 @@ class Task:
     offline_data: Optional[Callable[[int], list[dict]]] = None
     """offline_data(seed) -> [{"prompt", "response", "reward"}]: logged responses of mixed quality on
     training prompts (never on held-out ones), for the offline methods (ILQL, A-LoL)"""
+    eval_references: Optional[list[Optional[str]]] = None
+    """the reference continuation of each held-out prompt (None where a prompt has none), for
+    `eval/perplexity`; None when the task has no references at all"""
+    grammatical: Optional[Callable[[str, bool], bool]] = None
+    """grammatical(prompt + response, cut_off) -> whether the text is valid in the task's own grammar
+    (embedded sentiment only); `cut_off`: the length limit stopped the response, so a valid prefix counts"""
     extra: dict = field(default_factory=dict)
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
@@ -173,12 +244,13 @@ def make_sentiment_task(n_train: int = 4096, n_eval: int = 256, n_corpus: int = 
     random.Random(1).shuffle(train_prompts)
     train_prompts = train_prompts[:n_train]
     seen = set(train_prompts)
-    eval_prompts = []
+    eval_prompts, eval_references = [], []
     for review in sentiment_corpus(8 * n_eval, seed=2):
-        prompt = split_review(review)[0]
+        prompt, continuation = split_review(review)
         if prompt not in seen:  # held-out means never trained on
             seen.add(prompt)
             eval_prompts.append(prompt)
+            eval_references.append(continuation)  # the review's own second half (GRUE's reference)
         if len(eval_prompts) == n_eval:
             break
     def offline_data(seed: int, n: int = 4096, noise: float = 0.2) -> list[dict]:
@@ -221,6 +293,8 @@ def make_sentiment_task(n_train: int = 4096, n_eval: int = 256, n_corpus: int = 
         corpus=lambda: sentiment_corpus(n_corpus, seed=0),
         pretrain_pairs=lambda: [split_review(r) for r in sentiment_corpus(n_corpus, seed=0)],
         offline_data=offline_data,
+        eval_references=eval_references,
+        grammatical=is_review,
         extra={"grammar_version": GRAMMAR_VERSION},
     )
 
@@ -413,30 +487,33 @@ def make_imdb_task(args=None) -> Task:
     """GRUE's IMDB continuation task (Ramamurthy et al., 2023; RL4LMs `imdb_text_continuation`).
 
     Prompt: the first 50% of a review's whitespace-separated words (`split_review`), truncated by the
-    scripts to its last 64 tokens. Exactly 48 new tokens. Reward: `lvwerra/distilbert-imdb`'s P(positive)
+    scripts to its last 64 tokens; the other 50% is its reference continuation (`eval/perplexity`).
+    Exactly 48 new tokens. Reward: `lvwerra/distilbert-imdb`'s P(positive)
     (label index 1) of prompt + continuation. Held-out prompts: the 5,000 test reviews; the 5,000 val
     prompts are in `extra["val_prompts"]`. The rare training prompt identical to a held-out one (IMDB
     has duplicate reviews) is dropped, so the two sets are disjoint.
     """
     _check_reward_flags("imdb", args, IMDB_REWARD_MODEL)
     train_texts, val_texts, test_texts = load_imdb_texts(getattr(args, "dataset", None))
-    eval_prompts = [split_review(t)[0] for t in test_texts]
+    eval_prompts, eval_references = map(list, zip(*map(split_review, test_texts))) if test_texts else ([], [])
     held_out = set(eval_prompts)
     train_prompts = [p for p in (split_review(t)[0] for t in train_texts) if p not in held_out]
     return Task(name="imdb", train_prompts=train_prompts, eval_prompts=eval_prompts,
                 reward_fn=_make_reward(args, IMDB_REWARD_MODEL), max_prompt_tokens=64, max_new_tokens=48,
-                min_new_tokens=48, extra={"val_prompts": [split_review(t)[0] for t in val_texts]})
+                min_new_tokens=48, eval_references=eval_references,
+                extra={"val_prompts": [split_review(t)[0] for t in val_texts]})
 
 
-def read_prompts_file(path: Optional[str]) -> tuple[list[str], list[str]]:
-    """(train, eval) prompts of a JSONL file: one object per line with a string "prompt" and an
-    optional "split" ("train", the default, or "eval"). Without any "eval" line, a seeded 10% of the
-    distinct prompts (seed 42, the same for every --seed) is held out. The two sets are disjoint."""
+def read_prompts_file(path: Optional[str]) -> tuple[list[str], list[str], dict[str, str]]:
+    """(train, eval) prompts of a JSONL file, and the references it gives: one object per line with a
+    string "prompt", an optional "split" ("train", the default, or "eval") and an optional string
+    "reference" (a good continuation, for `eval/perplexity`). Without any "eval" line, a seeded 10% of
+    the distinct prompts (seed 42, the same for every --seed) is held out. The two sets are disjoint."""
     if not path:
         raise ValueError("task jsonl needs --prompts-file PATH (one JSON object per line with a \"prompt\" field)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompts file {path!r} does not exist")
-    train, held_out = [], []
+    train, held_out, references = [], [], {}
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -450,6 +527,10 @@ def read_prompts_file(path: Optional[str]) -> tuple[list[str], list[str]]:
             split = row.get("split", "train")
             if split not in ("train", "eval"):
                 raise ValueError(f"{path}:{number}: \"split\" must be \"train\" or \"eval\", got {split!r}")
+            if "reference" in row:
+                if not isinstance(row["reference"], str):
+                    raise ValueError(f"{path}:{number}: \"reference\" must be a string")
+                references[row["prompt"]] = row["reference"]
             (train if split == "train" else held_out).append(row["prompt"])
     if not train and not held_out:
         raise ValueError(f"prompts file {path!r} has no prompts")
@@ -464,16 +545,17 @@ def read_prompts_file(path: Optional[str]) -> tuple[list[str], list[str]]:
     train = [p for p in train if p not in eval_set]
     if not train:
         raise ValueError(f"prompts file {path!r} has no training prompts (every prompt is held out)")
-    return train, list(dict.fromkeys(held_out))
+    return train, list(dict.fromkeys(held_out)), references
 
 
 def make_jsonl_task(args=None) -> Task:
     """Your prompts (`--prompts-file`) and reward (`--reward-model` or `--reward-fn`); prompts keep their
     last 128 tokens, responses up to 48 tokens (the scripts' --response-length overrides it)."""
     _check_reward_flags("jsonl", args, None)
-    train_prompts, eval_prompts = read_prompts_file(getattr(args, "prompts_file", None))
+    train_prompts, eval_prompts, references = read_prompts_file(getattr(args, "prompts_file", None))
     return Task(name="jsonl", train_prompts=train_prompts, eval_prompts=eval_prompts,
-                reward_fn=_make_reward(args, None), max_prompt_tokens=128, max_new_tokens=48)
+                reward_fn=_make_reward(args, None), max_prompt_tokens=128, max_new_tokens=48,
+                eval_references=[references.get(p) for p in eval_prompts] if references else None)
 
 
 HUB_TASKS: dict[str, Callable[..., Task]] = {
@@ -509,14 +591,54 @@ def make_task(name: str, args=None) -> Task:
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------
+def diversity_metrics(texts: Sequence[str], segment: int = 100) -> dict[str, float]:
+    """GRUE's diversity metrics (RL4LMs' `DiversityMetrics`, from GEM-metrics' `NGramStats` and `MSTTR`) of
+    a set of generated texts, on lowercased whitespace words; n-grams never cross from one text to the next.
+
+    distinct_n: distinct n-grams / all n-grams.  unique_n: how many n-grams occur exactly once (a count:
+    it grows with the number of texts).  entropy_n: Shannon entropy in bits of the n-gram frequencies,
+    -sum_g p_g log2 p_g.  msttr: mean type-token ratio of the consecutive `segment`-word windows of all the
+    words in order (a last, shorter window is dropped; fewer words than one window: the ratio of them all).
+    response_length: mean words per text.
+    """
+    from collections import Counter
+
+    tokenized = [t.lower().split() for t in texts]
+    metrics = {}
+    for n in (1, 2):
+        counts = Counter(tuple(words[i:i + n]) for words in tokenized for i in range(len(words) - n + 1))
+        total = sum(counts.values())
+        p = np.array(list(counts.values()), dtype=np.float64) / max(total, 1)
+        metrics[f"eval/distinct_{n}"] = len(counts) / total if total else 0.0
+        metrics[f"eval/unique_{n}"] = float(sum(1 for c in counts.values() if c == 1))
+        metrics[f"eval/entropy_{n}"] = float(-(p * np.log2(p)).sum()) if total else 0.0
+    words = [w for ws in tokenized for w in ws]
+    windows = [words[i:i + segment] for i in range(0, len(words) - segment + 1, segment)] or [words]
+    metrics["eval/msttr"] = float(np.mean([len(set(w)) / len(w) for w in windows])) if words else 0.0
+    metrics["eval/response_length"] = float(np.mean([len(w) for w in tokenized])) if texts else 0.0
+    return metrics
+
+
 def evaluate(task: Task, generate_fn: Callable[[list[str], list[int]], list[str]], n_prompts: int,
-             batch_size: int) -> tuple[dict[str, float], list[tuple[str, str, float]]]:
-    """Score the policy's responses to the first `n_prompts` held-out prompts.
+             batch_size: int, policy=None, start_model=None,
+             response_length: Optional[int] = None) -> tuple[dict[str, float], list[tuple[str, str, float]]]:
+    """Score the policy's responses to the first `n_prompts` held-out prompts, with fluency and diversity
+    beside the reward, as GRUE reports them (Ramamurthy et al., 2023, section 4; docs/results.md).
 
     `generate_fn(prompts, indices) -> responses` is the method's deployed decoding; `indices` are the
     prompts' positions in the held-out list (for per-episode seeds). Under torchrun each rank answers
     its share of the prompts and the metrics are computed over all of them, on every rank. Returns the
-    `eval/*` metrics and (prompt, response, reward) samples for logging.
+    `eval/*` metrics and (prompt, response, reward) samples for logging:
+
+    - eval/return_mean, eval/return_std: the task's reward of the responses.
+    - eval/perplexity (with `policy` and a task with references): exp of the mean per-token NLL of the
+      held-out reference continuations under `policy`, teacher-forced after their prompts.
+    - eval/ref_nll (with `start_model`): mean per-token NLL of the sampled responses (re-tokenized) under
+      the starting model: how far the policy's language moved from where it started.
+    - diversity of the responses (`diversity_metrics`), and on tasks with a grammar eval/grammatical: the
+      fraction of prompt + response texts the grammar accepts (a response that reached `response_length`
+      tokens was cut off by the limit, and may end inside a valid sentence).
+    `policy` and `start_model` are `common.models.Policy` objects (anything with `text_nll`).
     """
     from common.utils import all_gather_objects, rank_share
 
@@ -526,8 +648,41 @@ def evaluate(task: Task, generate_fn: Callable[[list[str], list[int]], list[str]
     for i in range(mine.start, mine.stop, batch_size):
         batch = list(range(i, min(i + batch_size, mine.stop)))
         responses += generate_fn([prompts[j] for j in batch], batch)
-    scored = task.score([prompts[j] for j in mine], responses).tolist() if responses else []
-    responses = [r for part in all_gather_objects(responses) for r in part]
-    rewards = np.asarray([r for part in all_gather_objects(scored) for r in part])
+    my_prompts = [prompts[j] for j in mine]
+    local = {"responses": responses, "rewards": task.score(my_prompts, responses).tolist() if responses else []}
+    if policy is not None and task.eval_references is not None:
+        with_reference = [(prompts[j], task.eval_references[j]) for j in mine if task.eval_references[j] is not None]
+        nll, count = policy.text_nll([p for p, _ in with_reference], [r for _, r in with_reference],
+                                     task.max_prompt_tokens, batch_size)
+        local["policy_nll"] = (float(nll.sum()), float(count.sum()))
+    if start_model is not None:
+        nll, count = start_model.text_nll(my_prompts, responses, task.max_prompt_tokens, batch_size)
+        local["start_nll"] = (float(nll.sum()), float(count.sum()))
+    if task.grammatical is not None:
+        tokenizer = (policy or start_model).tokenizer if (policy or start_model) is not None else None
+        cut_off = [response_length is not None and tokenizer is not None and
+                   len(tokenizer(r, add_special_tokens=False)["input_ids"]) >= response_length for r in responses]
+        local["grammatical"] = [task.grammatical(p + r, c) for p, r, c in zip(my_prompts, responses, cut_off)]
+    parts = all_gather_objects(local)
+    responses = [r for part in parts for r in part["responses"]]
+    rewards = np.asarray([r for part in parts for r in part["rewards"]])
     metrics = {"eval/return_mean": float(rewards.mean()), "eval/return_std": float(rewards.std())}
+    for key, name, transform in (("policy_nll", "eval/perplexity", np.exp), ("start_nll", "eval/ref_nll", float)):
+        if key in parts[0]:
+            total, count = (sum(part[key][k] for part in parts) for k in (0, 1))
+            if count > 0:  # no reference at all (a jsonl file without "reference" fields): omitted, not faked
+                metrics[name] = float(transform(total / count))
+    if "grammatical" in parts[0]:
+        metrics["eval/grammatical"] = float(np.mean([g for part in parts for g in part["grammatical"]]))
+    metrics.update(diversity_metrics(responses))
     return metrics, list(zip(prompts, responses, rewards.tolist()))
+
+
+def eval_line(metrics: dict[str, float]) -> str:
+    """The console summary of an evaluation: the return, then fluency and diversity where measured."""
+    line = f"return {metrics['eval/return_mean']:+.3f} +- {metrics['eval/return_std']:.3f}"
+    for key, label, fmt in (("eval/perplexity", "ppl", ".2f"), ("eval/ref_nll", "ref_nll", ".2f"),
+                            ("eval/grammatical", "grammatical", ".2f"), ("eval/distinct_2", "distinct_2", ".2f")):
+        if key in metrics:
+            line += f" | {label} {metrics[key]:{fmt}}"
+    return line

@@ -417,7 +417,7 @@ class Run:
         wall = time.time() - self.start
         best = {}
         for key in self.evals[0] if self.evals else []:
-            best[key] = (min if key.endswith(("_std", "mean_guesses")) else max)(e[key] for e in self.evals)
+            best[key] = (min if key.endswith(("_std", "mean_guesses", "perplexity", "ref_nll")) else max)(e[key] for e in self.evals)
         summary = {
             "script": self.script, "task": self.args.task, "seed": self.args.seed, "args": asdict(self.args),
             "world_size": world()[1],

@@ -2,6 +2,11 @@
 
 import ast
 
+# What every evaluation of a single-turn task reports on the embedded sentiment task (common/tasks.py evaluate)
+SENTIMENT_EVAL_KEYS = {"eval/return_mean", "eval/return_std", "eval/perplexity", "eval/ref_nll", "eval/grammatical",
+                       "eval/distinct_1", "eval/distinct_2", "eval/unique_1", "eval/unique_2", "eval/msttr",
+                       "eval/entropy_1", "eval/entropy_2", "eval/response_length"}
+
 # `python` + these = torchrun with 2 CPU processes (gloo); --standalone picks a free port for the rendezvous
 TORCHRUN_2 = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 

@@ -17,7 +17,7 @@ from common import tasks
 from common.models import frozen_copy, load_policy, logprobs_of
 from common.tasks import make_task
 
-from helpers import args_fields
+from helpers import SENTIMENT_EVAL_KEYS, args_fields
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -275,7 +275,9 @@ def test_cli_run_end_to_end(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["script"] == "alol.py" and summary["algorithm"] == "a_lol" and summary["steps"] == 4
     for key in ("initial", "final", "best"):
-        assert set(summary[key]) == {"eval/return_mean", "eval/return_std"}
+        assert set(summary[key]) == SENTIMENT_EVAL_KEYS
+    # the starting model's NLL of its own samples is its entropy: a few nats per token, finite
+    assert 0 < summary["initial"]["eval/ref_nll"] < 10 and 1 < summary["final"]["eval/perplexity"] < 100
     assert summary["offline_examples"] == 256 and 0 < summary["positive_fraction"] < 1
     assert summary["wall_seconds"] > 0 and summary["tokens_per_second"] > 0
     scalars = _scalars(run_dir)

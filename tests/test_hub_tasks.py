@@ -202,13 +202,13 @@ def test_imdb_without_datasets(hub, monkeypatch):
 # jsonl
 # ----------------------------------------------------------------------------------------------
 def test_jsonl_splits(hub):
-    train, held_out = read_prompts_file(str(hub / "marked.jsonl"))
+    train, held_out, _ = read_prompts_file(str(hub / "marked.jsonl"))
     assert held_out == [f"question {i} :" for i in range(0, 12, 4)]
     assert train == [f"question {i} :" for i in range(12) if i % 4]
-    train, held_out = read_prompts_file(str(hub / "plain.jsonl"))
+    train, held_out, _ = read_prompts_file(str(hub / "plain.jsonl"))
     assert len(held_out) == round(HOLDOUT_FRACTION * 30) and len(train) == 27
     assert not set(train) & set(held_out) and set(train) | set(held_out) == {f"tell me about film {i}" for i in range(30)}
-    assert read_prompts_file(str(hub / "plain.jsonl")) == (train, held_out)  # seeded: the same every time
+    assert read_prompts_file(str(hub / "plain.jsonl"))[:2] == (train, held_out)  # seeded: the same every time
 
 
 def test_jsonl_with_reward_model(hub):

@@ -15,7 +15,7 @@ import torch
 import ilql
 from common import wordle
 
-from helpers import args_fields
+from helpers import SENTIMENT_EVAL_KEYS, args_fields
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -312,7 +312,8 @@ def test_tiny_sentiment_run_end_to_end(tmp_path):
     summary = ilql.main(args)
     (run_name,) = os.listdir(tmp_path)
     assert run_name.startswith("sentiment__ilql__1__") and summary["script"] == "ilql.py"
-    assert set(summary["final"]) == {"eval/return_mean", "eval/return_std"}
+    assert set(summary["final"]) == SENTIMENT_EVAL_KEYS
+    assert 0 < summary["initial"]["eval/ref_nll"] < 10 and 1 < summary["final"]["eval/perplexity"] < 100
     assert -1.0 <= summary["final"]["eval/return_mean"] <= 1.0
     scalars = _scalars(tmp_path / run_name)
     assert [s for s, _ in scalars["eval/return_mean"]] == [0, 1, 2] and "losses/q_loss" in scalars

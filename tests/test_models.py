@@ -326,6 +326,29 @@ def test_logprobs_invariant_to_left_padding(policies, arch):
     torch.testing.assert_close(padded, base, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_text_nll_matches_the_models_own_loss(policies, arch):
+    """text_nll = the model's teacher-forced NLL of the continuation tokens after the prompt, per text, batched
+    and padded like any batch; an empty continuation costs nothing."""
+    policy = policies[arch]
+    tok, model = policy.tokenizer, policy.model
+    prompts, continuations = ["the movie was great .", "the plot was"], [" the ending was dull .", " fun ."]
+    nll, count = policy.text_nll(prompts + ["the film"], continuations + [""], max_prompt_tokens=16, batch_size=2)
+    for i, (prompt, continuation) in enumerate(zip(prompts, continuations)):
+        prompt_ids = tok(prompt, add_special_tokens=policy.is_seq2seq, return_tensors="pt")["input_ids"]
+        target = tok(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            if policy.is_seq2seq:  # the decoder reads the target shifted right behind its start token
+                start = torch.full_like(target[:, :1], model.config.decoder_start_token_id)
+                logits = model(input_ids=prompt_ids, decoder_input_ids=torch.cat([start, target[:, :-1]], 1)).logits
+            else:
+                logits = model(input_ids=torch.cat([prompt_ids, target], 1)).logits[:, prompt_ids.shape[1] - 1:-1]
+        expected = F.cross_entropy(logits[0], target[0], reduction="sum")
+        assert count[i] == target.shape[1]
+        assert nll[i] == pytest.approx(expected.item(), rel=1e-4)
+    assert count[2] == 0 and nll[2] == 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Token-level helpers
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,9 @@ import torch
 import common.models as models
 from common.tasks import (
     Task,
+    diversity_metrics,
     evaluate,
+    is_review,
     make_task,
     sentiment_corpus,
     split_review,
@@ -22,6 +24,8 @@ from common.tasks import (
 )
 
 POSITIVE = "the acting was truly wonderful ."
+DIVERSITY = {"eval/distinct_1", "eval/distinct_2", "eval/unique_1", "eval/unique_2", "eval/msttr", "eval/entropy_1",
+             "eval/entropy_2", "eval/response_length"}
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +132,10 @@ def test_evaluate(task):
     assert [len(b) for b in batches] == [4, 4, 2]
     assert sum(batches, []) == task.eval_prompts[:10]
     assert sum(indices, []) == list(range(10))  # positions in the held-out list, for per-prompt seeds
-    assert set(metrics) == {"eval/return_mean", "eval/return_std"}
+    # without a policy or a starting model: the reward, diversity and (sentiment has a grammar) grammatical
+    assert set(metrics) == {"eval/return_mean", "eval/return_std", "eval/grammatical", *DIVERSITY}
+    assert metrics["eval/grammatical"] == 0.0  # one sentence after half a review is not a review
+    assert metrics["eval/distinct_1"] == pytest.approx(5 / 50)  # 5 words, 10 times
     assert metrics["eval/return_mean"] == pytest.approx(vader_compound([POSITIVE])[0])
     assert metrics["eval/return_mean"] > 0.5
     # np.std of identical float64 values can be ~1e-16 rather than exactly 0 (rounding in the mean).
@@ -244,3 +251,106 @@ def test_builtin_model_needs_a_corpus(task, fake_builder):
     with pytest.raises(ValueError):
         models.resolve_model_path("tiny-t5", no_corpus)
     assert fake_builder[1] == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Fluency and diversity beside the reward
+# ----------------------------------------------------------------------------------------------
+def test_diversity_metrics_by_hand():
+    # words: "a b a" | "b c" -> unigrams a, b, a, b, c; bigrams (a b), (b a) | (b c): none across texts
+    metrics = diversity_metrics(["a b a", "B c"], segment=2)  # lowercased: "B" is "b"
+    assert metrics["eval/distinct_1"] == pytest.approx(3 / 5)
+    assert metrics["eval/unique_1"] == 1  # only c occurs once
+    assert metrics["eval/entropy_1"] == pytest.approx(-(2 * 0.4 * np.log2(0.4) + 0.2 * np.log2(0.2)))  # 1.522 bits
+    assert metrics["eval/distinct_2"] == 1.0 and metrics["eval/unique_2"] == 3
+    assert metrics["eval/entropy_2"] == pytest.approx(np.log2(3))
+    assert metrics["eval/msttr"] == 1.0  # windows [a b], [a b]; the last, [c], is dropped
+    assert metrics["eval/response_length"] == 2.5
+    assert diversity_metrics(["a b a", "b c"], segment=3)["eval/msttr"] == pytest.approx(2 / 3)  # [a b a]
+    assert diversity_metrics(["a b a", "b c"])["eval/msttr"] == pytest.approx(3 / 5)  # fewer words than a window
+    repeated = diversity_metrics(["great great great"] * 4)
+    assert repeated["eval/distinct_1"] == pytest.approx(1 / 12) and repeated["eval/entropy_1"] == 0.0
+    assert repeated["eval/distinct_2"] == pytest.approx(1 / 8) and repeated["eval/unique_2"] == 0
+    empty = diversity_metrics(["", ""])
+    assert empty["eval/distinct_1"] == 0.0 and empty["eval/msttr"] == 0.0 and empty["eval/response_length"] == 0.0
+
+
+GOOD_REVIEW = "the plot was very dull . i loved it twice . the camera work made me happy . overall a so fun drama ."
+
+
+def test_grammar_accepts_what_it_writes():
+    assert all(is_review(r) for r in sentiment_corpus(500, seed=3))
+    assert is_review(GOOD_REVIEW)
+    assert is_review(GOOD_REVIEW.rsplit(" overall", 1)[0])  # 3 sentences are a review too
+
+
+@pytest.mark.parametrize("text", [
+    "plot the was very dull . i loved it twice . the camera work made me happy . overall a so fun drama .",  # shuffled
+    "the plot was very dull dull . i loved it twice . the camera work made me happy .",  # a repeated adjective
+    "great loved the twice drama happy film . very the .",  # a bag of grammar words
+    "the plot was very dull . i loved it twice .",  # 2 sentences: not a review
+    GOOD_REVIEW + " it is a fun film .",  # 5 sentences: not a review
+    "the plot and the plot were dull . i loved it twice . the camera work made me happy .",  # one noun twice
+    "the plot was very dull . i loved it twice . the camera work made me happy . overall a so",  # stopped early
+    "the plot was very great movie . i loved it twice . the camera work made me happy .",  # not a template
+])
+def test_grammar_rejects(text):
+    assert not is_review(text) and not is_review(text.replace(" .", "") + " .")
+
+
+def test_grammar_cut_off_prefix():
+    """A response the length limit cut off counts when what is there is a valid prefix."""
+    cut = "the plot was very dull . i loved it twice . the camera work made me happy . overall a so"
+    assert is_review(cut, cut_off=True) and not is_review(cut)
+    assert is_review("the plot was very dull . i loved it twice . the camera", cut_off=True)  # inside "camera work"
+    assert is_review("the plot was very dull . i loved it", cut_off=True)
+    assert not is_review("the plot was very dull . i loved the twice", cut_off=True)  # no template goes on so
+    assert not is_review(GOOD_REVIEW + " it is a", cut_off=True)  # a 5th sentence, even cut off
+
+
+class FakeNLL:
+    """text_nll by hand: each continuation costs 1 nat per word, over its words."""
+
+    def __init__(self):
+        self.tokenizer = lambda text, add_special_tokens=False: {"input_ids": text.split()}
+        self.calls = []
+
+    def text_nll(self, prompts, continuations, max_prompt_tokens, batch_size):
+        self.calls.append(list(continuations))
+        count = np.array([len(c.split()) for c in continuations], dtype=float)
+        return count * np.array([1.0 + i % 2 for i in range(len(continuations))]), count
+
+
+def test_evaluate_fluency_by_hand(task):
+    policy, start = FakeNLL(), FakeNLL()
+    responses = ["the film was dull .", "great"]
+    metrics, _ = evaluate(task, lambda prompts, _: [responses[i % 2] for i in range(len(prompts))], n_prompts=4,
+                          batch_size=4, policy=policy, start_model=start, response_length=5)
+    # perplexity: the references under the policy; NLL 1 or 2 nats per word, alternating
+    refs = task.eval_references[:4]
+    assert policy.calls == [refs]
+    words = np.array([len(r.split()) for r in refs], dtype=float)
+    assert metrics["eval/perplexity"] == pytest.approx(np.exp((words * [1, 2, 1, 2]).sum() / words.sum()))
+    # ref_nll: the sampled responses under the starting model: (5*1 + 1*2) * 2 nats over 12 words
+    assert start.calls == [responses * 2]
+    assert metrics["eval/ref_nll"] == pytest.approx(14 / 12)
+    assert metrics["eval/response_length"] == 3.0
+    # grammatical: "great" after half a review is no review; but 5 tokens (the limit) make the first cut off
+    assert metrics["eval/grammatical"] == pytest.approx(np.mean([is_review(p + r, r.count(" ") >= 4)
+                                                                 for p, r in zip(task.eval_prompts, responses * 2)]))
+
+
+def test_evaluate_without_references_omits_perplexity(task):
+    plain = dataclasses.replace(task, eval_references=None, grammatical=None)
+    metrics, _ = evaluate(plain, lambda prompts, _: ["ok"] * len(prompts), n_prompts=2, batch_size=2, policy=FakeNLL())
+    assert "eval/perplexity" not in metrics and "eval/grammatical" not in metrics
+    none_given = dataclasses.replace(task, eval_references=[None] * len(task.eval_prompts))
+    metrics, _ = evaluate(none_given, lambda prompts, _: ["ok"] * len(prompts), n_prompts=2, batch_size=2,
+                          policy=FakeNLL())
+    assert "eval/perplexity" not in metrics  # omitted, not faked
+
+
+def test_sentiment_references_are_the_reviews_second_halves(task):
+    assert len(task.eval_references) == len(task.eval_prompts)
+    for prompt, reference in zip(task.eval_prompts[:50], task.eval_references[:50]):
+        assert reference.startswith(" ") and is_review(prompt + reference)
