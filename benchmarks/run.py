@@ -11,10 +11,17 @@ memory (`os.wait4`), and writes
     benchmarks/results/runs.json        every run's numbers and curves, for other tools
     README.md                           the region between <!-- benchmark:start --> and <!-- benchmark:end -->
 
+With `--results` it runs every entry on the sentiment task at its configured budget over seeds 1-5 and
+writes docs/results.md instead (every method side by side on the same task and the same evaluation:
+return, perplexity, ref_nll, grammatical, distinct-2, KL, wall time, memory; mean +- standard error) and
+benchmarks/results/results.json. Every finished run is saved to the JSON at once, and `--resume` reuses
+the runs it already holds (same script, task, seed and flags), so a killed benchmark loses one run at most.
+
 Usage:
     python benchmarks/run.py --quick                 # small budgets, seeds 1-3: minutes on 2 CPU cores
     python benchmarks/run.py                         # the configured budgets (the scripts' defaults)
     python benchmarks/run.py --only ppo.py --seeds 3 --no-readme   # one method, table only
+    python benchmarks/run.py --results --threads 1 --resume        # docs/results.md
     python benchmarks/run.py --help
 
 A script that is missing or exits non-zero is listed under the table with its last output line;
@@ -103,13 +110,15 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
-def fmt(values: list[float], digits: int, signed: bool = False) -> str:
+def fmt(values: list[float], digits: int, signed: bool = False, se: bool = False) -> str:
+    """mean ± sample std (or ± standard error of the mean with `se`) of the finite values; n/a if none."""
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return "n/a"
     mean, std = mean_std(values)
+    spread = std / math.sqrt(len(values)) if se else std
     sign = "+" if signed else ""
-    return f"{mean:{sign}.{digits}f}" + (f" ± {std:.{digits}f}" if len(values) > 1 else "")
+    return f"{mean:{sign}.{digits}f}" + (f" ± {spread:.{digits}f}" if len(values) > 1 else "")
 
 
 def budget_of(summary: dict) -> str:
@@ -141,10 +150,23 @@ def aggregate(runs: list[dict]) -> list[dict]:
             "script": row["script"], "task": row["task"], "seeds": sorted(r["seed"] for r in ok),
             "budget": budget_of(ok[0]["summary"]),
             "initial": pick("initial/eval/return_mean"), "final": pick("final/eval/return_mean"),
+            **{f"{when}_{name}": pick(f"{when}/eval/{name}") for when in ("initial", "final") for name in FLUENCY},
+            "kl": [final_kl(r) for r in ok],
             "wall": pick("wall_seconds"), "tokens_per_second": pick("tokens_per_second"),
             "peak_rss_mib": [r["peak_rss_mib"] for r in ok],
         })
     return out
+
+
+FLUENCY = ("perplexity", "ref_nll", "grammatical", "distinct_2")  # the columns read beside the return
+
+
+def final_kl(run: dict) -> Optional[float]:
+    """The last logged `objective/kl` of an online method (PPO, NLPO: per-token KL of its rollouts to the
+    starting model); None for the others (A-LoL's `objective/kl` is measured on dataset responses, a drift
+    measure rather than a KL, docs/alol.md)."""
+    curve = run.get("curves", {}).get("objective/kl")
+    return curve[-1][1] if curve and run["script"] in ("ppo.py", "nlpo.py") else None
 
 
 def _get(summary: dict, path: str) -> Optional[float]:
@@ -155,16 +177,37 @@ def _get(summary: dict, path: str) -> Optional[float]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| script | task | budget | seeds | held-out return before | final held-out return | wall (s) "
-             "| tokens/s | peak RSS (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| script | task | budget | seeds | held-out return before | final held-out return | perplexity "
+             "| grammatical | wall (s) | tokens/s | peak RSS (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        seeds = row["seeds"]
-        seed_text = f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 1 \
-            else ",".join(map(str, seeds))
-        lines.append(f"| `{row['script']}` | {row['task']} | {row['budget']} | {seed_text} "
+        lines.append(f"| `{row['script']}` | {row['task']} | {row['budget']} | {seeds_text(row['seeds'])} "
                      f"| {fmt(row['initial'], 3, signed=True)} | **{fmt(row['final'], 3, signed=True)}** "
+                     f"| {fmt(row['final_perplexity'], 2)} | {fmt(row['final_grammatical'], 2)} "
                      f"| {fmt(row['wall'], 0)} | {fmt(row['tokens_per_second'], 0)} | {fmt(row['peak_rss_mib'], 0)} |")
+    return "\n".join(lines)
+
+
+def seeds_text(seeds: list[int]) -> str:
+    return f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 1 \
+        else ",".join(map(str, seeds))
+
+
+def results_table(rows: list[dict]) -> str:
+    """docs/results.md's table: the starting model, then every method, final metrics as mean ± s.e."""
+    lines = ["| method | budget | seeds | return | perplexity | ref_nll | grammatical | distinct-2 | KL to start "
+             "| wall (s) | peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    if rows:  # every method starts from the same model; ppo.py's step-0 evaluation samples it plainly
+        start = next((r for r in rows if r["script"] == "ppo.py"), rows[0])
+        lines.append(f"| starting model (`{start['script']}` at step 0) | - | {seeds_text(start['seeds'])} "
+                     f"| {fmt(start['initial'], 3, signed=True, se=True)} "
+                     + "".join(f"| {fmt(start['initial_' + n], 2, se=True)} " for n in FLUENCY) + "| 0 | - | - |")
+    for row in rows:
+        lines.append(f"| `{row['script']}` | {row['budget']} | {seeds_text(row['seeds'])} "
+                     f"| **{fmt(row['final'], 3, signed=True, se=True)}** "
+                     + "".join(f"| {fmt(row['final_' + n], 2, se=True)} " for n in FLUENCY)
+                     + f"| {fmt(row['kl'], 3, se=True)} | {fmt(row['wall'], 0, se=True)} "
+                       f"| {fmt(row['peak_rss_mib'], 0, se=True)} |")
     return "\n".join(lines)
 
 
@@ -201,7 +244,8 @@ def write_readme_region(body: str, start: str = START, end: str = END) -> None:
 # The figure
 # ----------------------------------------------------------------------------------------------
 def plot_curves(runs: list[dict], path: str) -> bool:
-    """One panel per (script, task): held-out return over training, mean +- std over seeds."""
+    """One panel per (script, task): held-out return over training, mean +- std over seeds; and a last panel
+    with every run's final return against its fluency (grammatical where measured, else perplexity)."""
     try:
         import matplotlib
 
@@ -218,7 +262,7 @@ def plot_curves(runs: list[dict], path: str) -> bool:
             groups.setdefault((r["script"], r["task"]), []).append(r)
     if not groups:
         return False
-    n = len(groups)
+    n = len(groups) + 1  # the last panel: return against fluency, one point per run
     cols = min(n, 3)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(max(4.2 * cols, 6.0), 3.2 * rows + 0.3), squeeze=False)
@@ -236,9 +280,28 @@ def plot_curves(runs: list[dict], path: str) -> bool:
         ax.set_ylabel("eval/return_mean")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
+    ax = list(axes.flat)[n - 1]
+    fluency = "eval/grammatical" if any("eval/grammatical" in r["summary"]["final"] for g in groups.values()
+                                        for r in g) else "eval/perplexity"
+    starts = []
+    for (script, task), group in groups.items():
+        points = [(r["summary"]["final"].get(fluency), r["summary"]["final"]["eval/return_mean"]) for r in group]
+        points = [(x, y) for x, y in points if x is not None]
+        starts += [(r["summary"]["initial"].get(fluency), r["summary"]["initial"]["eval/return_mean"]) for r in group
+                   if r["summary"]["initial"].get(fluency) is not None]
+        if points:
+            ax.scatter(*zip(*points), s=18, label=f"{script} ({task})")
+    if starts:
+        ax.scatter(*zip(*starts), s=30, marker="x", color="black", label="before training")
+    ax.set_title(f"final return against {fluency.split('/')[1]} (one point per run)", fontsize=10)
+    ax.set_xlabel(fluency)
+    ax.set_ylabel("eval/return_mean")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle("held-out return (mean ± std over seeds; dotted: before training)", fontsize=10)
+    fig.suptitle("held-out return (mean ± std over seeds; dotted: before training), and return beside fluency",
+                 fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -264,6 +327,49 @@ def machine_line() -> str:
             f"Python {platform.python_version()}, 1/5/15-min load {' '.join(load)}")
 
 
+def save_runs(path: str, command: str, machine: list[str], runs: list[dict]) -> None:
+    """Every run's record (flags, numbers, curves) as JSON, replaced atomically."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"command": command, "machine": machine, "runs": runs}, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def write_results_page(rows: list[dict], runs: list[dict], command: str, machine_before: str, machine_after: str,
+                       threads: Optional[int]) -> None:
+    """docs/results.md: generated, never edited by hand."""
+    when = time.strftime("%Y-%m-%d")
+    text = f"""# Results: every method on the same task and the same evaluation
+
+<!-- Generated by `{command}`; do not edit by hand. -->
+
+Every method on the embedded `sentiment` task, from the same starting model (`tiny-gpt2`), at the budget
+its script uses by default, evaluated by the same function (`common/tasks.py` `evaluate`) on the same 256
+held-out prompts with the same per-prompt sampling seeds. Final evaluation, mean ± standard error over
+seeds. Made by `{command}` ({when}; {machine_before.split(', 1/5/15')[0]}; {threads_text(threads)};
+load before/after: {machine_before.split('load ')[-1]} / {machine_after.split('load ')[-1]}).
+
+{results_table(rows)}
+
+{problems_text(runs)}
+
+How to read it (every metric is defined in [evaluation.md](evaluation.md)):
+
+- **return**: the task's reward, VADER compound of the continuation in [-1, 1]. Higher is better.
+- **perplexity**: of the held-out reviews' own second halves under the trained policy. Lower means the
+  policy still assigns the grammar's text high probability; a rise is language lost to the reward.
+- **ref_nll**: nats per token of the policy's own samples under the starting model. The starting model
+  scores its own samples at its entropy; more means the samples moved away from what it would write.
+- **grammatical**: the fraction of prompt + response texts that the task's grammar accepts, exactly.
+- **distinct-2**: distinct word bigrams / all bigrams over the 256 responses; low is repetitive text.
+- **KL to start**: the last `objective/kl` of the online methods (per-token KL of their rollouts to the
+  frozen starting model, the quantity their KL penalty controls); the offline methods have no such term.
+- **wall**: the script's `wall_seconds`; **peak RSS**: the process's peak resident memory.
+"""
+    with open(os.path.join(ROOT, "docs", "results.md"), "w") as f:
+        f.write(text.replace("\n\n\n", "\n\n"))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="run each entry's `quick` budget instead of its `flags`")
@@ -275,6 +381,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="set OMP_NUM_THREADS for every run (default: inherit); 1 is far faster on a busy machine")
     p.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's benchmark region")
+    p.add_argument("--results", action="store_true",
+                   help="every entry on the sentiment task, seeds 1-5 unless --seeds: write docs/results.md and "
+                        "results.json (not the README)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the finished runs the results JSON already holds (same script, task, seed, flags)")
     return p.parse_args(argv)
 
 
@@ -290,6 +401,10 @@ def threads_text(threads: Optional[int]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.results and args.quick:
+        raise SystemExit("error: --results reports the configured budgets; it does not take --quick")
+    if args.results and "--seeds" not in (argv if argv is not None else sys.argv[1:]):
+        args.seeds = 5
     if args.seeds <= 0 or (args.threads is not None and args.threads <= 0):
         raise SystemExit(f"error: --seeds and --threads must be positive, got {args.seeds} and {args.threads}")
     entries = load_config(args.config)
@@ -298,10 +413,18 @@ def main(argv=None) -> int:
         entries = [e for e in entries if e["script"] in wanted or f"{e['script']}:{e['task']}" in wanted]
         if not entries:
             raise SystemExit(f"error: --only {args.only!r} matches no entry of {args.config}")
+    if args.results:
+        entries = [e for e in entries if e["task"] == "sentiment"]
     command = "python benchmarks/run.py" + "".join(f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]))
     results_dir = os.path.abspath(args.results_dir)
     runs_root = os.path.join(results_dir, "runs")
     extra = shlex.split(args.extra)
+    json_path = os.path.join(results_dir, "results.json" if args.results else "runs.json")
+    previous = {}
+    if args.resume and os.path.isfile(json_path):
+        with open(json_path) as f:
+            previous = {(r["script"], r["task"], r["seed"], tuple(r["flags"])): r for r in json.load(f)["runs"]
+                        if r.get("status") == "ok"}
     machine_before = machine_line()
     print(f"benchmark: {len(entries)} entries x {args.seeds} seeds{' (quick)' if args.quick else ''}; {machine_before}",
           flush=True)
@@ -312,6 +435,11 @@ def main(argv=None) -> int:
         flags = list(entry.get("quick", []) if args.quick else entry.get("flags", []))
         for seed in range(1, args.seeds + 1):
             record = {"script": script, "task": task, "seed": seed, "flags": flags + extra}
+            done = previous.get((script, task, seed, tuple(flags + extra)))
+            if done is not None:  # --resume: this run finished in an earlier invocation
+                runs.append(done)
+                print(f"  {script} {task} seed {seed}: kept from {os.path.relpath(json_path, ROOT)}", flush=True)
+                continue
             runs.append(record)
             if not os.path.isfile(os.path.join(ROOT, script)):
                 record.update(status="missing", detail=f"{script} does not exist yet")
@@ -333,13 +461,20 @@ def main(argv=None) -> int:
                 break  # a broken script fails the same way on every seed
             with open(os.path.join(run_dir, "summary.json")) as f:
                 summary = json.load(f)
-            record.update(status="ok", summary=summary, curves=read_scalars(run_dir))
+            record.update(status="ok", summary=summary, curves=read_scalars(run_dir, ("eval/", "objective/kl")))
             final = _get(summary, "final/eval/return_mean")
             print(f"final {final if final is None else round(final, 3)}, {result['process_seconds']:.0f}s, "
                   f"{result['peak_rss_mib']:.0f} MiB", flush=True)
+            save_runs(json_path, command, [machine_before], runs)  # a killed benchmark keeps every finished run
 
     rows = aggregate(runs)
     machine_after = machine_line()
+    save_runs(json_path, command, [machine_before, machine_after], runs)
+    if args.results:
+        write_results_page(rows, runs, command, machine_before, machine_after, args.threads)
+        print("\n" + results_table(rows), flush=True)
+        print(f"\nwrote docs/results.md and {os.path.relpath(json_path, ROOT)}", flush=True)
+        return 0 if rows else 1
     plotted = plot_curves(runs, os.path.join(results_dir, "benchmark.png"))
     table = markdown_table(rows) if rows else "(no run finished)"
     problems = problems_text(runs)
@@ -360,8 +495,6 @@ def main(argv=None) -> int:
     os.makedirs(results_dir, exist_ok=True)
     with open(os.path.join(results_dir, "benchmark.md"), "w") as f:
         f.write("# Benchmark\n\n" + body.replace(f"]({readme_png})", "](benchmark.png)") + "\n")
-    with open(os.path.join(results_dir, "runs.json"), "w") as f:
-        json.dump({"command": command, "machine": [machine_before, machine_after], "runs": runs}, f, indent=1)
     if not args.no_readme:
         write_readme_region(body)
     print("\n" + table + ("\n\n" + problems if problems else ""), flush=True)

@@ -14,10 +14,14 @@ import trl_compare  # noqa: E402
 
 
 def fake_run(seed, final, status="ok", script="ppo.py", task="sentiment", rss=400.0):
-    return {"script": script, "task": task, "seed": seed, "status": status, "peak_rss_mib": rss,
-            "summary": {"initial": {"eval/return_mean": 0.1}, "final": {"eval/return_mean": final},
-                        "wall_seconds": 10.0 * seed, "tokens_per_second": 100.0, "updates": 40},
-            "curves": {"eval/return_mean": [(0, 0.1), (40, final)]}}
+    start = {"eval/return_mean": 0.1, "eval/perplexity": 4.0, "eval/ref_nll": 1.5, "eval/grammatical": 0.9,
+             "eval/distinct_2": 0.5}
+    end = {"eval/return_mean": final, "eval/perplexity": 4.0 + seed, "eval/ref_nll": 2.0, "eval/grammatical": 0.8,
+           "eval/distinct_2": 0.4}
+    return {"script": script, "task": task, "seed": seed, "status": status, "peak_rss_mib": rss, "flags": [],
+            "summary": {"initial": start, "final": end, "wall_seconds": 10.0 * seed, "tokens_per_second": 100.0,
+                        "updates": 40},
+            "curves": {"eval/return_mean": [(0, 0.1), (40, final)], "objective/kl": [(1, 0.0), (40, 0.1 * seed)]}}
 
 
 def test_mean_std_is_sample_std():
@@ -31,8 +35,38 @@ def test_aggregate_and_table():
     (row,) = bench.aggregate(runs)
     assert row["seeds"] == [1, 2, 3] and row["budget"] == "40 updates"
     table = bench.markdown_table([row])
-    assert "| `ppo.py` | sentiment | 40 updates | 1-3 | +0.100 ± 0.000 | **+0.600 ± 0.100** | 20 ± 10 |" in table
+    assert ("| `ppo.py` | sentiment | 40 updates | 1-3 | +0.100 ± 0.000 | **+0.600 ± 0.100** | 6.00 ± 1.00 "
+            "| 0.80 ± 0.00 | 20 ± 10 |") in table
     assert "`ilql.py` on wordle: failed: exit code 1: boom" in bench.problems_text(runs)
+    # docs/results.md: mean ± standard error (0.1 / sqrt(3) = 0.058); the starting model from ppo.py's step 0
+    results = bench.results_table([row]).splitlines()
+    assert results[2] == ("| starting model (`ppo.py` at step 0) | - | 1-3 | +0.100 ± 0.000 | 4.00 ± 0.00 "
+                          "| 1.50 ± 0.00 | 0.90 ± 0.00 | 0.50 ± 0.00 | 0 | - | - |")
+    assert results[3] == ("| `ppo.py` | 40 updates | 1-3 | **+0.600 ± 0.058** | 6.00 ± 0.58 | 2.00 ± 0.00 "
+                          "| 0.80 ± 0.00 | 0.40 ± 0.00 | 0.200 ± 0.058 | 20 ± 6 | 400 ± 0 |")
+    # KL only where the method has a KL term to its starting model
+    assert bench.final_kl(fake_run(2, 0.5)) == pytest.approx(0.2)
+    assert bench.final_kl(fake_run(2, 0.5, script="alol.py")) is None
+
+
+def test_results_resume_reuses_finished_runs(tmp_path, monkeypatch):
+    """--results --resume: runs already in results.json are not run again; the page is written from them."""
+    import json
+
+    results_dir = tmp_path / "results"
+    runs = [dict(fake_run(seed, 0.5), flags=[]) for seed in (1, 2)]
+    bench.save_runs(str(results_dir / "results.json"), "cmd", ["m"], runs)
+    config = tmp_path / "config.toml"
+    config.write_text('[[entry]]\nscript = "ppo.py"\ntask = "sentiment"\nflags = []\n\n'
+                      '[[entry]]\nscript = "ilql.py"\ntask = "wordle"\nflags = []\n')
+    monkeypatch.setattr(bench, "run_child", lambda *a, **k: pytest.fail("a kept run was run again"))
+    pages = []
+    monkeypatch.setattr(bench, "write_results_page", lambda rows, *a: pages.append(rows))
+    assert bench.main(["--results", "--resume", "--seeds", "2", "--config", str(config),
+                       "--results-dir", str(results_dir)]) == 0
+    (rows,) = pages
+    assert [(r["script"], r["seeds"]) for r in rows] == [("ppo.py", [1, 2])]  # wordle is not a sentiment entry
+    assert json.loads((results_dir / "results.json").read_text())["runs"][0]["seed"] == 1
 
 
 def test_replace_region_keeps_everything_outside_the_markers():
