@@ -74,12 +74,15 @@ def load_tiny(task):
 
 
 def heldout_eval(model, tokenizer, task, seed: int) -> dict:
-    """ppo.py's evaluation, verbatim in effect: same prompts, sampling, batch size and per-prompt seeds."""
+    """ppo.py's evaluation, verbatim in effect: same prompts, sampling, batch size and per-prompt seeds, and the
+    same fluency and diversity metrics (perplexity under the trained model, ref_nll under the starting one)."""
     from common.models import Policy
     from common.tasks import evaluate
     from common.utils import episode_seeds
 
     policy = Policy(model.cpu().eval(), tokenizer)
+    _, start_model, start_tokenizer = load_tiny(task)
+    start = Policy(start_model.eval(), start_tokenizer)
 
     def generate_fn(prompts, indices):
         ids, mask = policy.encode_prompts(prompts, task.max_prompt_tokens, "cpu")
@@ -87,7 +90,8 @@ def heldout_eval(model, tokenizer, task, seed: int) -> dict:
                                                   temperature=TEMPERATURE, seeds=episode_seeds(seed, 1, 0, indices))
         return policy.decode(response, response_mask)
 
-    metrics, _ = evaluate(task, generate_fn, EVAL_EPISODES, BATCH)
+    metrics, _ = evaluate(task, generate_fn, EVAL_EPISODES, BATCH, policy=policy, start_model=start,
+                          response_length=RESPONSE_LENGTH)
     return metrics
 
 
@@ -243,7 +247,8 @@ def comparison_table(results: list[dict], initial: float | None) -> str:
     base_rss = mean_std([r["peak_rss_mib"] for r in base])[0] if base else None
     base_gain = (mean_std([r["final"]["eval/return_mean"] for r in base])[0] - initial) if base and initial is not None else None
     lines = ["| trainer | samples/s | ratio to ppo.py | final held-out return | gain over start | ratio to ppo.py "
-             "| peak RSS (MiB) | ratio to ppo.py | training (s) |", "|---|---|---|---|---|---|---|---|---|"]
+             "| perplexity | grammatical | distinct-2 | peak RSS (MiB) | ratio to ppo.py | training (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in TRAINERS:
         if name not in by:
             continue
@@ -255,7 +260,10 @@ def comparison_table(results: list[dict], initial: float | None) -> str:
         ratio = lambda a, b: f"{a / b:.2f}x" if a is not None and b else "n/a"  # noqa: E731
         lines.append(
             f"| {LABELS[name]} | {fmt(sps, 1)} | {ratio(mean_std(sps)[0], base_sps)} | {fmt(finals, 3, signed=True)} "
-            f"| {'n/a' if gain is None else f'{gain:+.3f}'} | {ratio(gain, base_gain)} | {fmt(rss, 0)} "
+            f"| {'n/a' if gain is None else f'{gain:+.3f}'} | {ratio(gain, base_gain)} "
+            + "".join(f"| {fmt([r['final'].get('eval/' + k) for r in rs], 2)} "
+                      for k in ("perplexity", "grammatical", "distinct_2"))
+            + f"| {fmt(rss, 0)} "
             f"| {ratio(mean_std(rss)[0], base_rss)} | {fmt([r['train_seconds'] for r in rs], 0)} |")
     return "\n".join(lines)
 

@@ -119,12 +119,12 @@ def test_trl_table_ratios_are_relative_to_ppo():
         {"trainer": "ppo.py", "samples": 100, "train_seconds": 10.0, "peak_rss_mib": 500.0,
          "final": {"eval/return_mean": 0.5}},
         {"trainer": "grpo", "samples": 100, "train_seconds": 5.0, "peak_rss_mib": 750.0,
-         "final": {"eval/return_mean": 0.3}},
+         "final": {"eval/return_mean": 0.3, "eval/perplexity": 8.0, "eval/grammatical": 0.2, "eval/distinct_2": 0.1}},
     ]
     table = trl_compare.comparison_table(results, initial=0.1)
     ours, grpo = [line for line in table.splitlines() if line.startswith("| ours") or line.startswith("| TRL")]
-    assert "| 10.0 | 1.00x | +0.500 | +0.400 | 1.00x | 500 | 1.00x |" in ours
-    assert "| 20.0 | 2.00x | +0.300 | +0.200 | 0.50x | 750 | 1.50x |" in grpo
+    assert "| 10.0 | 1.00x | +0.500 | +0.400 | 1.00x | n/a | n/a | n/a | 500 | 1.00x |" in ours
+    assert "| 20.0 | 2.00x | +0.300 | +0.200 | 0.50x | 8.00 | 0.20 | 0.10 | 750 | 1.50x |" in grpo
 
 
 def test_trl_heldout_eval_scores_a_model_like_ppo_py(monkeypatch):
@@ -145,4 +145,7 @@ def test_trl_heldout_eval_scores_a_model_like_ppo_py(monkeypatch):
                                                   seeds=episode_seeds(1, 1, 0, indices))
         return policy.decode(response, response_mask)
 
-    assert metrics == evaluate(task, ppo_like, 6, 64)[0]
+    expected = evaluate(task, ppo_like, 6, 64, policy=policy, start_model=policy,
+                        response_length=trl_compare.RESPONSE_LENGTH)[0]
+    assert metrics.keys() == expected.keys() and {"eval/perplexity", "eval/grammatical"} <= metrics.keys()
+    assert metrics == pytest.approx(expected)
