@@ -335,8 +335,8 @@ def save_runs(path: str, command: str, machine: list[str], runs: list[dict]) -> 
     os.replace(path + ".tmp", path)
 
 
-def write_results_page(rows: list[dict], runs: list[dict], command: str, machine_before: str, machine_after: str,
-                       threads: Optional[int]) -> None:
+def write_results_page(path: str, rows: list[dict], runs: list[dict], command: str, machine_before: str,
+                       machine_after: str, threads: Optional[int]) -> None:
     """docs/results.md: generated, never edited by hand."""
     when = time.strftime("%Y-%m-%d")
     text = f"""# Results: every method on the same task and the same evaluation
@@ -366,14 +366,14 @@ How to read it (every metric is defined in [evaluation.md](evaluation.md)):
   frozen starting model, the quantity their KL penalty controls); the offline methods have no such term.
 - **wall**: the script's `wall_seconds`; **peak RSS**: the process's peak resident memory.
 """
-    with open(os.path.join(ROOT, "docs", "results.md"), "w") as f:
+    with open(path, "w") as f:
         f.write(text.replace("\n\n\n", "\n\n"))
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="run each entry's `quick` budget instead of its `flags`")
-    p.add_argument("--seeds", type=int, default=3, help="run seeds 1..SEEDS (default 3)")
+    p.add_argument("--seeds", type=int, default=None, help="run seeds 1..SEEDS (default 3; 5 with --results)")
     p.add_argument("--only", default="", help="comma-separated scripts or script:task pairs to run (default: all)")
     p.add_argument("--config", default=os.path.join(HERE, "config.toml"), help="the entries to run")
     p.add_argument("--results-dir", default=os.path.join(HERE, "results"), help="where the table, plot and runs go")
@@ -384,6 +384,7 @@ def parse_args(argv=None):
     p.add_argument("--results", action="store_true",
                    help="every entry on the sentiment task, seeds 1-5 unless --seeds: write docs/results.md and "
                         "results.json (not the README)")
+    p.add_argument("--page", default=os.path.join(ROOT, "docs", "results.md"), help="where --results writes its page")
     p.add_argument("--resume", action="store_true",
                    help="reuse the finished runs the results JSON already holds (same script, task, seed, flags)")
     return p.parse_args(argv)
@@ -403,8 +404,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.results and args.quick:
         raise SystemExit("error: --results reports the configured budgets; it does not take --quick")
-    if args.results and "--seeds" not in (argv if argv is not None else sys.argv[1:]):
-        args.seeds = 5
+    if args.seeds is None:
+        args.seeds = 5 if args.results else 3
     if args.seeds <= 0 or (args.threads is not None and args.threads <= 0):
         raise SystemExit(f"error: --seeds and --threads must be positive, got {args.seeds} and {args.threads}")
     entries = load_config(args.config)
@@ -471,9 +472,9 @@ def main(argv=None) -> int:
     machine_after = machine_line()
     save_runs(json_path, command, [machine_before, machine_after], runs)
     if args.results:
-        write_results_page(rows, runs, command, machine_before, machine_after, args.threads)
+        write_results_page(args.page, rows, runs, command, machine_before, machine_after, args.threads)
         print("\n" + results_table(rows), flush=True)
-        print(f"\nwrote docs/results.md and {os.path.relpath(json_path, ROOT)}", flush=True)
+        print(f"\nwrote {os.path.relpath(args.page, ROOT)} and {os.path.relpath(json_path, ROOT)}", flush=True)
         return 0 if rows else 1
     plotted = plot_curves(runs, os.path.join(results_dir, "benchmark.png"))
     table = markdown_table(rows) if rows else "(no run finished)"

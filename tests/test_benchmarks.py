@@ -61,7 +61,7 @@ def test_results_resume_reuses_finished_runs(tmp_path, monkeypatch):
                       '[[entry]]\nscript = "ilql.py"\ntask = "wordle"\nflags = []\n')
     monkeypatch.setattr(bench, "run_child", lambda *a, **k: pytest.fail("a kept run was run again"))
     pages = []
-    monkeypatch.setattr(bench, "write_results_page", lambda rows, *a: pages.append(rows))
+    monkeypatch.setattr(bench, "write_results_page", lambda path, rows, *a: pages.append(rows))
     assert bench.main(["--results", "--resume", "--seeds", "2", "--config", str(config),
                        "--results-dir", str(results_dir)]) == 0
     (rows,) = pages
