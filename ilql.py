@@ -25,10 +25,12 @@ Run:  python ilql.py --task wordle                        # multi-turn Wordle fr
       python ilql.py --help                               # every flag
 """
 
+import functools
 import math
 import os
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -380,6 +382,18 @@ def main(args: Args) -> dict:
             return policy.generate(context, mask, max_new, min_new, do_sample=not greedy,
                                    logits_processor=extra + [ilql], seeds=seeds)
 
+    def deployed_logits(input_ids, attention_mask, start: int) -> torch.Tensor:
+        """The ILQL policy's logits teacher-forced over a whole batch, for eval/perplexity: log pi_beta +
+        beta * (Q_target - V), clipped as at decoding. Like every script's perplexity it is the model's
+        distribution at temperature 1 without top-k (GRUE scores the model, not the decoding settings)."""
+        logits, hidden = policy(input_ids, attention_mask, start)
+        if heads is None:  # beta = 0 (BC, %BC): pi_beta itself
+            return logits
+        if value_trunk is not None:
+            _, hidden = value_trunk(input_ids, attention_mask, start, with_logits=False)
+        _, v, target_q = heads(hidden)
+        return perturbed_logits(logits, target_q, v, args.beta, 0, adv_clip, 1.0)
+
     def wordle_guesses(games: list, index: dict) -> list[str]:
         """One guess per unfinished game, batched: every context has the same length (same turn)."""
         context = torch.tensor([[wordle.TOKEN_ID[t] for t in g.tokens()] for g in games], device=device)
@@ -416,9 +430,11 @@ def main(args: Args) -> dict:
                 return policy.decode(*generate(ids, mask, task.max_new_tokens, task.min_new_tokens, [],
                                                episode_seeds(args.seed, 1, 0, indices)))
 
-            # perplexity is pi_beta's (the LM the Q heads perturb at decoding; docs/ilql.md), ref_nll the
-            # sampled responses' NLL under the --model-name model as loaded
-            metrics, samples = evaluate(task, generate_fn, args.eval_episodes, args.batch_size, policy=policy,
+            # perplexity under the policy deployed (pi_beta perturbed by the heads), ref_nll of its samples
+            # under the --model-name model as loaded
+            deployed = SimpleNamespace(tokenizer=policy.tokenizer,
+                                       text_nll=functools.partial(policy.text_nll, logits_fn=deployed_logits))
+            metrics, samples = evaluate(task, generate_fn, args.eval_episodes, args.batch_size, policy=deployed,
                                         start_model=start_model, response_length=task.max_new_tokens)
         run.log_eval(metrics, samples, step)
         extra = f" | win rate {metrics['eval/win_rate']:.3f}" if is_wordle else ""

@@ -145,11 +145,13 @@ class Policy(nn.Module):
 
     @torch.no_grad()
     def text_nll(self, prompts: list[str], continuations: list[str], max_prompt_tokens: int,
-                 batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+                 batch_size: int = 32, logits_fn=None) -> tuple[np.ndarray, np.ndarray]:
         """Teacher-forced negative log-likelihood of each continuation after its prompt, in fp32 at
         temperature 1: (summed NLL, token count) per text. The continuation is tokenized on its own (no
         special tokens) and kept to what fits the model's context after the prompt; an empty one has 0
-        tokens. Evaluation's `eval/perplexity` and `eval/ref_nll` are built from it."""
+        tokens. Evaluation's `eval/perplexity` and `eval/ref_nll` are built from it. `logits_fn(input_ids,
+        attention_mask, response_start) -> logits` scores with another distribution than the model's own
+        (ilql.py: the Q-perturbed policy it deploys)."""
         device = next(self.parameters()).device
         config, tok = self.model.config, self.tokenizer
         context = None if self.is_seq2seq else getattr(config, "n_positions", None) or \
@@ -166,8 +168,9 @@ class Policy(nn.Module):
             for j, r in enumerate(rows):
                 ids[j, :len(r)], mask[j, :len(r)] = torch.tensor(r, dtype=torch.long), 1
             ids, mask = ids.to(device), mask.to(device)
-            logits, _ = self(torch.cat([prompt_ids, ids], 1), torch.cat([prompt_mask, mask], 1), prompt_ids.shape[1])
-            token_nll = -logprobs_of(logits, ids) * mask
+            batch = (torch.cat([prompt_ids, ids], 1), torch.cat([prompt_mask, mask], 1), prompt_ids.shape[1])
+            logits = logits_fn(*batch) if logits_fn is not None else self(*batch)[0]
+            token_nll = torch.where(mask.bool(), -logprobs_of(logits, ids), 0.0)  # padding may be -inf under top-k
             nll[i:i + len(rows)] = token_nll.sum(1).double().cpu().numpy()
             count[i:i + len(rows)] = mask.sum(1).cpu().numpy()
         return nll, count

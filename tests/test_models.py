@@ -347,6 +347,17 @@ def test_text_nll_matches_the_models_own_loss(policies, arch):
         assert count[i] == target.shape[1]
         assert nll[i] == pytest.approx(expected.item(), rel=1e-4)
     assert count[2] == 0 and nll[2] == 0
+    # another distribution over the same batch (ilql.py's deployed policy): uniform logits cost log V per token
+    vocab = model.get_output_embeddings().weight.shape[0]
+    uniform = lambda ids, mask, start: torch.zeros(len(ids), ids.shape[1] - start, vocab)  # noqa: E731
+    nll, count = policy.text_nll(prompts, continuations, max_prompt_tokens=16, logits_fn=uniform)
+    assert nll == pytest.approx(count * math.log(vocab))
+    # a distribution that cannot produce a token (top-k): infinite NLL there, and padding stays 0
+    banned = tok(" fun", add_special_tokens=False)["input_ids"][0]
+    top_k = lambda ids, mask, start: torch.zeros(len(ids), ids.shape[1] - start, vocab).index_fill_(  # noqa: E731
+        2, torch.tensor([banned, tok.pad_token_id]), float("-inf"))
+    nll, _ = policy.text_nll(prompts, continuations, max_prompt_tokens=16, logits_fn=top_k)
+    assert math.isfinite(nll[0]) and nll[1] == math.inf
 
 
 # ----------------------------------------------------------------------------------------------
