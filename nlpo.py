@@ -14,7 +14,8 @@ pi_mask, a copy of the policy that is refreshed only every `mask_update_every` u
     pi_K(a|s) = pi(a|s) / sum_{b in K_t} pi(b|s)  for a in K_t,  0 elsewhere
 
 Rollouts sample from pi_K, the PPO ratio is pi_K,new / pi_K,old under the K_t of the rollout, and the KL
-penalty in the reward stays on the unmasked pi vs pi_ref (as in RL4LMs):
+penalty in the reward stays on pi vs pi_ref without NLPO's mask (as in RL4LMs; decoding's own cuts, the minimum
+length and --top-k/--top-p, apply to both sides, as in ppo.py):
 
     r_t = -beta * (log pi(a_t|s_t) - log pi_ref(a_t|s_t))  + [t == last] * score
 
@@ -38,7 +39,7 @@ import torch.nn as nn
 import tyro
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from common.models import Policy, ValueHead, frozen_copy, load_policy, logprobs_of
+from common.models import Policy, ValueHead, frozen_copy, load_policy, top_k_top_p_keep
 from common.tasks import RewardError, eval_line, evaluate, make_task
 from common.utils import (CommonArgs, Run, all_reduce, close_distributed, episode_seeds, exact_div, init_distributed,
                           masked_mean, masked_whiten, require_positive, restore_rng_states, resume_args,
@@ -70,7 +71,14 @@ class Args(CommonArgs):
     min_response_length: Optional[int] = None
     """EOS is forbidden before this many tokens; None takes the task's (GRUE IMDB: 48)"""
     temperature: float = 1.0
-    """sampling temperature; the ratio uses the same scaled, masked softmax (no top-k/top-p: rollouts come from the distribution the ratio measures)"""
+    """sampling temperature; the ratio uses the same scaled, masked softmax (and the same --top-k/--top-p cut), so rollouts come from the distribution the ratio measures"""
+    top_k: int = 0
+    """sample from the k most probable tokens only, in rollouts and evaluation (0: off); the old log-probs, the ratio
+    and the KL use the same truncated, renormalised distribution. GRUE's published numbers sample with
+    transformers' default top-k 50 (RL4LMs' IMDB configs set none)"""
+    top_p: float = 1.0
+    """sample from the nucleus of this probability only, after --top-k, in rollouts and evaluation (1.0: off); the old
+    log-probs, the ratio and the KL use the same truncated, renormalised distribution"""
     gamma: float = 0.99
     """discount over response tokens (RL4LMs: 0.99)"""
     gae_lambda: float = 0.95
@@ -230,8 +238,9 @@ def shaped_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: t
                    mask: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards: -beta * KL on every response token, plus the task score on the last one.
 
-    KL is the single-sample (k1) estimate log pi - log pi_ref at the sampled token, on the UNMASKED
-    distributions, as in RL4LMs (`raw_log_probs - ref_log_probs`, alg_wrappers.py). Returns (rewards, kl).
+    KL is the single-sample (k1) estimate log pi - log pi_ref at the sampled token, on distributions WITHOUT
+    NLPO's mask, as in RL4LMs (`raw_log_probs - ref_log_probs`, alg_wrappers.py); decoding's own cuts (min length,
+    top-k/top-p) apply to both, as in ppo.py. Returns (rewards, kl).
     """
     kl = (logprobs - ref_logprobs) * mask
     rewards = -kl_coef * kl
@@ -297,6 +306,24 @@ def forward_logits(policy: Policy, input_ids, attention_mask, start: int, temper
     return logits.float() / temperature
 
 
+class TopKTopPProcessor(LogitsProcessor):
+    """--top-k/--top-p inside the policy's `generate`, recording each step's keep-mask `[B, V]`, so that the old
+    log-probs, the ratio and the KL use exactly the truncated, renormalised distribution the rollout sampled from.
+    RL4LMs' rollouts sample with transformers' top-k 50 while its ratio uses the full softmax (two different
+    distributions); transformers' warpers keep no record, and recomputing the set from the teacher-forced logits
+    could put a sampled token at the edge outside it (probability 0 under the ratio). As in transformers' sampler,
+    the set is cut from the temperature-scaled scores; what it keeps is then sampled at the temperature."""
+
+    def __init__(self, top_k: int, top_p: float, temperature: float):
+        self.top_k, self.top_p, self.temperature = top_k, top_p, temperature
+        self.masks: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        keep = top_k_top_p_keep(scores / self.temperature, self.top_k, self.top_p)
+        self.masks.append(keep)
+        return scores.masked_fill(~keep, float("-inf"))
+
+
 class Critic(nn.Module):
     """V(s_t) for every response token: a separate copy of the LM trunk with a scalar head (RL4LMs
     `_value_model` + `_value_head`), so value regression never disturbs the policy's features."""
@@ -321,6 +348,8 @@ def main(args: Args) -> dict:
             raise ValueError(f"--top-mask must be in (0, 1], got {args.top_mask}")
         if args.min_tokens_to_keep is not None and args.min_tokens_to_keep <= 0:
             raise ValueError(f"--min-tokens-to-keep must be positive, got {args.min_tokens_to_keep}")
+        if args.top_k < 0 or not 0.0 < args.top_p <= 1.0:
+            raise ValueError(f"--top-k must be >= 0 and --top-p in (0, 1], got {args.top_k} and {args.top_p}")
         exact_div(args.rollout_batch_size, args.minibatch_size, "--rollout-batch-size / --minibatch-size")
         rank, world_size, device = init_distributed(args.cuda)
         local_batch = exact_div(args.rollout_batch_size, world_size, "--rollout-batch-size / number of processes")
@@ -368,27 +397,33 @@ def main(args: Args) -> dict:
         first_update = checkpoint["step"] + 1
         print(f"resumed {run.dir} after update {checkpoint['step']}", flush=True)
 
-    def sample(prompts: list[str], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]:
-        """Prompts -> (input_ids, attention_mask, response_start, response_mask, keep-masks `[B, R, V]`),
-        sampled from the masked policy: temperature and the NLPO mask only, no top-k/top-p warper. Each
-        episode samples from its own seed, so the text does not depend on the number of processes."""
+    def sample(prompts: list[str], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor,
+                                                              Optional[torch.Tensor], torch.Tensor]:
+        """Prompts -> (input_ids, attention_mask, response_start, response_mask, top-k/top-p keep-masks `[B, R, V]`,
+        None when both are off, NLPO keep-masks `[B, R, V]`), sampled from the masked policy: temperature, the
+        NLPO mask, then --top-k/--top-p over the masked distribution (RL4LMs' order: its mask is a logits
+        processor, transformers' warpers come after). Each episode samples from its own seed, so the text does
+        not depend on the number of processes."""
         prompt_ids, prompt_mask = policy.encode_prompts(prompts, task.max_prompt_tokens, device)
         masker = NLPOLogitsProcessor(mask_policy, prompt_ids, prompt_mask, args.top_mask, min_tokens_to_keep,
                                      special_ids)
+        truncation = ([TopKTopPProcessor(args.top_k, args.top_p, args.temperature)]
+                      if args.top_k or args.top_p < 1 else [])
         with autocast:
             response_ids, response_mask = policy.generate(
                 prompt_ids, prompt_mask, response_length, min_response_length, temperature=args.temperature,
-                top_k=0, top_p=1.0, logits_processor=LogitsProcessorList([masker]), seeds=seeds)
+                top_k=0, top_p=1.0, logits_processor=LogitsProcessorList([masker, *truncation]), seeds=seeds)
+        truncation_keep = torch.stack(truncation[0].masks, 1) if truncation else None
         keep = torch.stack(masker.masks, 1)
         assert keep.shape[:2] == response_ids.shape, (keep.shape, response_ids.shape)
         return (torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1),
-                prompt_ids.shape[1], response_mask, keep)
+                prompt_ids.shape[1], response_mask, truncation_keep, keep)
 
     def run_eval(step: int) -> dict:
         """Held-out prompts, sampled as in training (NLPO's deployed decoding is the masked policy, as RL4LMs'
         evaluation goes through the same masked `generate`), with the same per-prompt seeds at every evaluation."""
         def generate_fn(prompts, indices):
-            input_ids, _, start, response_mask, _ = sample(prompts, episode_seeds(args.seed, 1, 0, indices))
+            input_ids, _, start, response_mask, *_ = sample(prompts, episode_seeds(args.seed, 1, 0, indices))
             return policy.decode(input_ids[:, start:], response_mask)
 
         metrics, samples = evaluate(task, generate_fn, args.eval_episodes, local_batch, policy=policy,
@@ -416,15 +451,17 @@ def main(args: Args) -> dict:
             mine = range(prompt_cursor + rank * local_batch, prompt_cursor + (rank + 1) * local_batch)
             prompts = [task.train_prompts[prompt_order[i]] for i in mine]
             prompt_cursor += args.rollout_batch_size
-            input_ids, attention_mask, start, mask, keep = sample(prompts, episode_seeds(args.seed, 0, update, mine))
+            input_ids, attention_mask, start, mask, truncation_keep, keep = sample(
+                prompts, episode_seeds(args.seed, 0, update, mine))
             responses = policy.decode(input_ids[:, start:], mask)
             scores = torch.tensor(task.score(prompts, responses), dtype=torch.float32, device=device)
             ends_with_eos = ((input_ids[:, start:] == eos_id) & (mask == 1)).any(1)
             if args.non_eos_penalty:
                 scores = torch.where(ends_with_eos, scores, torch.full_like(scores, args.penalty_reward_value))
 
-            # ALGO LOGIC: 2. score the rollout: policy (unmasked for the KL, masked for the ratio), reference,
-            # critic, and the masking policy teacher-forced over the sequence to check the generation-time masks
+            # ALGO LOGIC: 2. score the rollout: policy (without NLPO's mask for the KL, masked for the ratio),
+            # reference, critic, and the masking policy teacher-forced over the sequence to check the generation-time
+            # masks
             with torch.no_grad(), autocast:
                 logits = forward_logits(policy, input_ids, attention_mask, start, args.temperature)
                 ref_logits = forward_logits(ref_policy, input_ids, attention_mask, start, args.temperature)
@@ -434,13 +471,19 @@ def main(args: Args) -> dict:
             response = mask.bool()
             recomputed = top_p_keep_mask(mask_logits, args.top_mask, min_tokens_to_keep, special_ids)
             mask_mismatch = masked_mean((recomputed != keep).any(-1).float(), mask, across_ranks=True).item()
-            # The ratio's action set is the support rollouts were sampled from: the NLPO mask, minus EOS where
-            # `generate` forbade it (min length), and every token after the response (nothing was sampled there).
-            action_keep = keep.clone()
-            action_keep[:, :min_response_length, eos_id] = False
+            # The ratio's action set is the support rollouts were sampled from: the NLPO mask and the top-k/top-p cut,
+            # minus EOS where `generate` forbade it (min length), and every token after the response (nothing was
+            # sampled there). The KL's support is the same without NLPO's mask: decoding's own cuts (min length,
+            # top-k/top-p, on both models as in ppo.py) but not the method's, which RL4LMs keeps out of the KL
+            # (docs/nlpo.md, detail 11). With --top-mask 1 both are ppo.py's, so NLPO is PPO under any decoding.
+            decoding_keep = torch.ones_like(keep) if truncation_keep is None else truncation_keep | ~keep
+            decoding_keep[:, :min_response_length, eos_id] = False
+            decoding_keep[~response] = True
+            action_keep = keep & decoding_keep
             action_keep[~response] = True
             response_ids = input_ids[:, start:]
-            logprobs, ref_logprobs = logprobs_of(logits, response_ids), logprobs_of(ref_logits, response_ids)
+            logprobs, ref_logprobs = (masked_logprobs(logits, response_ids, decoding_keep)[0],
+                                      masked_logprobs(ref_logits, response_ids, decoding_keep)[0])
             old_logprobs, rollout_entropy = masked_logprobs(logits, response_ids, action_keep)
             if not torch.isfinite(logits).all():  # the weights diverged (all ranks alike: they share gradients)
                 raise FloatingPointError(f"non-finite policy logits at update {update}")
@@ -451,8 +494,8 @@ def main(args: Args) -> dict:
                 mask_tokens = masked_mean(action_keep.sum(-1).float(), mask, across_ranks=True).item()
                 mask_policy_mass = masked_mean((logits.softmax(-1) * action_keep).sum(-1), mask, across_ranks=True).item()
 
-            # ALGO LOGIC: 3. KL-shaped rewards (unmasked pi vs pi_ref, as RL4LMs), then GAE advantages and returns
-            # (statistics over all ranks)
+            # ALGO LOGIC: 3. KL-shaped rewards (pi vs pi_ref without NLPO's mask, as RL4LMs), then GAE advantages and
+            # returns (statistics over all ranks)
             rewards, kl = shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_ctl.value)
             if args.whiten_rewards:
                 rewards = masked_whiten(rewards, mask, shift_mean=False, across_ranks=True)

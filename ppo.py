@@ -30,8 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from transformers import LogitsProcessor, LogitsProcessorList
 
-from common.models import Policy, ValueHead, frozen_copy, load_policy
+from common.models import Policy, ValueHead, frozen_copy, load_policy, top_k_top_p_keep
 from common.tasks import RewardError, eval_line, evaluate, make_task
 from common.utils import (CommonArgs, Run, all_reduce, close_distributed, episode_seeds, exact_div, init_distributed,
                           masked_mean, masked_whiten, require_positive, restore_rng_states, resume_args,
@@ -63,7 +64,14 @@ class Args(CommonArgs):
     min_response_length: Optional[int] = None
     """EOS is forbidden before this many tokens; None takes the task's (GRUE IMDB: 48)"""
     temperature: float = 1.0
-    """sampling temperature; the ratio uses the same scaled softmax (no top-k/top-p: rollouts come from the distribution the ratio measures)"""
+    """sampling temperature; the ratio uses the same scaled softmax (and the same --top-k/--top-p cut), so rollouts come from the distribution the ratio measures"""
+    top_k: int = 0
+    """sample from the k most probable tokens only, in rollouts and evaluation (0: off); the old log-probs, the ratio
+    and the KL use the same truncated, renormalised distribution. GRUE's published numbers sample with
+    transformers' default top-k 50 (RL4LMs' IMDB configs set none)"""
+    top_p: float = 1.0
+    """sample from the nucleus of this probability only, after --top-k, in rollouts and evaluation (1.0: off); the old
+    log-probs, the ratio and the KL use the same truncated, renormalised distribution"""
     gamma: float = 0.99
     """discount over response tokens (RL4LMs: 0.99; lm-human-preferences: 1.0)"""
     gae_lambda: float = 0.95
@@ -184,23 +192,43 @@ class FixedKLController:
 
 
 def forward_logprobs(policy: Policy, input_ids, attention_mask, start: int, temperature: float,
-                     min_length: int = 0, entropy_grad: bool = True):
+                     min_length: int = 0, keep: Optional[torch.Tensor] = None, entropy_grad: bool = True):
     """Log-probs and entropies of the response tokens under the temperature-scaled policy.
 
-    `generate` forbids EOS in the first `min_length` response tokens, so the policy the ratio measures
-    must forbid it too, or rollouts come from another distribution than the one being optimised.
-    One log-softmax serves both outputs, and with `entropy_grad=False` (no entropy bonus) the entropy
+    `generate` forbids EOS in the first `min_length` response tokens, and with --top-k/--top-p it samples only
+    the tokens of the rollout's keep-mask `keep` `[B, R, V]`, so the policy the ratio measures must forbid the
+    same tokens (and renormalise over the rest), or rollouts come from another distribution than the one being
+    optimised. One log-softmax serves both outputs, and with `entropy_grad=False` (no entropy bonus) the entropy
     stays out of the autograd graph: with GPT-2's 50k vocabulary the [B, T, V] passes are a large share
     of a minibatch step (README, "Where ppo.py's time goes"; benchmarks/ppo_step.py)."""
     logits, _ = policy(input_ids, attention_mask, start)
     logits = logits / temperature
     if min_length > 0:  # a large finite value, not -inf, so entropy stays finite (0 * log 0 -> 0)
         logits[:, :min_length, policy.tokenizer.eos_token_id] = -1e9
+    if keep is not None:  # the same large finite value for the tokens top-k/top-p cut
+        logits = logits.masked_fill(~keep, -1e9)
     logp = F.log_softmax(logits.float(), dim=-1)
     logprobs = torch.gather(logp, 2, input_ids[:, start:].unsqueeze(-1)).squeeze(-1)
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         entropy = -(logp.exp() * logp).sum(-1)
     return logprobs, entropy
+
+class TopKTopPProcessor(LogitsProcessor):
+    """--top-k/--top-p inside the policy's `generate`, recording each step's keep-mask `[B, V]`, so that the old
+    log-probs, the ratio and the KL use exactly the truncated, renormalised distribution the rollout sampled from.
+    RL4LMs' rollouts sample with transformers' top-k 50 while its ratio uses the full softmax (two different
+    distributions); transformers' warpers keep no record, and recomputing the set from the teacher-forced logits
+    could put a sampled token at the edge outside it (probability 0 under the ratio). As in transformers' sampler,
+    the set is cut from the temperature-scaled scores; what it keeps is then sampled at the temperature."""
+
+    def __init__(self, top_k: int, top_p: float, temperature: float):
+        self.top_k, self.top_p, self.temperature = top_k, top_p, temperature
+        self.masks: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        keep = top_k_top_p_keep(scores / self.temperature, self.top_k, self.top_p)
+        self.masks.append(keep)
+        return scores.masked_fill(~keep, float("-inf"))
 
 
 class Critic(nn.Module):
@@ -223,6 +251,8 @@ def main(args: Args) -> dict:
         args, checkpoint = resume_args(args, Args)
         require_positive(args, "total_updates", "rollout_batch_size", "minibatch_size", "ppo_epochs", "eval_every",
                          "eval_episodes", "kl_horizon", "checkpoint_every")
+        if args.top_k < 0 or not 0.0 < args.top_p <= 1.0:
+            raise ValueError(f"--top-k must be >= 0 and --top-p in (0, 1], got {args.top_k} and {args.top_p}")
         exact_div(args.rollout_batch_size, args.minibatch_size, "--rollout-batch-size / --minibatch-size")
         rank, world_size, device = init_distributed(args.cuda)
         local_batch = exact_div(args.rollout_batch_size, world_size, "--rollout-batch-size / number of processes")
@@ -264,21 +294,26 @@ def main(args: Args) -> dict:
         first_update = checkpoint["step"] + 1
         print(f"resumed {run.dir} after update {checkpoint['step']}", flush=True)
 
-    def sample(prompts: list[str], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
-        """Prompts -> (input_ids, attention_mask, response_start, response_mask) from the policy; each
-        episode samples from its own seed, so the text does not depend on the number of processes."""
+    def sample(prompts: list[str], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor,
+                                                              Optional[torch.Tensor]]:
+        """Prompts -> (input_ids, attention_mask, response_start, response_mask, top-k/top-p keep-masks `[B, R, V]`,
+        None when both are off) from the policy; each episode samples from its own seed, so the text does not
+        depend on the number of processes."""
         prompt_ids, prompt_mask = policy.encode_prompts(prompts, task.max_prompt_tokens, device)
+        truncation = ([TopKTopPProcessor(args.top_k, args.top_p, args.temperature)]
+                      if args.top_k or args.top_p < 1 else [])
         with autocast:
-            response_ids, response_mask = policy.generate(prompt_ids, prompt_mask, response_length,
-                                                          min_response_length, temperature=args.temperature,
-                                                          seeds=seeds)
+            response_ids, response_mask = policy.generate(
+                prompt_ids, prompt_mask, response_length, min_response_length, temperature=args.temperature,
+                top_k=0, top_p=1.0, logits_processor=LogitsProcessorList(truncation), seeds=seeds)
+        truncation_keep = torch.stack(truncation[0].masks, 1) if truncation else None
         return (torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1),
-                prompt_ids.shape[1], response_mask)
+                prompt_ids.shape[1], response_mask, truncation_keep)
 
     def run_eval(step: int) -> dict:
         """Held-out prompts, sampled as in training with the same per-prompt seeds at every evaluation."""
         def generate_fn(prompts, indices):
-            input_ids, _, start, response_mask = sample(prompts, episode_seeds(args.seed, 1, 0, indices))
+            input_ids, _, start, response_mask, *_ = sample(prompts, episode_seeds(args.seed, 1, 0, indices))
             return policy.decode(input_ids[:, start:], response_mask)
 
         metrics, samples = evaluate(task, generate_fn, args.eval_episodes, local_batch, policy=policy,
@@ -305,19 +340,26 @@ def main(args: Args) -> dict:
             mine = range(prompt_cursor + rank * local_batch, prompt_cursor + (rank + 1) * local_batch)
             prompts = [task.train_prompts[prompt_order[i]] for i in mine]
             prompt_cursor += args.rollout_batch_size
-            input_ids, attention_mask, start, mask = sample(prompts, episode_seeds(args.seed, 0, update, mine))
+            input_ids, attention_mask, start, mask, truncation_keep = sample(
+                prompts, episode_seeds(args.seed, 0, update, mine))
             responses = policy.decode(input_ids[:, start:], mask)
             scores = torch.tensor(task.score(prompts, responses), dtype=torch.float32, device=device)
             ends_with_eos = ((input_ids[:, start:] == policy.tokenizer.eos_token_id) & (mask == 1)).any(1)
             if args.non_eos_penalty:
                 scores = torch.where(ends_with_eos, scores, torch.full_like(scores, args.penalty_reward_value))
 
-            # ALGO LOGIC: 2. score the rollout under the policy, the reference and the critic
+            # ALGO LOGIC: 2. score the rollout under the policy, the reference and the critic. The policy's log-probs
+            # (old log-probs of the ratio, and the KL) are the sampled distribution's: no EOS before the minimum length,
+            # top-k/top-p cut by the rollout's own masks (every token allowed after the response: nothing was sampled
+            # there). The reference is cut and renormalised the same way, so the KL compares the two models under the
+            # same decoding (docs/ppo.md, detail 2).
+            if truncation_keep is not None:
+                truncation_keep[mask == 0] = True
             with torch.no_grad(), autocast:
                 logprobs, rollout_entropy = forward_logprobs(policy, input_ids, attention_mask, start, args.temperature,
-                                                              min_response_length)
+                                                              min_response_length, truncation_keep)
                 ref_logprobs, _ = forward_logprobs(ref_policy, input_ids, attention_mask, start, args.temperature,
-                                                   min_response_length)
+                                                   min_response_length, truncation_keep)
                 values = critic(input_ids, attention_mask, start).float()
             mask = mask.float()
 
@@ -333,9 +375,10 @@ def main(args: Args) -> dict:
             stats: dict[str, list] = {}
             for _ in range(args.ppo_epochs):
                 for mb in torch.randperm(local_batch, device=device).split(local_minibatch):
+                    mb_keep = None if truncation_keep is None else truncation_keep[mb]
                     with autocast:
                         new_logprobs, entropy = forward_logprobs(policy, input_ids[mb], attention_mask[mb], start,
-                                                                 args.temperature, min_response_length,
+                                                                 args.temperature, min_response_length, mb_keep,
                                                                  entropy_grad=args.ent_coef != 0)
                         new_values = critic(input_ids[mb], attention_mask[mb], start).float()
                     pg_loss, pg_stats = ppo_policy_loss(new_logprobs, logprobs[mb], advantages[mb], mask[mb],

@@ -336,3 +336,21 @@ def test_scripts_run_hub_tasks_offline(hub, tmp_path):
     code, out, err = results["error"]
     assert code == 1 and err.strip().splitlines()[-1].startswith("error: task 'jsonl': the reward function returned")
     assert not os.path.exists(tmp_path / "c")  # failed before the run directory existed
+
+
+def test_nlpo_runs_imdb_offline(hub, tmp_path):
+    """nlpo.py on the GRUE IMDB task from local copies, as ppo.py above: 48-token responses with EOS forbidden
+    throughout (the task's minimum length), the masking policy on a real GPT-2 tokenizer's vocabulary."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    argv = ["nlpo.py", "--task", "imdb", "--dataset", str(hub / "imdb"), "--reward-model", str(hub / "classifier"),
+            "--model-name", str(hub / "gpt2"), "--total-updates", "1", "--rollout-batch-size", "4", "--minibatch-size",
+            "4", "--ppo-epochs", "1", "--eval-episodes", "4", "--eval-every", "1", "--no-save-model", "--no-cuda",
+            "--output-dir", str(tmp_path)]
+    out = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+    (run_dir,) = os.listdir(tmp_path)
+    assert run_dir.startswith("imdb__nlpo__1__")
+    with open(tmp_path / run_dir / "summary.json") as f:
+        summary = json.load(f)
+    assert 0 < summary["final"]["eval/return_mean"] < 1 and summary["min_tokens_to_keep"] >= 1

@@ -154,11 +154,15 @@ def test_p1_loss_equals_ppo_loss_on_the_same_batch():
         .isclose(ppo_loss)
 
 
-def test_p1_run_equals_ppo_run(tmp_path):
+@pytest.mark.parametrize("decoding", [{}, {"min_response_length": 6}, {"min_response_length": 6, "top_k": 40, "top_p": 0.9}],
+                         ids=["plain", "min-length", "min-length-top-k-top-p"])
+def test_p1_run_equals_ppo_run(tmp_path, decoding):
     """A whole NLPO run with --top-mask 1 is a PPO run: same samples, rewards, KL, losses and evaluations on the
-    same seed (the mask processor and the masking policy change nothing and draw no random numbers)."""
+    same seed (the mask processor and the masking policy change nothing and draw no random numbers). Also with a
+    minimum length (both take the KL from EOS-suppressed log-probs) and with --top-k/--top-p (both cut the policy
+    and the reference by the rollout's recorded masks)."""
     budget = dict(total_updates=2, rollout_batch_size=8, minibatch_size=4, eval_episodes=8, eval_every=1,
-                  save_model=False)
+                  save_model=False, **decoding)
     ppo_summary = ppo.main(ppo.Args(output_dir=str(tmp_path / "ppo"), **budget))
     nlpo_summary = nlpo.main(nlpo.Args(output_dir=str(tmp_path / "nlpo"), top_mask=1.0, **budget))
     assert nlpo_summary["initial"] == ppo_summary["initial"]
@@ -168,7 +172,52 @@ def test_p1_run_equals_ppo_run(tmp_path):
     assert {"losses/policy_loss", "losses/value_loss", "objective/kl", "objective/entropy"} <= shared
     for key in sorted(shared):
         assert nlpo_scalars[key] == ppo_scalars[key], key
-    assert nlpo_scalars["objective/mask_policy_mass"] == [1.0, 1.0]
+    if not decoding:
+        assert nlpo_scalars["objective/mask_policy_mass"] == [1.0, 1.0]
+    else:  # EOS (and the top-k/top-p tail) are cut, so the action set holds less than all of the policy's mass
+        assert max(nlpo_scalars["objective/mask_policy_mass"]) < 1.0
+
+
+def test_the_stored_masks_reach_the_ratio(tmp_path, monkeypatch):
+    """In a tiny real run, the keep-masks the NLPO processor recorded during the rollout (which do cut tokens) are
+    exactly the masks under which the ratio's new log-probs (`nlpo_policy_loss`, every minibatch) and its old
+    log-probs (`masked_logprobs` right after the rollout) are taken: not an all-true mask, not a recompute."""
+    maskers, loss_calls, logprob_calls = [], [], []
+
+    class Spy(nlpo.NLPOLogitsProcessor):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            maskers.append(self)
+
+    real_loss, real_logprobs = nlpo.nlpo_policy_loss, nlpo.masked_logprobs
+
+    def spy_loss(logits, tokens, keep, *a, **k):
+        loss_calls.append((tokens.clone(), keep.clone()))
+        return real_loss(logits, tokens, keep, *a, **k)
+
+    def spy_logprobs(logits, tokens, keep):
+        logprob_calls.append((tokens.clone(), keep.clone()))
+        return real_logprobs(logits, tokens, keep)
+
+    monkeypatch.setattr(nlpo, "NLPOLogitsProcessor", Spy)
+    monkeypatch.setattr(nlpo, "nlpo_policy_loss", spy_loss)
+    monkeypatch.setattr(nlpo, "masked_logprobs", spy_logprobs)
+    nlpo.main(nlpo.Args(output_dir=str(tmp_path), total_updates=1, rollout_batch_size=4, minibatch_size=2,
+                        ppo_epochs=1, eval_episodes=4, save_model=False))
+    rollout = maskers[1]  # 0: the step-0 evaluation, 1: the rollout of update 1, 2: the final evaluation
+    stored = torch.stack(rollout.masks, 1)
+    first_tokens = logprob_calls[0][0]  # the rollout's response tokens, in rollout order
+    eos_id = load_policy("tiny-gpt2", make_task("sentiment")).tokenizer.eos_token_id
+    response = (torch.cumsum((first_tokens == eos_id).long(), 1) - (first_tokens == eos_id).long()) == 0
+    assert (~stored[response]).any(), "the stored masks cut nothing: the test could not tell them from all-true"
+    expected = stored.clone()
+    expected[~response] = True  # after the response nothing was sampled (no minimum length here)
+    old_calls = [keep for tokens, keep in logprob_calls if torch.equal(tokens, first_tokens) and not keep.all()]
+    assert len(old_calls) == 1 and torch.equal(old_calls[0], expected)  # the old log-probs of the ratio
+    assert len(loss_calls) == 2  # two minibatches of 2 episodes
+    for tokens, keep in loss_calls:
+        rows = [next(i for i in range(len(first_tokens)) if torch.equal(first_tokens[i], t)) for t in tokens]
+        assert torch.equal(keep, expected[rows])
 
 
 def test_help_documents_every_nlpo_flag():
@@ -338,7 +387,7 @@ def test_cli_tiny_budget(tmp_path):
         summary = json.load(f)
     assert summary["script"] == "nlpo.py" and summary["updates"] == 2 and summary["args"]["top_mask"] == 0.9
     for part in ("initial", "final", "best"):
-        assert set(summary[part]) == {"eval/return_mean", "eval/return_std"}
+        assert {"eval/return_mean", "eval/return_std"} <= set(summary[part])  # plus the evaluation's other metrics
     assert summary["wall_seconds"] > 0 and summary["min_tokens_to_keep"] == 2
     model = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "model"))
     assert model.config.vocab_size > 0

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ppo
-from common.models import entropy_of, frozen_copy, load_policy, logprobs_of
+from common.models import entropy_of, frozen_copy, load_policy, logprobs_of, response_mask_from, top_k_top_p_keep
 from common.tasks import make_task
 
 from helpers import args_fields
@@ -202,7 +202,7 @@ def test_tiny_run_end_to_end(model_name, auto_class, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["script"] == "ppo.py" and summary["task"] == "sentiment" and summary["seed"] == 1
     for key in ("initial", "final", "best"):
-        assert set(summary[key]) == {"eval/return_mean", "eval/return_std"}
+        assert {"eval/return_mean", "eval/return_std"} <= set(summary[key])  # plus the evaluation's other metrics
     assert summary["wall_seconds"] > 0 and summary["tokens_per_second"] > 0
     assert summary["args"]["total_updates"] == 2
     scalars = _scalars(str(run_dir))
@@ -277,3 +277,104 @@ def test_forward_logprobs_one_log_softmax_and_entropy_out_of_the_graph_without_b
         torch.testing.assert_close(logprobs, expected_logprobs)
         torch.testing.assert_close(entropy, expected_entropy)
         assert logprobs.requires_grad and entropy.requires_grad == entropy_grad
+
+
+# ----------------------------------------------------------------------------------------------
+# --top-k / --top-p: rollouts, old log-probs, ratio and KL share one truncated, renormalised distribution
+# ----------------------------------------------------------------------------------------------
+def test_top_k_top_p_keep_hand_computed():
+    # probabilities 0.1, 0.4, 0.2, 0.3 (unsorted): ranked 1, 3, 2, 0 with masses 0.4, 0.7, 0.9, 1.0
+    logits = torch.tensor([0.1, 0.4, 0.2, 0.3]).log()
+    keep = lambda *a: top_k_top_p_keep(logits, *a).tolist()  # noqa: E731
+    assert keep(0, 1.0) == [True, True, True, True]  # both off
+    assert keep(2, 1.0) == [False, True, False, True]
+    assert keep(0, 0.4) == [False, True, False, False]  # token 1 alone reaches 0.4
+    assert keep(0, 0.5) == [False, True, False, True]  # token 3 crosses 0.5 and is kept
+    assert keep(0, 0.8) == [False, True, True, True]
+    # top-p applies to the top-k distribution: over all four, token 1 (0.4) falls short of 0.55 and token 3 is
+    # kept; top-2 renormalised is 4/7, 3/7, and 4/7 reaches 0.55 alone
+    assert keep(0, 0.55) == [False, True, False, True] and keep(2, 0.55) == [False, True, False, False]
+    ties = torch.tensor([1.0, 2.0, 2.0, 0.0])
+    assert top_k_top_p_keep(ties, 1).tolist() == [False, True, True, False]  # ties at the k-th are kept (transformers)
+    forbidden = logits.clone()
+    forbidden[1] = float("-inf")  # e.g. EOS before the minimum length
+    assert top_k_top_p_keep(forbidden, 4).tolist() == [True, False, True, True]  # never kept, even inside the top-k
+    batch = torch.stack([logits, logits.flip(0)]).unsqueeze(0)  # [1, 2, 4]: each row its own set
+    assert top_k_top_p_keep(batch, 0, 0.5).tolist() == [[[False, True, False, True], [True, False, True, False]]]
+
+
+class _FixedLogits(torch.nn.Module):
+    """A stand-in policy whose response logits are given: forward_logprobs needs only the call and the EOS id."""
+
+    def __init__(self, logits, eos_token_id=0):
+        super().__init__()
+        self.logits, self.tokenizer = logits, type("Tok", (), {"eos_token_id": eos_token_id})()
+
+    def forward(self, input_ids, attention_mask, start):
+        return self.logits.clone(), None
+
+
+def test_forward_logprobs_of_the_truncated_distribution_hand_computed():
+    """Log-probs and entropy under a keep-mask are the kept probabilities renormalised: with probabilities 0.1, 0.4,
+    0.2, 0.3 and top-2 = {1, 3}, token 3 has log(0.3 / 0.7) and token 1 log(0.4 / 0.7). At temperature 0.5 the
+    probabilities become proportional to p^2 (0.01, 0.16, 0.04, 0.09), the top-p 0.6 nucleus of those is {1, 3}
+    (0.16 / 0.30 = 0.53 < 0.6) and token 3 has log(0.09 / 0.25); at temperature 1 the same p keeps {1, 3} too."""
+    probs = torch.tensor([0.1, 0.4, 0.2, 0.3])
+    logits = probs.log().expand(1, 2, 4).clone()
+    input_ids = torch.tensor([[7, 3, 1]])  # one prompt token, then the response tokens 3 and 1
+    policy = _FixedLogits(logits)
+    keep = top_k_top_p_keep(logits, 2)
+    logprobs, entropy = ppo.forward_logprobs(policy, input_ids, None, 1, 1.0, keep=keep)
+    torch.testing.assert_close(logprobs, torch.tensor([[math.log(0.3 / 0.7), math.log(0.4 / 0.7)]]))
+    h = -(3 / 7 * math.log(3 / 7) + 4 / 7 * math.log(4 / 7))
+    torch.testing.assert_close(entropy, torch.tensor([[h, h]]))
+    keep = top_k_top_p_keep(logits / 0.5, 0, 0.6)
+    assert keep[0, 0].tolist() == [False, True, False, True]
+    logprobs, _ = ppo.forward_logprobs(policy, input_ids, None, 1, 0.5, keep=keep)
+    torch.testing.assert_close(logprobs[0, 0], torch.tensor(math.log(0.09 / 0.25)))
+    # with the minimum length the EOS (token 0 here) cut and the top-k cut combine
+    keep = top_k_top_p_keep(logits, 3)  # {1, 2, 3}
+    logprobs, _ = ppo.forward_logprobs(policy, input_ids, None, 1, 1.0, min_length=1, keep=keep)
+    torch.testing.assert_close(logprobs, torch.tensor([[math.log(0.3 / 0.9), math.log(0.4 / 0.9)]]))
+
+
+def test_truncated_rollouts_first_update_ratio_one_and_rollout_logprobs_equal_scoring(tmp_path, monkeypatch):
+    """A real run with --top-k 20 --top-p 0.9 at temperature 0.8, one update of one minibatch (one gradient step):
+    the sampled tokens' log-probs at generation (the truncated, renormalised scores the sampler drew from) equal
+    the scoring pass's old log-probs, and the first ratio is exactly 1, approx KL and clipfrac 0, and the KL to the
+    reference 0 (the reference is cut by the same masks)."""
+    events = []
+
+    class Spy(ppo.TopKTopPProcessor):
+        def __call__(self, input_ids, scores):
+            out = super().__call__(input_ids, scores)
+            events.append(("step", self, torch.log_softmax(out.float() / self.temperature, -1)))
+            return out
+
+    real_forward_logprobs = ppo.forward_logprobs
+
+    def spy_forward_logprobs(policy, input_ids, attention_mask, start, *a, **k):
+        out = real_forward_logprobs(policy, input_ids, attention_mask, start, *a, **k)
+        events.append(("score", input_ids[:, start:].clone(), out[0].detach().clone()))
+        return out
+
+    monkeypatch.setattr(ppo, "TopKTopPProcessor", Spy)
+    monkeypatch.setattr(ppo, "forward_logprobs", spy_forward_logprobs)
+    budget = dict(total_updates=1, rollout_batch_size=8, minibatch_size=8, ppo_epochs=1, eval_episodes=8,
+                  save_model=False, top_k=20, top_p=0.9, temperature=0.8, output_dir=str(tmp_path))
+    ppo.main(ppo.Args(**budget))
+    first_score = next(i for i, e in enumerate(events) if e[0] == "score")
+    _, response_ids, scored = events[first_score]
+    rollout = events[first_score - 1][1]  # the processor of the rollout that was scored
+    steps = torch.stack([e[2] for e in events[:first_score] if e[0] == "step" and e[1] is rollout], 1)
+    assert steps.shape[:2] == response_ids.shape
+    sampled = steps.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
+    eos_id = load_policy("tiny-gpt2", make_task("sentiment")).tokenizer.eos_token_id
+    response = response_mask_from(response_ids, eos_id).bool()  # after EOS nothing was sampled
+    keep = torch.stack(rollout.masks, 1)
+    assert (keep.sum(-1) <= 20).all() and (keep.sum(-1) < 20).any()  # top-k binds, and top-p cuts further
+    assert torch.isfinite(sampled[response]).all()
+    torch.testing.assert_close(scored[response], sampled[response], atol=1e-4, rtol=1e-4)
+    logged = _scalars(os.path.join(str(tmp_path), os.listdir(tmp_path)[0]))
+    assert logged["losses/ratio"] == [(1, 1.0)] and logged["losses/clipfrac"] == [(1, 0.0)]
+    assert logged["losses/approx_kl"] == [(1, 0.0)] and logged["objective/kl"] == [(1, 0.0)]
