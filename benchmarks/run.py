@@ -374,6 +374,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="run each entry's `quick` budget instead of its `flags`")
     p.add_argument("--seeds", type=int, default=None, help="run seeds 1..SEEDS (default 3; 5 with --results)")
+    p.add_argument("--first-seed", type=int, default=1,
+                   help="start at this seed instead of 1 (to split the seeds of a long benchmark over processes)")
     p.add_argument("--only", default="", help="comma-separated scripts or script:task pairs to run (default: all)")
     p.add_argument("--config", default=os.path.join(HERE, "config.toml"), help="the entries to run")
     p.add_argument("--results-dir", default=os.path.join(HERE, "results"), help="where the table, plot and runs go")
@@ -434,7 +436,7 @@ def main(argv=None) -> int:
     for entry in entries:
         script, task = entry["script"], entry["task"]
         flags = list(entry.get("quick", []) if args.quick else entry.get("flags", []))
-        for seed in range(1, args.seeds + 1):
+        for seed in range(args.first_seed, args.seeds + 1):
             record = {"script": script, "task": task, "seed": seed, "flags": flags + extra}
             done = previous.get((script, task, seed, tuple(flags + extra)))
             if done is not None:  # --resume: this run finished in an earlier invocation
