@@ -213,6 +213,7 @@ def forward_logprobs(policy: Policy, input_ids, attention_mask, start: int, temp
         entropy = -(logp.exp() * logp).sum(-1)
     return logprobs, entropy
 
+
 class TopKTopPProcessor(LogitsProcessor):
     """--top-k/--top-p inside the policy's `generate`, recording each step's keep-mask `[B, V]`, so that the old
     log-probs, the ratio and the KL use exactly the truncated, renormalised distribution the rollout sampled from.
