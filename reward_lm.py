@@ -432,7 +432,8 @@ def evaluate(model: RewardLM, env: InclusivePopulationEnv, log_pi_ref: torch.Ten
         "eval/kl_beta1_ref": (beta1 * (beta1.clamp_min(1e-30).log() - log_pi_ref)).sum(1).mean().item(),
         "eval/policy_drift_kl": (log_pi_ref.exp() * (log_pi_ref - log_pi)).sum(1).mean().item(),
         "eval/reward_err": (p_mean - theta).abs().mean().item(), "eval/std_best": p_std[rows, best].mean().item(),
-        "eval/exploit_err": (p_mean - theta).abs()[rows, p_mean.argmax(1)].mean().item()}
+        "eval/exploit_err": (p_mean - theta).abs()[rows, p_mean.argmax(1)].mean().item(),
+        "eval/favourite_approval": p_mean[rows, torch.as_tensor(env.special[:, 0], device=p_mean.device)].mean().item()}
     return metrics, ell_z.cpu(), " ".join(str(int(y)) for y in p_mean.argmax(1))
 
 

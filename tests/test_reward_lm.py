@@ -257,15 +257,24 @@ def test_tabular_control_priors_match_the_population_model():
 # ----------------------------------------------------------------------------------------------
 # Learning: one paired run (same seeds, same pretrained LM) at the default budget, shared by the two tests below
 # ----------------------------------------------------------------------------------------------
+# Seeds 101-104: none of them was used to choose a setting (the defaults were set on seeds 1-20). A seed's
+# trajectory depends on float rounding, which differs between CPUs (AVX2, AVX-512, or ATEN_CPU_CAPABILITY=default
+# for no vectorized kernels): the pretrained LM comes out slightly different, and greedy sometimes stumbles onto
+# the inclusive response (docs/reward_lm.md, "Results on other CPUs"). So the tests assert rates and paired
+# differences over the 4 seeds, with margins taken from 15 measured (seed, CPU) runs, and no "exactly 0".
+SEEDS = (101, 4)
+
+
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("learning")
-    # The default budget (4096 queries in rounds of 64) on the first 3 default seeds, ts and greedy only. Two
-    # torchrun processes run the seeds two at a time (a simulation is one seed, so they log exactly what one
-    # process logs, tests/test_scaling.py): 121 s here against 160 s for one process.
+    # The default budget (4096 queries in rounds of 64) on 4 fresh seeds, ts and greedy only. Two torchrun
+    # processes run the seeds two at a time (a simulation is one seed, so they log exactly what one process logs,
+    # tests/test_scaling.py): 4 seeds are 2 waves, the same wall time as 3 seeds on 2 processes.
     agents = ("ts", "greedy")
-    result = subprocess.run([sys.executable, *TORCHRUN_2, "reward_lm.py", "--agents", *agents, "--num-seeds", "3",
-                             "--no-save-model", "--progress-every", "1000", "--output-dir", str(out)],
+    result = subprocess.run([sys.executable, *TORCHRUN_2, "reward_lm.py", "--agents", *agents, "--seed", str(SEEDS[0]),
+                             "--num-seeds", str(SEEDS[1]), "--no-save-model", "--progress-every", "1000",
+                             "--output-dir", str(out)],
                             cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -273,6 +282,7 @@ def short_run(tmp_path_factory):
 
     (run_name,) = os.listdir(out)
     summary = json.loads((out / run_name / "summary.json").read_text())
+    assert summary["seeds"] == list(range(SEEDS[0], SEEDS[0] + SEEDS[1]))
     rows = list(csv.DictReader(open(out / run_name / "curves.csv")))
     per_agent = {agent: {seed: [r for r in rows if r["agent"] == agent and int(r["seed"]) == seed]
                          for seed in summary["seeds"]} for agent in agents}
@@ -283,27 +293,54 @@ def _queried_best(curve, per_round=R.Args.queries_per_round):
     return sum(float(r["objective/frac_queried_best"]) * per_round for r in curve if r["objective/frac_queried_best"])
 
 
-def test_one_lm_learns_todays_approval_and_greedy_stays_trapped(short_run):
-    """Reward learning is fine-tuning the LM's transition: on the response greedy deploys (fav_0, which
-    the historical majority approved 90% of the time), the LM's predicted approval must move to what
-    today's raters give (0.58). And the trap: the pretrained LM believes inc (0.5 under the historical
-    raters) is worse than fav_0, so greedy, which only queries its own best guess, never tries inc."""
-    summary, per_agent = short_run
-    for seed, curve in per_agent["greedy"].items():
-        first, last = float(curve[0]["eval/exploit_err"]), float(curve[-1]["eval/exploit_err"])
-        assert first >= 0.2 and last <= 0.1, (seed, first, last)
-        assert _queried_best(curve) == 0, seed
-    greedy = summary["agents"]["greedy"]
-    assert greedy["seeds_reached"] == 0 and greedy["final_value"] <= 0.60, greedy  # fav_0 everywhere: 0.58
+def _last(curve, key, n=8):
+    """Mean of `key` over the last n evaluations (the last 512 queries): the exploit argmax can flip between
+    two responses whose beliefs are within noise of each other from one round to the next."""
+    return float(np.mean([float(r[key]) for r in curve[-n:]]))
 
 
-def test_thompson_sampling_reaches_95_percent_where_greedy_does_not(short_run):
-    """The method's claim on a paired run: Thompson sampling on the LM's epistemic heads queries the inclusive
-    response and moves the exploit policy to it on most seeds; greedy, with the same LM, never does.
-    Observed on seeds 1-3: TS reaches 95% on all three (after 1728-2880 queries), greedy on none. Over
-    seeds 1-20 TS reaches it on 7 (docs/reward_lm.md): these seeds are the default ones, not the best ones."""
+def test_one_lm_learns_todays_approval(short_run):
+    """Reward learning is fine-tuning the LM's transition: on the historical majority's favourite fav_0
+    (approved 90% of the time by the historical raters, 0.58 by today's), the LM's predicted approval must move
+    from the historical value to today's, for both agents on every seed; and on the responses each agent
+    deploys at the end, its predicted approval must match today's. Measured on 15 (seed, CPU) runs x 2 agents
+    (seeds 101-108 with AVX2; seeds 1-3 and 101-104 under ATEN_CPU_CAPABILITY=default): fav_0 starts at
+    0.77-0.92 and ends (mean over the last 512 queries) at 0.51-0.62; the deployed responses end 0.03-0.07 off.
+    Without reward learning fav_0 would stay near its start, 0.2-0.3 above today's value."""
     summary, per_agent = short_run
-    ts, greedy = summary["agents"]["ts"], summary["agents"]["greedy"]
-    assert ts["seeds_reached"] >= 2 and greedy["seeds_reached"] == 0, (ts, greedy)
-    assert ts["final_value"] >= greedy["final_value"] + 0.04, (ts, greedy)  # 0.655+ vs fav_0's 0.58
-    assert all(_queried_best(curve) > 0 for curve in per_agent["ts"].values())
+    for agent, curves in per_agent.items():
+        for seed, curve in curves.items():
+            first, last = float(curve[0]["eval/favourite_approval"]), _last(curve, "eval/favourite_approval")
+            assert first >= 0.58 + 0.15 and abs(last - 0.58) <= 0.1, (agent, seed, first, last)
+            assert _last(curve, "eval/exploit_err") <= 0.1, (agent, seed)
+
+
+def test_thompson_sampling_escapes_the_trap_greedy_mostly_stays_in(short_run):
+    """The method's claim on a paired run (same seeds, same pretrained LM): Thompson sampling on the LM's
+    epistemic heads queries the inclusive response (0.68) on every seed and moves the exploit policy to it
+    on most prompts; greedy, with the same LM, mostly stays on fav_0 (0.58).
+
+    Greedy is not trapped on every seed: the LM's fine-tuning first overshoots, pushing fav_0's predicted
+    approval well below 0.58 (to 0.2-0.4 on some prompts after 256-448 queries), and greedy then deploys whatever
+    is next, which is sometimes inc (docs/reward_lm.md). Which seeds this happens on depends on float rounding.
+    So the assertions are rates and paired differences. Measured on 15 (seed, CPU) runs (seeds 101-108 with
+    AVX2; seeds 1-3 and 101-104 under ATEN_CPU_CAPABILITY=default): TS queried inc 749-2180 times on every seed;
+    greedy 0 times on 10 of 15 and 901-2385 times on 5; TS's final value is above greedy's on all 15, by
+    0.025-0.100 (mean 0.064, std 0.024), and greedy's final value is 0.580-0.655 (mean 0.592). Seeds 101-104
+    gave TS 3 of 4 seeds at 95% and greedy 0 of 4 on both capabilities (greedy queried inc on seed 102 on
+    both), but reaching 95% is not asserted: over seeds 1-20 TS reaches it on 7 only. Replacing TS by greedy
+    fails the first two asserts (the paired difference would be 0; greedy queries inc on all 4 seeds in about
+    1% of draws at its measured rate of 1 seed in 3)."""
+    summary, per_agent = short_run
+    ts, greedy = per_agent["ts"], per_agent["greedy"]
+    final = {agent: {seed: float(curve[-1]["eval/return_mean"]) for seed, curve in curves.items()}
+             for agent, curves in per_agent.items()}
+    # TS explores: it asks about inc, and keeps asking once it has found it, on every seed
+    assert all(_queried_best(curve) >= 256 for curve in ts.values()), {s: _queried_best(c) for s, c in ts.items()}
+    # TS ends above greedy on the same seeds: by 0.064 per seed on average in the runs above (std 0.024; 0.012 for
+    # a mean over 4 seeds), so 0.02 is 3.6 standard errors below it. 0.02 = inc on 3 more of the 16 prompts.
+    diff = np.mean([final["ts"][s] - final["greedy"][s] for s in ts])
+    assert diff >= 0.02, (final, summary["agents"])
+    # the trap: greedy's exploit policy ends on fav_0 (0.58) on most prompts: 0.63 = inc on at most half of them
+    # (measured: a mean of 0.592 per seed, std 0.023; 0.012 for a mean over 4 seeds)
+    assert np.mean(list(final["greedy"].values())) <= 0.63, final["greedy"]
