@@ -335,6 +335,24 @@ def save_runs(path: str, command: str, machine: list[str], runs: list[dict]) -> 
     os.replace(path + ".tmp", path)
 
 
+def changes_text(rows: list[dict]) -> str:
+    """Per method, what training changed, as paired differences final - initial over its seeds (mean ± s.e.):
+    the reward gain next to what it cost in fluency and diversity."""
+    lines = []
+    for row in rows:
+        parts = []
+        for name, label, digits in (("", "return", 3), ("_perplexity", "perplexity", 2), ("_ref_nll", "ref_nll", 2),
+                                    ("_grammatical", "grammatical", 3), ("_distinct_2", "distinct-2", 3)):
+            before, after = row["initial" + name], row["final" + name]
+            pairs = [(b, a) for b, a in zip(before, after) if b is not None and a is not None]
+            if pairs:
+                start = mean_std([b for b, _ in pairs])[0]
+                parts.append(f"{label} {start:.{digits}f} -> {mean_std([a for _, a in pairs])[0]:.{digits}f} "
+                             f"({fmt([a - b for b, a in pairs], digits, signed=True, se=True)})")
+        lines.append(f"- `{row['script']}`: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
 def write_results_page(path: str, rows: list[dict], runs: list[dict], command: str, machine_before: str,
                        machine_after: str, threads: Optional[int]) -> None:
     """docs/results.md: generated, never edited by hand."""
@@ -352,6 +370,12 @@ load before/after: {machine_before.split('load ')[-1]} / {machine_after.split('l
 {results_table(rows)}
 
 {problems_text(runs)}
+
+What training changed, per method: step 0 -> final, and in brackets the paired difference over its seeds
+(mean ± s.e.). The starting points differ a little between methods because each samples with its own
+deployed decoding (NLPO through its mask, ILQL through its heads, which start at zero).
+
+{changes_text(rows)}
 
 How to read it (every metric is defined in [evaluation.md](evaluation.md)):
 

@@ -44,6 +44,10 @@ def test_aggregate_and_table():
                           "| 1.50 ± 0.00 | 0.90 ± 0.00 | 0.50 ± 0.00 | 0 | - | - |")
     assert results[3] == ("| `ppo.py` | 40 updates | 1-3 | **+0.600 ± 0.058** | 6.00 ± 0.58 | 2.00 ± 0.00 "
                           "| 0.80 ± 0.00 | 0.40 ± 0.00 | 0.200 ± 0.058 | 20 ± 6 | 400 ± 0 |")
+    # what training changed: paired differences final - initial, mean ± s.e. over seeds
+    assert bench.changes_text([row]) == ("- `ppo.py`: return 0.100 -> 0.600 (+0.500 ± 0.058); perplexity 4.00 -> 6.00 "
+                                         "(+2.00 ± 0.58); ref_nll 1.50 -> 2.00 (+0.50 ± 0.00); grammatical 0.900 -> "
+                                         "0.800 (-0.100 ± 0.000); distinct-2 0.500 -> 0.400 (-0.100 ± 0.000)")
     # KL only where the method has a KL term to its starting model
     assert bench.final_kl(fake_run(2, 0.5)) == pytest.approx(0.2)
     assert bench.final_kl(fake_run(2, 0.5, script="alol.py")) is None
