@@ -416,8 +416,9 @@ class Run:
         """Write `summary.json` (the shape benchmark tools read; rank 0 only) and return it."""
         wall = time.time() - self.start
         best = {}
+        lower_is_better = ("_std", "mean_guesses", "perplexity", "ref_nll")
         for key in self.evals[0] if self.evals else []:
-            best[key] = (min if key.endswith(("_std", "mean_guesses", "perplexity", "ref_nll")) else max)(e[key] for e in self.evals)
+            best[key] = (min if key.endswith(lower_is_better) else max)(e[key] for e in self.evals)
         summary = {
             "script": self.script, "task": self.args.task, "seed": self.args.seed, "args": asdict(self.args),
             "world_size": world()[1],
