@@ -132,9 +132,9 @@ def test_run_dir_tensorboard_and_summary(tmp_path):
     assert os.path.isdir(run.dir)
 
     evals = [
-        {"eval/return_mean": 0.1, "eval/return_std": 0.4},
-        {"eval/return_mean": 0.5, "eval/return_std": 0.2},
-        {"eval/return_mean": 0.3, "eval/return_std": 0.3},
+        {"eval/return_mean": 0.1, "eval/return_std": 0.4, "eval/perplexity": 4.0, "eval/grammatical": 0.9},
+        {"eval/return_mean": 0.5, "eval/return_std": 0.2, "eval/perplexity": 5.0, "eval/grammatical": 0.8},
+        {"eval/return_mean": 0.3, "eval/return_std": 0.3, "eval/perplexity": 4.5, "eval/grammatical": 0.85},
     ]
     samples = [("the movie", " was great .", 0.62), ("the plot", " was bad .", -0.54)]
     for step, metrics in enumerate(evals):
@@ -161,7 +161,9 @@ def test_run_dir_tensorboard_and_summary(tmp_path):
     assert on_disk["args"] == dataclasses.asdict(args)
     assert on_disk["initial"] == evals[0]
     assert on_disk["final"] == evals[-1]
-    assert on_disk["best"] == {"eval/return_mean": 0.5, "eval/return_std": 0.2}
+    # each metric's own best over the evaluations: lowest std and perplexity, highest return and grammar
+    assert on_disk["best"] == {"eval/return_mean": 0.5, "eval/return_std": 0.2, "eval/perplexity": 4.0,
+                               "eval/grammatical": 0.9}
     assert on_disk["wall_seconds"] > 0
     assert on_disk["tokens_per_second"] == pytest.approx(1000 / on_disk["wall_seconds"])
 
