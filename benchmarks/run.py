@@ -365,7 +365,8 @@ Every method on the embedded `sentiment` task, from the same starting model (`ti
 its script uses by default, evaluated by the same function (`common/tasks.py` `evaluate`) on the same 256
 held-out prompts with the same per-prompt sampling seeds. Final evaluation, mean ± standard error over
 seeds. Made by `{command}` ({when}; {machine_before.split(', 1/5/15')[0]}; {threads_text(threads)};
-load before/after: {machine_before.split('load ')[-1]} / {machine_after.split('load ')[-1]}).
+1/5/15-minute load when the first run started: {machine_before.split('load ')[-1]}; when the page was
+written: {machine_after.split('load ')[-1]}). Wall times grow with the load; the metrics do not.
 
 {results_table(rows)}
 
@@ -447,11 +448,13 @@ def main(argv=None) -> int:
     runs_root = os.path.join(results_dir, "runs")
     extra = shlex.split(args.extra)
     json_path = os.path.join(results_dir, "results.json" if args.results else "runs.json")
-    previous = {}
+    previous, previous_machine = {}, []
     if args.resume and os.path.isfile(json_path):
         with open(json_path) as f:
-            previous = {(r["script"], r["task"], r["seed"], tuple(r["flags"])): r for r in json.load(f)["runs"]
-                        if r.get("status") == "ok"}
+            saved = json.load(f)
+        previous = {(r["script"], r["task"], r["seed"], tuple(r["flags"])): r for r in saved["runs"]
+                    if r.get("status") == "ok"}
+        previous_machine = saved.get("machine", [])
     machine_before = machine_line()
     print(f"benchmark: {len(entries)} entries x {args.seeds} seeds{' (quick)' if args.quick else ''}; {machine_before}",
           flush=True)
@@ -492,13 +495,14 @@ def main(argv=None) -> int:
             final = _get(summary, "final/eval/return_mean")
             print(f"final {final if final is None else round(final, 3)}, {result['process_seconds']:.0f}s, "
                   f"{result['peak_rss_mib']:.0f} MiB", flush=True)
-            save_runs(json_path, command, [machine_before], runs)  # a killed benchmark keeps every finished run
+            save_runs(json_path, command, [*previous_machine[:1], machine_before], runs)  # a kill keeps every run
 
     rows = aggregate(runs)
     machine_after = machine_line()
-    save_runs(json_path, command, [machine_before, machine_after], runs)
-    if args.results:
-        write_results_page(args.page, rows, runs, command, machine_before, machine_after, args.threads)
+    save_runs(json_path, command, [*previous_machine[:1], machine_before, machine_after], runs)
+    if args.results:  # the load when the first kept run started, if any, tells what the wall times were made under
+        write_results_page(args.page, rows, runs, command, (previous_machine or [machine_before])[0], machine_after,
+                           args.threads)
         print("\n" + results_table(rows), flush=True)
         print(f"\nwrote {os.path.relpath(args.page, ROOT)} and {os.path.relpath(json_path, ROOT)}", flush=True)
         return 0 if rows else 1
