@@ -373,8 +373,9 @@ written: {machine_after.split('load ')[-1]}). Wall times grow with the load; the
 {problems_text(runs)}
 
 What training changed, per method: step 0 -> final, and in brackets the paired difference over its seeds
-(mean ± s.e.). The starting points differ a little between methods because each samples with its own
-deployed decoding (NLPO through its mask, ILQL through its heads, which start at zero).
+(mean ± s.e.). The starting points differ where a method's deployed decoding differs from plain
+sampling at step 0 (NLPO samples through its top-p mask; ILQL's heads start at zero, so its step 0 is
+the starting model's).
 
 {changes_text(rows)}
 
