@@ -408,6 +408,11 @@ def test_learning_beats_the_starting_policy(tmp_path):
     initial, final = summary["initial"]["eval/return_mean"], summary["final"]["eval/return_mean"]
     assert final > initial + 0.3, (initial, final)
     logged = scalars(str(tmp_path))
-    assert logged["charts/mask_mismatch"] == [0.0] * 20
+    # Generation-time masks equal the teacher-forced recomputation, up to near ties at the top-p boundary that
+    # float summation order (thread count, CPU) can flip: with 2 threads here one update of 20 has 0.0012 (one
+    # token position in a rollout), with 1 thread none. A real mismatch (masks from other logits) shows at every
+    # update and at far more positions.
+    mismatch = logged["charts/mask_mismatch"]
+    assert len(mismatch) == 20 and sum(m == 0.0 for m in mismatch) >= 18 and max(mismatch) <= 0.005, mismatch
     assert logged["charts/mask_age"] == [0.0, 1.0, 2.0, 3.0, 4.0] * 4
     assert max(logged["objective/mask_tokens"]) < 30
