@@ -73,6 +73,14 @@ def entropy_of(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def right_pad(rows: list[list[int]], value: int, min_width: int = 0) -> torch.Tensor:
+    """Token-id rows as one right-padded `[N, max(longest row, min_width)]` long tensor."""
+    out = torch.full((len(rows), max([min_width, *map(len, rows)])), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
 def response_mask_from(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """1 on every response token up to and including the first EOS, 0 after it."""
     is_eos = (response_ids == eos_token_id).long()
@@ -182,12 +190,8 @@ class Policy(nn.Module):
             rows = [tok(c, add_special_tokens=False)["input_ids"] for c in continuations[i:i + batch_size]]
             if context is not None:
                 rows = [r[:max(context - prompt_ids.shape[1], 0)] for r in rows]
-            width = max([1] + [len(r) for r in rows])
-            ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for j, r in enumerate(rows):
-                ids[j, :len(r)], mask[j, :len(r)] = torch.tensor(r, dtype=torch.long), 1
-            ids, mask = ids.to(device), mask.to(device)
+            ids = right_pad(rows, tok.pad_token_id, min_width=1).to(device)
+            mask = right_pad([[1] * len(r) for r in rows], 0, min_width=1).to(device)
             batch = (torch.cat([prompt_ids, ids], 1), torch.cat([prompt_mask, mask], 1), prompt_ids.shape[1])
             logits = logits_fn(*batch) if logits_fn is not None else self(*batch)[0]
             token_nll = torch.where(mask.bool(), -logprobs_of(logits, ids), 0.0)  # padding may be -inf under top-k
@@ -384,12 +388,6 @@ def _train_builtin(task, arch: str, out_dir: str, epochs: int = 2, batch_size: i
     steps = epochs * (len(examples) // batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
 
-    def pad_rows(rows, value):
-        out = torch.full((len(rows), max(map(len, rows))), value, dtype=torch.long)
-        for i, r in enumerate(rows):
-            out[i, :len(r)] = torch.tensor(r)
-        return out
-
     model.train()
     bar = tqdm(total=steps, desc=f"pretraining {arch}", unit="step", mininterval=1.0 if sys.stderr.isatty() else 15.0)
     for _ in range(epochs):
@@ -397,11 +395,11 @@ def _train_builtin(task, arch: str, out_dir: str, epochs: int = 2, batch_size: i
         for i in range(0, len(order) - batch_size + 1, batch_size):
             batch = [examples[j] for j in order[i:i + batch_size]]
             if arch == "tiny-gpt2":
-                ids = pad_rows([x for x, _ in batch], pad)
+                ids = right_pad([x for x, _ in batch], pad)
                 loss = model(input_ids=ids, attention_mask=(ids != pad).long(),
                              labels=ids.masked_fill(ids == pad, -100)).loss
             else:
-                src, tgt = pad_rows([x for x, _ in batch], pad), pad_rows([y for _, y in batch], pad)
+                src, tgt = right_pad([x for x, _ in batch], pad), right_pad([y for _, y in batch], pad)
                 loss = model(input_ids=src, attention_mask=(src != pad).long(),
                              labels=tgt.masked_fill(tgt == pad, -100)).loss
             optimizer.zero_grad()
