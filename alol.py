@@ -37,9 +37,10 @@ import tyro
 
 from common.models import Policy, entropy_of, frozen_copy, load_policy, logprobs_of
 from common.tasks import RewardError, Task, eval_line, evaluate, make_task
-from common.utils import (CommonArgs, Run, all_gather_objects, all_reduce, close_distributed, episode_seeds, exact_div,
-                          init_distributed, masked_mean, rank_share, require_positive, restore_rng_states, resume_args,
-                          save_checkpoint, seed_everything, stop_on_sigterm, sync_gradients)
+from common.utils import (CommonArgs, Run, all_gather_objects, all_reduce, bf16_autocast, close_distributed,
+                          episode_seeds, exact_div, init_distributed, masked_mean, rank_share, require_positive,
+                          restore_rng_states, resume_args, save_checkpoint, seed_everything, stop_on_sigterm,
+                          sync_gradients)
 
 ALGORITHMS = ("a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl", "nll", "wbc", "r_gold", "r_lol")
 ADVANTAGE_METHODS = ("a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl")
@@ -374,7 +375,7 @@ def main(args: Args) -> dict:
     except (ValueError, OSError) as error:
         raise SystemExit(f"error: {error}")
     run = Run(args, "alol.py", checkpoint)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = bf16_autocast(device, args.bf16)  # a no-op on CPU unless --bf16
     rng = np.random.default_rng(args.seed)  # the same draws on every rank: V's split, then the global batches
     ref_policy = frozen_copy(policy)  # pi_ref: the starting policy, never updated (also when resuming)
     tokenizer = policy.tokenizer

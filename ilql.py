@@ -43,9 +43,10 @@ from transformers import LogitsProcessor
 from common import wordle
 from common.models import Policy, entropy_of, frozen_copy, load_policy
 from common.tasks import RewardError, eval_line, evaluate, make_task
-from common.utils import (CommonArgs, Run, all_gather_objects, all_reduce, close_distributed, episode_seeds, exact_div,
-                          init_distributed, masked_mean, rank_share, require_positive, restore_rng_states, resume_args,
-                          save_checkpoint, seed_everything, stop_on_sigterm, sync_gradients)
+from common.utils import (CommonArgs, Run, all_gather_objects, all_reduce, bf16_autocast, close_distributed,
+                          episode_seeds, exact_div, init_distributed, masked_mean, rank_share, require_positive,
+                          restore_rng_states, resume_args, save_checkpoint, seed_everything, stop_on_sigterm,
+                          sync_gradients)
 
 
 @dataclass
@@ -319,7 +320,7 @@ def main(args: Args) -> dict:
         raise SystemExit(f"error: {error}")
     run = Run(args, "ilql.py", checkpoint)
     seed_everything(args.seed, args.torch_deterministic)  # the same seed on every rank: identical heads
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = bf16_autocast(device, args.bf16)  # a no-op on CPU unless --bf16
     greedy = is_wordle if args.greedy is None else args.greedy
     adv_clip = (0.0 if is_wordle else None) if args.adv_clip is None else args.adv_clip
     # beta = 0 and no AWAC weights: Q and V cannot change the deployed policy, so the BC baseline skips them

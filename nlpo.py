@@ -41,9 +41,9 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from common.models import Policy, ValueHead, frozen_copy, load_policy, top_k_top_p_keep
 from common.tasks import RewardError, eval_line, evaluate, make_task
-from common.utils import (CommonArgs, Run, all_reduce, close_distributed, episode_seeds, exact_div, init_distributed,
-                          masked_mean, masked_whiten, require_positive, restore_rng_states, resume_args,
-                          save_checkpoint, seed_everything, stop_on_sigterm, sync_gradients)
+from common.utils import (CommonArgs, Run, all_reduce, bf16_autocast, close_distributed, episode_seeds, exact_div,
+                          init_distributed, masked_mean, masked_whiten, require_positive, restore_rng_states,
+                          resume_args, save_checkpoint, seed_everything, stop_on_sigterm, sync_gradients)
 
 
 @dataclass
@@ -271,7 +271,7 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     """Squared error to the GAE returns; with a clip range, PPO2's pessimistic clipped form
     max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2) as in lm-human-preferences."""
     loss = (values - returns) ** 2
-    clipfrac = torch.zeros(())
+    clipfrac = values.new_zeros(())  # on the values' device: it is stacked with the other statistics
     if clip_range_value is not None:
         clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
         clipped_loss = (clipped_values - returns) ** 2
@@ -368,7 +368,7 @@ def main(args: Args) -> dict:
     except (ValueError, OSError) as error:
         raise SystemExit(f"error: {error}")
     run = Run(args, "nlpo.py", checkpoint)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = bf16_autocast(device, args.bf16)  # a no-op on CPU unless --bf16
 
     # Models: the policy, its frozen reference (KL anchor), the critic (a second trunk + head), and NLPO's
     # masking policy: a frozen copy of the starting policy (RL4LMs `mask_type: learned_top_p` deep-copies it).

@@ -24,6 +24,7 @@ Run:  python reward_lm.py                 # ts, greedy, passive x 5 seeds, about
 
 import copy
 import csv
+import datetime
 import math
 import os
 import time
@@ -542,7 +543,10 @@ def main(args: Args) -> dict:
             raise ValueError(f"--n-answer-tokens must be >= {2 * len(args.deployed_mix) + 2} for disjoint special responses")
         if not (args.beta >= 0 and 0 < args.target_fraction <= 1 and args.pretrain_epochs >= 0):
             raise ValueError("need --beta >= 0, 0 < --target-fraction <= 1 and --pretrain-epochs >= 0")
-        device = init_distributed(args.cuda)[2]
+        if args.bf16 == "on":
+            raise ValueError("reward_lm.py runs in fp32 (its LMs are small); --bf16 is not supported here")
+        # ranks with fewer simulations wait in all_gather for the longest one: at hub scale, hours
+        device = init_distributed(args.cuda, timeout=datetime.timedelta(hours=24))[2]
         # any other causal LM gets the task's words as new tokens, learned in pretraining
         base = None if args.model_name == "tiny-gpt2" else load_causal_lm(args.model_name, task_tokens(args), device)
     except (ValueError, OSError) as error:

@@ -104,6 +104,21 @@ def frozen_copy(module: nn.Module) -> nn.Module:
     return ref
 
 
+class FP32OutputLayer(nn.Linear):
+    """The LM's output layer, computed in fp32 also inside a bf16 autocast region.
+
+    Under autocast the output layer would return bf16 logits (3 significant digits): log-probs off by
+    up to 0.04 nats, and a sampled token's log-prob in generation (KV cache) differing from the scoring
+    pass, so rollouts would not come from the distribution PPO's ratio measures. `Policy` gives the
+    model's `nn.Linear` output layer this class in place (same parameters and state dict, so
+    `save_pretrained` and `from_pretrained` are unchanged), so generation and scoring both use it."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(hidden.float(), self.weight.float(), bias)
+
+
 # ----------------------------------------------------------------------------------------------
 # The policy wrapper
 # ----------------------------------------------------------------------------------------------
@@ -114,6 +129,9 @@ class Policy(nn.Module):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
+        output_layer = model.get_output_embeddings()
+        if type(output_layer) is nn.Linear:  # GPT-2, T5 and most LMs; any other keeps its own forward
+            output_layer.__class__ = FP32OutputLayer
         self.is_seq2seq = bool(model.config.is_encoder_decoder)
         # `generate` fills every setting we leave unset from the model's saved generation config, which
         # may carry repetition penalties, n-gram blocking or beams: processors that `forward` does not
@@ -265,7 +283,8 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.linear.weight)  # start at V = 0: no made-up baseline at step 0
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden.float()).squeeze(-1)
+        with torch.autocast(hidden.device.type, enabled=False):  # fp32 values, also inside bf16 autocast
+            return self.linear(hidden.float()).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,7 +311,8 @@ def load_policy(model_name: str, task, device="cpu") -> Policy:
     hf_logging.disable_progress_bar()  # no "Loading weights" bars in every run's output
     config = AutoConfig.from_pretrained(path)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    model = auto.from_pretrained(path)
+    model = auto.from_pretrained(path, dtype=torch.float32)  # fp32 weights whatever the checkpoint's dtype:
+    # transformers 5 defaults to the saved dtype, and AdamW steps of lr 1e-6 round away in bf16 weights
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:  # GPT-2 has none; EOS is the usual stand-in

@@ -225,8 +225,12 @@ class Task:
     extra: dict = field(default_factory=dict)
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        """Rewards for a batch; fails loudly on a reward that is not a finite number."""
-        raw = self.reward_fn(prompts, responses)
+        """Rewards for a batch; fails loudly on a reward that is not a finite number. Scored in full
+        precision: a classifier reward called inside a script's bf16 autocast region still runs in fp32."""
+        from common.utils import full_precision
+
+        with full_precision():
+            raw = self.reward_fn(prompts, responses)
         try:
             rewards = np.asarray(raw, dtype=np.float64)
         except (TypeError, ValueError):  # None, strings, ragged lists: not numbers at all
@@ -347,6 +351,7 @@ class ClassifierReward:
     """
 
     def __init__(self, name: str, label: Optional[str], device, batch_size: int = 32):
+        import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         from transformers import logging as hf_logging
 
@@ -358,7 +363,7 @@ class ClassifierReward:
         hf_logging.disable_progress_bar()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.truncation_side = "left"
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).eval().to(device)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval().to(device)
         if self.tokenizer.pad_token is None:  # GPT-2-style classifiers have none
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
             self.model.config.pad_token_id = self.tokenizer.pad_token_id

@@ -4,13 +4,15 @@ torch.distributed helpers (torchrun) and checkpoints for `--resume`."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import importlib
 import json
 import os
 import random
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -26,7 +28,9 @@ class CommonArgs:
     torch_deterministic: bool = True
     """if toggled, torch uses deterministic algorithms where it has them (`torch.use_deterministic_algorithms`)"""
     cuda: bool = True
-    """if toggled, use CUDA when it is available (bf16 autocast there); CPU otherwise"""
+    """if toggled, use CUDA when it is available; CPU otherwise"""
+    bf16: Literal["auto", "on", "off"] = "auto"
+    """bf16 autocast for the transformer passes (logits, log-probs, values stay fp32); auto: on with CUDA, off on CPU"""
     track: bool = False
     """if toggled, also log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "lmrl"
@@ -123,13 +127,41 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = deterministic
+    # warn_only: an op that has no deterministic kernel (a few CUDA ops) warns and runs anyway instead of
+    # stopping the run; a run that printed such a warning is not bit-exact on --resume (README, Resuming).
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     if deterministic:  # cuBLAS needs this for deterministic matmuls; harmless elsewhere
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def pick_device(use_cuda: bool) -> torch.device:
-    return torch.device("cuda" if use_cuda and torch.cuda.is_available() else "cpu")
+    """CUDA when asked for and present, else CPU. On CUDA, fp32 matmuls (the output layer, value heads, the
+    whole model with --no-bf16) may use TF32 tensor cores: a 10-bit mantissa instead of 23, still finer than bf16."""
+    if use_cuda and torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def bf16_autocast(device: torch.device, bf16: str = "auto") -> torch.autocast:
+    """The autocast context of the transformer passes: bf16 on `device` if `bf16` is "on", or "auto" on CUDA.
+    It follows the device, so the bf16 path runs on CPU too (tests use that). The pieces whose precision
+    matters run in fp32 inside it: the output layer and log-softmax (`models.FP32OutputLayer`), value heads,
+    losses, and rewards (`full_precision` in `Task.score`)."""
+    if bf16 not in ("auto", "on", "off"):
+        raise ValueError(f"bf16 must be auto, on or off, got {bf16!r}")
+    enabled = bf16 == "on" or (bf16 == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@contextlib.contextmanager
+def full_precision():
+    """Leave every active autocast region (CPU and CUDA): the code inside runs in its tensors' own dtype."""
+    with contextlib.ExitStack() as stack:
+        for device_type in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
 
 
 def episode_seeds(seed: int, stream: int, step: int, indices) -> list[int]:
@@ -143,25 +175,28 @@ def episode_seeds(seed: int, stream: int, step: int, indices) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 # torch.distributed: `torchrun --nproc_per_node N script.py` runs N copies of a script, one per device
 # ----------------------------------------------------------------------------------------------
-def init_distributed(use_cuda: bool) -> tuple[int, int, torch.device]:
+def init_distributed(use_cuda: bool, timeout: datetime.timedelta = datetime.timedelta(minutes=30)
+                     ) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun (which sets WORLD_SIZE, RANK, LOCAL_RANK) join the
     process group, NCCL between GPUs and gloo between CPU processes; plain `python` gives (0, 1, device).
 
     Every rank uses the same seed: the global batch is drawn identically everywhere and each rank takes
     its slice, models start identical, and sampling is seeded per episode (`episode_seeds`). Only rank 0
-    prints and writes; other ranks' `print` is silenced here."""
+    prints and writes; other ranks' `print` is silenced here. `timeout` bounds every collective's wait (NCCL's
+    own default is 10 minutes); it must exceed the longest time one rank works while another waits."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return 0, 1, pick_device(use_cuda)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda and torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
+        torch.set_float32_matmul_precision("high")  # as pick_device
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         importlib.import_module("torch._dynamo")  # before the group exists: see close_distributed
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timeout)
     if rank != 0:
         import builtins
 
@@ -295,10 +330,11 @@ def close_distributed() -> None:
 # Checkpoints: everything `--resume` needs, written atomically by rank 0
 # ----------------------------------------------------------------------------------------------
 def rng_states() -> dict:
-    """Every global RNG this process draws from."""
+    """Every global RNG this process draws from: on CUDA only this rank's own device's generator, so a run
+    resumes with any number of visible GPUs."""
     states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        states["cuda_device"] = torch.cuda.get_rng_state()  # the current device (init_distributed sets it)
     return states
 
 
@@ -306,8 +342,8 @@ def restore_rng_states(states: dict) -> None:
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if "cuda_device" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda_device"])
 
 
 def save_checkpoint(run: "Run", state: dict) -> None:

@@ -23,3 +23,16 @@ def args_fields(path: str, class_name: str) -> list[tuple[str, bool]]:
             doc = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)
             out.append((node.target.id, doc and len(nxt.value.value.split()) >= 2))
     return out
+
+
+def scalars(run_root: str) -> dict[str, list[float]]:
+    """Every TensorBoard scalar of the single run directory under `run_root`, in step order."""
+    import glob
+    import os
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run_dir,) = glob.glob(os.path.join(run_root, "*"))
+    events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    return {key: [e.value for e in events.Scalars(key)] for key in events.Tags()["scalars"]}

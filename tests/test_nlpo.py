@@ -18,7 +18,7 @@ import ppo
 from common.models import entropy_of, frozen_copy, load_policy, logprobs_of
 from common.tasks import make_task
 
-from helpers import SENTIMENT_EVAL_KEYS
+from helpers import SENTIMENT_EVAL_KEYS, scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,16 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def task():
     return make_task("sentiment")
-
-
-def scalars(run_root: str) -> dict[str, list[float]]:
-    """Every TensorBoard scalar of the single run under `run_root`, in step order."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    (run_dir,) = glob.glob(os.path.join(run_root, "*"))
-    events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
-    events.Reload()
-    return {key: [e.value for e in events.Scalars(key)] for key in events.Tags()["scalars"]}
 
 
 # ----------------------------------------------------------------------------------------------
