@@ -96,7 +96,7 @@ class Args(CommonArgs):
     top_fraction: float = 1.0
     """train on the best fraction of episodes by return only; with --beta 0 this is %BC"""
     wordle_data: str = wordle.DEFAULT_DATA
-    """Wordle offline games: a per-turn mixture of scripted players `name=weight,...` (expert, random_consistent, random, wrong, repeat) or `branch[:player]`"""
+    """Wordle offline games: a per-move mixture of scripted players `name=weight,...` (expert, random_consistent, random, wrong, repeat), a per-game one `game:name=weight,...`, or `branch[:player]`"""
     wordle_games: int = 4096
     """number of offline Wordle games"""
     wordle_vocab: int = 200

@@ -1,25 +1,31 @@
-"""The Wordle results table of docs/ilql.md: scripted players, BC, %BC and ILQL on the same games.
+"""The Wordle table of docs/ilql.md: BC, %BC and ILQL on two offline datasets, several seeds, resumable.
 
-    python benchmarks/ilql_wordle.py                    # 1,000 evaluation games, seed 1
-    python benchmarks/ilql_wordle.py --games 1000 --seed 1 --output-dir runs/ilql_wordle
-    python benchmarks/ilql_wordle.py --reuse      # keep finished runs in --output-dir, train the rest
+    python benchmarks/ilql_wordle.py                                  # every dataset, method and seed
+    python benchmarks/ilql_wordle.py --datasets per_move --jobs 2    # two runs at a time, one thread each
+    python benchmarks/ilql_wordle.py --table-only --page             # the table from the JSON, into docs/ilql.md
 
-Trains BC (`--beta 0`), %BC (`--beta 0 --top-fraction 0.25`) and ILQL (defaults) with `ilql.py --task
-wordle` as subprocesses (side by side, one CPU thread each), plays the scripted players on the same
-hidden words, and prints a markdown table: mean return +- standard error, win rate, mean guesses.
+Each (dataset, method, seed) is one `ilql.py --task wordle` run in a subprocess. A finished run is recorded in
+`--results` (benchmarks/results/ilql_wordle.json) the moment it ends, with its final metrics and its evaluation
+curve, so an interrupted benchmark resumes where it stopped: a run already in the JSON is not trained again.
 
-Standard errors: the hidden words cycle through the words in play (200 by default), so a deterministic
-player (the expert, any greedy decoding) plays each distinct game several times with the same result;
-its standard error divides by the number of distinct games, not by the number played. The random
-players' repeated games are independent draws and divide by the number played.
+Datasets (docs/ilql.md, "The Wordle task"): `per_move` draws the player of every move (expert or repeat, 50/50),
+so bad moves sit in every game; `per_game` draws one player per game, so filtering the best games removes every
+bad move. Methods: `bc` (`--beta 0`), `pct_bc_F` (`--beta 0 --top-fraction F/100`) and `ilql` (the defaults).
+
+The records the table is built from (`records` in the JSON): one per dataset and method, with the mean over seeds
+of each run's final return and its standard error over seeds (`return_se`), win, repeat and non-word rates, plus
+the scripted expert on the same games and each dataset's own mean return. Greedy decoding and the expert are
+deterministic, so the evaluation plays each of the words in play once (`--eval-episodes`, 200).
 """
 
 import argparse
 import json
 import os
 import random
+import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -28,68 +34,150 @@ sys.path.insert(0, ROOT)
 
 from common import wordle  # noqa: E402
 
-METHODS = {"BC": ["--beta", "0"], "%BC (best 25% of games)": ["--beta", "0", "--top-fraction", "0.25"], "ILQL": []}
+DATASETS = {"per_move": "expert=0.5,repeat=0.5", "per_game": "game:expert=0.5,repeat=0.5"}
+METHODS = {"bc": ["--beta", "0"], "pct_bc_10": ["--beta", "0", "--top-fraction", "0.1"],
+           "pct_bc_25": ["--beta", "0", "--top-fraction", "0.25"],
+           "pct_bc_50": ["--beta", "0", "--top-fraction", "0.5"], "ilql": []}
+METRICS = ("return_mean", "win_rate", "mean_guesses", "repeat_rate", "nonword_rate")
+DOC = os.path.join(ROOT, "docs", "ilql.md")
+START, END = "<!-- ilql_wordle table: start -->", "<!-- ilql_wordle table: end -->"
 
 
-def row(name: str, metrics: dict, n_se: int) -> str:
-    se = metrics["eval/return_std"] / np.sqrt(n_se)
-    return (f"| {name} | {metrics['eval/return_mean']:+.3f} +- {se:.3f} | {metrics['eval/win_rate']:.3f} "
-            f"| {metrics['eval/mean_guesses']:.2f} |")
+def load(path: str) -> dict:
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {"runs": {}, "records": []}
+
+
+def save(path: str, results: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)  # a benchmark killed while writing keeps the previous file
+
+
+def command(dataset: str, method: str, seed: int, opts) -> list[str]:
+    return [sys.executable, os.path.join(ROOT, "ilql.py"), "--task", "wordle", "--seed", str(seed),
+            "--wordle-data", DATASETS[dataset], "--wordle-vocab", str(opts.vocab), "--total-steps", str(opts.steps),
+            "--eval-every", str(opts.eval_every), "--eval-episodes", str(opts.eval_episodes),
+            "--print-every", str(opts.eval_every), "--exp-name", f"{dataset}_{method}_{seed}", "--no-save-model",
+            "--output-dir", os.path.join(opts.output_dir, f"{dataset}_{method}_{seed}"), *METHODS[method], *opts.extra]
+
+
+def finished_run(dataset: str, method: str, seed: int, opts, log_path: str, seconds: float) -> dict:
+    """The record of a finished run: its final metrics, and the curve from its evaluation lines."""
+    out_dir = os.path.join(opts.output_dir, f"{dataset}_{method}_{seed}")
+    (run_dir,) = [d for d in os.listdir(out_dir) if os.path.exists(os.path.join(out_dir, d, "summary.json"))]
+    with open(os.path.join(out_dir, run_dir, "summary.json")) as f:
+        final = json.load(f)["final"]
+    with open(log_path) as f:
+        curve = [[int(s), float(r)] for s, r in re.findall(r"eval @ step (\d+): return ([-+.\d]+)", f.read())]
+    return {"dataset": dataset, "method": method, "seed": seed, "steps": opts.steps, "seconds": round(seconds),
+            **{m: final[f"eval/{m}"] for m in METRICS}, "curve": curve}
+
+
+def train(opts, results: dict) -> None:
+    todo = [(d, m, s) for d in opts.datasets for m in opts.methods for s in opts.seeds
+            if f"{d}/{m}/{s}" not in results["runs"]]
+    running: dict = {}
+    os.makedirs(opts.output_dir, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(opts.threads)}
+    while todo or running:
+        while todo and len(running) < opts.jobs:
+            dataset, method, seed = todo.pop(0)
+            log_path = os.path.join(opts.output_dir, f"{dataset}_{method}_{seed}.log")
+            cmd = command(dataset, method, seed, opts)
+            print(" ".join(cmd[1:]), flush=True)
+            with open(log_path, "w") as log:
+                proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+            running[proc] = (dataset, method, seed, log_path, time.time())
+        time.sleep(5)
+        for proc in [p for p in running if p.poll() is not None]:
+            dataset, method, seed, log_path, started = running.pop(proc)
+            if proc.returncode != 0:
+                raise SystemExit(f"error: {dataset}/{method}/seed {seed} failed; see {log_path}")
+            record = finished_run(dataset, method, seed, opts, log_path, time.time() - started)
+            results["runs"][f"{dataset}/{method}/{seed}"] = record
+            save(opts.results, results)
+            print(f"{dataset}/{method}/seed {seed}: return {record['return_mean']:+.3f} in {record['seconds']} s",
+                  flush=True)
+
+
+def aggregate(opts, results: dict) -> list[dict]:
+    """One record per dataset and method over the runs in the JSON, plus the expert and the datasets' own."""
+    wordle.use_words(opts.vocab)
+    games = wordle.play(wordle.eval_answers(opts.eval_episodes),
+                        lambda gs: [wordle.expert(g, random.Random(0)) for g in gs])
+    expert = wordle.game_metrics(games)
+    records = [{"dataset": "-", "method": "expert", "seeds": [], "steps": 0, "return_se": 0.0,
+                **{m: expert[f"eval/{m}"] for m in METRICS}}]
+    for dataset, spec in DATASETS.items():
+        data = wordle.game_metrics(wordle.offline_games(spec, 4096, 1))
+        records.append({"dataset": dataset, "method": "data", "seeds": [1], "steps": 0,
+                        "return_se": data["eval/return_std"] / np.sqrt(4096), **{m: data[f"eval/{m}"] for m in METRICS}})
+        for method in METHODS:
+            runs = [r for r in results["runs"].values() if r["dataset"] == dataset and r["method"] == method]
+            if not runs:
+                continue
+            returns = np.array([r["return_mean"] for r in runs])
+            se = float(returns.std(ddof=1) / np.sqrt(len(runs))) if len(runs) > 1 else float("nan")
+            records.append({"dataset": dataset, "method": method, "seeds": sorted(r["seed"] for r in runs),
+                            "steps": runs[0]["steps"], "return_se": se,
+                            **{m: float(np.mean([r[m] for r in runs])) for m in METRICS},
+                            "seconds_per_run": float(np.mean([r["seconds"] for r in runs]))})
+    return records
+
+
+def table(records: list[dict]) -> str:
+    lines = ["| dataset | method | return (mean +- s.e. over seeds) | win rate | repeat rate | non-word rate | "
+             "seeds | steps | CPU s per run |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        seconds = f"{r['seconds_per_run']:.0f}" if "seconds_per_run" in r else "-"
+        lines.append(f"| {r['dataset']} | {r['method']} | {r['return_mean']:+.3f} +- {r['return_se']:.3f} | "
+                     f"{r['win_rate']:.3f} | {r['repeat_rate']:.3f} | {r['nonword_rate']:.3f} | "
+                     f"{','.join(map(str, r['seeds'])) or '-'} | {r['steps'] or '-'} | {seconds} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--games", type=int, default=1000, help="evaluation games per method")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--steps", type=int, default=12000, help="gradient steps of every run (the same for all)")
+    parser.add_argument("--eval-every", type=int, default=1000, help="steps between evaluations (the curves)")
+    parser.add_argument("--eval-episodes", type=int, default=200, help="evaluation games: each word in play once")
     parser.add_argument("--vocab", type=int, default=200, help="words in play (ilql.py --wordle-vocab)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per run (OMP_NUM_THREADS)")
     parser.add_argument("--output-dir", default=os.path.join(ROOT, "runs", "ilql_wordle"))
-    parser.add_argument("--reuse", action="store_true", help="keep a method's finished run in --output-dir instead of retraining it")
-    parser.add_argument("extra", nargs="*", help="more ilql.py flags for every trained method, after --")
+    parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "ilql_wordle.json"))
+    parser.add_argument("--table-only", action="store_true", help="train nothing: the table from the JSON")
+    parser.add_argument("--page", nargs="?", const=DOC, default=None,
+                        help=f"write the table into this page's marked region (default {os.path.relpath(DOC, ROOT)})")
+    parser.add_argument("extra", nargs="*", help="more ilql.py flags for every run, after --")
     opts = parser.parse_args()
 
-    procs = {}
-    for name, flags in METHODS.items():
-        exp = {"BC": "bc", "ILQL": "ilql"}.get(name, "pct_bc")
-        done = os.path.join(opts.output_dir, exp)
-        if opts.reuse and os.path.isdir(done) and any(os.path.exists(os.path.join(done, d, "summary.json"))
-                                                     for d in os.listdir(done)):
-            print(f"reusing {done}", flush=True)
-            procs[name] = (None, exp)
-            continue
-        cmd = [sys.executable, os.path.join(ROOT, "ilql.py"), "--task", "wordle", "--seed", str(opts.seed),
-               "--exp-name", exp, "--eval-episodes", str(opts.games), "--wordle-vocab", str(opts.vocab),
-               "--output-dir", os.path.join(opts.output_dir, exp), "--no-save-model", *flags, *opts.extra]
-        print(" ".join(cmd[1:]), flush=True)
-        os.makedirs(opts.output_dir, exist_ok=True)
-        log = open(os.path.join(opts.output_dir, f"{exp}.log"), "w")
-        procs[name] = (subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "OMP_NUM_THREADS": "1"}), exp)
+    results = load(opts.results)
+    if not opts.table_only:
+        train(opts, results)
+    results["records"] = aggregate(opts, results)
+    save(opts.results, results)
+    text = table(results["records"])
+    print(text)
+    if opts.page:
+        write_region(opts.page, text)
 
-    wordle.use_words(opts.vocab)
-    answers = wordle.eval_answers(opts.games)
-    distinct = len(set(answers))
-    lines = ["| method | return (mean +- s.e.) | win rate | mean guesses |", "|---|---|---|---|"]
-    data = wordle.offline_games(wordle.DEFAULT_DATA, 4096, opts.seed)  # what ilql.py trains on by default
-    returns = np.array([g.ret for g in data])
-    lines.append(f"| offline data ({wordle.DEFAULT_DATA}, {len(data)} games) | {returns.mean():+.3f} +- "
-                 f"{returns.std() / np.sqrt(len(data)):.3f} | {np.mean([g.solved for g in data]):.3f} "
-                 f"| {np.mean([len(g.guesses) for g in data]):.2f} |")
-    for name, deterministic in (("random", False), ("random_consistent", False)):
-        rng = random.Random(opts.seed)
-        games = wordle.play(answers, lambda gs: [wordle.PLAYERS[name](g, rng) for g in gs])
-        lines.append(row(f"scripted: {name}", wordle.game_metrics(games), opts.games))
-    for name, (proc, exp) in procs.items():
-        if proc is not None and proc.wait() != 0:
-            raise SystemExit(f"{name} failed; see {os.path.join(opts.output_dir, exp + '.log')}")
-        (run_dir,) = os.listdir(os.path.join(opts.output_dir, exp))
-        with open(os.path.join(opts.output_dir, exp, run_dir, "summary.json")) as f:
-            lines.append(row(name, json.load(f)["final"], distinct))
-    rng = random.Random(opts.seed)
-    games = wordle.play(answers, lambda gs: [wordle.expert(g, rng) for g in gs])
-    lines.append(row("scripted: expert (ceiling)", wordle.game_metrics(games), distinct))
-    print(f"\n{opts.games} games over {distinct} distinct hidden words ({opts.vocab} in play), seed {opts.seed}")
-    print("\n".join(lines))
 
+def write_region(page: str, text: str) -> None:
+    """Replace the marked table region of `page` (a new page is just the region)."""
+    doc = open(page).read() if os.path.exists(page) else f"{START}\n{END}\n"
+    if START not in doc or END not in doc:
+        raise SystemExit(f"error: {page} has no {START} ... {END} region")
+    head, rest = doc.split(START, 1)
+    with open(page, "w") as f:
+        f.write(head + START + "\n" + text + "\n" + END + rest.split(END, 1)[1])
 
 if __name__ == "__main__":
     main()

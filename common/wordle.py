@@ -247,7 +247,8 @@ def play(answers: Sequence[str], guess_fn: Callable[[list[Game]], list[str]]) ->
 
 def game_metrics(games: Sequence[Game]) -> dict[str, float]:
     """The eval/* metrics of a set of finished games. `mean_guesses` counts a lost game's 6 guesses;
-    `nonword_rate` is the fraction of guesses that are not on the word list (legal, but wasted)."""
+    `nonword_rate` is the fraction of guesses that are not on the word list (legal, but wasted);
+    `repeat_rate` the fraction that repeat an earlier guess of the same game (the `repeat` player's move)."""
     returns = np.array([g.ret for g in games])
     guesses = [w for g in games for w in g.guesses]
     index = word_index()
@@ -256,6 +257,7 @@ def game_metrics(games: Sequence[Game]) -> dict[str, float]:
         "eval/win_rate": float(np.mean([g.solved for g in games])),
         "eval/mean_guesses": float(np.mean([len(g.guesses) for g in games])),
         "eval/nonword_rate": float(np.mean([w not in index for w in guesses])),
+        "eval/repeat_rate": float(np.mean([w in g.guesses[:i] for g in games for i, w in enumerate(g.guesses)])),
     }
 
 
@@ -375,7 +377,9 @@ def offline_games(spec: str, n_games: int, seed: int) -> list[Game]:
     """`n_games` finished games whose hidden words are uniform over the list, reproducible from `seed`.
 
     - `"expert=0.5,repeat=0.5"` (any players and weights): every turn of every game is played by one
-      of the players, drawn by weight (the original's 50/50 `noisy_wordle_iterable`).
+      of the players, drawn by weight (the original's 50/50 `noisy_wordle_iterable`): per move.
+    - `"game:expert=0.5,repeat=0.5"`: one player drawn by weight plays the whole game: per game, so every
+      bad move sits in a bad game and keeping the best games (%BC) removes them all.
     - `"branch"` / `"branch:<player>"`: expert games and, from every state of each, a branch where
       `<player>` (default `wrong`) makes one move and the expert finishes the game
       (`generate_data_branch.py` with `n_suboptimal: 1`); `n_games` counts all games, branches included.
@@ -398,6 +402,13 @@ def offline_games(spec: str, n_games: int, seed: int) -> list[Game]:
                 game.step(expert(game, rng))
             games += [game] + branches
         return games[:n_games]
+    if spec.startswith("game:"):
+        weights = parse_mixture(spec[len("game:"):])
+        names, probs = list(weights), list(weights.values())
+        for _ in range(n_games):
+            game = new_game(words[rng.randrange(len(words))])
+            games.append(_finish(game, PLAYERS[rng.choices(names, probs)[0]], rng))
+        return games
     player = mixture(spec)
     return [_finish(new_game(words[rng.randrange(len(words))]), player, rng) for _ in range(n_games)]
 

@@ -59,9 +59,12 @@ METHOD_COMMON = ["--no-save-model"]
 OTHER = {
     "benchmarks/ppo_step.py": lambda tmp: ["--steps", "1", "--repeats", "1"],
     "benchmarks/reward_lm_tabular.py": lambda tmp: ["--seeds", "1", "--budgets", "64:16"],
-    "benchmarks/ilql_wordle.py": lambda tmp: ["--games", "8", "--output-dir", os.path.join(tmp, "ilql_wordle"), "--",
-                                              "--total-steps", "2", "--batch-size", "4", "--eval-every", "2",
-                                              "--wordle-games", "64"],
+    "benchmarks/ilql_wordle.py": lambda tmp: ["--seeds", "1", "--datasets", "per_move", "--methods", "bc", "ilql",
+                                              "--steps", "2", "--eval-every", "2", "--eval-episodes", "8",
+                                              "--output-dir", os.path.join(tmp, "ilql_wordle"),
+                                              "--results", os.path.join(tmp, "ilql_wordle.json"),
+                                              "--page", os.path.join(tmp, "ilql.md"), "--",
+                                              "--batch-size", "4", "--wordle-games", "64"],
 }
 MODULES = {"common.wordle": ["20", "200"]}  # `python -m common.wordle [games] [words]`: positional, replaced
 BUILTIN_MODELS = ("tiny-gpt2", "tiny-t5")

@@ -290,7 +290,7 @@ def test_tiny_wordle_run_end_to_end(tmp_path):
     assert summary["script"] == "ilql.py" and summary["task"] == "wordle" and summary["target_syncs"] == 3
     for key in ("initial", "final", "best"):
         assert set(summary[key]) == {"eval/return_mean", "eval/return_std", "eval/win_rate", "eval/mean_guesses",
-                                     "eval/nonword_rate"}
+                                     "eval/nonword_rate", "eval/repeat_rate"}
     assert -6.0 <= summary["final"]["eval/return_mean"] <= 0.0
     scalars = _scalars(run_dir)
     assert [s for s, _ in scalars["eval/return_mean"]] == [0, 2, 3]

@@ -160,6 +160,7 @@ def test_expert_beats_random_players():
     assert expert["eval/return_mean"] > consistent["eval/return_mean"] + 4 * (se(expert) + se(consistent))
     assert consistent["eval/return_mean"] > rand["eval/return_mean"] + 2.5
     assert rand["eval/return_mean"] < -5.8 and expert["eval/nonword_rate"] == 0.0
+    assert expert["eval/repeat_rate"] == 0.0 and _play(wordle.repeat, 50)["eval/repeat_rate"] > 0.5
 
 
 def test_players_keep_their_definitions():
@@ -200,9 +201,22 @@ def test_branch_dataset_branches_off_expert_games():
     main_games = [g for g in games
                   if all(wordle.expert(_prefix(g, k), rng) == g.guesses[k] for k in range(len(g.guesses)))]
     assert main_games, "some games are pure expert games"
+    off_moves = []
     for game in games:  # every game is an expert game except for at most one move
         off = [k for k in range(len(game.guesses)) if wordle.expert(_prefix(game, k), rng) != game.guesses[k]]
         assert len(off) <= 1
+        off_moves.append(len(off))
+    # and the branches are really there: one per state of each expert game (a `wrong` move is never the expert's)
+    assert sum(off_moves) == len(games) - len(main_games) > len(main_games)
+
+
+def test_per_game_dataset_gives_each_game_one_player():
+    games = wordle.offline_games("game:expert=0.5,repeat=0.5", 200, seed=0)
+    rng = random.Random(0)
+    is_expert = [all(wordle.expert(_prefix(g, k), rng) == g.guesses[k] for k in range(len(g.guesses))) for g in games]
+    repeats = [any(w in g.guesses[:i] for i, w in enumerate(g.guesses)) for g in games]
+    assert all(e != r for e, r in zip(is_expert, repeats)), "a game is all expert moves or a repeat player's game"
+    assert 70 < sum(is_expert) < 130 and all(g.solved for g, e in zip(games, is_expert) if e)
 
 
 def _prefix(game, k):
