@@ -73,7 +73,8 @@ def finished_run(dataset: str, method: str, seed: int, opts, log_path: str, seco
         final = json.load(f)["final"]
     with open(log_path) as f:
         curve = [[int(s), float(r)] for s, r in re.findall(r"eval @ step (\d+): return ([-+.\d]+)", f.read())]
-    return {"dataset": dataset, "method": method, "seed": seed, "steps": opts.steps, "seconds": round(seconds),
+    return {"dataset": dataset, "method": method, "seed": seed, "steps": opts.steps, "flags": opts.extra,
+            "seconds": round(seconds),
             **{m: final[f"eval/{m}"] for m in METRICS}, "curve": curve}
 
 
