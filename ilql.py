@@ -87,6 +87,8 @@ class Args(CommonArgs):
     """inference weight of the advantage in the decoding logits; 0 decodes pi_beta alone (BC) (original Wordle: 16; trlX: 1)"""
     top_k: int = 0
     """keep only the k most likely tokens of pi_beta before adding the advantage; 0 keeps all (original Wordle: none; trlX: 20)"""
+    eval_betas: tuple[float, ...] = ()
+    """after training, evaluate the same trained networks at each of these inference betas too (no retraining); in summary.json `beta_sweep`"""
     adv_clip: Optional[float] = None
     """clip beta * advantage from above at this value; None: the task's choice (Wordle 0.0, the original's: the advantage only vetoes tokens; elsewhere no clip, `inf`)"""
     greedy: Optional[bool] = None
@@ -223,10 +225,10 @@ class ILQLLogitsProcessor(LogitsProcessor):
     the heads cost no extra transformer pass. Separate trunk: the value transformer runs alongside with
     its own KV cache, fed only the new tokens each step. Use as a context manager (removes the hook)."""
 
-    def __init__(self, policy: Policy, heads: ValueHeads, value_trunk: Optional[Policy], context_mask, args: "Args",
-                 adv_clip: Optional[float] = None):
-        self.heads, self.value_trunk, self.mask, self.args = heads, value_trunk, context_mask, args
-        self.adv_clip = adv_clip
+    def __init__(self, policy: Policy, heads: ValueHeads, value_trunk: Optional[Policy], context_mask, beta: float,
+                 top_k: int = 0, adv_clip: Optional[float] = None, temperature: float = 1.0):
+        self.heads, self.value_trunk, self.mask = heads, value_trunk, context_mask
+        self.beta, self.top_k, self.adv_clip, self.temperature = beta, top_k, adv_clip, temperature
         self.seen, self.past, self.hidden = 0, None, None
         self.hook = None if value_trunk else policy.model.base_model.register_forward_hook(self._keep_hidden)
 
@@ -250,8 +252,7 @@ class ILQLLogitsProcessor(LogitsProcessor):
                 position_ids=(mask.cumsum(1) - 1).clamp(min=0)[:, self.seen:])
             self.seen, self.past, self.hidden = input_ids.shape[1], out.past_key_values, out.last_hidden_state[:, -1]
         _, v, target_q = self.heads(self.hidden)
-        a = self.args
-        return perturbed_logits(scores, target_q, v, a.beta, a.top_k, self.adv_clip, a.temperature)
+        return perturbed_logits(scores, target_q, v, self.beta, self.top_k, self.adv_clip, self.temperature)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,38 +373,39 @@ def main(args: Args) -> dict:
         restore_rng_states(checkpoint["rng"][rank])
         print(f"resumed {run.dir} after step {checkpoint['step']}", flush=True)
 
-    def generate(context, mask, max_new: int, min_new: int, extra: list, seeds: list[int]):
+    def generate(context, mask, max_new: int, min_new: int, extra: list, seeds: list[int], beta: float):
         """pi_beta's cached generation; with beta > 0 its logits go through the ILQL processor. When
         sampling, each row draws from its own seed, so the text does not depend on batch or process."""
-        if args.beta == 0:  # pi_beta alone, with the same temperature and top-k the ILQL processor applies
+        if beta == 0:  # pi_beta alone, with the same temperature and top-k the ILQL processor applies
             with autocast:
                 return policy.generate(context, mask, max_new, min_new, do_sample=not greedy, logits_processor=extra,
                                        temperature=args.temperature, top_k=args.top_k, seeds=seeds)
-        with ILQLLogitsProcessor(policy, heads, value_trunk, mask, args, adv_clip) as ilql, autocast:
+        ilql = ILQLLogitsProcessor(policy, heads, value_trunk, mask, beta, args.top_k, adv_clip, args.temperature)
+        with ilql, autocast:
             return policy.generate(context, mask, max_new, min_new, do_sample=not greedy,
                                    logits_processor=extra + [ilql], seeds=seeds)
 
-    def deployed_logits(input_ids, attention_mask, start: int) -> torch.Tensor:
+    def deployed_logits(input_ids, attention_mask, start: int, beta: float) -> torch.Tensor:
         """The ILQL policy's logits teacher-forced over a whole batch, for eval/perplexity: log pi_beta +
         beta * (Q_target - V), clipped as at decoding. Like every script's perplexity it is the model's
         distribution at temperature 1 without top-k (GRUE scores the model, not the decoding settings)."""
         logits, hidden = policy(input_ids, attention_mask, start)
-        if heads is None:  # beta = 0 (BC, %BC): pi_beta itself
+        if heads is None or beta == 0:  # BC, %BC: pi_beta itself
             return logits
         if value_trunk is not None:
             _, hidden = value_trunk(input_ids, attention_mask, start, with_logits=False)
         _, v, target_q = heads(hidden)
-        return perturbed_logits(logits, target_q, v, args.beta, 0, adv_clip, 1.0)
+        return perturbed_logits(logits, target_q, v, beta, 0, adv_clip, 1.0)
 
-    def wordle_guesses(games: list, index: dict) -> list[str]:
+    def wordle_guesses(games: list, index: dict, beta: float) -> list[str]:
         """One guess per unfinished game, batched: every context has the same length (same turn)."""
         context = torch.tensor([[wordle.TOKEN_ID[t] for t in g.tokens()] for g in games], device=device)
         mask = torch.ones_like(context)
         seeds = episode_seeds(args.seed, 1, len(games[0].guesses), [index[id(g)] for g in games])
-        ids, _ = generate(context, mask, 6, 0, [wordle.GuessGrammar(context.shape[1])], seeds)
+        ids, _ = generate(context, mask, 6, 0, [wordle.GuessGrammar(context.shape[1])], seeds, beta)
         return ["".join(wordle.VOCAB[i] for i in row[:5]) for row in ids.tolist()]
 
-    def play_eval_games() -> list:
+    def play_eval_games(beta: float) -> list:
         """The evaluation games, each rank playing its share; every rank gets all of them back."""
         answers = wordle.eval_answers(args.eval_episodes)
         mine = rank_share(len(answers))
@@ -413,30 +415,34 @@ def main(args: Args) -> dict:
         def guess_fn(active):
             if not index:  # the first turn: every game is still active, in order
                 index.update({id(g): first + i for i, g in enumerate(active)})
-            return wordle_guesses(active, index)
+            return wordle_guesses(active, index, beta)
 
         games = wordle.play(answers[mine.start:mine.stop], guess_fn)
         return [g for part in all_gather_objects(games) for g in part]
 
-    def run_eval(step: int) -> dict:
-        """The deployed decoding on held-out prompts or on the evaluation games, shared among the ranks;
-        sampling (if any) uses the same per-episode seeds at every evaluation."""
+    def deployed_eval(beta: float) -> tuple[dict, list]:
+        """Metrics and samples of the decoding at `beta` on held-out prompts or on the evaluation games,
+        shared among the ranks; sampling (if any) uses the same per-episode seeds at every evaluation."""
         if is_wordle:
-            games = play_eval_games()
-            metrics = wordle.game_metrics(games)
-            samples = [(g.answer, g.text(), g.ret) for g in games]
-        else:
-            def generate_fn(prompts, indices):
-                ids, mask = policy.encode_prompts(prompts, task.max_prompt_tokens, device)
-                return policy.decode(*generate(ids, mask, task.max_new_tokens, task.min_new_tokens, [],
-                                               episode_seeds(args.seed, 1, 0, indices)))
+            games = play_eval_games(beta)
+            return wordle.game_metrics(games), [(g.answer, g.text(), g.ret) for g in games]
 
-            # perplexity under the policy deployed (pi_beta perturbed by the heads), ref_nll of its samples
-            # under the --model-name model as loaded
-            deployed = SimpleNamespace(tokenizer=policy.tokenizer,
-                                       text_nll=functools.partial(policy.text_nll, logits_fn=deployed_logits))
-            metrics, samples = evaluate(task, generate_fn, args.eval_episodes, args.batch_size, policy=deployed,
-                                        start_model=start_model, response_length=task.max_new_tokens)
+        def generate_fn(prompts, indices):
+            ids, mask = policy.encode_prompts(prompts, task.max_prompt_tokens, device)
+            return policy.decode(*generate(ids, mask, task.max_new_tokens, task.min_new_tokens, [],
+                                           episode_seeds(args.seed, 1, 0, indices), beta))
+
+        # perplexity under the policy deployed (pi_beta perturbed by the heads), ref_nll of its samples
+        # under the --model-name model as loaded
+        logits_fn = functools.partial(deployed_logits, beta=beta)
+        deployed = SimpleNamespace(tokenizer=policy.tokenizer,
+                                   text_nll=functools.partial(policy.text_nll, logits_fn=logits_fn))
+        return evaluate(task, generate_fn, args.eval_episodes, args.batch_size, policy=deployed,
+                        start_model=start_model, response_length=task.max_new_tokens)
+
+    def run_eval(step: int) -> dict:
+        """The deployed decoding (--beta), logged."""
+        metrics, samples = deployed_eval(args.beta)
         run.log_eval(metrics, samples, step)
         extra = f" | win rate {metrics['eval/win_rate']:.3f}" if is_wordle else ""
         print(f"eval @ step {step}: {eval_line(metrics)}{extra}", flush=True)
@@ -563,13 +569,19 @@ def main(args: Args) -> dict:
 
     # TRY NOT TO MODIFY: final evaluation, model, summary
     run_eval(step)
+    beta_sweep = {}
+    for beta in args.eval_betas if heads is not None else []:  # the trained networks decoded at other betas
+        beta_sweep[str(beta)] = metrics = deployed_eval(beta)[0]
+        games = f" | win rate {metrics['eval/win_rate']:.3f} | repeat rate {metrics['eval/repeat_rate']:.3f}" \
+            if is_wordle else ""
+        print(f"beta {beta:g}: {eval_line(metrics)}{games}", flush=True)
     if args.save_model and run.is_main:
         policy.model.save_pretrained(os.path.join(run.dir, "model"))  # pi_beta: plain AutoModelForCausalLM
         policy.tokenizer.save_pretrained(os.path.join(run.dir, "model"))
         if learn_values:  # the heads (and value trunk), needed to decode with beta > 0
             torch.save({"heads": heads.state_dict(), "value_trunk": value_trunk.state_dict() if value_trunk else None},
                        os.path.join(run.dir, "ilql_heads.pt"))
-    summary = run.write_summary({"steps": step, "target_syncs": syncs})
+    summary = run.write_summary({"steps": step, "target_syncs": syncs, "beta_sweep": beta_sweep})
     run.close()
     close_distributed()
     print(f"initial eval/return_mean {summary['initial']['eval/return_mean']:+.3f} -> final "

@@ -193,14 +193,13 @@ def test_perturbed_logits_inside_cached_generation(shared_trunk):
     for p in [*heads.target_q_heads.parameters(), *heads.v_head.parameters()]:  # as mid-training: targets
         p.data.normal_(0, 0.5)                                                # differ from the heads, V != 0
     trunk = None if shared_trunk else ilql.frozen_copy(wordle.char_policy(seed=1, n_layer=2, n_embd=32))
-    args = ilql.Args(beta=4.0, top_k=20)
     games = [wordle.new_game(w) for w in ("slate", "crane", "pious")]
     for g, guess in zip(games, ("trace", "trace", "lemon")):
         g.step(guess)
     context = torch.tensor([[wordle.TOKEN_ID[t] for t in g.tokens()] for g in games])
     mask = torch.ones_like(context)
     seen = []
-    with ilql.ILQLLogitsProcessor(policy, heads, trunk, mask, args) as processor:
+    with ilql.ILQLLogitsProcessor(policy, heads, trunk, mask, beta=4.0, top_k=20) as processor:
         record = lambda ids, scores: seen.append(processor(ids, scores)) or seen[-1]
         ids, _ = policy.generate(context, mask, 6, do_sample=False,
                                  logits_processor=[wordle.GuessGrammar(context.shape[1]), record])
@@ -278,7 +277,7 @@ TINY_WORDLE = ["--task", "wordle", "--wordle-games", "64", "--wordle-width", "32
 
 def test_tiny_wordle_run_end_to_end(tmp_path):
     cmd = [sys.executable, "ilql.py", *TINY_WORDLE, "--total-steps", "3", "--eval-every", "2",
-           "--output-dir", str(tmp_path)]
+           "--eval-betas", "16", "0", "--output-dir", str(tmp_path)]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
@@ -288,6 +287,8 @@ def test_tiny_wordle_run_end_to_end(tmp_path):
     run_dir = tmp_path / run_name
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["script"] == "ilql.py" and summary["task"] == "wordle" and summary["target_syncs"] == 3
+    # the beta sweep re-decodes the same networks: at the trained --beta (16) it is the final evaluation
+    assert set(summary["beta_sweep"]) == {"16.0", "0.0"} and summary["beta_sweep"]["16.0"] == summary["final"]
     for key in ("initial", "final", "best"):
         assert set(summary[key]) == {"eval/return_mean", "eval/return_std", "eval/win_rate", "eval/mean_guesses",
                                      "eval/nonword_rate", "eval/repeat_rate"}
