@@ -35,9 +35,9 @@ sys.path.insert(0, ROOT)
 from common import wordle  # noqa: E402
 
 DATASETS = {"per_move": "expert=0.5,repeat=0.5", "per_game": "game:expert=0.5,repeat=0.5"}
-METHODS = {"bc": ["--beta", "0"], "pct_bc_10": ["--beta", "0", "--top-fraction", "0.1"],
+METHODS = {"ilql": [], "bc": ["--beta", "0"], "pct_bc_10": ["--beta", "0", "--top-fraction", "0.1"],
            "pct_bc_25": ["--beta", "0", "--top-fraction", "0.25"],
-           "pct_bc_50": ["--beta", "0", "--top-fraction", "0.5"], "ilql": []}
+           "pct_bc_50": ["--beta", "0", "--top-fraction", "0.5"]}
 METRICS = ("return_mean", "win_rate", "mean_guesses", "repeat_rate", "nonword_rate")
 DOC = os.path.join(ROOT, "docs", "ilql.md")
 START, END = "<!-- ilql_wordle table: start -->", "<!-- ilql_wordle table: end -->"
@@ -79,7 +79,7 @@ def finished_run(dataset: str, method: str, seed: int, opts, log_path: str, seco
 
 
 def train(opts, results: dict) -> None:
-    todo = [(d, m, s) for d in opts.datasets for m in opts.methods for s in opts.seeds
+    todo = [(d, m, s) for s in opts.seeds for d in opts.datasets for m in opts.methods  # whole seeds first
             if f"{d}/{m}/{s}" not in results["runs"]]
     running: dict = {}
     os.makedirs(opts.output_dir, exist_ok=True)
