@@ -397,15 +397,17 @@ def main(args: Args) -> dict:
         _, v, target_q = heads(hidden)
         return perturbed_logits(logits, target_q, v, beta, 0, adv_clip, 1.0)
 
-    def wordle_guesses(games: list, index: dict, beta: float) -> list[str]:
+    def wordle_guesses(games: list, index: dict, beta: float, no_repeat: bool) -> list[str]:
         """One guess per unfinished game, batched: every context has the same length (same turn)."""
         context = torch.tensor([[wordle.TOKEN_ID[t] for t in g.tokens()] for g in games], device=device)
         mask = torch.ones_like(context)
         seeds = episode_seeds(args.seed, 1, len(games[0].guesses), [index[id(g)] for g in games])
-        ids, _ = generate(context, mask, 6, 0, [wordle.GuessGrammar(context.shape[1])], seeds, beta)
+        rules = [wordle.GuessGrammar(context.shape[1])]
+        rules += [wordle.NoRepeat(context.shape[1], [g.guesses for g in games])] if no_repeat else []
+        ids, _ = generate(context, mask, 6, 0, rules, seeds, beta)
         return ["".join(wordle.VOCAB[i] for i in row[:5]) for row in ids.tolist()]
 
-    def play_eval_games(beta: float) -> list:
+    def play_eval_games(beta: float, no_repeat: bool = False) -> list:
         """The evaluation games, each rank playing its share; every rank gets all of them back."""
         answers = wordle.eval_answers(args.eval_episodes)
         mine = rank_share(len(answers))
@@ -415,7 +417,7 @@ def main(args: Args) -> dict:
         def guess_fn(active):
             if not index:  # the first turn: every game is still active, in order
                 index.update({id(g): first + i for i, g in enumerate(active)})
-            return wordle_guesses(active, index, beta)
+            return wordle_guesses(active, index, beta, no_repeat)
 
         games = wordle.play(answers[mine.start:mine.stop], guess_fn)
         return [g for part in all_gather_objects(games) for g in part]
@@ -575,13 +577,19 @@ def main(args: Args) -> dict:
         games = f" | win rate {metrics['eval/win_rate']:.3f} | repeat rate {metrics['eval/repeat_rate']:.3f}" \
             if is_wordle else ""
         print(f"beta {beta:g}: {eval_line(metrics)}{games}", flush=True)
+    oracle = {}
+    if is_wordle:  # diagnosis: pi_beta with repeats forbidden, the ceiling of vetoing pi_beta's repeats
+        oracle = wordle.game_metrics(play_eval_games(0.0, no_repeat=True))
+        print(f"pi_beta without repeats (oracle): {eval_line(oracle)} | win rate {oracle['eval/win_rate']:.3f}",
+              flush=True)
     if args.save_model and run.is_main:
         policy.model.save_pretrained(os.path.join(run.dir, "model"))  # pi_beta: plain AutoModelForCausalLM
         policy.tokenizer.save_pretrained(os.path.join(run.dir, "model"))
         if learn_values:  # the heads (and value trunk), needed to decode with beta > 0
             torch.save({"heads": heads.state_dict(), "value_trunk": value_trunk.state_dict() if value_trunk else None},
                        os.path.join(run.dir, "ilql_heads.pt"))
-    summary = run.write_summary({"steps": step, "target_syncs": syncs, "beta_sweep": beta_sweep})
+    summary = run.write_summary({"steps": step, "target_syncs": syncs, "beta_sweep": beta_sweep,
+                                 "no_repeat_oracle": oracle})
     run.close()
     close_distributed()
     print(f"initial eval/return_mean {summary['initial']['eval/return_mean']:+.3f} -> final "

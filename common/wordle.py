@@ -466,6 +466,26 @@ class GuessGrammar:
         return scores.masked_fill(~allowed, float("-inf"))
 
 
+class NoRepeat:
+    """An oracle for diagnosis, after `GuessGrammar`: forbids the 5th letter that would complete one of the
+    row's earlier guesses (`earlier[i]` for row i), so a guess is never repeated. Decoding `pi_beta` with it is
+    the best a policy that can only veto moves of `pi_beta` could do about repeats (docs/ilql.md)."""
+
+    def __init__(self, context_len: int, earlier: Sequence[Sequence[str]]):
+        self.context_len, self.earlier = context_len, earlier
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] - self.context_len != 4:  # only the last letter decides a repeat
+            return scores
+        scores = scores.clone()
+        for row, (ids, guesses) in enumerate(zip(input_ids[:, self.context_len:].tolist(), self.earlier)):
+            prefix = "".join(VOCAB[i] for i in ids)
+            for guess in guesses:
+                if guess[:4] == prefix:
+                    scores[row, TOKEN_ID[guess[4]]] = float("-inf")
+        return scores
+
+
 # ----------------------------------------------------------------------------------------------
 # The task entry (common/tasks.py registers it as "wordle")
 # ----------------------------------------------------------------------------------------------

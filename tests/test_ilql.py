@@ -289,6 +289,7 @@ def test_tiny_wordle_run_end_to_end(tmp_path):
     assert summary["script"] == "ilql.py" and summary["task"] == "wordle" and summary["target_syncs"] == 3
     # the beta sweep re-decodes the same networks: at the trained --beta (16) it is the final evaluation
     assert set(summary["beta_sweep"]) == {"16.0", "0.0"} and summary["beta_sweep"]["16.0"] == summary["final"]
+    assert summary["no_repeat_oracle"]["eval/repeat_rate"] == 0.0  # pi_beta with repeats forbidden
     for key in ("initial", "final", "best"):
         assert set(summary[key]) == {"eval/return_mean", "eval/return_std", "eval/win_rate", "eval/mean_guesses",
                                      "eval/nonword_rate", "eval/repeat_rate"}

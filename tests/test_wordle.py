@@ -263,3 +263,16 @@ def test_eval_games_and_task_entry():
     assert len(data) == 50 and {"text", "reward", "answer", "guesses"} <= set(data[0])
     with pytest.raises(ValueError, match="multi-turn"):
         task.score(["<a>"], ["crane"])
+
+
+def test_no_repeat_oracle_forbids_only_the_letter_that_completes_an_earlier_guess():
+    import torch
+
+    context = torch.zeros(2, 3, dtype=torch.long)  # two games; what the context holds does not matter here
+    typed = torch.tensor([[wordle.TOKEN_ID[c] for c in "cran"], [wordle.TOKEN_ID[c] for c in "slat"]])
+    scores = torch.zeros(2, len(wordle.VOCAB))
+    oracle = wordle.NoRepeat(3, [["crane", "cranx"], ["plate"]])
+    out = oracle(torch.cat([context, typed], 1), scores)
+    banned = [[wordle.VOCAB[i] for i in torch.nonzero(row == float("-inf")).flatten().tolist()] for row in out]
+    assert banned == [["e", "x"], []]  # row 0 may not finish either earlier guess; "slat?" repeats nothing
+    assert oracle(torch.cat([context, typed[:, :3]], 1), scores) is scores  # before the 5th letter: untouched
