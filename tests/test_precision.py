@@ -171,8 +171,9 @@ def test_process_group_timeout_and_tf32(monkeypatch):
         torch.set_float32_matmul_precision(precision)
 
 
+# LMRL_TEST_CUDA=1 runs these updates on the GPU instead (benchmarks/gpu_check.sh); CI runs them on the CPU.
 BF16_BUDGET = dict(total_updates=1, rollout_batch_size=8, minibatch_size=8, eval_episodes=8, save_model=False,
-                   bf16="on", cuda=False, clip_range_value=None)
+                   bf16="on", cuda=os.environ.get("LMRL_TEST_CUDA") == "1", clip_range_value=None)
 
 
 @pytest.mark.parametrize("script", [ppo, nlpo], ids=["ppo", "nlpo"])
