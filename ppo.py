@@ -106,11 +106,11 @@ class Args(CommonArgs):
 # The allowed values of the numeric flags, checked before any work (common/utils.py `validate_args`: "(0, inf)" is
 # positive; float flags not named here must be finite). The response lengths depend on the task: checked in main.
 LIMITS = {
-    "total_updates": "(0, inf)", "rollout_batch_size": "(0, inf)", "minibatch_size": "(0, inf)", "ppo_epochs": "(0, inf)",
-    "learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "max_grad_norm": "(0, inf]", "temperature": "(0, inf)",
-    "top_k": "[0, inf)", "top_p": "(0, 1]", "gamma": "[0, 1]", "gae_lambda": "[0, 1]", "clip_range": "(0, inf)",
-    "clip_range_value": "(0, inf)", "vf_coef": "[0, inf)", "init_kl_coef": "[0, inf)", "target_kl": "(0, inf)",
-    "kl_horizon": "(0, inf)",
+    "total_updates": "(0, inf)", "rollout_batch_size": "(0, inf)", "minibatch_size": "(0, inf)",
+    "ppo_epochs": "(0, inf)", "learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "max_grad_norm": "(0, inf]",
+    "temperature": "(0, inf)", "top_k": "[0, inf)", "top_p": "(0, 1]", "gamma": "[0, 1]", "gae_lambda": "[0, 1]",
+    "clip_range": "(0, inf)", "clip_range_value": "(0, inf)", "vf_coef": "[0, inf)", "init_kl_coef": "[0, inf)",
+    "target_kl": "(0, inf)", "kl_horizon": "(0, inf)",
 }
 
 
@@ -294,7 +294,8 @@ def main(args: Args) -> dict:
               else FixedKLController(args.init_kl_coef))
     # The prompt order is drawn by every rank alike; each rank takes its slice of every global batch.
     rng = np.random.default_rng(args.seed)
-    prompt_order, prompt_cursor = refill_order(rng, len(task.train_prompts), np.zeros(0, int), 0, args.rollout_batch_size)
+    prompt_order, prompt_cursor = refill_order(rng, len(task.train_prompts), np.zeros(0, int), 0,
+                                               args.rollout_batch_size)
     first_update = 1
     if checkpoint is not None:  # --resume: weights, optimizer, KL coefficient, data position, RNG states
         policy.load_state_dict(checkpoint["policy"])

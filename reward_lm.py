@@ -155,12 +155,13 @@ LIMITS = {
     "eval_episodes": "[0, inf)", "n_prompts": "(0, inf)", "n_answer_tokens": "(0, inf)",
     "inclusive_majority_approval": "[0, 1]", "inclusive_pretrain_mass": "(0, 1)", "pretrain_size": "(0, inf)",
     "n_embd": "(0, inf)", "n_layer": "(0, inf)", "n_head": "(0, inf)", "pretrain_epochs": "[0, inf)",
-    "pretrain_batch_size": "(0, inf)", "pretrain_lr": "(0, inf)", "ensemble_size": "(0, inf)", "index_dim": "(0, inf)",
-    "head_hidden": "(0, inf)", "prior_scale": "[0, inf)", "anchor_coef": "[0, inf)", "num_seeds": "(0, inf)",
-    "queries": "(0, inf)", "queries_per_round": "(0, inf)", "updates_per_round": "(0, inf)", "update_epochs": "(0, inf)",
-    "update_batch_size": "(0, inf)", "learning_rate": "(0, inf)", "head_learning_rate": "(0, inf)",
-    "buffer_size": "(0, inf)", "replay_coef": "[0, inf)", "beta": "[0, inf]", "boltzmann_temperature": "(0, inf)",
-    "target_fraction": "(0, 1]", "progress_every": "(0, inf)", "threads": "(0, inf)",
+    "pretrain_batch_size": "(0, inf)", "pretrain_lr": "(0, inf)", "ensemble_size": "(0, inf)",
+    "index_dim": "(0, inf)", "head_hidden": "(0, inf)", "prior_scale": "[0, inf)", "anchor_coef": "[0, inf)",
+    "num_seeds": "(0, inf)", "queries": "(0, inf)", "queries_per_round": "(0, inf)",
+    "updates_per_round": "(0, inf)", "update_epochs": "(0, inf)", "update_batch_size": "(0, inf)",
+    "learning_rate": "(0, inf)", "head_learning_rate": "(0, inf)", "buffer_size": "(0, inf)",
+    "replay_coef": "[0, inf)", "beta": "[0, inf]", "boltzmann_temperature": "(0, inf)", "target_fraction": "(0, 1]",
+    "progress_every": "(0, inf)", "threads": "(0, inf)",
 }
 
 # ---- The didactic data-generating process: rater groups, historical vs deployed mix ----
