@@ -521,9 +521,9 @@ def load_checkpoint(run_dir: str) -> dict:
         raise FileNotFoundError(f"--resume {run_dir}: no checkpoint at {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except _DAMAGED as error:
+    except _DAMAGED as error:  # torch's first sentence names the damage; the rest of its message is advice
         raise ValueError(f"--resume {run_dir}: {path} is damaged or not a checkpoint "
-                         f"({type(error).__name__}: {error})") from None
+                         f"({type(error).__name__}: {str(error).split('. ')[0]})") from None
     if not isinstance(checkpoint, dict) or not {"step", "args", "run", "rng"} <= set(checkpoint):
         raise ValueError(f"--resume {run_dir}: {path} is not a checkpoint of these scripts")
     return checkpoint
