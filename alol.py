@@ -38,9 +38,9 @@ import tyro
 from common.models import Policy, entropy_of, frozen_copy, load_policy, logprobs_of
 from common.tasks import RewardError, Task, eval_line, evaluate, make_task
 from common.utils import (CommonArgs, Run, all_gather_objects, all_reduce, bf16_autocast, close_distributed,
-                          episode_seeds, exact_div, init_distributed, masked_mean, rank_share, require_positive,
+                          episode_seeds, error_line, exact_div, init_distributed, masked_mean, rank_share,
                           restore_rng_states, resume_args, save_checkpoint, seed_everything, stop_on_sigterm,
-                          sync_gradients)
+                          sync_gradients, validate_args, writing_dir)
 
 ALGORITHMS = ("a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl", "nll", "wbc", "r_gold", "r_lol")
 ADVANTAGE_METHODS = ("a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl")
@@ -117,6 +117,18 @@ class Args(CommonArgs):
     value_dropout: float = 0.1
     """dropout of the value head while it trains (reference: 0.1); it is in eval mode whenever V is used"""
 
+
+# The allowed values of the numeric flags, checked before any work (common/utils.py `validate_args`: "(0, inf)" is
+# positive; float flags not named here must be finite). The response lengths depend on the task: checked in main.
+LIMITS = {
+    "data_seed": "[0, inf)", "offline_size": "(0, inf)", "offline_samples_per_prompt": "(0, inf)",
+    "total_steps": "(0, inf)", "batch_size": "(0, inf)", "learning_rate": "(0, inf)", "weight_decay": "[0, inf)",
+    "max_grad_norm": "(0, inf]", "clip_eps": "(0, 1)", "kl_beta": "[0, inf)", "gold_min_prob": "[0, 1]",
+    "forward_batch_size": "(0, inf)", "log_every": "(0, inf)", "value_prompts": "[2, inf)",
+    "value_samples_per_prompt": "(0, inf)", "value_holdout": "(0, 1)", "value_epochs": "(0, inf)",
+    "value_patience": "(0, inf)", "value_learning_rate": "(0, inf)", "value_batch_size": "(0, inf)",
+    "value_heads": "(0, inf)", "value_dropout": "[0, 1)",
+}
 
 # ----------------------------------------------------------------------------------------------
 # ALGO LOGIC: the losses as small pure functions (each unit-tested in tests/test_alol.py)
@@ -344,22 +356,8 @@ def make_batch(policy: Policy, prompts: list[str], responses: list[list[int]], m
 def main(args: Args) -> dict:
     # TRY NOT TO MODIFY: check the arguments before any heavy work; a bad one exits with one line
     try:
-        args, checkpoint = resume_args(args, Args)
-        require_positive(args, "total_steps", "batch_size", "eval_every", "eval_episodes", "forward_batch_size",
-                         "log_every", "value_prompts", "value_samples_per_prompt", "value_epochs", "value_patience",
-                         "value_batch_size", "value_heads", "offline_samples_per_prompt", "checkpoint_every")
-        if args.offline_size is not None and args.offline_size <= 0:
-            raise ValueError(f"--offline-size must be positive, got {args.offline_size}")
-        if not 0.0 < args.clip_eps < 1.0:
-            raise ValueError(f"--clip-eps must be in (0, 1) (weights are clamped to [1 - eps, 1 + eps]), "
-                             f"got {args.clip_eps}")
-        if not (0.0 <= args.value_dropout < 1.0 and 0.0 <= args.gold_min_prob <= 1.0 and args.kl_beta >= 0.0):
-            raise ValueError(f"need 0 <= --value-dropout < 1, 0 <= --gold-min-prob <= 1 and --kl-beta >= 0, got "
-                             f"{args.value_dropout}, {args.gold_min_prob}, {args.kl_beta}")
-        if not 0.0 < args.value_holdout < 1.0:
-            raise ValueError(f"--value-holdout must be in (0, 1), got {args.value_holdout}")
-        if args.value_prompts < 2:
-            raise ValueError("--value-prompts must be at least 2 (one to train V on, one held out)")
+        args, checkpoint = resume_args(args, Args, "alol.py")
+        validate_args(args, LIMITS)
         rank, world_size, device = init_distributed(args.cuda)
         local_batch = exact_div(args.batch_size, world_size, "--batch-size / number of processes")
         seed_everything(args.seed, args.torch_deterministic)  # the same seed on every rank (see init_distributed)
@@ -372,9 +370,11 @@ def main(args: Args) -> dict:
         policy = load_policy(args.model_name, task, device)
         if policy.hidden_size % args.value_heads != 0:
             raise ValueError(f"--value-heads {args.value_heads} must divide the hidden size {policy.hidden_size}")
+        # prompts keep what fits the model's context beside the response (a long line in a --prompts-file)
+        task.max_prompt_tokens = policy.prompt_budget(task.max_prompt_tokens, response_length)
+        run = Run(args, "alol.py", checkpoint)
     except (ValueError, OSError) as error:
-        raise SystemExit(f"error: {error}")
-    run = Run(args, "alol.py", checkpoint)
+        raise SystemExit(error_line(error))
     autocast = bf16_autocast(device, args.bf16)  # a no-op on CPU unless --bf16
     rng = np.random.default_rng(args.seed)  # the same draws on every rank: V's split, then the global batches
     ref_policy = frozen_copy(policy)  # pi_ref: the starting policy, never updated (also when resuming)
@@ -410,8 +410,11 @@ def main(args: Args) -> dict:
         low, high = float(raw_rewards.min()), float(raw_rewards.max())
         if not high > low:
             raise ValueError(f"every offline reward equals {low}: there is nothing to learn from")
+    except (RewardError, OSError) as error:  # the user's reward on pi_ref's samples
+        raise run.fault(error, 0, "step")
     except ValueError as error:
-        raise SystemExit(f"error: {error}")
+        run.close()
+        raise SystemExit(error_line(error))
     rewards = (raw_rewards - low) / (high - low)
     print(f"offline data: {len(data)} examples, reward {raw_rewards.mean():+.3f} in [{low:+.3f}, {high:+.3f}], "
           f"scaled to [0, 1]", flush=True)
@@ -438,15 +441,19 @@ def main(args: Args) -> dict:
     if args.algorithm in ADVANTAGE_METHODS and checkpoint is not None:  # --resume: V's result, not its fit
         advantages, data_stats = checkpoint["advantages"], checkpoint["data_stats"]
         value_history = checkpoint["value_history"]
-        for epoch, metrics in enumerate(value_history, 1):  # TensorBoard dropped the curve's steps after the
-            run.log(metrics, epoch)                         # checkpoint's step (`purge_step`): write it again
+        for epoch, metrics in enumerate(value_history, 1):  # TensorBoard dropped the curve's epochs after the
+            if epoch > checkpoint["step"]:                  # checkpoint's step (`purge_step`): write those again
+                run.log(metrics, epoch)
     elif args.algorithm in ADVANTAGE_METHODS:
         value_order = rng.permutation(len(task.train_prompts))[:args.value_prompts]
         value_prompts = [task.train_prompts[i] for i in value_order for _ in range(args.value_samples_per_prompt)]
         seeds = episode_seeds(args.seed, 2, 0, range(len(value_prompts)))  # stream 2: V's data
-        with autocast:
-            _, value_rewards = sample_and_score(ref_policy, value_prompts, seeds, task, response_length,
-                                                min_response_length, args.forward_batch_size, device)
+        try:
+            with autocast:
+                _, value_rewards = sample_and_score(ref_policy, value_prompts, seeds, task, response_length,
+                                                    min_response_length, args.forward_batch_size, device)
+        except RewardError as error:  # the user's reward on pi_ref's samples
+            raise run.fault(error, 0, "step")
         value_rewards = (value_rewards - low) / (high - low)
         value_hidden, value_mask = encode_hidden(value_prompts)
         head = PromptValueHead(policy.hidden_size, args.value_heads, args.value_dropout).to(device)
@@ -526,12 +533,12 @@ def main(args: Args) -> dict:
         return logged, n_tokens / elapsed
 
     policy.train()
-    if checkpoint is None:
-        run_eval(0)
-        save_checkpoint(run, checkpoint_state(0))  # V's fit and the advantages are never redone
     stop_on_sigterm()
     step, pending, window, since = first_step - 1, [], [], time.time()
     try:
+        if checkpoint is None:
+            run_eval(0)
+            save_checkpoint(run, checkpoint_state(0))  # V's fit and the advantages are never redone
         for step in range(first_step, args.total_steps + 1):
             # ALGO LOGIC: 5. draw a batch (with replacement, as the reference's sampler effectively does): every
             # rank draws the same global batch and takes its contiguous slice, so 1 and N processes see the same
@@ -590,16 +597,19 @@ def main(args: Args) -> dict:
         if world_size > 1:  # the ranks stopped at different points: no collective evaluation is safe now
             raise SystemExit(130)
         print("evaluating and saving what was trained so far", flush=True)
-    except (FloatingPointError, RewardError) as error:  # stop, keep the last checkpoint, save nothing new
-        run.close()
-        raise SystemExit(f"error: {error}; the last checkpoint (if any) is kept in {run.dir}/checkpoint")
+    except (FloatingPointError, RewardError, OSError) as error:  # the reward, the disk or a diverged loss: one line,
+        raise run.fault(error, step, "step")                    # the last checkpoint kept, nothing new saved
 
     # TRY NOT TO MODIFY: final evaluation, model, summary
-    run_eval(step)
-    if args.save_model and run.is_main:
-        policy.model.save_pretrained(os.path.join(run.dir, "model"))
-        policy.tokenizer.save_pretrained(os.path.join(run.dir, "model"))
-    summary = run.write_summary({"steps": step, "algorithm": args.algorithm, **data_stats})
+    try:
+        run_eval(step)
+        if args.save_model and run.is_main:
+            with writing_dir(os.path.join(run.dir, "model")) as path:  # whole or not at all
+                policy.model.save_pretrained(path)
+                policy.tokenizer.save_pretrained(path)
+        summary = run.write_summary({"steps": step, "algorithm": args.algorithm, **data_stats})
+    except (RewardError, OSError) as error:
+        raise run.fault(error, step, "step")
     run.close()
     close_distributed()
     print(f"{args.algorithm}: initial eval/return_mean {summary['initial']['eval/return_mean']:+.3f} -> final "

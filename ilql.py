@@ -44,9 +44,9 @@ from common import wordle
 from common.models import Policy, entropy_of, frozen_copy, load_policy
 from common.tasks import RewardError, eval_line, evaluate, make_task
 from common.utils import (CommonArgs, Run, all_gather_objects, all_reduce, bf16_autocast, close_distributed,
-                          episode_seeds, exact_div, init_distributed, masked_mean, rank_share, require_positive,
+                          episode_seeds, error_line, exact_div, init_distributed, masked_mean, rank_share, refill_order,
                           restore_rng_states, resume_args, save_checkpoint, seed_everything, stop_on_sigterm,
-                          sync_gradients)
+                          sync_gradients, validate_args, write_atomically, writing_dir)
 
 
 @dataclass
@@ -110,6 +110,16 @@ class Args(CommonArgs):
     print_every: int = 100
     """print a progress line every this many steps; step statistics reach the host (one sync, where a non-finite loss is caught) once per such interval"""
 
+
+# The allowed values of the numeric flags, checked before any work (common/utils.py `validate_args`: "(0, inf)" is
+# positive, a bound "inf]" admits infinity; float flags not named here must be finite).
+LIMITS = {
+    "total_steps": "(0, inf)", "batch_size": "(0, inf)", "learning_rate": "(0, inf)", "weight_decay": "[0, inf)",
+    "gamma": "(0, 1]", "tau": "(0, 1)", "cql_weight": "[0, inf)", "bc_weight": "[0, inf)", "polyak_alpha": "(0, 1]",
+    "target_update_every": "(0, inf)", "beta": "[0, inf)", "top_k": "[0, inf)", "adv_clip": "(-inf, inf]",
+    "temperature": "(0, inf)", "top_fraction": "(0, 1]", "wordle_games": "(0, inf)", "wordle_vocab": "[0, inf)",
+    "wordle_layers": "(0, inf)", "wordle_width": "(0, inf)", "print_every": "(0, inf)",
+}
 
 # ----------------------------------------------------------------------------------------------
 # ALGO LOGIC: the method's pieces as small pure functions (each unit-tested in tests/test_ilql.py).
@@ -292,16 +302,8 @@ def best_fraction(returns: np.ndarray, fraction: float, seed: int) -> np.ndarray
 def main(args: Args) -> dict:
     # TRY NOT TO MODIFY: check the arguments before any heavy work; a bad one exits with one line
     try:
-        args, checkpoint = resume_args(args, Args)
-        require_positive(args, "total_steps", "batch_size", "eval_every", "eval_episodes", "target_update_every",
-                         "wordle_games", "wordle_layers", "wordle_width", "print_every", "checkpoint_every")
-        if not 0 < args.tau < 1:
-            raise ValueError(f"--tau must be in (0, 1), got {args.tau}")
-        for name in ("gamma", "polyak_alpha", "top_fraction"):
-            if not 0 < getattr(args, name) <= 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
-        if args.top_k < 0 or args.temperature <= 0 or args.beta < 0 or (args.learning_rate is not None and args.learning_rate <= 0):
-            raise ValueError("need --top-k >= 0, --temperature > 0, --beta >= 0 and --learning-rate > 0")
+        args, checkpoint = resume_args(args, Args, "ilql.py")
+        validate_args(args, LIMITS)
         rank, world_size, device = init_distributed(args.cuda)
         local_batch = exact_div(args.batch_size, world_size, "--batch-size / number of processes")
         task = make_task(args.task, args)
@@ -317,9 +319,11 @@ def main(args: Args) -> dict:
             policy = load_policy(args.model_name, task, device)
         if policy.is_seq2seq:
             raise ValueError("ilql.py trains causal LMs (GPT-2 style); seq2seq models are not supported")
+        if not is_wordle:  # prompts keep what fits the model's context beside the response
+            task.max_prompt_tokens = policy.prompt_budget(task.max_prompt_tokens, task.max_new_tokens)
+        run = Run(args, "ilql.py", checkpoint)
     except (ValueError, OSError) as error:
-        raise SystemExit(f"error: {error}")
-    run = Run(args, "ilql.py", checkpoint)
+        raise SystemExit(error_line(error))
     seed_everything(args.seed, args.torch_deterministic)  # the same seed on every rank: identical heads
     autocast = bf16_autocast(device, args.bf16)  # a no-op on CPU unless --bf16
     greedy = is_wordle if args.greedy is None else args.greedy
@@ -337,9 +341,7 @@ def main(args: Args) -> dict:
         rows = [sentiment_layout(policy, e["prompt"], e["response"], e["reward"], task.max_prompt_tokens,
                                  task.max_new_tokens) for e in episodes]
         returns = np.array([e["reward"] for e in episodes])
-    keep = best_fraction(returns, args.top_fraction, args.seed)
-    if len(keep) < args.batch_size:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is larger than the {len(keep)} training episodes")
+    keep = best_fraction(returns, args.top_fraction, args.seed)  # fewer episodes than a batch wrap around
     data = collate([rows[i] for i in keep], policy.tokenizer.pad_token_id)
     lengths, n_actions = data["attention_mask"].sum(1).numpy(), data["action_mask"][:, 1:].sum(1).numpy()
     data = {k: v.to(device) for k, v in data.items()}
@@ -478,17 +480,17 @@ def main(args: Args) -> dict:
                   + (f" | advantage {stats['values/advantage']:+.3f}" if learn_values else "")
                   + f" | {n_tokens / elapsed:.0f} tok/s", flush=True)
 
-    if checkpoint is None:
-        run_eval(0)
-        order = rng.permutation(len(keep))
     stop_on_sigterm()
-    order_on_device = torch.as_tensor(order, device=device)
     step, pending, since, names = first_step - 1, [], time.time(), []
     try:
+        if checkpoint is None:
+            run_eval(0)
+            order, cursor = refill_order(rng, len(keep), np.zeros(0, int), 0, args.batch_size)
+        order_on_device = torch.as_tensor(order, device=device)
         try:
             for step in range(first_step, args.total_steps + 1):
                 if cursor + args.batch_size > len(order):
-                    order, cursor = rng.permutation(len(keep)), 0
+                    order, cursor = refill_order(rng, len(keep), order, cursor, args.batch_size)
                     order_on_device = torch.as_tensor(order, device=device)
                 # The global batch is order[cursor:cursor + batch_size]; this rank trains on its slice
                 mine = slice(cursor + rank * local_batch, cursor + (rank + 1) * local_batch)
@@ -565,31 +567,35 @@ def main(args: Args) -> dict:
             if pending:  # the steps since the last sync: nothing non-finite is evaluated or saved
                 flush(pending, since)
             print("evaluating and saving what was trained so far", flush=True)
-    except (FloatingPointError, RewardError) as error:  # stop, keep the last checkpoint, save nothing new
-        run.close()
-        raise SystemExit(f"error: {error}; the last checkpoint (if any) is kept in {run.dir}/checkpoint")
+    except (FloatingPointError, RewardError, OSError) as error:  # the reward, the disk or a diverged loss: one line,
+        raise run.fault(error, step, "step")                    # the last checkpoint kept, nothing new saved
 
     # TRY NOT TO MODIFY: final evaluation, model, summary
-    run_eval(step)
-    beta_sweep = {}
-    for beta in args.eval_betas if heads is not None else []:  # the trained networks decoded at other betas
-        beta_sweep[str(beta)] = metrics = deployed_eval(beta)[0]
-        games = f" | win rate {metrics['eval/win_rate']:.3f} | repeat rate {metrics['eval/repeat_rate']:.3f}" \
-            if is_wordle else ""
-        print(f"beta {beta:g}: {eval_line(metrics)}{games}", flush=True)
-    oracle = {}
-    if is_wordle:  # diagnosis: pi_beta with repeats forbidden, the ceiling of vetoing pi_beta's repeats
-        oracle = wordle.game_metrics(play_eval_games(0.0, no_repeat=True))
-        print(f"pi_beta without repeats (oracle): {eval_line(oracle)} | win rate {oracle['eval/win_rate']:.3f}",
-              flush=True)
-    if args.save_model and run.is_main:
-        policy.model.save_pretrained(os.path.join(run.dir, "model"))  # pi_beta: plain AutoModelForCausalLM
-        policy.tokenizer.save_pretrained(os.path.join(run.dir, "model"))
-        if learn_values:  # the heads (and value trunk), needed to decode with beta > 0
-            torch.save({"heads": heads.state_dict(), "value_trunk": value_trunk.state_dict() if value_trunk else None},
-                       os.path.join(run.dir, "ilql_heads.pt"))
-    summary = run.write_summary({"steps": step, "target_syncs": syncs, "beta_sweep": beta_sweep,
-                                 "no_repeat_oracle": oracle})
+    try:
+        run_eval(step)
+        beta_sweep = {}
+        for beta in args.eval_betas if heads is not None else []:  # the trained networks decoded at other betas
+            beta_sweep[str(beta)] = metrics = deployed_eval(beta)[0]
+            games = f" | win rate {metrics['eval/win_rate']:.3f} | repeat rate {metrics['eval/repeat_rate']:.3f}" \
+                if is_wordle else ""
+            print(f"beta {beta:g}: {eval_line(metrics)}{games}", flush=True)
+        oracle = {}
+        if is_wordle:  # diagnosis: pi_beta with repeats forbidden, the ceiling of vetoing pi_beta's repeats
+            oracle = wordle.game_metrics(play_eval_games(0.0, no_repeat=True))
+            print(f"pi_beta without repeats (oracle): {eval_line(oracle)} | win rate {oracle['eval/win_rate']:.3f}",
+                  flush=True)
+        if args.save_model and run.is_main:
+            with writing_dir(os.path.join(run.dir, "model")) as path:  # whole or not at all
+                policy.model.save_pretrained(path)  # pi_beta: plain AutoModelForCausalLM
+                policy.tokenizer.save_pretrained(path)
+            if learn_values:  # the heads (and value trunk), needed to decode with beta > 0
+                heads_state = {"heads": heads.state_dict(),
+                               "value_trunk": value_trunk.state_dict() if value_trunk else None}
+                write_atomically(os.path.join(run.dir, "ilql_heads.pt"), lambda file: torch.save(heads_state, file))
+        summary = run.write_summary({"steps": step, "target_syncs": syncs, "beta_sweep": beta_sweep,
+                                     "no_repeat_oracle": oracle})
+    except (RewardError, OSError) as error:
+        raise run.fault(error, step, "step")
     run.close()
     close_distributed()
     print(f"initial eval/return_mean {summary['initial']['eval/return_mean']:+.3f} -> final "

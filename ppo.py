@@ -34,9 +34,10 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from common.models import Policy, ValueHead, frozen_copy, load_policy, top_k_top_p_keep
 from common.tasks import RewardError, eval_line, evaluate, make_task
-from common.utils import (CommonArgs, Run, all_reduce, bf16_autocast, close_distributed, episode_seeds, exact_div,
-                          init_distributed, masked_mean, masked_whiten, require_positive, restore_rng_states,
-                          resume_args, save_checkpoint, seed_everything, stop_on_sigterm, sync_gradients)
+from common.utils import (CommonArgs, Run, all_reduce, bf16_autocast, close_distributed, episode_seeds, error_line,
+                          exact_div, init_distributed, masked_mean, masked_whiten, refill_order, restore_rng_states,
+                          resume_args, save_checkpoint, seed_everything, stop_on_sigterm, sync_gradients,
+                          validate_args, writing_dir)
 
 
 @dataclass
@@ -100,6 +101,17 @@ class Args(CommonArgs):
     """replace the score of responses that never emit EOS by `penalty_reward_value` (lm-human-preferences)"""
     penalty_reward_value: float = -1.0
     """the score given to responses without EOS when `non_eos_penalty` is on"""
+
+
+# The allowed values of the numeric flags, checked before any work (common/utils.py `validate_args`: "(0, inf)" is
+# positive; float flags not named here must be finite). The response lengths depend on the task: checked in main.
+LIMITS = {
+    "total_updates": "(0, inf)", "rollout_batch_size": "(0, inf)", "minibatch_size": "(0, inf)",
+    "ppo_epochs": "(0, inf)", "learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "max_grad_norm": "(0, inf]",
+    "temperature": "(0, inf)", "top_k": "[0, inf)", "top_p": "(0, 1]", "gamma": "[0, 1]", "gae_lambda": "[0, 1]",
+    "clip_range": "(0, inf)", "clip_range_value": "(0, inf)", "vf_coef": "[0, inf)", "init_kl_coef": "[0, inf)",
+    "target_kl": "(0, inf)", "kl_horizon": "(0, inf)",
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,11 +261,8 @@ class Critic(nn.Module):
 def main(args: Args) -> dict:
     # TRY NOT TO MODIFY: check the arguments before any heavy work (a bad one exits with one line)
     try:
-        args, checkpoint = resume_args(args, Args)
-        require_positive(args, "total_updates", "rollout_batch_size", "minibatch_size", "ppo_epochs", "eval_every",
-                         "eval_episodes", "kl_horizon", "checkpoint_every")
-        if args.top_k < 0 or not 0.0 < args.top_p <= 1.0:
-            raise ValueError(f"--top-k must be >= 0 and --top-p in (0, 1], got {args.top_k} and {args.top_p}")
+        args, checkpoint = resume_args(args, Args, "ppo.py")
+        validate_args(args, LIMITS)
         exact_div(args.rollout_batch_size, args.minibatch_size, "--rollout-batch-size / --minibatch-size")
         rank, world_size, device = init_distributed(args.cuda)
         local_batch = exact_div(args.rollout_batch_size, world_size, "--rollout-batch-size / number of processes")
@@ -269,9 +278,11 @@ def main(args: Args) -> dict:
             raise ValueError(f"need 0 < response length ({response_length}) and 0 <= min response length "
                              f"({min_response_length}) <= response length")
         policy = load_policy(args.model_name, task, device)
+        # prompts keep what fits the model's context beside the response (a long line in a --prompts-file)
+        task.max_prompt_tokens = policy.prompt_budget(task.max_prompt_tokens, response_length)
+        run = Run(args, "ppo.py", checkpoint)
     except (ValueError, OSError) as error:
-        raise SystemExit(f"error: {error}")
-    run = Run(args, "ppo.py", checkpoint)
+        raise SystemExit(error_line(error))
     autocast = bf16_autocast(device, args.bf16)  # a no-op on CPU unless --bf16
 
     # Models: the policy, its frozen reference (KL anchor), and the critic (a second trunk + head).
@@ -283,7 +294,8 @@ def main(args: Args) -> dict:
               else FixedKLController(args.init_kl_coef))
     # The prompt order is drawn by every rank alike; each rank takes its slice of every global batch.
     rng = np.random.default_rng(args.seed)
-    prompt_order, prompt_cursor = rng.permutation(len(task.train_prompts)), 0
+    prompt_order, prompt_cursor = refill_order(rng, len(task.train_prompts), np.zeros(0, int), 0,
+                                               args.rollout_batch_size)
     first_update = 1
     if checkpoint is not None:  # --resume: weights, optimizer, KL coefficient, data position, RNG states
         policy.load_state_dict(checkpoint["policy"])
@@ -328,16 +340,16 @@ def main(args: Args) -> dict:
                 "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value, "data_rng": rng.bit_generator.state,
                 "prompt_order": prompt_order, "prompt_cursor": prompt_cursor}
 
-    if checkpoint is None:
-        run_eval(0)
     stop_on_sigterm()
     update = first_update - 1
     try:
+        if checkpoint is None:
+            run_eval(0)
         for update in range(first_update, args.total_updates + 1):
             update_start = time.time()
             # ALGO LOGIC: 1. rollout: sample responses to a batch of training prompts (this rank's slice)
-            if prompt_cursor + args.rollout_batch_size > len(prompt_order):
-                prompt_order, prompt_cursor = rng.permutation(len(task.train_prompts)), 0
+            prompt_order, prompt_cursor = refill_order(rng, len(task.train_prompts), prompt_order, prompt_cursor,
+                                                       args.rollout_batch_size)
             mine = range(prompt_cursor + rank * local_batch, prompt_cursor + (rank + 1) * local_batch)
             prompts = [task.train_prompts[prompt_order[i]] for i in mine]
             prompt_cursor += args.rollout_batch_size
@@ -441,16 +453,19 @@ def main(args: Args) -> dict:
         if world_size > 1:  # the ranks stopped at different points: no collective evaluation is safe now
             raise SystemExit(130)
         print("evaluating and saving what was trained so far", flush=True)
-    except (FloatingPointError, RewardError) as error:  # stop, keep the last checkpoint, save nothing new
-        run.close()
-        raise SystemExit(f"error: {error}; the last checkpoint (if any) is kept in {run.dir}/checkpoint")
+    except (FloatingPointError, RewardError, OSError) as error:  # the reward, the disk or a diverged loss: one line,
+        raise run.fault(error, update)                          # the last checkpoint kept, nothing new saved
 
     # TRY NOT TO MODIFY: final evaluation, model, summary
-    run_eval(update)
-    if args.save_model and run.is_main:
-        policy.model.save_pretrained(os.path.join(run.dir, "model"))
-        policy.tokenizer.save_pretrained(os.path.join(run.dir, "model"))
-    summary = run.write_summary({"updates": update})
+    try:
+        run_eval(update)
+        if args.save_model and run.is_main:
+            with writing_dir(os.path.join(run.dir, "model")) as path:  # whole or not at all
+                policy.model.save_pretrained(path)
+                policy.tokenizer.save_pretrained(path)
+        summary = run.write_summary({"updates": update})
+    except (RewardError, OSError) as error:
+        raise run.fault(error, update)
     run.close()
     close_distributed()
     print(f"initial eval/return_mean {summary['initial']['eval/return_mean']:+.3f} -> final "

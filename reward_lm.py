@@ -25,6 +25,7 @@ Run:  python reward_lm.py                 # ts, greedy, passive x 5 seeds, about
 import copy
 import csv
 import datetime
+import io
 import math
 import os
 import time
@@ -39,8 +40,9 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 from common.models import load_causal_lm
-from common.utils import (CommonArgs, Run, ScalarRecorder, all_gather_objects, close_distributed, init_distributed,
-                          map_in_waves, require_positive, resume_args, seed_everything, stop_on_sigterm)
+from common.utils import (CommonArgs, Run, ScalarRecorder, all_gather_objects, close_distributed, error_line,
+                          init_distributed, map_in_waves, resume_args, seed_everything, stop_on_sigterm, validate_args,
+                          write_atomically, writing_dir)
 
 AGENTS = ("ts", "greedy", "passive", "boltzmann", "infomax")
 
@@ -146,6 +148,21 @@ class Args(CommonArgs):
     threads: int = 1
     """torch CPU threads: this tiny model gains nothing from more, and extra threads thrash when other processes share the cores"""
 
+
+# The allowed values of the numeric flags, checked before any work (common/utils.py `validate_args`: "(0, inf)" is
+# positive, a bound "inf]" admits infinity; float flags not named here must be finite).
+LIMITS = {
+    "eval_episodes": "[0, inf)", "n_prompts": "(0, inf)", "n_answer_tokens": "(0, inf)",
+    "inclusive_majority_approval": "[0, 1]", "inclusive_pretrain_mass": "(0, 1)", "pretrain_size": "(0, inf)",
+    "n_embd": "(0, inf)", "n_layer": "(0, inf)", "n_head": "(0, inf)", "pretrain_epochs": "[0, inf)",
+    "pretrain_batch_size": "(0, inf)", "pretrain_lr": "(0, inf)", "ensemble_size": "(0, inf)",
+    "index_dim": "(0, inf)", "head_hidden": "(0, inf)", "prior_scale": "[0, inf)", "anchor_coef": "[0, inf)",
+    "num_seeds": "(0, inf)", "queries": "(0, inf)", "queries_per_round": "(0, inf)",
+    "updates_per_round": "(0, inf)", "update_epochs": "(0, inf)", "update_batch_size": "(0, inf)",
+    "learning_rate": "(0, inf)", "head_learning_rate": "(0, inf)", "buffer_size": "(0, inf)",
+    "replay_coef": "[0, inf)", "beta": "[0, inf]", "boltzmann_temperature": "(0, inf)", "target_fraction": "(0, 1]",
+    "progress_every": "(0, inf)", "threads": "(0, inf)",
+}
 
 # ---- The didactic data-generating process: rater groups, historical vs deployed mix ----
 class InclusivePopulationEnv:
@@ -526,12 +543,12 @@ def format_table(summary: dict, opt_value: float, queries: int, target: float) -
 def main(args: Args) -> dict:
     # TRY NOT TO MODIFY: check the arguments before any heavy work; a bad one exits with one line
     try:
-        args, checkpoint = resume_args(args, Args)
+        args, checkpoint = resume_args(args, Args, "reward_lm.py")
         if args.task != "inclusive":
             raise ValueError(f"unknown task {args.task!r}: reward_lm.py runs on its built-in task 'inclusive'")
-        require_positive(args, "num_seeds", "queries", "queries_per_round", "updates_per_round", "update_batch_size",
-                         "buffer_size", "ensemble_size", "head_hidden", "index_dim", "n_prompts", "pretrain_size",
-                         "pretrain_batch_size", "eval_every", "progress_every", "threads", "checkpoint_every")
+        validate_args(args, LIMITS)
+        if args.n_embd % args.n_head:
+            raise ValueError(f"--n-head {args.n_head} must divide --n-embd {args.n_embd}")
         if args.queries % args.queries_per_round:
             raise ValueError(f"--queries / --queries-per-round: {args.queries} is not divisible by {args.queries_per_round}")
         if unknown := [a for a in args.agents if a not in AGENTS]:
@@ -541,19 +558,17 @@ def main(args: Args) -> dict:
             raise ValueError("--deployed-mix and --historical-mix must be distributions over the same groups")
         if 2 * len(args.deployed_mix) + 2 > args.n_answer_tokens:
             raise ValueError(f"--n-answer-tokens must be >= {2 * len(args.deployed_mix) + 2} for disjoint special responses")
-        if not (args.beta >= 0 and 0 < args.target_fraction <= 1 and args.pretrain_epochs >= 0):
-            raise ValueError("need --beta >= 0, 0 < --target-fraction <= 1 and --pretrain-epochs >= 0")
         if args.bf16 == "on":
             raise ValueError("reward_lm.py runs in fp32 (its LMs are small); --bf16 is not supported here")
         # ranks with fewer simulations wait in all_gather for the longest one: at hub scale, hours
         device = init_distributed(args.cuda, timeout=datetime.timedelta(hours=24))[2]
         # any other causal LM gets the task's words as new tokens, learned in pretraining
         base = None if args.model_name == "tiny-gpt2" else load_causal_lm(args.model_name, task_tokens(args), device)
+        run = Run(args, "reward_lm.py", checkpoint)
     except (ValueError, OSError) as error:
-        raise SystemExit(f"error: {error}")
+        raise SystemExit(error_line(error))
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the run's output
-    run = Run(args, "reward_lm.py", checkpoint)
     seed_everything(args.seed, args.torch_deterministic)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -580,8 +595,9 @@ def main(args: Args) -> dict:
             out["curves"][agent] = run_agent(agent, agent_model, env, log_pi_ref, corpus, args, seed, writer, device, run)
             out["scalars"][agent] = writer.scalars
             if args.save_model and seed == seeds[0] and agent == args.agents[0]:  # rank 0's; from_pretrained loads it
-                for part in (agent_model.lm, tokenizer): part.save_pretrained(os.path.join(run.dir, "model"))
-                torch.save(agent_model.head.state_dict(), os.path.join(run.dir, "model", "epistemic_head.pt"))
+                with writing_dir(os.path.join(run.dir, "model")) as path:  # whole or not at all
+                    for part in (agent_model.lm, tokenizer): part.save_pretrained(path)
+                    torch.save(agent_model.head.state_dict(), os.path.join(path, "epistemic_head.pt"))
         return out
 
     # Under torchrun the independent simulations are the batch: each rank runs one seed (all agents) per wave;
@@ -598,8 +614,8 @@ def main(args: Args) -> dict:
         done = map_in_waves(simulate, seeds, run, checkpoint, write_wave)
     except KeyboardInterrupt:
         raise SystemExit(f"interrupted; the finished seeds are kept: python reward_lm.py --resume {run.dir}")
-    except FloatingPointError as error:
-        raise SystemExit(f"error: {error}; the last checkpoint is kept in {run.dir}/checkpoint")
+    except (FloatingPointError, OSError) as error:  # a diverged loss or the disk: one line, the last checkpoint kept
+        raise run.fault(error)
     curves = {agent: {seed: done[seed]["curves"][agent] for seed in seeds} for agent in args.agents}
     rows = [{"seed": seed, "agent": agent, **c} for seed in seeds for agent in args.agents for c in curves[agent][seed]]
     # TRY NOT TO MODIFY: the method's seed-mean curve goes to eval/*, every row to curves.csv, the table last
@@ -609,15 +625,19 @@ def main(args: Args) -> dict:
         samples = [(f"q{x} (seed {seeds[0]})", f"response {y} (best {env.best[x]})", float(env.theta[x, int(y)]))
                    for x, y in enumerate(point["exploit"].split())]
         run.log_eval(mean, samples, point["n_queries"])
-    if run.is_main:
-        with open(os.path.join(run.dir, "curves.csv"), "w", newline="") as handle:
-            table = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
-            table.writeheader()
-            table.writerows(rows)
     run.tokens = sum(all_gather_objects(run.tokens))
     per_agent = summarise(curves, {s: e.opt_value for s, e in envs.items()}, args)
     opt_value = float(np.mean([e.opt_value for e in envs.values()]))
-    summary = run.write_summary({"seeds": seeds, "opt_value": opt_value, "agents": per_agent})
+    try:
+        if run.is_main:
+            table = io.StringIO(newline="")
+            writer = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+            writer.writeheader()
+            writer.writerows(rows)
+            write_atomically(os.path.join(run.dir, "curves.csv"), lambda file: file.write(table.getvalue().encode()))
+        summary = run.write_summary({"seeds": seeds, "opt_value": opt_value, "agents": per_agent})
+    except OSError as error:
+        raise run.fault(error)
     run.close()
     close_distributed()
     print(format_table(per_agent, opt_value, args.queries, args.target_fraction))

@@ -81,6 +81,22 @@ def right_pad(rows: list[list[int]], value: int, min_width: int = 0) -> torch.Te
     return out
 
 
+class SayOnce:
+    """Prints each notice the first time only. A policy's copies (its frozen reference, the critic's trunk) share
+    their policy's: `deepcopy` keeps this object, so a run says each notice once."""
+
+    def __init__(self):
+        self.said: set[str] = set()
+
+    def __deepcopy__(self, memo) -> "SayOnce":
+        return self
+
+    def __call__(self, message: str) -> None:
+        if message not in self.said:
+            self.said.add(message)
+            print(message, flush=True)
+
+
 def response_mask_from(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """1 on every response token up to and including the first EOS, 0 after it."""
     is_eos = (response_ids == eos_token_id).long()
@@ -133,6 +149,8 @@ class Policy(nn.Module):
         if type(output_layer) is nn.Linear:  # GPT-2, T5 and most LMs; any other keeps its own forward
             output_layer.__class__ = FP32OutputLayer
         self.is_seq2seq = bool(model.config.is_encoder_decoder)
+        self.cut_reason = ""  # why long prompts are cut where they are, for the notice (`prompt_budget`)
+        self.say_once = SayOnce()
         # `generate` fills every setting we leave unset from the model's saved generation config, which
         # may carry repetition penalties, n-gram blocking or beams: processors that `forward` does not
         # apply. Keep only the special token ids, so rollouts come from exactly the scored distribution.
@@ -146,11 +164,38 @@ class Policy(nn.Module):
         config = self.model.config
         return getattr(config, "n_embd", None) or getattr(config, "d_model", None) or config.hidden_size
 
+    @property
+    def context_size(self) -> Optional[int]:
+        """Positions a causal LM's sequence may span (its position embeddings end there); None for seq2seq models,
+        whose prompts go to the encoder on their own."""
+        if self.is_seq2seq:
+            return None
+        config = self.model.config
+        return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+    def prompt_budget(self, task_limit: int, response_length: int) -> int:
+        """How many prompt tokens rollouts keep: the task's limit and, for a causal LM, no more than its context leaves
+        for `response_length` new tokens, so that no prompt, however long, runs past the position embeddings.
+        A ValueError if the response alone fills the context."""
+        context = self.context_size
+        if context is None or task_limit + response_length <= context:
+            self.cut_reason = " (the task's limit)"
+            return task_limit
+        if response_length >= context:
+            raise ValueError(f"--response-length {response_length} leaves no room for a prompt in the model's "
+                             f"{context} positions")
+        self.cut_reason = f" (the model's {context} positions less {response_length} for the response)"
+        return context - response_length
+
     def encode_prompts(self, prompts: list[str], max_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded prompt ids and mask; long prompts keep their last `max_tokens` tokens (GRUE)."""
+        """Left-padded prompt ids and mask; long prompts keep their last `max_tokens` tokens (GRUE), which the run
+        is told once."""
         tok = self.tokenizer
-        rows = [tok(p, add_special_tokens=self.is_seq2seq)["input_ids"][-max_tokens:] or [tok.eos_token_id]
-                for p in prompts]
+        rows = [tok(p, add_special_tokens=self.is_seq2seq)["input_ids"] for p in prompts]
+        if any(len(r) > max_tokens for r in rows):
+            self.say_once(f"note: prompts longer than {max_tokens} tokens keep their last {max_tokens}"
+                     f"{self.cut_reason}; said once")
+        rows = [r[-max_tokens:] or [tok.eos_token_id] for r in rows]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -298,8 +343,14 @@ def resolve_model_path(model_name: str, task) -> str:
     """A directory or hub id `from_pretrained` can open; builds the built-in model if needed."""
     if model_name in BUILTIN_MODELS:
         return ensure_builtin_model(task, model_name)
-    if os.path.isdir(os.path.expanduser(model_name)):
-        return os.path.expanduser(model_name)
+    path = os.path.expanduser(model_name)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"model directory {model_name!r} has no config.json (a `save_pretrained` "
+                                    f"directory has one)")
+        return path
+    if os.path.isfile(path):
+        raise ValueError(f"model path {model_name!r} is a file; pass the directory `save_pretrained` wrote")
     if model_name.startswith((".", "/", "~")) or os.sep in model_name.strip("/").replace("/", "", 1):
         raise FileNotFoundError(f"model path {model_name!r} does not exist")
     return model_name  # a hub id such as "gpt2" or "lvwerra/gpt2-imdb"

@@ -408,14 +408,17 @@ class ClassifierReward:
 
 
 def load_reward_fn(spec: str) -> Callable[[Sequence[str], Sequence[str]], Sequence[float]]:
-    """`module:function` (importable from the current directory or PYTHONPATH) or `file.py:function`."""
+    """`module:function` (importable from the current directory or PYTHONPATH) or `file.py:function`. The module and
+    the function are the user's code: whatever they raise, importing or scoring, becomes one line naming --reward-fn
+    (a ValueError, and a RewardError while scoring), not a traceback through our scripts."""
     module_name, _, fn_name = spec.rpartition(":")
     if not module_name or not fn_name.isidentifier():
         raise ValueError(f"--reward-fn {spec!r}: expected module:function, e.g. my_rewards:score")
+    if module_name.endswith(".py") and not os.path.isfile(module_name):
+        raise FileNotFoundError(f"--reward-fn {spec!r}: file {module_name!r} does not exist")
+    module = None
     try:
         if module_name.endswith(".py"):
-            if not os.path.isfile(module_name):
-                raise FileNotFoundError(f"--reward-fn {spec!r}: file {module_name!r} does not exist")
             loader = importlib.util.spec_from_file_location(os.path.basename(module_name)[:-3], module_name)
             module = importlib.util.module_from_spec(loader)
             loader.loader.exec_module(module)
@@ -425,10 +428,33 @@ def load_reward_fn(spec: str) -> Callable[[Sequence[str], Sequence[str]], Sequen
             module = importlib.import_module(module_name)
     except ImportError as e:
         raise ValueError(f"--reward-fn {spec!r}: cannot import {module_name!r} ({e})") from e
+    except Exception as e:  # the user's module failed while it ran (a syntax error, an exception at import)
+        raise ValueError(f"--reward-fn {spec!r}: importing {module_name!r} raised {_user_error(e, module)}") from e
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise ValueError(f"--reward-fn {spec!r}: module {module_name!r} has no function {fn_name!r}")
-    return fn
+
+    def reward(prompts: Sequence[str], responses: Sequence[str]):
+        try:
+            return fn(prompts, responses)
+        except Exception as e:  # the user's function, not ours: the scripts stop with this one line
+            raise RewardError(f"--reward-fn {spec} raised {_user_error(e, module)}") from e
+
+    return reward
+
+
+def _user_error(error: Exception, module) -> str:
+    """`ValueError: message (my_rewards.py, line 5)`: the exception and the deepest line of the user's file it
+    passed through (or the deepest line of all, for an error raised before that file ran)."""
+    import traceback
+
+    frames = traceback.extract_tb(error.__traceback__)
+    if isinstance(error, SyntaxError):  # the position is the error's own, not a frame's
+        where = f" ({os.path.basename(error.filename or '?')}, line {error.lineno})"
+        return f"SyntaxError: {error.msg}{where}"
+    own = [f for f in frames if f.filename == getattr(module, "__file__", None)] or frames
+    where = f" ({os.path.basename(own[-1].filename)}, line {own[-1].lineno})" if own else ""
+    return f"{type(error).__name__}: {error}{where}"
 
 
 def _reward_device(args):
@@ -516,11 +542,17 @@ def read_prompts_file(path: Optional[str]) -> tuple[list[str], list[str], dict[s
     the distinct prompts (seed 42, the same for every --seed) is held out. The two sets are disjoint."""
     if not path:
         raise ValueError("task jsonl needs --prompts-file PATH (one JSON object per line with a \"prompt\" field)")
+    if os.path.isdir(path):
+        raise ValueError(f"prompts file {path!r} is a directory, not a JSONL file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompts file {path!r} does not exist")
     train, held_out, references = [], [], {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a leading byte-order mark is no text
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{number}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:

@@ -1,6 +1,6 @@
-"""Plumbing every script shares and that is not the algorithm: the common `Args` block, seeding,
-the run directory with its TensorBoard writer and `summary.json`, masked statistics, exact_div,
-torch.distributed helpers (torchrun) and checkpoints for `--resume`."""
+"""Plumbing every script shares and that is not the algorithm: the common `Args` block and the checks of
+every flag, seeding, the run directory with its TensorBoard writer and `summary.json`, masked statistics,
+exact_div, torch.distributed helpers (torchrun), checkpoints for `--resume`, and the one-line stop on a fault."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ import contextlib
 import datetime
 import importlib
 import json
+import math
 import os
+import pickle
 import random
+import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Literal, Optional
@@ -75,11 +79,70 @@ def exact_div(a: int, b: int, what: str = "") -> int:
     return a // b
 
 
-def require_positive(args, *names: str) -> None:
-    """Fail fast, before any heavy work, on the first of these flags that is not positive."""
-    for name in names:
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+# Every numeric flag's allowed values, as an interval: "(0, inf)" is positive, "[0, 1)" a fraction, "[2, inf)" at
+# least 2; a bound written "inf]" admits infinity itself. Each script passes its own table to `validate_args`;
+# a float flag no table names must be finite.
+COMMON_LIMITS = {"seed": "[0, 4294967295]", "eval_every": "(0, inf)", "eval_episodes": "(0, inf)",
+                 "checkpoint_every": "(0, inf)"}
+_INTERVAL = re.compile(r"([\[(])(-?[\w.]+), (-?[\w.]+)([\])])")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _allowed(value: float, rule: str) -> bool:
+    opening, low, high, closing = _INTERVAL.fullmatch(rule).groups()
+    low, high = float(low), float(high)
+    return (low <= value if opening == "[" else low < value) and (value <= high if closing == "]" else value < high)
+
+
+def _describe(rule: str) -> str:
+    opening, low, high, closing = _INTERVAL.fullmatch(rule).groups()
+    if high != "inf" or low == "-inf":
+        return f"in {rule}"
+    if low == "0":
+        bound = "positive" if opening == "(" else "non-negative"
+    else:
+        bound = f"at least {low}" if opening == "[" else f"greater than {low}"
+    return bound + (" or inf" if closing == "]" else "")
+
+
+def validate_args(args, limits: dict[str, str]) -> None:
+    """Refuse bad flags before any work (no model loaded, no run directory made), with one ValueError naming the
+    flag: every numeric flag against `COMMON_LIMITS` and the script's `limits` (None, a flag's "unset", passes;
+    NaN never does), then the output location, which must be a directory this process can write into. Rules that
+    tie flags together (sizes that must divide) stay next to the call in each script."""
+    rules = {**COMMON_LIMITS, **limits}
+    names = {f.name for f in fields(args)}
+    assert set(rules) <= names, f"limits for unknown flags: {sorted(set(rules) - names)}"
+    for name in sorted(names):
+        value = getattr(args, name)
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                continue
+            if name in rules and not _allowed(item, rules[name]):
+                raise ValueError(f"{_flag(name)} must be {_describe(rules[name])}, got {value}")
+            if name not in rules and isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"{_flag(name)} must be a finite number, got {value}")
+    check_writable(args.resume or args.output_dir, "--resume" if args.resume else "--output-dir")
+
+
+def check_writable(path: str, flag: str) -> None:
+    """A run directory can be made in (or, resuming, written into) `path`: the nearest part of it that exists is a
+    directory this process may write into. Said now, not as a traceback after the model has loaded."""
+    existing = os.path.abspath(os.path.expanduser(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{flag} {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: no permission to write in {existing}")
+
+
+def error_line(error) -> str:
+    """`error: <message>` on one line, whatever the message holds (some libraries' messages span several)."""
+    return "error: " + " ".join(str(error).split())
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None,
@@ -170,6 +233,16 @@ def episode_seeds(seed: int, stream: int, step: int, indices) -> list[int]:
     Sampling an episode with its own seed (`Policy.generate(..., seeds=)`) makes its tokens independent of
     which process, batch or position it lands in: the same run on 1 or N processes samples the same text."""
     return [int(np.random.SeedSequence([seed, stream, step, int(i)]).generate_state(1)[0]) for i in indices]
+
+
+def refill_order(rng: np.random.Generator, n: int, order: np.ndarray, cursor: int, batch: int) -> tuple[np.ndarray, int]:
+    """(order, cursor) such that the next batch is items order[cursor:cursor + batch]: the current order while it
+    lasts, then a fresh one. A fresh order is a permutation of the n items, or, when one batch needs more than n (a
+    prompt file shorter than the batch), as many permutations back to back as it takes: the items wrap around,
+    each used equally often. Every rank draws the same orders and takes its slice of each batch."""
+    if cursor + batch <= len(order):
+        return order, cursor
+    return np.concatenate([rng.permutation(n) for _ in range(-(-batch // n))]), 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,32 +419,129 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state(states["cuda_device"])
 
 
+class _KeepWriteErrors:
+    """A file's `write` that remembers the OSError it raised: torch.save reports a failed write (a full disk) as a
+    bare RuntimeError from its zip writer, which would hide the cause."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def write_atomically(path: str, write) -> None:
+    """`write(file)` into `path.tmp`, flushed to the disk, then renamed over `path`: whoever reads `path` (a resumed
+    run) finds the old file or the new one, never a part. A write that fails (a full disk, a lost permission)
+    removes the partial file, keeps the old one and raises OSError naming the path; so does an interrupted one
+    (re-raised as it was)."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as file:
+            target = _KeepWriteErrors(file)
+            try:
+                write(target)
+            except RuntimeError:
+                if target.error is None:  # not the file's fault: ours, keep its traceback
+                    raise
+                raise target.error from None
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(error, OSError):
+            raise _os_error(error, f"cannot write {path}: {error.strerror or error}") from None
+        raise
+
+
+def _os_error(error: OSError, message: str) -> OSError:
+    """An OSError saying `message` (no "[Errno N]" in front) that keeps `error`'s errno."""
+    out = OSError(message)
+    out.errno = error.errno
+    return out
+
+
+@contextlib.contextmanager
+def writing_dir(path: str):
+    """A directory written whole or not at all (the saved model): yields `path.tmp` to write into, which replaces
+    `path` once the block ends; if the block fails the partial directory is removed and `path` stays as it was.
+    A full disk while safetensors writes surfaces as OSError here, like every other failed write."""
+    from safetensors import SafetensorError
+
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        os.makedirs(tmp)
+        try:
+            yield tmp
+        except SafetensorError as error:
+            if "I/O error" not in str(error):  # safetensors' own wording for a failed write
+                raise
+            raise OSError(f"cannot write {path}: {error}") from None
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_checkpoint(run: "Run", state: dict) -> None:
-    """Write `<run dir>/checkpoint/state.pt` with `state` plus the run's records and every rank's RNG
-    states. The file is replaced atomically, so a run killed while saving keeps the previous checkpoint."""
-    state = {**state, "args": asdict(run.args), "run": run.state(), "rng": all_gather_objects(rng_states())}
+    """Write `<run dir>/checkpoint/state.pt` with `state` plus the script that wrote it, the run's records and every
+    rank's RNG states. The file is replaced atomically (`write_atomically`), so a run killed while saving, or whose
+    disk fills up, keeps the previous checkpoint."""
+    state = {**state, "script": run.script, "args": asdict(run.args), "run": run.state(),
+             "rng": all_gather_objects(rng_states())}
     if world()[0] != 0:
         return
     path = os.path.join(run.dir, "checkpoint", "state.pt")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    write_atomically(path, lambda file: torch.save(state, file))
+
+
+# What unpickling damaged bytes raises (the pickle docs list all but RuntimeError and ValueError, which torch's zip
+# reader raises for a truncated file and a bad header).
+_DAMAGED = (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, RuntimeError, ValueError)
 
 
 def load_checkpoint(run_dir: str) -> dict:
-    """The state saved by `save_checkpoint` in `run_dir` (a FileNotFoundError with the path if none)."""
+    """The state saved by `save_checkpoint` in `run_dir`; FileNotFoundError with the path if there is none, and a
+    ValueError naming the file if it is damaged (truncated, overwritten) or is not one of these checkpoints."""
     path = os.path.join(os.path.expanduser(run_dir), "checkpoint", "state.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--resume {run_dir}: no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except _DAMAGED as error:  # torch's first sentence names the damage; the rest of its message is advice
+        raise ValueError(f"--resume {run_dir}: {path} is damaged or not a checkpoint "
+                         f"({type(error).__name__}: {str(error).split('. ')[0]})") from None
+    if not isinstance(checkpoint, dict) or not {"step", "args", "run", "rng"} <= set(checkpoint):
+        raise ValueError(f"--resume {run_dir}: {path} is not a checkpoint of these scripts")
+    return checkpoint
 
 
-def resume_args(args, cls):
-    """With `--resume`, the saved run's arguments (and the checkpoint); otherwise (args, None)."""
+def resume_args(args, cls, script: str):
+    """With `--resume`, the saved run's arguments (and the checkpoint); otherwise (args, None). A checkpoint of
+    another script is refused: its state would not fit this one's models."""
     if not args.resume:
         return args, None
     checkpoint = load_checkpoint(args.resume)
-    saved = {k: v for k, v in checkpoint["args"].items() if k in {f.name for f in fields(cls)}}
+    names = {f.name for f in fields(cls)}
+    written_by = checkpoint.get("script")
+    if written_by is None and set(checkpoint["args"]) - names:  # written before checkpoints named their script
+        written_by = "another script"
+    if written_by not in (None, script):
+        raise ValueError(f"--resume {args.resume}: the checkpoint was written by {written_by}, not {script}")
+    saved = {k: v for k, v in checkpoint["args"].items() if k in names}
     return cls(**{**saved, "resume": args.resume}), checkpoint
 
 
@@ -397,6 +567,13 @@ class Run:
             self.dir, self.name = os.path.expanduser(args.resume), os.path.basename(os.path.normpath(args.resume))
             self.evals, self.tokens = checkpoint["run"]["evals"], checkpoint["run"]["tokens"]
             self.start -= checkpoint["run"]["wall_seconds"]
+            if self.is_main:  # what a run killed while writing left half-written (`write_atomically`, `writing_dir`)
+                for partial in (os.path.join(self.dir, "checkpoint", "state.pt.tmp"), os.path.join(self.dir, "model.tmp"),
+                                os.path.join(self.dir, "summary.json.tmp")):
+                    if os.path.isdir(partial):
+                        shutil.rmtree(partial)
+                    elif os.path.lexists(partial):
+                        os.unlink(partial)
         else:
             self.name = f"{args.task}__{args.exp_name}__{args.seed}__{int(self.start)}"
             self.dir = os.path.join(args.output_dir, self.name)
@@ -429,6 +606,8 @@ class Run:
             except FileExistsError:
                 suffix += 1
                 path = os.path.join(output_dir, f"{self.name}_{suffix}")
+            except OSError as error:  # a read-only file system, a full disk: say which directory
+                raise _os_error(error, f"cannot create the run directory {path}: {error.strerror}") from None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.writer is None:
@@ -462,9 +641,19 @@ class Run:
             "best": best, "wall_seconds": wall, "tokens_per_second": self.tokens / max(wall, 1e-9), **(extra or {}),
         }
         if self.is_main:
-            with open(os.path.join(self.dir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
+            text = json.dumps(summary, indent=2).encode()
+            write_atomically(os.path.join(self.dir, "summary.json"), lambda file: file.write(text))
         return summary
+
+    def fault(self, error: BaseException, step: Optional[int] = None, unit: str = "update") -> SystemExit:
+        """The one line a run stops with when the user's reward, the machine (a full disk, a lost permission) or a
+        diverged loss ends it: the cause, where (`unit` `step`; 0 is before training), and that the last checkpoint
+        is kept. Nothing new is saved. A FloatingPointError names its update itself."""
+        with contextlib.suppress(OSError):  # the disk that failed may fail the writer's last flush too
+            self.close()
+        where = "" if step is None or isinstance(error, FloatingPointError) else \
+            f" (at {unit} {step}{', before training' if step == 0 else ''})"
+        return SystemExit(error_line(f"{error}{where}; the last checkpoint (if any) is kept in {self.dir}/checkpoint"))
 
     def close(self) -> None:
         if self.writer is None:

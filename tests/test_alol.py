@@ -231,8 +231,8 @@ def test_help_documents_every_flag_and_variant():
     ({"total_steps": 0}, "--total-steps must be positive"),
     ({"offline_size": -3}, "--offline-size must be positive"),
     ({"value_heads": 3}, "must divide the hidden size 128"),
-    ({"value_dropout": 1.0}, "0 <= --value-dropout < 1"),
-    ({"kl_beta": -0.1}, "--kl-beta >= 0"),
+    ({"value_dropout": 1.0}, "--value-dropout must be in [0, 1)"),
+    ({"kl_beta": -0.1}, "--kl-beta must be non-negative"),
     ({"task": "nope"}, "unknown task"),
     ({"model_name": "./no/such/dir"}, "does not exist"),
 ])

@@ -252,8 +252,8 @@ def test_bad_input_fails_fast_with_one_line(flags, message, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (dict(batch_size=0), "--batch-size must be positive"), (dict(target_update_every=0), "--target-update-every"),
     (dict(tau=1.0), "--tau must be in"), (dict(polyak_alpha=0.0), "--polyak-alpha must be in"),
-    (dict(top_fraction=1.5), "--top-fraction must be in"), (dict(beta=-1.0), "--beta >= 0"),
-    (dict(learning_rate=0.0), "--learning-rate > 0"),
+    (dict(top_fraction=1.5), "--top-fraction must be in"), (dict(beta=-1.0), "--beta must be non-negative"),
+    (dict(learning_rate=0.0), "--learning-rate must be positive"),
     (dict(task="wordle", wordle_vocab=5000), "cannot play on 5000"),
     (dict(model_name="tiny-t5"), "seq2seq"),
 ])

@@ -181,7 +181,12 @@ def test_resolve_model_path(tmp_path, monkeypatch):
     assert resolve_model_path("gpt2", None) == "gpt2"
     assert resolve_model_path("org/model", None) == "org/model"
     (tmp_path / "local_model").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no config.json"):  # a directory, but no saved model in it
+        resolve_model_path("local_model", None)
+    (tmp_path / "local_model" / "config.json").write_text("{}")
     assert resolve_model_path("local_model", None) == "local_model"
+    with pytest.raises(ValueError, match="is a file"):
+        resolve_model_path("local_model/config.json", None)
 
 
 def test_saved_dir_round_trip(model_dirs):

@@ -1,4 +1,5 @@
-"""Tests for common/utils.py: masked statistics, exact_div, seeding and the Run directory."""
+"""Tests for common/utils.py: masked statistics, exact_div, the flag checks, the data order, atomic writes, seeding
+and the Run directory."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.utils import CommonArgs, Run, exact_div, masked_mean, masked_var, masked_whiten, seed_everything
+from common.utils import (CommonArgs, Run, exact_div, masked_mean, masked_var, masked_whiten, refill_order,
+                          seed_everything, validate_args, write_atomically)
 
 VALUES = torch.tensor([[1.0, 2.0, 100.0, 4.0],
                        [-3.0, 50.0, 0.5, 7.0]], dtype=torch.float64)
@@ -93,6 +95,66 @@ def test_exact_div():
         exact_div(10, 0)
     with pytest.raises(ValueError):
         exact_div(0, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flag checks, data order, atomic writes
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class FlagArgs(CommonArgs):
+    learning_rate: float = 1e-3
+    top_p: float = 1.0
+    beta: float = float("inf")
+    bonus: float = 0.0
+    sizes: tuple[float, ...] = (0.5, 0.5)
+
+
+FLAG_LIMITS = {"learning_rate": "(0, inf)", "top_p": "(0, 1]", "beta": "[0, inf]"}
+
+
+def test_validate_args_names_the_flag_and_its_range(tmp_path):
+    validate_args(FlagArgs(output_dir=str(tmp_path)), FLAG_LIMITS)  # the defaults pass, inf where "inf]" says so
+    for fields, message in [
+        ({"learning_rate": 0.0}, "--learning-rate must be positive, got 0.0"),
+        ({"learning_rate": float("nan")}, "--learning-rate must be positive, got nan"),
+        ({"learning_rate": float("inf")}, "--learning-rate must be positive, got inf"),
+        ({"top_p": 1.5}, "--top-p must be in (0, 1], got 1.5"),
+        ({"beta": -1.0}, "--beta must be non-negative or inf, got -1.0"),
+        ({"bonus": float("nan")}, "--bonus must be a finite number, got nan"),  # named by no rule: finite
+        ({"sizes": (0.5, float("inf"))}, "--sizes must be a finite number, got (0.5, inf)"),
+        ({"eval_episodes": 0}, "--eval-episodes must be positive, got 0"),  # the common flags' rules
+        ({"seed": -1}, "--seed must be in [0, 4294967295], got -1"),
+        ({"output_dir": str(tmp_path / "f" / "runs")}, "is a file, not a directory"),
+    ]:
+        (tmp_path / "f").write_text("")
+        with pytest.raises(ValueError, match=re.escape(message)):
+            validate_args(FlagArgs(**{"output_dir": str(tmp_path), **fields}), FLAG_LIMITS)
+    assert not (tmp_path / "runs").exists()  # checking makes nothing
+
+
+def test_refill_order_keeps_one_permutation_and_wraps_a_short_set():
+    order, cursor = refill_order(np.random.default_rng(0), 10, np.zeros(0, int), 0, 4)
+    assert cursor == 0 and order.tolist() == np.random.default_rng(0).permutation(10).tolist()
+    assert refill_order(np.random.default_rng(1), 10, order, 4, 4) == (order, 4)  # the batch still fits
+    rng = np.random.default_rng(0)
+    order, cursor = refill_order(rng, 3, np.zeros(0, int), 0, 8)  # 8 from 3 items: 3 permutations back to back
+    assert cursor == 0 and len(order) == 9 and np.bincount(order).tolist() == [3, 3, 3]
+    assert all(sorted(order[i:i + 3]) == [0, 1, 2] for i in (0, 3, 6))
+
+
+def test_write_atomically_keeps_the_old_file_when_a_write_fails(tmp_path):
+    path = str(tmp_path / "state.pt")
+    write_atomically(path, lambda file: torch.save({"step": 1}, file))
+
+    def full_disk(file):
+        file.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match=re.escape(f"cannot write {path}: No space left on device")):
+        write_atomically(path, full_disk)
+    with pytest.raises(KeyError):  # not the file's fault: raised as it was, the old file kept all the same
+        write_atomically(path, lambda file: {}["missing"])
+    assert torch.load(path)["step"] == 1 and os.listdir(tmp_path) == ["state.pt"]
 
 
 # ----------------------------------------------------------------------------------------------
