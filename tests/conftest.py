@@ -6,6 +6,10 @@ import pytest
 # OpenMP threads that busy-wait make tiny models 100x slower when the cores are shared with other
 # processes; passive waiting costs nothing measurable on an idle machine. Must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# pytest.ini runs two workers on the 2 cores (pytest-xdist): one intra-op thread each, and for every process
+# they start, so that two workers never put four busy threads on two cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 # Tests import the scripts (`import ppo`) and `common` from the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
