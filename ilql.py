@@ -188,6 +188,29 @@ def perturbed_logits(pi_logits: torch.Tensor, target_q: torch.Tensor, v: torch.T
     return logp + advantage
 
 
+def ilql_loss(pi_logits: torch.Tensor, q_logits: list[torch.Tensor], v: torch.Tensor, target_q_logits: torch.Tensor,
+              actions: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, dones: torch.Tensor, args: "Args",
+              token_share: float = 1.0) -> tuple[torch.Tensor, dict, dict]:
+    """One step's loss: Q + V + cql_weight * CQL + bc_weight * BC (original `PerTokenIQL.get_loss`), with Q of the
+    data tokens, the min over the *target* heads for V's expectile and AWAC, and V(s') from the *online* V,
+    detached. `token_share` rescales a rank's token means to exact global means (torchrun). Returns (loss, the
+    four terms unweighted, value statistics)."""
+    q_taken = [q.gather(2, actions.unsqueeze(-1)).squeeze(-1) for q in q_logits]
+    target_q = target_q_logits.gather(2, actions.unsqueeze(-1)).squeeze(-1)
+    v_next = bootstrap_values(v.detach(), mask, dones)
+    losses = {"q_loss": q_loss(q_taken, rewards, v_next, mask, args.gamma),
+              "v_loss": expectile_loss(v, target_q, mask, args.tau),
+              "cql_loss": cql_loss(q_logits, actions, mask)}
+    weights = torch.exp(args.awac_beta * (target_q - v)).detach() if args.awac_beta != 0 else None
+    losses["bc_loss"] = bc_loss(pi_logits, actions, mask, weights)
+    losses = {k: value * token_share for k, value in losses.items()}
+    loss = (losses["q_loss"] + losses["v_loss"] + args.cql_weight * losses["cql_loss"]
+            + args.bc_weight * losses["bc_loss"])
+    stats = {"values/q": masked_mean(q_taken[0], mask), "values/v": masked_mean(v, mask),
+             "values/target_q": masked_mean(target_q, mask), "values/advantage": masked_mean(target_q - v, mask)}
+    return loss, losses, stats
+
+
 @torch.no_grad()
 def polyak_update(target: nn.Module, online: nn.Module, alpha: float) -> None:
     """target <- alpha * online + (1 - alpha) * target, parameter by parameter (original `soft_update`)."""
@@ -513,25 +536,11 @@ def main(args: Args) -> dict:
                         if value_trunk is not None:
                             _, hidden = value_trunk(ids, attention, 1, with_logits=False)
                         q_logits, v, target_q_logits = heads(hidden)
-                stats = {}
                 if learn_values:
-                    # ALGO LOGIC: Q of the data tokens, min over the target heads, V of the next state
-                    q_taken = [q.gather(2, actions.unsqueeze(-1)).squeeze(-1) for q in q_logits]
-                    target_q = target_q_logits.gather(2, actions.unsqueeze(-1)).squeeze(-1)
-                    v_next = bootstrap_values(v.detach(), mask, dones)
-                    losses = {"q_loss": q_loss(q_taken, rewards, v_next, mask, args.gamma),
-                              "v_loss": expectile_loss(v, target_q, mask, args.tau),
-                              "cql_loss": cql_loss(q_logits, actions, mask)}
-                    weights = torch.exp(args.awac_beta * (target_q - v)).detach() if args.awac_beta != 0 else None
-                    losses["bc_loss"] = bc_loss(pi_logits, actions, mask, weights)
-                    losses = {k: value * token_share for k, value in losses.items()}
-                    loss = (losses["q_loss"] + losses["v_loss"] + args.cql_weight * losses["cql_loss"]
-                            + args.bc_weight * losses["bc_loss"])
-                    stats = {"values/q": masked_mean(q_taken[0], mask), "values/v": masked_mean(v, mask),
-                             "values/target_q": masked_mean(target_q, mask),
-                             "values/advantage": masked_mean(target_q - v, mask)}
+                    loss, losses, stats = ilql_loss(pi_logits, q_logits, v, target_q_logits, actions, mask, rewards,
+                                                    dones, args, token_share)
                 else:
-                    losses = {"bc_loss": bc_loss(pi_logits, actions, mask) * token_share}
+                    losses, stats = {"bc_loss": bc_loss(pi_logits, actions, mask) * token_share}, {}
                     loss = args.bc_weight * losses["bc_loss"]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
