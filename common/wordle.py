@@ -276,9 +276,10 @@ _EXPERT_CACHE: dict[tuple, int] = {}
 
 
 def expert(game: Game, rng: random.Random) -> str:
-    """Greedy, myopic information gain (the original `OptimalPolicy`): the listed word whose colour
-    pattern splits the remaining candidates into the highest-entropy partition; ties go to words that
-    could still be the answer, then to the first in the list. Deterministic and cached by state."""
+    """Greedy, myopic information gain (like the original `OptimalPolicy`, which chooses among the remaining
+    candidates only and opens from a curated list): the listed word whose colour pattern splits the remaining
+    candidates into the highest-entropy partition; ties go to words that could still be the answer, then to
+    the first in the list. Deterministic and cached by state."""
     words, candidates = load_words(), game.candidates
     key = (_IN_PLAY, candidates.tobytes())
     if key not in _EXPERT_CACHE:
