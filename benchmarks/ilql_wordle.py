@@ -125,18 +125,28 @@ def aggregate(opts, results: dict) -> list[dict]:
             se = float(returns.std(ddof=1) / np.sqrt(len(runs))) if len(runs) > 1 else float("nan")
             records.append({"dataset": dataset, "method": method, "seeds": sorted(r["seed"] for r in runs),
                             "steps": runs[0]["steps"], "return_se": se,
-                            **{m: float(np.mean([r[m] for r in runs])) for m in METRICS},
+                            **{m: mean_of([r.get(m) for r in runs]) for m in METRICS},
                             "seconds_per_run": float(np.mean([r["seconds"] for r in runs]))})
     return records
 
 
+def mean_of(values: list) -> float | None:
+    """The mean of the values a run recorded (a run imported from before a metric existed has None)."""
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
+
+
+def number(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def table(records: list[dict]) -> str:
     lines = ["| dataset | method | return (mean +- s.e. over seeds) | win rate | repeat rate | non-word rate | "
-             "seeds | steps | CPU s per run |", "|---|---|---|---|---|---|---|---|---|"]
+             "seeds | steps | wall s per run |", "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         seconds = f"{r['seconds_per_run']:.0f}" if "seconds_per_run" in r else "-"
         lines.append(f"| {r['dataset']} | {r['method']} | {r['return_mean']:+.3f} +- {r['return_se']:.3f} | "
-                     f"{r['win_rate']:.3f} | {r['repeat_rate']:.3f} | {r['nonword_rate']:.3f} | "
+                     f"{r['win_rate']:.3f} | {number(r['repeat_rate'], '.3f')} | {r['nonword_rate']:.3f} | "
                      f"{','.join(map(str, r['seeds'])) or '-'} | {r['steps'] or '-'} | {seconds} |")
     return "\n".join(lines)
 
