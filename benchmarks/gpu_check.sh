@@ -2,7 +2,8 @@
 # The CUDA path on a real GPU, in one prepared run (a few minutes): every script for a few updates under bf16
 # autocast, the first-update invariants of tests/test_precision.py on the GPU, and ppo.py's speed and peak memory.
 #
-#     bash benchmarks/gpu_check.sh            # writes gpu_check/ (logs, summary.txt) in the current directory
+#     bash benchmarks/gpu_check.sh                  # writes gpu_check/ (logs, summary.txt)
+#     GPU_CHECK_CPU=1 bash benchmarks/gpu_check.sh  # a dry run of the script on the CPU
 #
 # Prints one PASS/FAIL line per check and the GPU's name; the last lines of a failing check's log follow it.
 set -uo pipefail
@@ -11,9 +12,14 @@ out=${GPU_CHECK_DIR:-gpu_check}
 mkdir -p "$out"
 summary="$out/summary.txt"
 : > "$summary"
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; \
+if [ "${GPU_CHECK_CPU:-0}" = 1 ]; then  # a dry run of this script on a machine without a GPU (bf16 on the CPU)
+  echo "no GPU: dry run on the CPU" | tee -a "$summary"
+  export CUDA_VISIBLE_DEVICES=""
+else
+  python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; \
 print('GPU:', torch.cuda.get_device_name(0), '| torch', torch.__version__, '| CUDA', torch.version.cuda)" \
-  | tee -a "$summary" || exit 1
+    | tee -a "$summary" || exit 1
+fi
 
 check() {  # check NAME COMMAND...: run it, log it, one line in the summary
   local name=$1; shift
@@ -44,5 +50,6 @@ check precision_tests env LMRL_TEST_CUDA=1 python -m pytest -q -n 0 -p no:cachep
 check ppo_speed python -c "
 import torch, ppo
 s = ppo.main(ppo.Args(total_updates=10, eval_every=10, eval_episodes=64, save_model=False, output_dir='$out/runs'))
-print(f\"ppo.py tiny-gpt2: {s['tokens_per_second']:.0f} tok/s, peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB\")"
+memory = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else float('nan')
+print(f\"ppo.py tiny-gpt2: {s['tokens_per_second']:.0f} tok/s, peak GPU memory {memory:.0f} MiB\")"
 echo "summary: $summary"
