@@ -40,7 +40,7 @@ from common.tasks import RewardError, Task, eval_line, evaluate, make_task
 from common.utils import (CommonArgs, Run, all_gather_objects, all_reduce, bf16_autocast, close_distributed,
                           episode_seeds, error_line, exact_div, init_distributed, masked_mean, rank_share,
                           restore_rng_states, resume_args, save_checkpoint, seed_everything, stop_on_sigterm,
-                          sync_gradients, validate_args, writing_dir)
+                          sync_gradients, validate_args)
 
 ALGORITHMS = ("a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl", "nll", "wbc", "r_gold", "r_lol")
 ADVANTAGE_METHODS = ("a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl")
@@ -603,10 +603,8 @@ def main(args: Args) -> dict:
     # TRY NOT TO MODIFY: final evaluation, model, summary
     try:
         run_eval(step)
-        if args.save_model and run.is_main:
-            with writing_dir(os.path.join(run.dir, "model")) as path:  # whole or not at all
-                policy.model.save_pretrained(path)
-                policy.tokenizer.save_pretrained(path)
+        if args.save_model:
+            run.save_policy(policy)
         summary = run.write_summary({"steps": step, "algorithm": args.algorithm, **data_stats})
     except (RewardError, OSError) as error:
         raise run.fault(error, step, "step")

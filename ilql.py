@@ -47,7 +47,7 @@ from common.tasks import RewardError, eval_line, evaluate, make_task
 from common.utils import (CommonArgs, Run, all_gather_objects, all_reduce, bf16_autocast, close_distributed,
                           episode_seeds, error_line, exact_div, init_distributed, masked_mean, rank_share, refill_order,
                           restore_rng_states, resume_args, save_checkpoint, seed_everything, stop_on_sigterm,
-                          sync_gradients, validate_args, write_atomically, writing_dir)
+                          sync_gradients, validate_args, write_atomically)
 
 
 @dataclass
@@ -596,14 +596,11 @@ def main(args: Args) -> dict:
             oracle = wordle.game_metrics(play_eval_games(0.0, no_repeat=True))
             print(f"pi_beta without repeats (oracle): {eval_line(oracle)} | win rate {oracle['eval/win_rate']:.3f}",
                   flush=True)
-        if args.save_model and run.is_main:
-            with writing_dir(os.path.join(run.dir, "model")) as path:  # whole or not at all
-                policy.model.save_pretrained(path)  # pi_beta: plain AutoModelForCausalLM
-                policy.tokenizer.save_pretrained(path)
-            if learn_values:  # the heads (and value trunk), needed to decode with beta > 0
-                heads_state = {"heads": heads.state_dict(),
-                               "value_trunk": value_trunk.state_dict() if value_trunk else None}
-                write_atomically(os.path.join(run.dir, "ilql_heads.pt"), lambda file: torch.save(heads_state, file))
+        if args.save_model:
+            run.save_policy(policy)  # pi_beta: plain AutoModelForCausalLM
+        if args.save_model and run.is_main and learn_values:  # the heads (and value trunk), to decode with beta > 0
+            heads_state = {"heads": heads.state_dict(), "value_trunk": value_trunk.state_dict() if value_trunk else None}
+            write_atomically(os.path.join(run.dir, "ilql_heads.pt"), lambda file: torch.save(heads_state, file))
         summary = run.write_summary({"steps": step, "target_syncs": syncs, "beta_sweep": beta_sweep,
                                      "no_repeat_oracle": oracle})
     except (RewardError, OSError) as error:

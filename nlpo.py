@@ -44,7 +44,7 @@ from common.tasks import RewardError, eval_line, evaluate, make_task
 from common.utils import (CommonArgs, Run, all_reduce, bf16_autocast, close_distributed, episode_seeds, error_line,
                           exact_div, init_distributed, masked_mean, masked_whiten, refill_order, restore_rng_states,
                           resume_args, save_checkpoint, seed_everything, stop_on_sigterm, sync_gradients,
-                          validate_args, writing_dir)
+                          validate_args)
 
 
 @dataclass
@@ -591,10 +591,8 @@ def main(args: Args) -> dict:
     # TRY NOT TO MODIFY: final evaluation, model, summary
     try:
         run_eval(update)
-        if args.save_model and run.is_main:
-            with writing_dir(os.path.join(run.dir, "model")) as path:  # whole or not at all
-                policy.model.save_pretrained(path)
-                policy.tokenizer.save_pretrained(path)
+        if args.save_model:
+            run.save_policy(policy)
         summary = run.write_summary({"updates": update, "min_tokens_to_keep": min_tokens_to_keep})
     except (RewardError, OSError) as error:
         raise run.fault(error, update)

@@ -627,6 +627,13 @@ class Run:
         """What a checkpoint keeps of the run itself."""
         return {"evals": self.evals, "tokens": self.tokens, "wall_seconds": time.time() - self.start}
 
+    def save_policy(self, policy) -> None:
+        """`<run dir>/model`: the policy's model and tokenizer (`save_pretrained`), whole or not at all; rank 0."""
+        if self.is_main:
+            with writing_dir(os.path.join(self.dir, "model")) as path:
+                policy.model.save_pretrained(path)
+                policy.tokenizer.save_pretrained(path)
+
     def write_summary(self, extra: Optional[dict] = None) -> dict:
         """Write `summary.json` (the shape benchmark tools read; rank 0 only) and return it."""
         wall = time.time() - self.start
