@@ -7,12 +7,13 @@ original's experiments). The agent has 6 guesses; after each one the environment
 for repeated letters. Reward: -1 per guess and 0 on the guess that solves the game, so a game solved
 on guess k returns -(k - 1) and a lost game returns -6 (the original code's `WordleGame.reward`).
 
-One token per character. A game is written as the original code writes it (reference notes, 1.1):
+One token per character. A game is written as the original code writes it (its `wordle_tokenizer.py`
+and `rl_data.py`):
 
     <a>crane</a><b><b><g><b><g></s>plate</a><b><g><g><g><g></s>slate</a><g><g><g><g><g></s></eod>
 
 Agent tokens (the 5 letters and `</a>`) are actions; the colours and `</s>` are the environment's
-reply; `</eod>` closes a finished game. In the shared batch layout of DESIGN.md a turn's reward sits
+reply; `</eod>` closes a finished game. In the offline scripts' batch layout a turn's reward sits
 on its `</a>` token and `done` is 1 on the last action token of a finished game.
 
 Scripted players (the original `src/wordle/policy.py`, re-implemented): a greedy information-gain
@@ -198,8 +199,8 @@ class Game:
         return out + (["</eod>"] if self.done else [])
 
     def layout(self) -> dict[str, list]:
-        """The shared batch layout of DESIGN.md for this game: token ids, action mask (the agent's
-        letters and `</a>`), per-token rewards (each turn's reward on its `</a>`) and dones (1 on the
+        """The offline scripts' batch layout (docs/ilql.md, detail 1) for this game: token ids, action mask
+        (the agent's letters and `</a>`), per-token rewards (each turn's reward on its `</a>`) and dones (1 on the
         last action token of a finished game: nothing is bootstrapped past it)."""
         ids = [TOKEN_ID[t] for t in self.tokens()]
         action = [0] * len(ids)

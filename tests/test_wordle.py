@@ -92,7 +92,7 @@ def test_candidates_follow_the_feedback():
 
 
 # ----------------------------------------------------------------------------------------------
-# The transcript and its layout, written out by hand (the reference notes' verified example)
+# The transcript and its layout, written out by hand (the original code's own example game)
 # ----------------------------------------------------------------------------------------------
 def test_layout_of_one_game_by_hand():
     game = wordle.new_game("slate")
