@@ -38,6 +38,7 @@ DATASETS = {"per_move": "expert=0.5,repeat=0.5", "per_game": "game:expert=0.5,re
 METHODS = {"ilql": [], "bc": ["--beta", "0"], "pct_bc_10": ["--beta", "0", "--top-fraction", "0.1"],
            "pct_bc_25": ["--beta", "0", "--top-fraction", "0.25"],
            "pct_bc_50": ["--beta", "0", "--top-fraction", "0.5"]}
+BETAS = (0, 1, 4, 16, 64)
 METRICS = ("return_mean", "win_rate", "mean_guesses", "repeat_rate", "nonword_rate")
 DOC = os.path.join(ROOT, "docs", "ilql.md")
 START, END = "<!-- ilql_wordle table: start -->", "<!-- ilql_wordle table: end -->"
@@ -62,6 +63,7 @@ def command(dataset: str, method: str, seed: int, opts) -> list[str]:
             "--wordle-data", DATASETS[dataset], "--wordle-vocab", str(opts.vocab), "--total-steps", str(opts.steps),
             "--eval-every", str(opts.eval_every), "--eval-episodes", str(opts.eval_episodes),
             "--print-every", str(opts.eval_every), "--exp-name", f"{dataset}_{method}_{seed}", "--no-save-model",
+            "--eval-betas", *map(str, BETAS),  # ILQL runs: the beta sweep on the trained networks (no retraining)
             "--output-dir", os.path.join(opts.output_dir, f"{dataset}_{method}_{seed}"), *METHODS[method], *opts.extra]
 
 
