@@ -474,8 +474,7 @@ def main(args: Args) -> dict:
         """The deployed decoding (--beta), logged."""
         metrics, samples = deployed_eval(args.beta)
         run.log_eval(metrics, samples, step)
-        extra = f" | win rate {metrics['eval/win_rate']:.3f}" if is_wordle else ""
-        print(f"eval @ step {step}: {eval_line(metrics)}{extra}", flush=True)
+        print(f"eval @ step {step}: {eval_line(metrics)}", flush=True)
         return metrics
 
     def checkpoint_state(step: int) -> dict:
@@ -588,14 +587,11 @@ def main(args: Args) -> dict:
         beta_sweep = {}
         for beta in args.eval_betas if heads is not None else []:  # the trained networks decoded at other betas
             beta_sweep[str(beta)] = metrics = deployed_eval(beta)[0]
-            games = f" | win rate {metrics['eval/win_rate']:.3f} | repeat rate {metrics['eval/repeat_rate']:.3f}" \
-                if is_wordle else ""
-            print(f"beta {beta:g}: {eval_line(metrics)}{games}", flush=True)
+            print(f"beta {beta:g}: {eval_line(metrics)}", flush=True)
         oracle = {}
         if is_wordle:  # diagnosis: pi_beta with repeats forbidden, the ceiling of vetoing pi_beta's repeats
             oracle = wordle.game_metrics(play_eval_games(0.0, no_repeat=True))
-            print(f"pi_beta without repeats (oracle): {eval_line(oracle)} | win rate {oracle['eval/win_rate']:.3f}",
-                  flush=True)
+            print(f"pi_beta without repeats (oracle): {eval_line(oracle)}", flush=True)
         if args.save_model:
             run.save_policy(policy)  # pi_beta: plain AutoModelForCausalLM
         if args.save_model and run.is_main and learn_values:  # the heads (and value trunk), to decode with beta > 0

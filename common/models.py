@@ -244,9 +244,7 @@ class Policy(nn.Module):
         attention_mask, response_start) -> logits` scores with another distribution than the model's own
         (ilql.py: the Q-perturbed policy it deploys)."""
         device = next(self.parameters()).device
-        config, tok = self.model.config, self.tokenizer
-        context = None if self.is_seq2seq else getattr(config, "n_positions", None) or \
-            getattr(config, "max_position_embeddings", None)
+        tok, context = self.tokenizer, self.context_size
         nll, count = np.zeros(len(prompts)), np.zeros(len(prompts))
         for i in range(0, len(prompts), batch_size):
             prompt_ids, prompt_mask = self.encode_prompts(prompts[i:i + batch_size], max_prompt_tokens, device)

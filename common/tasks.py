@@ -716,10 +716,12 @@ def evaluate(task: Task, generate_fn: Callable[[list[str], list[int]], list[str]
 
 
 def eval_line(metrics: dict[str, float]) -> str:
-    """The console summary of an evaluation: the return, then fluency and diversity where measured."""
+    """The console summary of an evaluation: the return, then fluency and diversity where measured (Wordle: the
+    share of games won and of guesses that repeat an earlier one)."""
     line = f"return {metrics['eval/return_mean']:+.3f} +- {metrics['eval/return_std']:.3f}"
     for key, label, fmt in (("eval/perplexity", "ppl", ".2f"), ("eval/ref_nll", "ref_nll", ".2f"),
-                            ("eval/grammatical", "grammatical", ".2f"), ("eval/distinct_2", "distinct_2", ".2f")):
+                            ("eval/grammatical", "grammatical", ".2f"), ("eval/distinct_2", "distinct_2", ".2f"),
+                            ("eval/win_rate", "win rate", ".3f"), ("eval/repeat_rate", "repeat rate", ".3f")):
         if key in metrics:
             line += f" | {label} {metrics[key]:{fmt}}"
     return line

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import glob
 import importlib
 import json
 import math
@@ -567,9 +568,10 @@ class Run:
             self.dir, self.name = os.path.expanduser(args.resume), os.path.basename(os.path.normpath(args.resume))
             self.evals, self.tokens = checkpoint["run"]["evals"], checkpoint["run"]["tokens"]
             self.start -= checkpoint["run"]["wall_seconds"]
-            if self.is_main:  # what a run killed while writing left half-written (`write_atomically`, `writing_dir`)
-                for partial in (os.path.join(self.dir, "checkpoint", "state.pt.tmp"), os.path.join(self.dir, "model.tmp"),
-                                os.path.join(self.dir, "summary.json.tmp")):
+            if self.is_main:  # what a run killed while writing left half-written: every `*.tmp`
+                # of `write_atomically` (checkpoint/state.pt, summary.json, ...) and `writing_dir` (model/)
+                partials = glob.glob(os.path.join(self.dir, "*.tmp")) + glob.glob(os.path.join(self.dir, "*", "*.tmp"))
+                for partial in partials:
                     if os.path.isdir(partial):
                         shutil.rmtree(partial)
                     elif os.path.lexists(partial):
