@@ -40,7 +40,7 @@ from common.tasks import RewardError, Task, eval_line, evaluate, make_task
 from common.utils import (CommonArgs, Run, all_gather_objects, all_reduce, bf16_autocast, close_distributed,
                           episode_seeds, error_line, exact_div, init_distributed, masked_mean, rank_share,
                           restore_rng_states, resume_args, save_checkpoint, seed_everything, stop_on_sigterm,
-                          sync_gradients, validate_args)
+                          sync_gradients, validate_args, world)
 
 ALGORITHMS = ("a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl", "nll", "wbc", "r_gold", "r_lol")
 ADVANTAGE_METHODS = ("a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl")
@@ -53,6 +53,10 @@ class Args(CommonArgs):
     """the name of this experiment"""
     eval_every: int = 100
     """evaluate on held-out prompts every this many gradient steps (and before the first and after the last)"""
+    task: str = "sentiment_grammar"
+    """the task; the default is `sentiment` with a reward that also sees fluency (VADER minus 1 for text the grammar
+    rejects) and a log of good and corrupted answers to the same prompts (docs/alol.md); any task of
+    `--task` works, one without a logged dataset gets pi_ref's samples"""
 
     # Algorithm specific arguments
     algorithm: Literal["a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl", "nll", "wbc", "r_gold", "r_lol"] = "a_lol"
@@ -61,7 +65,11 @@ class Args(CommonArgs):
     data_seed: int = 0
     """seed of the offline dataset, fixed apart from `seed` so every run and variant learns from the same log"""
     offline_size: Optional[int] = None
-    """use only the first this many offline examples; None uses all (sentiment: 4096)"""
+    """use only the first this many offline examples; None uses all (sentiment, sentiment_grammar: 4096)"""
+    ref_epochs: int = 1
+    """the paper's first step: pi_ref = the loaded model fine-tuned by NLL on the whole offline log for this many
+    epochs (shuffled passes in batches of `batch_size`, `learning_rate` decayed linearly); every method starts
+    from pi_ref and weighs against it. 0: pi_ref is the model as loaded"""
     offline_samples_per_prompt: int = 1
     """tasks without an offline dataset get one sampled from pi_ref: this many responses per training prompt"""
     total_steps: int = 400
@@ -85,6 +93,9 @@ class Args(CommonArgs):
     priority_sampling: bool = True
     """draw training examples with p proportional to A+ (A-LoL family) or to R (wbc, r_gold, r_lol), with
     replacement; off: uniform (A-LoL family still drops A <= 0). nll always samples uniformly"""
+    keep_negative: bool = False
+    """ablation of the "leftover lunch" (A-LoL family): keep the examples with A <= 0 and weigh every example by A
+    itself instead of A+, so that worse-than-V responses are pushed down (priority sampling then draws p ~ |A|)"""
     response_length: Optional[int] = None
     """maximum response tokens (offline responses are truncated to it, eval generates it); None: the task's"""
     min_response_length: Optional[int] = None
@@ -121,7 +132,7 @@ class Args(CommonArgs):
 # The allowed values of the numeric flags, checked before any work (common/utils.py `validate_args`: "(0, inf)" is
 # positive; float flags not named here must be finite). The response lengths depend on the task: checked in main.
 LIMITS = {
-    "data_seed": "[0, inf)", "offline_size": "(0, inf)", "offline_samples_per_prompt": "(0, inf)",
+    "data_seed": "[0, inf)", "offline_size": "(0, inf)", "ref_epochs": "[0, inf)", "offline_samples_per_prompt": "(0, inf)",
     "total_steps": "(0, inf)", "batch_size": "(0, inf)", "learning_rate": "(0, inf)", "weight_decay": "[0, inf)",
     "max_grad_norm": "(0, inf]", "clip_eps": "(0, 1)", "kl_beta": "[0, inf)", "gold_min_prob": "[0, 1]",
     "forward_batch_size": "(0, inf)", "log_every": "(0, inf)", "value_prompts": "[2, inf)",
@@ -155,17 +166,18 @@ def token_importance_weights(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
 
 def sequence_loss(algorithm: str, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
                   rewards: torch.Tensor, advantages: torch.Tensor, clip_eps: float = 0.9, kl_beta: float = 0.1,
-                  gold_min_prob: float = 0.1) -> tuple[torch.Tensor, dict]:
+                  gold_min_prob: float = 0.1, keep_negative: bool = False) -> tuple[torch.Tensor, dict]:
     """The batch loss of every method: the mean over examples of a per-example loss built from the *summed*
     token NLL of the response ("Consistently sum is better than mean", H L757-759).
 
     logprobs / ref_logprobs `[B, T]`: log pi_theta / log pi_ref of the dataset response tokens; mask `[B, T]`;
     rewards `[B]` in [0, 1]; advantages `[B]` = R - V_ref(x). A+ = max(A, 0): A-LoL never pushes a response's
-    likelihood down, whatever the sampler did (the reference's ref-free branch skips this clamp, H L953-962).
+    likelihood down, whatever the sampler did (the reference's ref-free branch skips this clamp, H L953-962);
+    `keep_negative` (the ablation) uses A itself, so a negative advantage raises the response's NLL.
     """
     mask = mask.to(logprobs.dtype)
     nll = -(logprobs * mask).sum(1)                    # -log pi_theta(y|x): the whole response is one action
-    positive = advantages.clamp(min=0.0)
+    positive = advantages if keep_negative else advantages.clamp(min=0.0)
     stats = {}
     if algorithm == "nll":                             # behaviour cloning (H L756-760)
         per_example = nll
@@ -196,11 +208,14 @@ def sequence_loss(algorithm: str, logprobs: torch.Tensor, ref_logprobs: torch.Te
 
 
 def sampling_probabilities(algorithm: str, rewards: np.ndarray, advantages: np.ndarray,
-                           priority: bool) -> np.ndarray:
+                           priority: bool, keep_negative: bool = False) -> np.ndarray:
     """Probability of drawing each training example. The A-LoL family drops A <= 0 (the "leftover lunch")
     and, with priority sampling, draws p_i = A+_i / sum_j A+_j (H L590-623, G L504-511); the reward
-    baselines draw p proportional to R (H L668-677, G L467-476); NLL/BC and priority off are uniform."""
-    if algorithm in ADVANTAGE_METHODS:
+    baselines draw p proportional to R (H L668-677, G L467-476); NLL/BC and priority off are uniform.
+    `keep_negative` (the ablation) keeps every example: p ~ |A| with priority, uniform without."""
+    if algorithm in ADVANTAGE_METHODS and keep_negative:
+        weights = np.abs(advantages) if priority else np.ones(len(advantages))
+    elif algorithm in ADVANTAGE_METHODS:
         weights = np.clip(advantages, 0.0, None) if priority else (advantages > 0).astype(np.float64)
     elif algorithm in REWARD_METHODS and priority:
         weights = np.clip(rewards, 0.0, None)
@@ -210,6 +225,20 @@ def sampling_probabilities(algorithm: str, rewards: np.ndarray, advantages: np.n
         raise ValueError(f"{algorithm}: no training example has a positive sampling weight "
                          f"(max advantage {advantages.max():+.3f}, max reward {rewards.max():.3f})")
     return weights / weights.sum()
+
+
+def scale_rewards(raw: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Rewards mapped to [0, 1] by the offline data's min and max: the reference's rewards are non-negative (a
+    sigmoid of a reward-model logit on HHA, sums of [0, 1] scores elsewhere, utils/rl_utils.py L593-610), which
+    R-weighted losses and p ~ R need. V is fit to pi_ref's rewards on this same scale (clamped to [0, 1], the
+    range of its sigmoid), so A = R - V is a difference of two numbers on one scale."""
+    return (np.asarray(raw, dtype=np.float64) - low) / (high - low)
+
+
+def advantages_of(rewards: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """A = R - V_ref(x) per example, both scaled by `scale_rewards`: positive where the logged response scored
+    better than pi_ref's own responses to that prompt are expected to (H L590-623; computed once, V is frozen)."""
+    return np.asarray(rewards, dtype=np.float64) - np.asarray(values, dtype=np.float64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,6 +382,51 @@ def make_batch(policy: Policy, prompts: list[str], responses: list[list[int]], m
             prompt_ids.shape[1], response_mask)
 
 
+def finetune_reference(policy: Policy, prompts: list[str], responses: list[list[int]], args: Args,
+                       rng: np.random.Generator, max_prompt_tokens: int, device, autocast, log=None) -> None:
+    """The paper's first step (section 2, "we first fine-tune the reference policy on the training set"):
+    NLL on every logged response, noisy ones included, for `ref_epochs` shuffled passes. Every rank draws the
+    same global batches and takes its slice, as in the main loop; the incomplete last batch of a pass is
+    dropped (the next pass is shuffled anew)."""
+    rank, world_size = world()
+    local_batch = args.batch_size // world_size
+    per_epoch = len(prompts) // args.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"--ref-epochs: the offline log ({len(prompts)} examples) is smaller than one batch "
+                         f"({args.batch_size}); pass --ref-epochs 0 or a smaller --batch-size")
+    total = args.ref_epochs * per_epoch
+    parameters = list(policy.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total)
+    policy.train()
+    step, since, window = 0, time.time(), []
+    for _ in range(args.ref_epochs):
+        order = rng.permutation(len(prompts))
+        for start in range(0, per_epoch * args.batch_size, args.batch_size):
+            mine = order[start:start + args.batch_size][rank * local_batch:(rank + 1) * local_batch]
+            input_ids, attention_mask, offset, response_mask = make_batch(
+                policy, [prompts[i] for i in mine], [responses[i] for i in mine], max_prompt_tokens, device)
+            with autocast:
+                logits, _ = policy(input_ids, attention_mask, offset)
+            logprobs = logprobs_of(logits, input_ids[:, offset:])
+            zeros = torch.zeros(len(mine), device=device)
+            loss, _ = sequence_loss("nll", logprobs, logprobs, response_mask, zeros, zeros)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            sync_gradients(parameters)
+            nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            window.append(loss.detach())
+            if step % args.log_every == 0 or step == total:
+                nll = all_reduce(torch.stack(window).mean(), "mean").item()
+                if log is not None:
+                    log({"reference/nll": nll}, step)
+                print(f"pi_ref fine-tuning {step}/{total} | nll {nll:.2f} | {time.time() - since:.0f}s", flush=True)
+                window = []
+
+
 def main(args: Args) -> dict:
     # TRY NOT TO MODIFY: check the arguments before any heavy work; a bad one exits with one line
     try:
@@ -377,29 +451,30 @@ def main(args: Args) -> dict:
         raise SystemExit(error_line(error))
     autocast = bf16_autocast(device, args.bf16)  # a no-op on CPU unless --bf16
     rng = np.random.default_rng(args.seed)  # the same draws on every rank: V's split, then the global batches
-    ref_policy = frozen_copy(policy)  # pi_ref: the starting policy, never updated (also when resuming)
+    start_policy = frozen_copy(policy)  # the model as loaded: the yardstick of eval/ref_nll for every variant
     tokenizer = policy.tokenizer
 
-    def run_eval(step: int) -> dict:
+    def evaluate_model(model: Policy) -> tuple[dict, list]:
         """Held-out prompts, sampled as deployed, each from the same seed at every evaluation (comparable
-        evaluations, the same on 1 or N processes); `evaluate` shares the prompts out over the ranks."""
+        evaluations, the same on 1 or N processes); `evaluate` shares the prompts out over the ranks. Fluency
+        beside the reward: perplexity of the references under the model, and the sampled responses' NLL under
+        the --model-name model as loaded (before pi_ref's fine-tuning, so every variant has one yardstick)."""
         def generate_fn(prompts, indices):
             with autocast:
-                return sample_responses(policy, prompts, episode_seeds(args.seed, 1, 0, indices), task,
+                return sample_responses(model, prompts, episode_seeds(args.seed, 1, 0, indices), task,
                                         response_length, min_response_length, device)
 
-        # fluency beside the reward: perplexity of the references under the policy, and the sampled
-        # responses' NLL under the --model-name model as loaded (pi_ref here: it is never updated)
-        metrics, samples = evaluate(task, generate_fn, args.eval_episodes, args.forward_batch_size, policy=policy,
-                                    start_model=ref_policy, response_length=response_length)
+        return evaluate(task, generate_fn, args.eval_episodes, args.forward_batch_size, policy=model,
+                        start_model=start_policy, response_length=response_length)
+
+    def run_eval(step: int) -> dict:
+        metrics, samples = evaluate_model(policy)
         run.log_eval(metrics, samples, step)
         print(f"eval @ step {step}: {eval_line(metrics)}", flush=True)
         return metrics
 
-    # 1. the offline dataset, with rewards mapped to [0, 1]: the reference's rewards are non-negative
-    # (sigmoid of a reward-model logit on HHA, sums of [0, 1] scores elsewhere, utils/rl_utils.py L593-610),
-    # which R-weighted losses and p ~ R need; A = R - V only changes scale. Min and max come from the data.
-    # A log sampled from pi_ref is kept in the checkpoint, so --resume does not sample it again.
+    # 1. the offline dataset, with rewards mapped to [0, 1] by the data's min and max (`scale_rewards`).
+    # A log sampled from the loaded model is kept in the checkpoint, so --resume does not sample it again.
     try:
         if checkpoint is not None and checkpoint["data"] is not None:
             data = checkpoint["data"]
@@ -415,12 +490,37 @@ def main(args: Args) -> dict:
     except ValueError as error:
         run.close()
         raise SystemExit(error_line(error))
-    rewards = (raw_rewards - low) / (high - low)
+    rewards = scale_rewards(raw_rewards, low, high)
     print(f"offline data: {len(data)} examples, reward {raw_rewards.mean():+.3f} in [{low:+.3f}, {high:+.3f}], "
           f"scaled to [0, 1]", flush=True)
     prompts = [d["prompt"] for d in data]
     responses = [(tokenizer(d["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
                  [:response_length] for d in data]  # EOS appended, then truncated from the right (reference)
+    data_stats = checkpoint["data_stats"] if checkpoint is not None else {
+        "offline_examples": len(data), "offline_reward_mean": float(raw_rewards.mean())}
+
+    # ALGO LOGIC: 2. pi_ref, the paper's first step: the loaded model fine-tuned by NLL on the whole log. pi_theta
+    # starts from it (a fresh optimizer) and every weight and advantage is measured against it. Its own rng
+    # stream, so --ref-epochs 0 leaves V's split and the batches as they were.
+    ref_history: list[dict] = checkpoint["ref_history"] if checkpoint is not None else []
+    if checkpoint is not None and checkpoint["ref_policy"] is not None:  # --resume: its weights, not its fit
+        ref_policy = frozen_copy(policy)
+        ref_policy.load_state_dict(checkpoint["ref_policy"])
+    elif checkpoint is None and args.ref_epochs > 0:
+        try:
+            data_stats["loaded_eval"], _ = evaluate_model(start_policy)  # the table's "model as loaded" row
+            print(f"eval of the model as loaded: {eval_line(data_stats['loaded_eval'])}", flush=True)
+            finetune_reference(policy, prompts, responses, args, np.random.default_rng([args.seed, 1]),
+                               task.max_prompt_tokens, device, autocast,
+                               log=lambda metrics, step: (ref_history.append(metrics), run.log(metrics, step)))
+        except (RewardError, OSError) as error:
+            raise run.fault(error, 0, "step")
+        except ValueError as error:
+            run.close()
+            raise SystemExit(error_line(error))
+        ref_policy = frozen_copy(policy)
+    else:
+        ref_policy = start_policy  # --ref-epochs 0: pi_ref is the model as loaded
 
     def encode_hidden(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """pi_ref's prompt hidden states for many prompts, left-padded to one width (padding is masked)."""
@@ -430,20 +530,21 @@ def main(args: Args) -> dict:
                   for i in range(0, len(texts), args.forward_batch_size)]
         return torch.cat(hidden), mask
 
-    # ALGO LOGIC: 2. V_ref(x), for the advantage methods only (as in H L500): fit first, to pi_ref's own sampled
+    # ALGO LOGIC: 3. V_ref(x), for the advantage methods only (as in H L500): fit first, to pi_ref's own sampled
     # responses on training prompts, scored by the task and mapped like the data's rewards (reference: pi_ref's
     # outputs on the validation prompts; ours never sees the held-out evaluation prompts). Under torchrun the
     # ranks share the sampling and scoring; the small head is then fit by every rank alike on all of it (same
     # seed, same data: the same V everywhere, with no dropout masks that depend on the number of processes).
-    advantages, data_stats = np.zeros(len(data)), {"offline_examples": len(data),
-                                                   "offline_reward_mean": float(raw_rewards.mean())}
+    advantages = np.zeros(len(data))
     value_history: list[dict] = []
     if args.algorithm in ADVANTAGE_METHODS and checkpoint is not None:  # --resume: V's result, not its fit
-        advantages, data_stats = checkpoint["advantages"], checkpoint["data_stats"]
+        advantages = checkpoint["advantages"]
         value_history = checkpoint["value_history"]
-        for epoch, metrics in enumerate(value_history, 1):  # TensorBoard dropped the curve's epochs after the
-            if epoch > checkpoint["step"]:                  # checkpoint's step (`purge_step`): write those again
-                run.log(metrics, epoch)
+    if checkpoint is not None:  # TensorBoard dropped the points of pi_ref's and V's curves after the checkpoint's
+        for history in (ref_history, value_history):  # step (`purge_step`): write those again
+            for x, metrics in enumerate(history, 1):
+                if x > checkpoint["step"]:
+                    run.log(metrics, x)
     elif args.algorithm in ADVANTAGE_METHODS:
         value_order = rng.permutation(len(task.train_prompts))[:args.value_prompts]
         value_prompts = [task.train_prompts[i] for i in value_order for _ in range(args.value_samples_per_prompt)]
@@ -454,7 +555,7 @@ def main(args: Args) -> dict:
                                                     min_response_length, args.forward_batch_size, device)
         except RewardError as error:  # the user's reward on pi_ref's samples
             raise run.fault(error, 0, "step")
-        value_rewards = (value_rewards - low) / (high - low)
+        value_rewards = scale_rewards(value_rewards, low, high)
         value_hidden, value_mask = encode_hidden(value_prompts)
         head = PromptValueHead(policy.hidden_size, args.value_heads, args.value_dropout).to(device)
         value_stats = train_value_head(
@@ -463,7 +564,7 @@ def main(args: Args) -> dict:
             args.value_epochs, args.value_patience, args.value_learning_rate, args.value_batch_size, rng,
             log=lambda metrics, epoch: (value_history.append(metrics), run.log(metrics, epoch)))
 
-        # ALGO LOGIC: 3. advantages of the whole dataset, once: V is frozen and in eval mode, so recomputing it
+        # ALGO LOGIC: 4. advantages of the whole dataset, once: V is frozen and in eval mode, so recomputing it
         # every step (as the reference does, with dropout still on in H) would give the same numbers. Each rank
         # computes V for its share of the distinct prompts, and every rank receives all of them.
         with torch.no_grad():
@@ -474,20 +575,21 @@ def main(args: Args) -> dict:
                            head(hidden[i:i + args.forward_batch_size], mask[i:i + args.forward_batch_size]).tolist()]
             value_of = dict(zip(unique_prompts, [v for part in all_gather_objects(values_mine) for v in part]))
         values = np.array([value_of[p] for p in prompts])
-        advantages = rewards - values
+        advantages = advantages_of(rewards, values)
         data_stats.update(positive_fraction=float((advantages > 0).mean()), value_mean=float(values.mean()),
                           **value_stats)
         print(f"V: held-out MSE {value_stats['value_heldout_mse']:.4f} (a constant: "
               f"{value_stats['value_constant_mse']:.4f}) after {value_stats['value_epochs']} epochs | mean V "
               f"{values.mean():.3f} | A > 0 for {100 * data_stats['positive_fraction']:.1f}% of the data", flush=True)
     try:
-        probabilities = sampling_probabilities(args.algorithm, rewards, advantages, args.priority_sampling)
+        probabilities = sampling_probabilities(args.algorithm, rewards, advantages, args.priority_sampling,
+                                               args.keep_negative)
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     print(f"sampling: {args.algorithm} draws from {int((probabilities > 0).sum())} of the {len(data)} examples "
           f"({'priority' if args.priority_sampling and args.algorithm != 'nll' else 'uniform'})", flush=True)
 
-    # 4. the optimiser (G L520-523: AdamW, linear decay without warmup, gradient clip 1.0)
+    # 5. the optimiser (G L520-523: AdamW, linear decay without warmup, gradient clip 1.0)
     parameters = list(policy.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -505,7 +607,8 @@ def main(args: Args) -> dict:
         return {"step": step, "policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "data_rng": rng.bit_generator.state,
                 "data": data if task.offline_data is None else None, "advantages": advantages,
-                "data_stats": data_stats, "value_history": value_history}
+                "data_stats": data_stats, "value_history": value_history, "ref_history": ref_history,
+                "ref_policy": ref_policy.state_dict() if ref_policy is not start_policy else None}
 
     def flush(pending: list[tuple[int, float, np.ndarray, dict]], elapsed: float) -> tuple[list[dict], float]:
         """The one host sync of a logging interval: sum each step's statistics over the ranks, stop on a
@@ -540,7 +643,7 @@ def main(args: Args) -> dict:
             run_eval(0)
             save_checkpoint(run, checkpoint_state(0))  # V's fit and the advantages are never redone
         for step in range(first_step, args.total_steps + 1):
-            # ALGO LOGIC: 5. draw a batch (with replacement, as the reference's sampler effectively does): every
+            # ALGO LOGIC: 6. draw a batch (with replacement, as the reference's sampler effectively does): every
             # rank draws the same global batch and takes its contiguous slice, so 1 and N processes see the same
             idx = rng.choice(len(data), size=args.batch_size, p=probabilities)
             mine = idx[rank * local_batch:(rank + 1) * local_batch]
@@ -548,7 +651,7 @@ def main(args: Args) -> dict:
                 policy, [prompts[i] for i in mine], [responses[i] for i in mine], task.max_prompt_tokens, device)
             tokens = input_ids[:, start:]
 
-            # ALGO LOGIC: 6. log-probs of the dataset responses under pi_theta and the frozen pi_ref
+            # ALGO LOGIC: 7. log-probs of the dataset responses under pi_theta and the frozen pi_ref
             with autocast:
                 logits, _ = policy(input_ids, attention_mask, start)
                 with torch.no_grad():
@@ -557,9 +660,10 @@ def main(args: Args) -> dict:
             batch_rewards = torch.tensor(rewards[mine], dtype=torch.float32, device=device)
             batch_advantages = torch.tensor(advantages[mine], dtype=torch.float32, device=device)
 
-            # ALGO LOGIC: 7. the method's loss (a mean over this rank's equal share of examples), one step
+            # ALGO LOGIC: 8. the method's loss (a mean over this rank's equal share of examples), one step
             loss, stats = sequence_loss(args.algorithm, logprobs, ref_logprobs, response_mask, batch_rewards,
-                                        batch_advantages, args.clip_eps, args.kl_beta, args.gold_min_prob)
+                                        batch_advantages, args.clip_eps, args.kl_beta, args.gold_min_prob,
+                                        args.keep_negative)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             sync_gradients(parameters)  # torchrun: average gradients over ranks (a no-op otherwise)

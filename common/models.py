@@ -396,14 +396,19 @@ def _file_lock(path: str):
 
 
 def _build_info(task, arch: str) -> dict:
-    return {"builtin_version": BUILTIN_VERSION, "task": task.name, "arch": arch, **task.extra}
+    return {"builtin_version": BUILTIN_VERSION, "task": _builtin_task(task), "arch": arch, **task.extra}
+
+
+def _builtin_task(task) -> str:
+    """The task whose built-in models `task` uses: its own, or the one whose corpus it shares."""
+    return getattr(task, "builtin_models_of", None) or task.name
 
 
 def ensure_builtin_model(task, arch: str) -> str:
     """The cached directory of the built-in `arch` model of `task`, (re)built when missing or stale."""
     if task.corpus is None:
         raise ValueError(f"task {task.name!r} has no built-in model; pass --model-name (a hub id or a directory)")
-    target = os.path.join(cache_dir(), f"{task.name}-{arch}")
+    target = os.path.join(cache_dir(), f"{_builtin_task(task)}-{arch}")
     info = _build_info(task, arch)
     with _file_lock(target + ".lock"):
         try:
@@ -412,7 +417,7 @@ def ensure_builtin_model(task, arch: str) -> str:
                     return target
         except (OSError, ValueError):
             pass
-        print(f"building the built-in {arch} for task {task.name!r} in {target} (once; cached after)")
+        print(f"building the built-in {arch} for task {_builtin_task(task)!r} in {target} (once; cached after)")
         tmp = tempfile.mkdtemp(dir=cache_dir())
         try:
             with torch.random.fork_rng(devices=[]):  # a build leaves the caller's RNG stream untouched

@@ -22,6 +22,7 @@ Hub tasks (need the network or local copies; `make_task(name, args)` reads their
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -168,6 +169,69 @@ def is_review(text: str, cut_off: bool = False) -> bool:
     return False
 
 
+def _fill(slots: Sequence, noun: Optional[tuple], rng: random.Random) -> list[str]:
+    """Words for the rest of a sentence's template slots, drawn as the grammar draws them: a sentiment class
+    for the sentence's one adjective, verb or feeling, and a second noun different from the first."""
+    sentiment = rng.choice(["positive", "negative", "neutral"])
+    words = []
+    for slot in slots:
+        if not isinstance(slot, str):  # a fixed word of the template
+            option = slot
+        elif slot in ("adj", "verb", "feeling"):
+            option = tuple(rng.choice(WORDS[sentiment][slot]).split())
+        else:
+            option = rng.choice([o for o in _SLOTS[slot] if not (slot == "noun2" and o == noun)])
+        noun = option if slot == "noun" else noun
+        words += option
+    return words
+
+
+def continue_review(prompt: str, rng: random.Random) -> str:
+    """A fresh continuation of `prompt` from the grammar: the sentence the prompt stops inside is completed
+    (one of its parses, with new words for the slots not yet written) and new sentences follow, so that
+    prompt + continuation is a review of 3 or 4 sentences. Each new sentence has its own random sentiment,
+    so one prompt gets continuations of every sentiment (the offline log of `sentiment_grammar`)."""
+    words = prompt.split()
+    starts, done = {0: 0}, set()  # start of the unfinished part -> sentences before it
+    frontier = {0}
+    for sentences in range(1, 5):
+        reached = set()
+        for pos in frontier:
+            reached |= _sentence_ends(words, pos)[0]
+        for pos in reached:
+            starts.setdefault(pos, sentences)
+        frontier = reached - {len(words)}
+    tails = []  # (sentences in the prompt, the words that finish its last sentence)
+    for pos, before in starts.items():
+        if pos == len(words):
+            tails.append((before, []))
+            continue
+        for slots in _TEMPLATE_SLOTS:  # templates whose beginning the unfinished words are
+            def walk(i, at, noun):
+                if at == len(words):
+                    tails.append((before + 1, _fill(slots[i:], noun, rng)))
+                    return
+                if i == len(slots):
+                    return
+                slot = slots[i]
+                for option in (_SLOTS[slot] if isinstance(slot, str) else [slot]):
+                    if slot == "noun2" and option == noun:
+                        continue
+                    got = tuple(words[at:at + len(option)])
+                    if got == option:
+                        walk(i + 1, at + len(option), option if slot == "noun" else noun)
+                    elif at + len(got) == len(words) and option[:len(got)] == got:  # ends inside a phrase
+                        tails.append((before + 1, list(option[len(got):]) + _fill(slots[i + 1:], noun, rng)))
+            walk(0, pos, None)
+    tails = [t for t in tails if t[0] <= 4]
+    if not tails:
+        raise ValueError(f"the grammar cannot continue {prompt!r}")
+    sentences, continuation = rng.choice(tails)
+    for _ in range(max(rng.choice([3, 4]), sentences) - sentences):
+        continuation += _fill(rng.choice(_TEMPLATE_SLOTS), None, rng)
+    return " " + " ".join(continuation)
+
+
 # ----------------------------------------------------------------------------------------------
 # Rewards
 # ----------------------------------------------------------------------------------------------
@@ -222,6 +286,8 @@ class Task:
     grammatical: Optional[Callable[[str, bool], bool]] = None
     """grammatical(prompt + response, cut_off) -> whether the text is valid in the task's own grammar
     (embedded sentiment only); `cut_off`: the length limit stopped the response, so a valid prefix counts"""
+    builtin_models_of: Optional[str] = None
+    """the task whose built-in models this one uses (the same corpus); None: its own"""
     extra: dict = field(default_factory=dict)
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
@@ -240,6 +306,20 @@ class Task:
             raise RewardError(f"task {self.name!r}: the reward function returned {shown[:200]}; "
                              f"expected {len(responses)} finite floats")
         return rewards
+
+
+def corrupt(response: str, rng: random.Random, vocabulary: Sequence[str]) -> str:
+    """A noisy copy of a logged response: its words shuffled, a random bag of grammar words, or its first one
+    or two words (one kind each, with equal chance)."""
+    words = response.split()
+    kind = rng.choice(["shuffle", "bag", "short"])
+    if kind == "shuffle":
+        rng.shuffle(words)
+    elif kind == "bag":
+        words = rng.choices(vocabulary, k=rng.randint(3, 12))
+    else:
+        words = words[:rng.randint(1, 2)]
+    return " " + " ".join(words)
 
 
 def make_sentiment_task(n_train: int = 4096, n_eval: int = 256, n_corpus: int = 16000) -> Task:
@@ -270,15 +350,7 @@ def make_sentiment_task(n_train: int = 4096, n_eval: int = 256, n_corpus: int = 
             if prompt in held_out:
                 continue
             if rng.random() < noise:
-                words = response.split()
-                kind = rng.choice(["shuffle", "bag", "short"])
-                if kind == "shuffle":
-                    rng.shuffle(words)
-                elif kind == "bag":
-                    words = rng.choices(vocabulary, k=rng.randint(3, 12))
-                else:
-                    words = words[:rng.randint(1, 2)]
-                response = " " + " ".join(words)
+                response = corrupt(response, rng, vocabulary)
             data.append({"prompt": prompt, "response": response})
             if len(data) == n:
                 break
@@ -303,6 +375,47 @@ def make_sentiment_task(n_train: int = 4096, n_eval: int = 256, n_corpus: int = 
     )
 
 
+def make_sentiment_grammar_task() -> Task:
+    """`sentiment` whose reward also sees fluency, and whose offline log holds good and bad answers to the same
+    prompts: the A-LoL experiment (docs/alol.md). The reward is VADER's compound score of the continuation minus
+    1 when prompt + continuation is not a review the grammar can write, in [-2, 1], like the LoL paper's Reddit
+    reward, which adds a fluency classifier's score to the others. The prompts, references and built-in models
+    are `sentiment`'s."""
+    task = make_sentiment_task()
+    vocabulary = sorted({w for r in sentiment_corpus(500, seed=0) for w in r.split(" ")})
+
+    def reward(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        fluent = np.array([is_review(p + r) for p, r in zip(prompts, responses)], dtype=np.float64)
+        return vader_compound(responses) - (1.0 - fluent)
+
+    def offline_data(seed: int, n: int = 4096, per_prompt: int = 4, noise: float = 0.25) -> list[dict]:
+        """`per_prompt` responses to each training prompt: the review's own continuation and fresh ones from
+        the grammar (`continue_review`: mixed sentiment), each replaced with probability `noise` by a
+        corrupted copy (its words shuffled, a bag of random grammar words, or its first one or two words),
+        which the grammar rejects and the reward therefore scores 1 lower. Every response is scored by the
+        task's reward, like a logged dataset with its rewards."""
+        rng = random.Random(seed)
+        held_out = set(task.eval_prompts)
+        data = []
+        for review in sentiment_corpus(2 * n, seed=2000 + seed):
+            prompt, own = split_review(review)
+            if prompt in held_out:
+                continue
+            for response in [own] + [continue_review(prompt, rng) for _ in range(per_prompt - 1)]:
+                if rng.random() < noise:
+                    response = corrupt(response, rng, vocabulary)
+                data.append({"prompt": prompt, "response": response})
+            if len(data) >= n:
+                break
+        data = data[:n]
+        for d, r in zip(data, reward([d["prompt"] for d in data], [d["response"] for d in data])):
+            d["reward"] = float(r)
+        return data
+
+    return dataclasses.replace(task, name="sentiment_grammar", reward_fn=reward, offline_data=offline_data,
+                               builtin_models_of="sentiment")
+
+
 def make_wordle_task() -> Task:
     """The multi-turn Wordle game (ILQL's benchmark); it lives in common/wordle.py."""
     from common import wordle  # imported on use: single-turn scripts never load the word list
@@ -312,6 +425,7 @@ def make_wordle_task() -> Task:
 
 TASKS: dict[str, Callable[[], Task]] = {
     "sentiment": make_sentiment_task,
+    "sentiment_grammar": make_sentiment_grammar_task,
     "wordle": make_wordle_task,
 }
 
