@@ -132,7 +132,8 @@ class Args(CommonArgs):
 # The allowed values of the numeric flags, checked before any work (common/utils.py `validate_args`: "(0, inf)" is
 # positive; float flags not named here must be finite). The response lengths depend on the task: checked in main.
 LIMITS = {
-    "data_seed": "[0, inf)", "offline_size": "(0, inf)", "ref_epochs": "[0, inf)", "offline_samples_per_prompt": "(0, inf)",
+    "data_seed": "[0, inf)", "offline_size": "(0, inf)", "ref_epochs": "[0, inf)",
+    "offline_samples_per_prompt": "(0, inf)",
     "total_steps": "(0, inf)", "batch_size": "(0, inf)", "learning_rate": "(0, inf)", "weight_decay": "[0, inf)",
     "max_grad_norm": "(0, inf]", "clip_eps": "(0, 1)", "kl_beta": "[0, inf)", "gold_min_prob": "[0, 1]",
     "forward_batch_size": "(0, inf)", "log_every": "(0, inf)", "value_prompts": "[2, inf)",
@@ -502,8 +503,8 @@ def main(args: Args) -> dict:
     # ALGO LOGIC: 2. pi_ref, the paper's first step: the loaded model fine-tuned by NLL on the whole log. pi_theta
     # starts from it (a fresh optimizer) and every weight and advantage is measured against it. Its own rng
     # stream, so --ref-epochs 0 leaves V's split and the batches as they were.
-    ref_history: list[dict] = checkpoint["ref_history"] if checkpoint is not None else []
-    if checkpoint is not None and checkpoint["ref_policy"] is not None:  # --resume: its weights, not its fit
+    ref_history: list[tuple[int, dict]] = checkpoint.get("ref_history", []) if checkpoint is not None else []
+    if checkpoint is not None and checkpoint.get("ref_policy") is not None:  # --resume: its weights, not its fit
         ref_policy = frozen_copy(policy)
         ref_policy.load_state_dict(checkpoint["ref_policy"])
     elif checkpoint is None and args.ref_epochs > 0:
@@ -512,7 +513,7 @@ def main(args: Args) -> dict:
             print(f"eval of the model as loaded: {eval_line(data_stats['loaded_eval'])}", flush=True)
             finetune_reference(policy, prompts, responses, args, np.random.default_rng([args.seed, 1]),
                                task.max_prompt_tokens, device, autocast,
-                               log=lambda metrics, step: (ref_history.append(metrics), run.log(metrics, step)))
+                               log=lambda metrics, step: (ref_history.append((step, metrics)), run.log(metrics, step)))
         except (RewardError, OSError) as error:
             raise run.fault(error, 0, "step")
         except ValueError as error:
@@ -536,15 +537,15 @@ def main(args: Args) -> dict:
     # ranks share the sampling and scoring; the small head is then fit by every rank alike on all of it (same
     # seed, same data: the same V everywhere, with no dropout masks that depend on the number of processes).
     advantages = np.zeros(len(data))
-    value_history: list[dict] = []
+    value_history: list[tuple[int, dict]] = []
     if args.algorithm in ADVANTAGE_METHODS and checkpoint is not None:  # --resume: V's result, not its fit
         advantages = checkpoint["advantages"]
-        value_history = checkpoint["value_history"]
+        value_history = [h if isinstance(h, tuple) else (epoch, h)  # a checkpoint from before the steps were kept
+                         for epoch, h in enumerate(checkpoint["value_history"], 1)]
     if checkpoint is not None:  # TensorBoard dropped the points of pi_ref's and V's curves after the checkpoint's
-        for history in (ref_history, value_history):  # step (`purge_step`): write those again
-            for x, metrics in enumerate(history, 1):
-                if x > checkpoint["step"]:
-                    run.log(metrics, x)
+        for x, metrics in ref_history + value_history:  # step (`purge_step`): write those again
+            if x > checkpoint["step"]:
+                run.log(metrics, x)
     elif args.algorithm in ADVANTAGE_METHODS:
         value_order = rng.permutation(len(task.train_prompts))[:args.value_prompts]
         value_prompts = [task.train_prompts[i] for i in value_order for _ in range(args.value_samples_per_prompt)]
@@ -562,7 +563,7 @@ def main(args: Args) -> dict:
             head, value_hidden, value_mask, torch.tensor(value_rewards, dtype=torch.float32, device=device).clamp(0, 1),
             np.repeat(np.arange(len(value_order)), args.value_samples_per_prompt), args.value_holdout,
             args.value_epochs, args.value_patience, args.value_learning_rate, args.value_batch_size, rng,
-            log=lambda metrics, epoch: (value_history.append(metrics), run.log(metrics, epoch)))
+            log=lambda metrics, epoch: (value_history.append((epoch, metrics)), run.log(metrics, epoch)))
 
         # ALGO LOGIC: 4. advantages of the whole dataset, once: V is frozen and in eval mode, so recomputing it
         # every step (as the reference does, with dropout still on in H) would give the same numbers. Each rank

@@ -19,13 +19,10 @@ deterministic, so the evaluation plays each of the words in play once (`--eval-e
 """
 
 import argparse
-import json
 import os
 import random
 import re
-import subprocess
 import sys
-import time
 
 import numpy as np
 
@@ -33,6 +30,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from common import wordle  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from resumable import load, run_queue, save, summary_of, write_region  # noqa: E402
 
 DATASETS = {"per_move": "expert=0.5,repeat=0.5", "per_game": "game:expert=0.5,repeat=0.5"}
 METHODS = {"ilql": [], "bc": ["--beta", "0"], "pct_bc_10": ["--beta", "0", "--top-fraction", "0.1"],
@@ -42,20 +42,6 @@ BETAS = (0, 1, 4, 16, 64)
 METRICS = ("return_mean", "win_rate", "mean_guesses", "repeat_rate", "nonword_rate")
 DOC = os.path.join(ROOT, "docs", "ilql.md")
 START, END = "<!-- ilql_wordle table: start -->", "<!-- ilql_wordle table: end -->"
-
-
-def load(path: str) -> dict:
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    return {"runs": {}, "records": []}
-
-
-def save(path: str, results: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(path + ".tmp", path)  # a benchmark killed while writing keeps the previous file
 
 
 def command(dataset: str, method: str, seed: int, opts) -> list[str]:
@@ -69,10 +55,7 @@ def command(dataset: str, method: str, seed: int, opts) -> list[str]:
 
 def finished_run(dataset: str, method: str, seed: int, opts, log_path: str, seconds: float) -> dict:
     """The record of a finished run: its final metrics, and the curve from its evaluation lines."""
-    out_dir = os.path.join(opts.output_dir, f"{dataset}_{method}_{seed}")
-    (run_dir,) = [d for d in os.listdir(out_dir) if os.path.exists(os.path.join(out_dir, d, "summary.json"))]
-    with open(os.path.join(out_dir, run_dir, "summary.json")) as f:
-        final = json.load(f)["final"]
+    final = summary_of(os.path.join(opts.output_dir, f"{dataset}_{method}_{seed}"))["final"]
     with open(log_path) as f:
         curve = [[int(s), float(r)] for s, r in re.findall(r"eval @ step (\d+): return ([-+.\d]+)", f.read())]
     return {"dataset": dataset, "method": method, "seed": seed, "steps": opts.steps, "flags": opts.extra,
@@ -81,30 +64,11 @@ def finished_run(dataset: str, method: str, seed: int, opts, log_path: str, seco
 
 
 def train(opts, results: dict) -> None:
-    todo = [(d, m, s) for s in opts.seeds for d in opts.datasets for m in opts.methods  # whole seeds first
-            if f"{d}/{m}/{s}" not in results["runs"]]
-    running: dict = {}
-    os.makedirs(opts.output_dir, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(opts.threads)}
-    while todo or running:
-        while todo and len(running) < opts.jobs:
-            dataset, method, seed = todo.pop(0)
-            log_path = os.path.join(opts.output_dir, f"{dataset}_{method}_{seed}.log")
-            cmd = command(dataset, method, seed, opts)
-            print(" ".join(cmd[1:]), flush=True)
-            with open(log_path, "w") as log:
-                proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-            running[proc] = (dataset, method, seed, log_path, time.time())
-        time.sleep(5)
-        for proc in [p for p in running if p.poll() is not None]:
-            dataset, method, seed, log_path, started = running.pop(proc)
-            if proc.returncode != 0:
-                raise SystemExit(f"error: {dataset}/{method}/seed {seed} failed; see {log_path}")
-            record = finished_run(dataset, method, seed, opts, log_path, time.time() - started)
-            results["runs"][f"{dataset}/{method}/{seed}"] = record
-            save(opts.results, results)
-            print(f"{dataset}/{method}/seed {seed}: return {record['return_mean']:+.3f} in {record['seconds']} s",
-                  flush=True)
+    todo = [(f"{d}/{m}/{s}", command(d, m, s, opts))  # whole seeds first
+            for s in opts.seeds for d in opts.datasets for m in opts.methods]
+    run_queue(todo, lambda key, log_path, seconds: finished_run(*key.split("/")[:2], int(key.split("/")[2]), opts,
+                                                                log_path, seconds),
+              results, opts.results, opts.output_dir, ROOT, opts.jobs, opts.threads)
 
 
 def aggregate(opts, results: dict) -> list[dict]:
@@ -118,7 +82,8 @@ def aggregate(opts, results: dict) -> list[dict]:
     for dataset, spec in DATASETS.items():
         data = wordle.game_metrics(wordle.offline_games(spec, 4096, 1))
         records.append({"dataset": dataset, "method": "data", "seeds": [1], "steps": 0,
-                        "return_se": data["eval/return_std"] / np.sqrt(4096), **{m: data[f"eval/{m}"] for m in METRICS}})
+                        "return_se": data["eval/return_std"] / np.sqrt(4096),
+                        **{m: data[f"eval/{m}"] for m in METRICS}})
         for method in METHODS:
             runs = [r for r in results["runs"].values() if r["dataset"] == dataset and r["method"] == method]
             if not runs:
@@ -180,17 +145,8 @@ def main() -> None:
     text = table(results["records"])
     print(text)
     if opts.page:
-        write_region(opts.page, text)
+        write_region(opts.page, text, START, END)
 
-
-def write_region(page: str, text: str) -> None:
-    """Replace the marked table region of `page` (a new page is just the region)."""
-    doc = open(page).read() if os.path.exists(page) else f"{START}\n{END}\n"
-    if START not in doc or END not in doc:
-        raise SystemExit(f"error: {page} has no {START} ... {END} region")
-    head, rest = doc.split(START, 1)
-    with open(page, "w") as f:
-        f.write(head + START + "\n" + text + "\n" + END + rest.split(END, 1)[1])
 
 if __name__ == "__main__":
     main()

@@ -192,7 +192,7 @@ def continue_review(prompt: str, rng: random.Random) -> str:
     prompt + continuation is a review of 3 or 4 sentences. Each new sentence has its own random sentiment,
     so one prompt gets continuations of every sentiment (the offline log of `sentiment_grammar`)."""
     words = prompt.split()
-    starts, done = {0: 0}, set()  # start of the unfinished part -> sentences before it
+    starts = {0: 0}  # where an unfinished sentence may start -> the complete sentences before it
     frontier = {0}
     for sentences in range(1, 5):
         reached = set()

@@ -66,6 +66,9 @@ OTHER = {
                                               "--page", os.path.join(tmp, "ilql.md"), "--",
                                               "--batch-size", "4", "--wordle-games", "64"],
 }
+OTHER["benchmarks/alol_variants.py"] = lambda tmp: [
+    "--seeds", "1", "--variants", "a_lol", "nll", "--output-dir", os.path.join(tmp, "alol_variants"),
+    "--results", os.path.join(tmp, "alol.json"), "--page", os.path.join(tmp, "alol.md"), "--", *TINY["alol.py"]]
 MODULES = {"common.wordle": ["20", "200"]}  # `python -m common.wordle [games] [words]`: positional, replaced
 BUILTIN_MODELS = ("tiny-gpt2", "tiny-t5")
 NETWORK_TASKS = ("imdb", "jsonl")  # jsonl: the documented prompts file and reward are the reader's own

@@ -14,6 +14,7 @@ import torch
 import common.models as models
 from common.tasks import (
     Task,
+    continue_review,
     diversity_metrics,
     evaluate,
     is_review,
@@ -234,6 +235,10 @@ def test_builtin_model_cache(task, fake_builder):
     assert len(calls) == 4
     assert not policy.is_seq2seq and policy.tokenizer.padding_side == "left"
 
+    calls.clear()  # sentiment_grammar shares sentiment's corpus, so it uses sentiment's models: nothing is built
+    grammar_task = dataclasses.replace(make_task("sentiment_grammar"), extra=newer_grammar.extra)  # as cached now
+    assert models.ensure_builtin_model(grammar_task, "tiny-gpt2") == target and not calls
+
 
 def test_builtin_build_leaves_rng_untouched(task, fake_builder):
     torch.manual_seed(0)
@@ -354,3 +359,47 @@ def test_sentiment_references_are_the_reviews_second_halves(task):
     assert len(task.eval_references) == len(task.eval_prompts)
     for prompt, reference in zip(task.eval_prompts[:50], task.eval_references[:50]):
         assert reference.startswith(" ") and is_review(prompt + reference)
+
+
+# ----------------------------------------------------------------------------------------------
+# sentiment_grammar: the reward sees fluency, the log answers each prompt several times
+# ----------------------------------------------------------------------------------------------
+def test_continue_review_writes_grammar_continuations_of_every_sentiment():
+    import random
+
+    rng = random.Random(0)
+    prompts = [split_review(r)[0] for r in sentiment_corpus(300, seed=11)]
+    for prompt in prompts:
+        assert is_review(prompt + continue_review(prompt, rng)), prompt
+    # one prompt, many continuations: different texts, of both signs of sentiment
+    continuations = [continue_review(prompts[0], rng) for _ in range(40)]
+    scores = vader_compound(continuations)
+    assert len(set(continuations)) > 20 and scores.min() < -0.3 and scores.max() > 0.3
+    with pytest.raises(ValueError, match="cannot continue"):
+        continue_review("not a review at all", rng)
+
+
+def test_sentiment_grammar_reward_is_vader_minus_one_outside_the_grammar():
+    task = make_task("sentiment_grammar")
+    prompt = "the plot was dull . i loved the"
+    responses = [" music . the acting was truly wonderful .", " wonderful was the truly music . acting ."]
+    vader = vader_compound(responses)
+    assert vader[0] == pytest.approx(vader[1])  # the same words: VADER cannot tell them apart
+    np.testing.assert_allclose(task.score([prompt] * 2, responses), [vader[0], vader[1] - 1.0])
+    assert task.eval_prompts == make_task("sentiment").eval_prompts
+
+
+def test_sentiment_grammar_log_holds_good_and_bad_answers_to_the_same_prompts():
+    task = make_task("sentiment_grammar")
+    data = task.offline_data(0)
+    assert len(data) == 4096 and data == task.offline_data(0)  # deterministic
+    prompts = [d["prompt"] for d in data]
+    assert all(prompts[i] == prompts[i - i % 4] for i in range(len(data)))  # 4 answers per prompt
+    assert len(set(prompts)) > 1000 and not set(prompts) & set(task.eval_prompts)  # rarely, two reviews share one
+    fluent = np.array([is_review(d["prompt"] + d["response"]) for d in data])
+    assert 0.70 < fluent.mean() < 0.80  # a quarter corrupted (a shuffle is rarely grammatical by chance)
+    np.testing.assert_allclose([d["reward"] for d in data],
+                               vader_compound([d["response"] for d in data]) - (1.0 - fluent))
+    # most prompts have a fluent and a corrupted answer, so the reward separates them within a prompt
+    mixed = sum(0 < fluent[i:i + 4].sum() < 4 for i in range(0, len(data), 4))
+    assert mixed > 0.6 * 1024
