@@ -1,5 +1,7 @@
-"""reward_lm.py: the environment's true values, the LM's three roles, the conditioned policy, the
-epistemic heads, the CLI, and a learning test (Thompson sampling escapes the trap greedy stays in)."""
+"""reward_lm.py: the environment's true values, the LM's three roles, the conditioned policy, the agents' query
+distributions, the epistemic heads (their loss, anchor, prior calibration and posterior spread), the online step's
+objective by hand, the CLI, and a learning test (Thompson sampling escapes the trap greedy stays in).
+Each unit test's docstring names the change to reward_lm.py that makes it fail."""
 
 import json
 import math
@@ -10,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import reward_lm as R
 
@@ -52,7 +55,8 @@ def test_environment_true_values(seed):
         assert np.all(env.approval[1:, x, uses_word] >= 0.5) and np.all(env.approval[0, x, uses_word] <= 0.35)
         assert 0.6 * 0.05 + 0.4 * 0.5 <= env.theta[x, uses_word].min() and env.theta[x, uses_word].max() <= 0.53
         # the trap: under the historical (majority-only) raters the ranking of fav_0 and inc is reversed
-        assert env.theta_historical[x, fav0] == pytest.approx(0.9) and env.theta_historical[x, inc] == pytest.approx(0.5)
+        assert env.theta_historical[x, fav0] == pytest.approx(0.9)
+        assert env.theta_historical[x, inc] == pytest.approx(0.5)
         # specials use disjoint tokens; inc ends with the inclusive word, which no other logged response uses
         tokens = [t for r in env.special[x] for t in divmod(int(r), env.K)]
         assert len(set(tokens)) == 8 and inc % env.K == env.K - 1
@@ -133,18 +137,153 @@ def test_agents_select_differently():
         R.select_queries("nope", ell_z, log_pi_ref, x, gen, 0.05)
 
 
-@pytest.mark.parametrize("uncertainty", ["ensemble", "epinet"])
-def test_heads_disagree_before_training_and_agree_after(uncertainty):
-    """Train the one LM + heads on the same 4 (prompt, response) pairs, each with many labels."""
-    model, _, args = make_model(uncertainty=uncertainty, pretrain_heads=True, replay_coef=0.0)
+def test_passive_and_boltzmann_sample_their_distributions():
+    """passive draws from pi_ref(.|x), boltzmann from softmax(p_mean(.|x) / T), each for its own prompt x.
+    Fails if passive drew uniformly or from another prompt's row, or if boltzmann ignored T (its row would be
+    softmax(p_mean), almost flat) or sampled on the logits instead of the approvals."""
+    gen, n = torch.Generator().manual_seed(0), 20000
+    p = torch.tensor([[0.1, 0.3, 0.5, 0.7, 0.9, 0.5], [0.9, 0.7, 0.5, 0.3, 0.1, 0.2]])
+    ell_z = torch.logit(p).expand(4, -1, -1)  # every head says p: p_mean = p
+    log_pi_ref = torch.log_softmax(torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0, -2.0], [-2.0, -1.0, 0.0, 1.0, 2.0, 3.0]]),
+                                   -1)
+    x = torch.tensor([0, 1] * n)
+    temperature = 0.2
+    expected = {"passive": log_pi_ref.exp(),
+                # by hand: exp(p / 0.2) = exp(0.5), exp(1.5), ... normalised per prompt
+                "boltzmann": torch.exp(p / temperature) / torch.exp(p / temperature).sum(-1, keepdim=True)}
+    for agent, probs in expected.items():
+        y = R.select_queries(agent, ell_z, log_pi_ref, x, gen, temperature)
+        for prompt in (0, 1):
+            freq = torch.bincount(y[x == prompt], minlength=6).float() / n
+            # a share's standard error is at most 0.5 / sqrt(20000) = 0.0035: 0.015 is over 4 of them
+            assert torch.allclose(freq, probs[prompt], atol=0.015), (agent, prompt, freq, probs[prompt])
+
+
+def test_head_loss_bootstrap_weighting_by_hand():
+    """head_loss = sum_{z,i} w_zi BCE(ell0_i + offset_zi, f_i) / sum w (the mean when unweighted).
+    Fails if the weights were ignored (the plain mean is 1.2272 here, not 1.4053) or normalised by the count."""
+    ell0, f = torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0])
+    offsets = torch.tensor([[0.5, -1.0], [0.0, 2.0]])  # [heads, data]: logits 0.5, 0.0 / 0.0, 3.0
+    weights = torch.tensor([[1.0, 0.0], [1.0, 1.0]])  # head 0 does not see point 1
+    # BCE(l, 1) = log(1 + exp(-l)), BCE(l, 0) = log(1 + exp(l))
+    bce = [[math.log1p(math.exp(-0.5)), math.log(2)], [math.log(2), math.log1p(math.exp(3))]]
+    weighted = (bce[0][0] + bce[1][0] + bce[1][1]) / 3
+    assert R.head_loss(ell0, offsets, f, weights).item() == pytest.approx(weighted, rel=1e-6)
+    assert R.head_loss(ell0, offsets, f, None).item() == pytest.approx(sum(map(sum, bce)) / 4, rel=1e-6)
+    assert weighted == pytest.approx(1.405270, abs=1e-6)
+
+
+def test_head_loss_detaches_ell0():
+    """The heads learn what the LM's own logit leaves uncertain: no gradient from the heads' loss reaches ell0.
+    Fails if `.detach()` is removed from head_loss."""
+    ell0, offsets = torch.tensor([0.3, -0.2], requires_grad=True), torch.zeros(3, 2, requires_grad=True)
+    R.head_loss(ell0, offsets, torch.tensor([1.0, 0.0]), torch.ones(3, 2)).backward()
+    assert ell0.grad is None
+    # d/d offset of BCE(0.3 + o, 1) / 6 at o = 0 is (sigmoid(0.3) - 1) / 6
+    assert offsets.grad[0, 0].item() == pytest.approx((torch.sigmoid(torch.tensor(0.3)).item() - 1) / 6, rel=1e-6)
+
+
+def test_anchor_is_the_squared_distance_of_the_trainable_weights_to_their_init():
+    """||phi - phi_init||^2 over the trainable weights only (the priors are frozen). Fails if it measured the
+    weights themselves (the output layers start at 0, the first layers do not) or included the priors."""
+    model, _, _ = make_model()
+    assert model.head.anchor().item() == 0.0
+    with torch.no_grad():
+        for p in model.head.params:
+            p.add_(0.5)
+    n_trainable = sum(p.numel() for p in model.head.params)
+    assert model.head.anchor().item() == pytest.approx(0.25 * n_trainable, rel=1e-5)
+
+
+def test_calibrate_prior_sets_the_relative_spread_to_alpha():
+    """After calibrate_prior, a response's offset relative to its prompt's mean offset has std alpha across heads
+    (mean over (prompt, response)), and the LM is untouched. Fails if it calibrated the raw offsets (mostly a shift
+    shared by every response of a prompt: the relative spread would come out at about alpha / 2) or set the scale
+    instead of multiplying it."""
+    model, _, args = make_model(prior_scale=0.5)
+    z = torch.arange(args.ensemble_size)
+
+    def relative_spread():
+        _, ell0, ell_z = model.table(4, 64, z)
+        offsets = ell_z - ell0
+        return ell0, (offsets - offsets.mean(-1, keepdim=True)).std(0).mean().item(), offsets.std(0).mean().item()
+
+    ell0, before, raw = relative_spread()
+    assert before < 0.8 * raw  # the shared part that TS's argmax cannot use (measured 0.69 of the raw spread)
+    model.calibrate_prior(4, 64)
+    ell0_after, after, _ = relative_spread()
+    assert after == pytest.approx(0.5, rel=1e-4)
+    assert model.head.prior_norm.item() == pytest.approx(0.5 / before, rel=1e-4)
+    assert torch.equal(ell0_after, ell0)
+    model.calibrate_prior(4, 64)  # calibrated already: a second call changes nothing
+    assert relative_spread()[1] == pytest.approx(0.5, rel=1e-4)
+
+
+def test_online_step_is_the_documented_objective():
+    """One online train_step descends, by hand,
+        BCE(ell0, f) + kappa * NLL(replayed x, a_i, a_j; the feedback token masked)
+        + sum_{z,i} w_zi BCE(ell0.detach() + offset_zi, f_i) / sum w + lambda / N ||phi - phi_init||^2.
+    With SGD at rate 1, every parameter moves by minus its gradient, so comparing the moves compares the gradients
+    of the two objectives, parameter by parameter. Fails (checked) if the anchor is dropped or not divided by N,
+    if ell0 is not detached in the heads' loss (the LM then also gets the heads' gradient), if the replay also
+    trains the historical feedback token, or if the bootstrap weights are ignored."""
+    import copy
+
+    model, _, args = make_model(anchor_coef=3.0, replay_coef=0.5)
+    model.calibrate_prior(4, 64)
+    init = torch.cat([p.detach().flatten() for p in model.head.params]).clone()
+    torch.manual_seed(1)
+    with torch.no_grad():  # heads away from their init, so that the anchor pulls
+        for p in model.head.params:
+            p.add_(0.1 * torch.randn_like(p))
+    x, r = torch.tensor([0, 1, 2, 3, 0, 1]), torch.tensor([5, 17, 40, 63, 6, 9])
+    f = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    weights = (torch.rand(6, args.ensemble_size, generator=torch.Generator().manual_seed(2)) < 0.5).float()
+    replay = (torch.tensor([2, 3, 1]), torch.tensor([11, 22, 33]))
+    n_data = 40
+
+    hand = copy.deepcopy(model)
+    _, ell0, h, logits, ids = hand(torch.cat([x, replay[0]]), torch.cat([r, replay[1]]))
+    bce = lambda logit, target: -(target * F.logsigmoid(logit) + (1 - target) * F.logsigmoid(-logit))
+    n = len(x)
+    feedback = bce(ell0[:n], f).mean()
+    replay_nll = -logits[n:, :3].log_softmax(-1).gather(-1, ids[n:, 1:, None]).mean()  # x, a_i, a_j: no f
+    ell_z = ell0[:n].detach() + hand.head(h[:n].detach(), torch.arange(args.ensemble_size))
+    heads = (weights.T * bce(ell_z, f)).sum() / weights.sum()
+    anchor = (torch.cat([p.flatten() for p in hand.head.params]) - init).pow(2).sum()
+    (feedback + 0.5 * replay_nll + heads + 3.0 / n_data * anchor).backward()
+
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    R.train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), x, r, f, weights, n_data, args,
+                 torch.Generator().manual_seed(0), "online", replay)
+    moved = 0
+    for (name, param), hand_param in zip(model.named_parameters(), hand.parameters()):
+        expected = -hand_param.grad if hand_param.grad is not None else torch.zeros_like(param)
+        assert torch.allclose(param.detach() - before[name], expected, atol=1e-5), name
+        moved += int(expected.abs().max() > 1e-3)
+    assert moved > 10  # the LM, its output layer and the heads all moved
+
+
+def test_queried_cells_shrink_their_spread_unqueried_keep_it():
+    """Fit the one LM + heads on 4 (prompt, response) cells, 48 labels each (approval 1/3), from a calibrated prior:
+    the heads' spread in logits (std over heads of ell_z) must shrink on those cells and mostly stay elsewhere, and
+    the posterior mean there must reach the labels' 1/3. Measured on seeds 0-2: queried cells 1.05-1.24 -> 0.27-0.29
+    (ratio 0.22-0.28); the other 252 cells 0.97-1.07 -> 0.67-0.72 (ratio 0.63-0.72: they share tokens and features
+    with the queried ones). Fails (checked) if the heads saw only the last hidden state (docs/reward_lm.md,
+    implementation detail 4: it smooths every cell into its neighbours; the unqueried ratio is then 0.09-0.11)."""
+    model, _, args = make_model(replay_coef=0.0)
+    model.calibrate_prior(4, 64)
     gen = torch.Generator().manual_seed(0)
-    x, r = torch.tensor([0, 1, 2, 3] * 48), torch.tensor([5, 17, 40, 63] * 48)
-    f = (torch.arange(192) % 3 == 0).float()  # approval 1/3 on every pair
-    z = model.head.sample_z(args.ensemble_size, gen)
+    cells = ([0, 1, 2, 3], [5, 17, 40, 63])
+    x, r = torch.tensor(cells[0] * 48), torch.tensor(cells[1] * 48)
+    f = (torch.arange(192) % 3 == 0).float()  # approval 1/3 on every queried cell
+    z = torch.arange(args.ensemble_size)
+    queried = torch.zeros(4, 64, dtype=torch.bool)
+    queried[cells] = True
 
     def spread():
-        _, _, ell_z = model.table(4, 64, z)
-        return torch.sigmoid(ell_z)[:, [0, 1, 2, 3], [5, 17, 40, 63]].std(0).mean().item()
+        s = model.table(4, 64, z)[2].std(0)
+        return s[queried].mean().item(), s[~queried].mean().item()
 
     before = spread()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
@@ -152,9 +291,10 @@ def test_heads_disagree_before_training_and_agree_after(uncertainty):
     for _ in range(100):
         R.train_step(model, optimizer, x, r, f, w, 192, args, gen, "online")
     after = spread()
-    assert before > 0.05, f"heads should disagree at init (std {before:.3f})"
-    assert after < 0.5 * before, f"heads should agree after training: std {before:.3f} -> {after:.3f}"
-    p_mean = torch.sigmoid(model.table(4, 64, z)[2]).mean(0)[[0, 1, 2, 3], [5, 17, 40, 63]]
+    assert before[0] > 0.5 and before[1] > 0.5, f"the calibrated prior spreads every cell: {before}"
+    assert after[0] < 0.4 * before[0], f"queried cells should shrink: {before[0]:.3f} -> {after[0]:.3f}"
+    assert after[1] > 0.5 * before[1], f"unqueried cells should keep most of it: {before[1]:.3f} -> {after[1]:.3f}"
+    p_mean = torch.sigmoid(model.table(4, 64, z)[2]).mean(0)[cells]
     assert torch.allclose(p_mean, torch.full((4,), 1 / 3), atol=0.05)
 
 
@@ -196,7 +336,8 @@ def test_bad_input_on_the_cli_is_one_line(tmp_path):
 
 def test_tiny_run_end_to_end_and_saved_model_reloads(tmp_path):
     tiny = ["--num-seeds", "1", "--queries", "32", "--queries-per-round", "16", "--updates-per-round", "2",
-            "--pretrain-size", "512", "--pretrain-epochs", "1", "--agents", "ts", "greedy", "passive", "boltzmann", "infomax"]
+            "--pretrain-size", "512", "--pretrain-epochs", "1",
+            "--agents", "ts", "greedy", "passive", "boltzmann", "infomax"]
     result = subprocess.run([sys.executable, "reward_lm.py", *tiny, "--output-dir", str(tmp_path / "a")], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -208,8 +349,6 @@ def test_tiny_run_end_to_end_and_saved_model_reloads(tmp_path):
     assert summary["script"] == "reward_lm.py" and summary["seeds"] == [1]
     for key in ("eval/return_mean", "eval/regret", "eval/frac_optimal", "eval/std_best", "eval/value_beta1"):
         assert key in summary["initial"] and key in summary["final"]
-    assert summary["initial"]["eval/return_mean"] <= summary["opt_value"] + 1e-9
-    assert summary["final"]["eval/regret"] == pytest.approx(summary["opt_value"] - summary["final"]["eval/return_mean"])
     assert set(summary["agents"]) == {"ts", "greedy", "passive", "boltzmann", "infomax"}
     rows = (run_dir / "curves.csv").read_text().splitlines()
     assert len(rows) == 1 + 5 * 3  # header + 5 agents x (2 rounds + final evaluation)
@@ -224,7 +363,8 @@ def test_tiny_run_end_to_end_and_saved_model_reloads(tmp_path):
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     (name_b,) = os.listdir(tmp_path / "b")
-    assert json.loads((tmp_path / "b" / name_b / "summary.json").read_text())["args"]["model_name"] == str(run_dir / "model")
+    summary_b = json.loads((tmp_path / "b" / name_b / "summary.json").read_text())
+    assert summary_b["args"]["model_name"] == str(run_dir / "model")
 
 
 # ----------------------------------------------------------------------------------------------
