@@ -421,7 +421,10 @@ def finetune_reference(policy: Policy, prompts: list[str], responses: list[list[
             step += 1
             window.append(loss.detach())
             if step % args.log_every == 0 or step == total:
-                nll = all_reduce(torch.stack(window).mean(), "mean").item()
+                nll = all_reduce(torch.stack(window).mean(), "mean").item()  # the same on every rank: all stop
+                if not math.isfinite(nll):
+                    raise FloatingPointError(f"non-finite loss in pi_ref's fine-tuning by update {step} of {total} "
+                                             f"(mean NLL {nll}); lower --learning-rate")
                 if log is not None:
                     log({"reference/nll": nll}, step)
                 print(f"pi_ref fine-tuning {step}/{total} | nll {nll:.2f} | {time.time() - since:.0f}s", flush=True)
@@ -514,7 +517,7 @@ def main(args: Args) -> dict:
             finetune_reference(policy, prompts, responses, args, np.random.default_rng([args.seed, 1]),
                                task.max_prompt_tokens, device, autocast,
                                log=lambda metrics, step: (ref_history.append((step, metrics)), run.log(metrics, step)))
-        except (RewardError, OSError) as error:
+        except (RewardError, OSError, FloatingPointError) as error:
             raise run.fault(error, 0, "step")
         except ValueError as error:
             run.close()

@@ -295,6 +295,14 @@ def test_bad_input_on_the_cli_is_one_line(tmp_path):
     assert not os.listdir(tmp_path)
 
 
+def test_diverging_reference_fine_tuning_stops_with_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "alol.py", *TINY, "--learning-rate", "1e30", "--output-dir", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: non-finite loss in pi_ref's fine-tuning by update 2 of 64"), result.stderr[-2000:]
+
+
 def _scalars(run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

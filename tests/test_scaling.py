@@ -37,7 +37,7 @@ SCRIPTS = {
               "--forward-batch-size", "8", "--checkpoint-every", "2"],
         losses=["losses/loss", "losses/nll", "losses/importance_weight", "objective/kl", "objective/scores",
                 "eval/return_mean"],
-        diverge=["--learning-rate", "1e30", "--checkpoint-every", "1"],
+        diverge=["--learning-rate", "1e30", "--checkpoint-every", "1", "--ref-epochs", "0"],  # diverge in training
         marker="step 5/",
     ),
     "ilql.py": dict(  # Wordle games differ in length: each rank's token means are rescaled to exact global means
