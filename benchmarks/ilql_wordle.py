@@ -97,6 +97,40 @@ def aggregate(opts, results: dict) -> list[dict]:
     return records
 
 
+def claims(records: list[dict], results: dict) -> list[dict]:
+    """The issue's claim per dataset: ILQL against the best %BC (the filtering with the highest mean return) and
+    BC. `combined_se` = sqrt(se_ilql^2 + se_pct_bc^2) of the two means; the paired difference over the seeds both
+    ran; `gap_closed` = (ILQL - BC) / (expert - BC)."""
+    by = {(r["dataset"], r["method"]): r for r in records}
+    expert, out = by["-", "expert"]["return_mean"], []
+    for dataset in DATASETS:
+        pct = [by[dataset, m] for m in METHODS if m.startswith("pct_bc") and (dataset, m) in by]
+        if (dataset, "ilql") not in by or (dataset, "bc") not in by or not pct:
+            continue
+        ilql, bc, best = by[dataset, "ilql"], by[dataset, "bc"], max(pct, key=lambda r: r["return_mean"])
+        seeds = sorted(set(ilql["seeds"]) & set(best["seeds"]))
+        diffs = np.array([results["runs"][f"{dataset}/ilql/{s}"]["return_mean"] -
+                          results["runs"][f"{dataset}/{best['method']}/{s}"]["return_mean"] for s in seeds])
+        out.append({"dataset": dataset, "best_pct_bc": best["method"],
+                    "difference": ilql["return_mean"] - best["return_mean"],
+                    "combined_se": float(np.hypot(ilql["return_se"], best["return_se"])),
+                    "paired_difference": float(diffs.mean()),
+                    "paired_se": float(diffs.std(ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else float("nan"),
+                    "ilql_wins": int((diffs > 0).sum()), "seeds": seeds,
+                    "gap_closed": (ilql["return_mean"] - bc["return_mean"]) / (expert - bc["return_mean"])})
+    return out
+
+
+def claims_table(rows: list[dict]) -> str:
+    lines = ["| dataset | ILQL - best %BC | combined s.e. | paired difference over seeds | ILQL ahead on | "
+             "share of the BC-to-expert gap ILQL closes |", "|---|---|---|---|---|---|"]
+    for c in rows:
+        lines.append(f"| {c['dataset']} | {c['difference']:+.3f} (vs {c['best_pct_bc']}) | {c['combined_se']:.3f} | "
+                     f"{c['paired_difference']:+.3f} +- {c['paired_se']:.3f} | {c['ilql_wins']}/{len(c['seeds'])} "
+                     f"seeds | {100 * c['gap_closed']:.0f}% |")
+    return "\n".join(lines)
+
+
 def mean_of(values: list) -> float | None:
     """The mean of the values a run recorded (a run imported from before a metric existed has None)."""
     known = [v for v in values if v is not None]
@@ -141,8 +175,9 @@ def main() -> None:
     if not opts.table_only:
         train(opts, results)
     results["records"] = aggregate(opts, results)
+    results["claims"] = claims(results["records"], results)
     save(opts.results, results)
-    text = table(results["records"])
+    text = table(results["records"]) + ("\n\n" + claims_table(results["claims"]) if results["claims"] else "")
     print(text)
     if opts.page:
         write_region(opts.page, text, START, END)
