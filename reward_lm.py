@@ -12,14 +12,16 @@ or <->. So one GPT-2 over [<bos>, x, y, f] is
 Reward learning is fine-tuning the LM on the feedback tokens it receives; the improved policy is read
 off the same model by Bayes' rule, with no PPO: pi_beta(y | x) ~ pi_ref(y | x) * p(<+> | x, y) ** beta
 (beta = 1: the LM conditioned on approval; beta = inf: argmax). Epistemic uncertainty about the
-feedback comes from an ensemble of small heads with randomized priors (or an epinet) on the LM's
-features; Thompson sampling queries the response that is best under one sampled head.
+feedback comes from an ensemble of small heads with randomized priors on the LM's features; Thompson
+sampling queries the response that is best under one sampled head.
 The built-in didactic task: rater groups whose deployed mix differs from the historical mix the LM
 was pretrained on, so the response the pretrained LM undervalues ("inclusive") is in fact the best
 for the whole population. Agents differ only in which response they query.
 
 Run:  python reward_lm.py                 # ts, greedy, passive x 5 seeds, about 6 CPU minutes
       python reward_lm.py --help          # every flag
+Settings that were tried and dropped (the epinet, heads fitted on the historical labels, replayed historical
+feedback, an uncalibrated prior) are in docs/reward_lm_notes.md and in git history.
 """
 
 import copy
@@ -30,7 +32,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Optional
 
 import numpy as np
 import torch
@@ -54,13 +56,9 @@ class Args(CommonArgs):
     task: str = "inclusive"
     """the task: only the built-in didactic rater-population task `inclusive` exists for this method"""
     model_name: str = "tiny-gpt2"
-    """`tiny-gpt2`: a fresh tiny GPT-2 with the task's word-level tokenizer; or a local `save_pretrained` GPT-2 directory / hub id (missing task tokens are added). Either is pretrained on the historical corpus for `pretrain_epochs`"""
-    eval_every: int = 1
-    """unused here: the exploit policy is evaluated exactly after every round (agents select from that same forward pass)"""
-    eval_episodes: int = 0
-    """unused here: evaluation is exact, over every prompt and every response"""
-    checkpoint_every: int = 1
-    """unused here: the checkpoint is rewritten after every wave of simulations (one seed per process)"""
+    """`tiny-gpt2`: a fresh tiny GPT-2 with the task's word-level tokenizer; or a local `save_pretrained` GPT-2
+    directory / hub id (missing task tokens are added). Either is pretrained on the historical corpus for
+    `pretrain_epochs`"""
 
     # The didactic data-generating process
     n_prompts: int = 4
@@ -86,29 +84,25 @@ class Args(CommonArgs):
     n_head: int = 2
     """attention heads of the built-in tiny GPT-2"""
     pretrain_epochs: int = 10
-    """epochs of next-token pretraining on the historical corpus, enough to reach its entropy (0 keeps a loaded model as it is)"""
+    """epochs of next-token pretraining on the historical corpus, enough to reach its entropy (0 keeps a loaded
+    model as it is)"""
     pretrain_batch_size: int = 256
     """sequences per pretraining step"""
     pretrain_lr: float = 3e-3
     """AdamW learning rate of pretraining"""
-    pretrain_heads: bool = False
-    """also fit the epistemic heads on the historical corpus (off: the heads express uncertainty about today's raters, whom those labels do not come from)"""
 
-    # Epistemic uncertainty on the feedback prediction
-    uncertainty: Literal["ensemble", "epinet"] = "ensemble"
-    """`ensemble`: M MLP heads with randomized priors; `epinet`: one MLP over [h, z] with z ~ N(0, I)"""
+    # Epistemic uncertainty about today's approval: an ensemble of heads with randomized priors, not fitted on the
+    # historical labels (they come from other raters)
     ensemble_size: int = 10
-    """M heads (ensemble), or index samples per evaluation (epinet)"""
-    index_dim: int = 8
-    """dimension of the epinet index z"""
+    """M: the number of epistemic heads"""
     head_hidden: int = 32
     """hidden units of each head"""
     prior_scale: float = 0.67
-    """alpha: prior std in logits of a response's approval today around the LM's belief (2/3: a share rho ~ U(0, 1) of raters with unknown approval u ~ U(0, 1) gives std 1/6 in probability)"""
-    relative_prior: bool = True
-    """measure alpha on a response's prior offset relative to the prompt's other responses (what TS's argmax sees); off: on the raw offsets, mostly shared across responses"""
+    """alpha: prior std in logits of a response's approval today around the LM's belief, measured on its offset
+    relative to the prompt's other responses, which is what TS's argmax sees (2/3: a share rho ~ U(0, 1) of raters
+    with unknown approval u ~ U(0, 1) gives std 1/6 in probability)"""
     bootstrap: bool = True
-    """ensemble only: each head sees each data point with probability 1/2 (fixed per point and head)"""
+    """each head sees each data point with probability 1/2 (fixed per point and head)"""
     anchor_coef: float = 1.0
     """lambda of the L2 pull of head weights to their init, divided by the number of data points"""
 
@@ -118,7 +112,8 @@ class Args(CommonArgs):
     num_seeds: int = 5
     """seeds seed, seed+1, ...; every agent runs on the same seeds (same environment, same pretrained LM)"""
     queries: int = 4096
-    """feedback queries per agent and seed (an exact-posterior TS needs a median of 2016 here: benchmarks/reward_lm_tabular.py)"""
+    """feedback queries per agent and seed (an exact-posterior TS needs a median of 2016 here:
+    benchmarks/reward_lm_tabular.py)"""
     queries_per_round: int = 64
     """queries between two updates; must divide `queries`"""
     updates_per_round: int = 25
@@ -128,15 +123,16 @@ class Args(CommonArgs):
     update_batch_size: int = 64
     """feedback examples per online step (sampled with replacement from the buffer)"""
     learning_rate: float = 1e-4
-    """AdamW learning rate of the LM in the online phase (a fresh AdamW at 1e-3 moves every logit by ~2 in its first steps)"""
+    """AdamW learning rate of the LM in the online phase (a fresh AdamW at 1e-3 moves every logit by ~2 in its
+    first steps)"""
     head_learning_rate: float = 1e-3
-    """AdamW learning rate of the heads in the online phase: their output starts at 0 and must cancel priors of ~1 logit"""
+    """AdamW learning rate of the heads in the online phase: their output starts at 0 and must cancel priors of ~1
+    logit"""
     buffer_size: int = 4096
     """FIFO capacity of the online feedback buffer"""
     replay_coef: float = 0.1
-    """kappa: weight of next-token NLL on replayed historical sequences, which keeps the policy part of the LM the pretrained policy"""
-    replay_feedback: bool = False
-    """also replay the historical (majority-only) feedback token at weight kappa, anchoring beliefs about responses nobody re-queries (off: historical raters are not today's raters)"""
+    """kappa: weight of next-token NLL on replayed historical sequences, their feedback token masked (historical
+    raters are not today's); it keeps the policy part of the LM the pretrained policy"""
     beta: float = float("inf")
     """exploit policy pi_ref * p(<+>)**beta / Z; inf = argmax of predicted approval"""
     boltzmann_temperature: float = 0.05
@@ -146,7 +142,28 @@ class Args(CommonArgs):
     progress_every: int = 16
     """print a progress line every this many rounds"""
     threads: int = 1
-    """torch CPU threads: this tiny model gains nothing from more, and extra threads thrash when other processes share the cores"""
+    """torch CPU threads: this tiny model gains nothing from more, and extra threads thrash when other processes
+    share the cores"""
+
+    # Flags of the other scripts that mean nothing here, hidden from --help (they keep these values)
+    eval_every: tyro.conf.Suppress[int] = 1
+    """unused here: the exploit policy is evaluated exactly after every round"""
+    eval_episodes: tyro.conf.Suppress[int] = 0
+    """unused here: evaluation is exact, over every prompt and every response"""
+    checkpoint_every: tyro.conf.Suppress[int] = 1
+    """unused here: the checkpoint is rewritten after every wave of simulations"""
+    bf16: tyro.conf.Suppress[str] = "auto"
+    """unused here: the script runs in fp32 (its LMs are small)"""
+    prompts_file: tyro.conf.Suppress[Optional[str]] = None
+    """unused here: hub and jsonl tasks only"""
+    dataset: tyro.conf.Suppress[Optional[str]] = None
+    """unused here: hub tasks only"""
+    reward_model: tyro.conf.Suppress[Optional[str]] = None
+    """unused here: hub tasks only"""
+    reward_label: tyro.conf.Suppress[Optional[str]] = None
+    """unused here: hub tasks only"""
+    reward_fn: tyro.conf.Suppress[Optional[str]] = None
+    """unused here: hub tasks only"""
 
 
 # The allowed values of the numeric flags, checked before any work (common/utils.py `validate_args`: "(0, inf)" is
@@ -156,7 +173,7 @@ LIMITS = {
     "inclusive_majority_approval": "[0, 1]", "inclusive_pretrain_mass": "(0, 1)", "pretrain_size": "(0, inf)",
     "n_embd": "(0, inf)", "n_layer": "(0, inf)", "n_head": "(0, inf)", "pretrain_epochs": "[0, inf)",
     "pretrain_batch_size": "(0, inf)", "pretrain_lr": "(0, inf)", "ensemble_size": "(0, inf)",
-    "index_dim": "(0, inf)", "head_hidden": "(0, inf)", "prior_scale": "[0, inf)", "anchor_coef": "[0, inf)",
+    "head_hidden": "(0, inf)", "prior_scale": "[0, inf)", "anchor_coef": "[0, inf)",
     "num_seeds": "(0, inf)", "queries": "(0, inf)", "queries_per_round": "(0, inf)",
     "updates_per_round": "(0, inf)", "update_epochs": "(0, inf)", "update_batch_size": "(0, inf)",
     "learning_rate": "(0, inf)", "head_learning_rate": "(0, inf)", "buffer_size": "(0, inf)",
@@ -265,39 +282,30 @@ def queries_to_target(n_queries: np.ndarray, values: np.ndarray, target: float) 
 
 # ---- Model pieces: the epistemic heads and the one LM that plays all three roles ----
 class EpistemicHead(nn.Module):
-    """Index-dependent offsets to the LM's approval logit, from its (detached) features h.
-    ensemble: z in {0..M-1}, offset_z(h) = g_z(h) + alpha * prior_z(h) with M small MLPs;
-    epinet:   z ~ N(0, I_d), offset_z(h) = (g([h, z]) + alpha * prior([h, z])) . z  (Osband et al.).
-    Priors are frozen; trainable output layers start at 0, so before training the heads differ by
-    their priors alone."""
+    """M heads of offsets to the LM's approval logit, from its (detached) features h: head z adds
+    offset_z(h) = g_z(h) + alpha * prior_z(h), with g_z and prior_z small MLPs (an ensemble with randomized prior
+    functions: Osband, Aslanides, Cassirer 2018). Priors are frozen; the trainable output layers start at 0, so
+    before training the heads differ by their priors alone."""
 
-    def __init__(self, kind: str, hidden: int, units: int, size: int, index_dim: int, prior_scale: float):
+    def __init__(self, features: int, units: int, size: int, prior_scale: float):
         super().__init__()
-        self.kind, self.size, self.index_dim, self.prior_scale = kind, size, index_dim, prior_scale
-        n, fan_in, out = (size, hidden, 1) if kind == "ensemble" else (1, hidden + index_dim, index_dim)
+        self.size, self.prior_scale = size, prior_scale
         def mlp(trainable: bool):  # He-style init: unit-scale outputs for unit-scale features
-            w1 = torch.randn(n, fan_in, units) / math.sqrt(fan_in)
-            w2 = torch.zeros(n, units, out) if trainable else torch.randn(n, units, out) * math.sqrt(2 / (units * out))
-            return [w1, torch.zeros(n, 1, units), w2]
+            w1 = torch.randn(size, features, units) / math.sqrt(features)
+            w2 = torch.zeros(size, units, 1) if trainable else torch.randn(size, units, 1) * math.sqrt(2 / units)
+            return [w1, torch.zeros(size, 1, units), w2]
         self.params = nn.ParameterList([nn.Parameter(t) for t in mlp(True)])
         for i, t in enumerate(mlp(False)): self.register_buffer(f"prior{i}", t)
         self.register_buffer("init", torch.cat([p.detach().flatten() for p in self.params]).clone())
         self.register_buffer("prior_norm", torch.ones(()))  # set by RewardLM.calibrate_prior
 
-    def sample_z(self, n: int, gen: torch.Generator) -> torch.Tensor:  # ensemble: every head; epinet: n draws
-        return torch.arange(self.size) if self.kind == "ensemble" else torch.randn(n, self.index_dim, generator=gen)
-
-    def forward(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """h [N, H], z (ensemble: indices [S]; epinet: [S, d]) -> offsets [S, N]."""
-        def run(w1, b1, w2, inputs):  # inputs [n, N, fan_in] -> [n, N, out]
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h [N, H] -> offsets [M, N], every head at once."""
+        inputs = h.unsqueeze(0).expand(self.size, -1, -1)
+        def run(w1, b1, w2):  # [M, N, H] -> [M, N, 1]
             return torch.relu(inputs @ w1 + b1) @ w2
-        z = z.to(h.device)
-        if self.kind == "ensemble":  # all M heads at once, then the requested ones
-            inputs = h.unsqueeze(0).expand(self.size, -1, -1)
-        else:  # one net over [h, z] for each index sample
-            inputs = torch.cat([h.unsqueeze(0).expand(len(z), -1, -1), z[:, None, :].expand(-1, len(h), -1)], -1)
-        out = run(*self.params, inputs) + self.prior_scale * self.prior_norm * run(self.prior0, self.prior1, self.prior2, inputs)
-        return out.squeeze(-1)[z] if self.kind == "ensemble" else (out * z[:, None, :]).sum(-1)
+        out = run(*self.params) + self.prior_scale * self.prior_norm * run(self.prior0, self.prior1, self.prior2)
+        return out.squeeze(-1)
 
     def anchor(self) -> torch.Tensor:
         """||phi - phi_init||^2 over the trainable weights (Dwaracherla et al.'s ENN regulariser)."""
@@ -332,11 +340,11 @@ class RewardLM(nn.Module):
         return log_pi, ell0, features, logits, ids
 
     @torch.no_grad()
-    def table(self, P: int, R: int, z: torch.Tensor):
-        """Every (prompt, response): log pi [P, R], ell0 [P, R], ell_z [S, P, R] in one batched forward."""
+    def table(self, P: int, R: int):
+        """Every (prompt, response): log pi [P, R], ell0 [P, R], ell_z [M, P, R] in one batched forward."""
         x = torch.arange(P, device=self.answer_ids.device).repeat_interleave(R)
         log_pi, ell0, h, _, _ = self(x, torch.arange(R, device=x.device).repeat(P))
-        ell_z = ell0 + self.head(h, z)
+        ell_z = ell0 + self.head(h)
         return log_pi.view(P, R), ell0.view(P, R), ell_z.view(-1, P, R)
 
     def calibrate_prior(self, P: int, R: int) -> None:
@@ -344,18 +352,18 @@ class RewardLM(nn.Module):
         std alpha; call it before the heads are fitted (offsets = prior alone). TS's argmax ignores what all
         responses of a prompt share, and a random ReLU net on these features shares most of its output
         across them (correlation ~0.7): measured on the raw offsets, alpha leaves only ~alpha/2 that matters."""
-        _, ell0, ell_z = self.table(P, R, self.head.sample_z(64, torch.Generator().manual_seed(0)))
+        _, ell0, ell_z = self.table(P, R)
         rel = (ell_z - ell0) - (ell_z - ell0).mean(-1, keepdim=True)
         self.head.prior_norm *= self.head.prior_scale / rel.std(0).mean().clamp_min(1e-8)
 
 
-def train_step(model: RewardLM, optimizer, x, r, f, weights, n_data: int, args: Args, gen, mode: str, replay=None):
+def train_step(model: RewardLM, optimizer, x, r, f, weights, n_data: int, args: Args, mode: str, replay=None):
     """One AdamW step of the joint objective.
     pretrain: next-token NLL over [x, a_i, a_j, f] (the LM learns policy and transition together);
     online:   BCE of the LM's own approval logit on deployed feedback (reward learning = fine-tuning
               the transition), plus kappa * NLL on historical sequences with the feedback masked,
-              because historical raters are not today's raters but the policy should stay the LM's.
-    Both add the heads' BCE and the anchor scaled by 1/N (the prior washes out as data grows)."""
+              because historical raters are not today's raters but the policy should stay the LM's,
+              plus the heads' bootstrapped BCE and their anchor scaled by 1/N (the prior washes out as data grows)."""
     n = len(x)
     if replay is not None:  # one batched forward for the feedback batch and the replay batch
         x, r = torch.cat([x, replay[0]]), torch.cat([r, replay[1]])
@@ -365,16 +373,10 @@ def train_step(model: RewardLM, optimizer, x, r, f, weights, n_data: int, args: 
         loss = stats["lm_nll"] = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
     else:
         loss = stats["feedback_bce"] = F.binary_cross_entropy_with_logits(ell0[:n], f)
-        if replay is not None:
-            targets = ids[n:, 1:]
-            if args.replay_feedback:  # historical raters too: keeps what the LM knew about responses nobody re-asked
-                targets = torch.cat([targets, torch.where(replay[2] > 0.5, model.plus, model.minus)[:, None]], 1)
-            replay_nll = F.cross_entropy(logits[n:, :targets.shape[1]].flatten(0, 1).float(), targets.flatten())
+        if replay is not None:  # the policy tokens x, a_i, a_j predicted at positions 0-2; the feedback token masked
+            replay_nll = F.cross_entropy(logits[n:, :3].flatten(0, 1).float(), ids[n:, 1:].flatten())
             loss, stats["replay_nll"] = loss + args.replay_coef * replay_nll, replay_nll
-    if mode == "online" or args.pretrain_heads:
-        z = model.head.sample_z(args.ensemble_size, gen)
-        stats["head_bce"] = head_loss(ell0[:n], model.head(h[:n].detach(), z), f,
-                                      weights.T if weights is not None and args.uncertainty == "ensemble" else None)
+        stats["head_bce"] = head_loss(ell0[:n], model.head(h[:n].detach()), f, None if weights is None else weights.T)
         loss = loss + stats["head_bce"] + args.anchor_coef / n_data * model.head.anchor()
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss during {mode}: {({k: v.item() for k, v in stats.items()})}")
@@ -415,29 +417,30 @@ def build_lm(args: Args, base=None):
 
 
 def pretrain(model: RewardLM, env: InclusivePopulationEnv, args: Args, seed: int, device):
-    """Next-token pretraining on historical logs (and the heads, so their disagreement reflects the data)."""
-    x, r, f = (torch.as_tensor(a, device=device) for a in env.pretrain_corpus(args.pretrain_size, np.random.default_rng([seed, 1])))
+    """Next-token pretraining of the LM on historical logs (the heads are not fitted on them: other raters)."""
+    corpus = env.pretrain_corpus(args.pretrain_size, np.random.default_rng([seed, 1]))
+    x, r, f = (torch.as_tensor(a, device=device) for a in corpus)
     gen = torch.Generator().manual_seed(seed)
-    weights = (torch.rand(len(x), args.ensemble_size, generator=gen) < 0.5).float().to(device) if args.bootstrap else None
+    if args.bootstrap:  # draws the masks heads fitted here would use: unused, but the shuffles below (and with them
+        torch.rand(len(x), args.ensemble_size, generator=gen)  # every published result) follow this draw
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, weight_decay=0.0)
     # warm-up then cosine decay: at a constant rate the rare responses' feedback never settles
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.pretrain_lr, pct_start=0.1,
-                                                    total_steps=max(1, args.pretrain_epochs * -(-len(x) // args.pretrain_batch_size)))
+    total_steps = max(1, args.pretrain_epochs * -(-len(x) // args.pretrain_batch_size))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.pretrain_lr, pct_start=0.1, total_steps=total_steps)
     for epoch in range(args.pretrain_epochs):
         order, stats = torch.randperm(len(x), generator=gen).to(device), []
         for b in order.split(args.pretrain_batch_size):
-            stats.append(train_step(model, optimizer, x[b], r[b], f[b], None if weights is None else weights[b],
-                                    len(x), args, gen, "pretrain"))
+            stats.append(train_step(model, optimizer, x[b], r[b], f[b], None, len(x), args, "pretrain"))
             scheduler.step()
         print(f"  pretrain epoch {epoch + 1}/{args.pretrain_epochs} | " +
               " | ".join(f"{k} {np.mean([s[k] for s in stats]):.3f}" for k in stats[0]), flush=True)
-    return x, r, f  # kept for the online replay term
+    return x, r  # kept for the online replay term (its feedback tokens are masked)
 
 
 # ---- Metrics: everything is exact, because the task enumerates every (prompt, response) ----
-def evaluate(model: RewardLM, env: InclusivePopulationEnv, log_pi_ref: torch.Tensor, args: Args, gen):
-    """eval/* metrics of the exploit policy read off the model, plus the per-index logits agents select from."""
-    log_pi, ell0, ell_z = model.table(env.P, env.R, model.head.sample_z(args.ensemble_size, gen))
+def evaluate(model: RewardLM, env: InclusivePopulationEnv, log_pi_ref: torch.Tensor, args: Args):
+    """eval/* metrics of the exploit policy read off the model, plus the per-head logits agents select from."""
+    log_pi, ell0, ell_z = model.table(env.P, env.R)
     p_mean, p_std = torch.sigmoid(ell_z).mean(0), torch.sigmoid(ell_z).std(0)
     theta = torch.as_tensor(env.theta, dtype=torch.float32, device=p_mean.device)
     exploit, beta1 = conditioned_policy(log_pi_ref, p_mean, args.beta), conditioned_policy(log_pi_ref, p_mean, 1.0)
@@ -467,7 +470,7 @@ def run_agent(agent: str, model: RewardLM, env: InclusivePopulationEnv, log_pi_r
     n_rounds, cum_regret, curve, start = args.queries // args.queries_per_round, 0.0, [], time.time()
     for rnd in range(n_rounds + 1):
         n_queries = rnd * args.queries_per_round
-        metrics, ell_z, exploit = evaluate(model, env, log_pi_ref, args, gen)
+        metrics, ell_z, exploit = evaluate(model, env, log_pi_ref, args)
         curve.append({"n_queries": n_queries, **metrics, "exploit": exploit})
         for k, v in metrics.items(): writer.add_scalar(k, v, n_queries)
         if rnd == n_rounds: break
@@ -489,7 +492,7 @@ def run_agent(agent: str, model: RewardLM, env: InclusivePopulationEnv, log_pi_r
             replay = tuple(t[c] for t in corpus) if args.replay_coef > 0 else None
             try:  # train_step refuses to step on a non-finite loss; say where it happened
                 stats.append(train_step(model, optimizer, buffer["x"][b], buffer["r"][b], buffer["f"][b],
-                                        buffer["w"][b] if args.bootstrap else None, n_seen, args, gen, "online", replay))
+                                        buffer["w"][b] if args.bootstrap else None, n_seen, args, "online", replay))
             except FloatingPointError as error:
                 raise FloatingPointError(f"non-finite loss at update {rnd + 1}, step {step + 1} (seed {seed}, agent "
                                          f"{agent}): {error}") from None
@@ -558,8 +561,6 @@ def main(args: Args) -> dict:
             raise ValueError("--deployed-mix and --historical-mix must be distributions over the same groups")
         if 2 * len(args.deployed_mix) + 2 > args.n_answer_tokens:
             raise ValueError(f"--n-answer-tokens must be >= {2 * len(args.deployed_mix) + 2} for disjoint special responses")
-        if args.bf16 == "on":
-            raise ValueError("reward_lm.py runs in fp32 (its LMs are small); --bf16 is not supported here")
         # ranks with fewer simulations wait in all_gather for the longest one: at hub scale, hours
         device = init_distributed(args.cuda, timeout=datetime.timedelta(hours=24))[2]
         # any other causal LM gets the task's words as new tokens, learned in pretraining
@@ -580,15 +581,14 @@ def main(args: Args) -> dict:
         env, out = envs[seed], {"curves": {}, "scalars": {}}
         torch.manual_seed(seed)
         lm, tokenizer, ids = build_lm(args, base)
-        head = EpistemicHead(args.uncertainty, 4 * lm.config.hidden_size, args.head_hidden, args.ensemble_size,
-                             args.index_dim, args.prior_scale)
+        # the heads see the input embeddings of x, a_i, a_j and the last hidden state: 4 blocks of the LM's width
+        head = EpistemicHead(4 * lm.config.hidden_size, args.head_hidden, args.ensemble_size, args.prior_scale)
         model = RewardLM(lm, ids, head).to(device)
         print(f"seed {seed}: pretraining on {args.pretrain_size} historical sequences (optimum {env.opt_value:.3f})")
-        if args.relative_prior and args.pretrain_heads: model.calibrate_prior(env.P, env.R)
         corpus = pretrain(model, env, args, seed, device)
-        if args.relative_prior and not args.pretrain_heads: model.calibrate_prior(env.P, env.R)
+        model.calibrate_prior(env.P, env.R)  # on the pretrained LM's features, before the heads see any label
         with torch.no_grad():  # pi_ref: the pretrained LM's policy, frozen as a table (the task enumerates it)
-            log_pi_ref = model.table(env.P, env.R, model.head.sample_z(1, torch.Generator()))[0]
+            log_pi_ref = model.table(env.P, env.R)[0]
         for agent in args.agents:
             writer = ScalarRecorder()  # written to TensorBoard by rank 0 once the wave is checkpointed
             agent_model = copy.deepcopy(model)

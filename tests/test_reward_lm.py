@@ -28,8 +28,7 @@ def make_model(seed=0, **kw):
     args = R.Args(**kw)
     torch.manual_seed(seed)
     lm, tokenizer, ids = R.build_lm(args)
-    head = R.EpistemicHead(args.uncertainty, 4 * lm.config.hidden_size, args.head_hidden, args.ensemble_size,
-                           args.index_dim, args.prior_scale)
+    head = R.EpistemicHead(4 * lm.config.hidden_size, args.head_hidden, args.ensemble_size, args.prior_scale)
     return R.RewardLM(lm, ids, head), tokenizer, args
 
 
@@ -85,7 +84,7 @@ def test_feedback_and_corpus_frequencies():
 # ----------------------------------------------------------------------------------------------
 def test_policy_sums_to_one_and_matches_token_chain():
     model, tokenizer, args = make_model()
-    log_pi, ell0, ell_z = model.table(4, 64, torch.arange(args.ensemble_size))
+    log_pi, ell0, ell_z = model.table(4, 64)
     assert torch.allclose(log_pi.exp().sum(1), torch.ones(4), atol=1e-5)
     assert ell_z.shape == (args.ensemble_size, 4, 64)
     # the same numbers straight from the HF model on the tokenized text "<bos> q2 a3 a5"
@@ -200,11 +199,10 @@ def test_calibrate_prior_sets_the_relative_spread_to_alpha():
     (mean over (prompt, response)), and the LM is untouched. Fails if it calibrated the raw offsets (mostly a shift
     shared by every response of a prompt: the relative spread would come out at about alpha / 2) or set the scale
     instead of multiplying it."""
-    model, _, args = make_model(prior_scale=0.5)
-    z = torch.arange(args.ensemble_size)
+    model, _, _ = make_model(prior_scale=0.5)
 
     def relative_spread():
-        _, ell0, ell_z = model.table(4, 64, z)
+        _, ell0, ell_z = model.table(4, 64)
         offsets = ell_z - ell0
         return ell0, (offsets - offsets.mean(-1, keepdim=True)).std(0).mean().item(), offsets.std(0).mean().item()
 
@@ -248,14 +246,13 @@ def test_online_step_is_the_documented_objective():
     n = len(x)
     feedback = bce(ell0[:n], f).mean()
     replay_nll = -logits[n:, :3].log_softmax(-1).gather(-1, ids[n:, 1:, None]).mean()  # x, a_i, a_j: no f
-    ell_z = ell0[:n].detach() + hand.head(h[:n].detach(), torch.arange(args.ensemble_size))
+    ell_z = ell0[:n].detach() + hand.head(h[:n].detach())
     heads = (weights.T * bce(ell_z, f)).sum() / weights.sum()
     anchor = (torch.cat([p.flatten() for p in hand.head.params]) - init).pow(2).sum()
     (feedback + 0.5 * replay_nll + heads + 3.0 / n_data * anchor).backward()
 
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    R.train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), x, r, f, weights, n_data, args,
-                 torch.Generator().manual_seed(0), "online", replay)
+    R.train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), x, r, f, weights, n_data, args, "online", replay)
     moved = 0
     for (name, param), hand_param in zip(model.named_parameters(), hand.parameters()):
         expected = -hand_param.grad if hand_param.grad is not None else torch.zeros_like(param)
@@ -277,24 +274,23 @@ def test_queried_cells_shrink_their_spread_unqueried_keep_it():
     cells = ([0, 1, 2, 3], [5, 17, 40, 63])
     x, r = torch.tensor(cells[0] * 48), torch.tensor(cells[1] * 48)
     f = (torch.arange(192) % 3 == 0).float()  # approval 1/3 on every queried cell
-    z = torch.arange(args.ensemble_size)
     queried = torch.zeros(4, 64, dtype=torch.bool)
     queried[cells] = True
 
     def spread():
-        s = model.table(4, 64, z)[2].std(0)
+        s = model.table(4, 64)[2].std(0)
         return s[queried].mean().item(), s[~queried].mean().item()
 
     before = spread()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     w = (torch.rand(192, args.ensemble_size, generator=gen) < 0.5).float()
     for _ in range(100):
-        R.train_step(model, optimizer, x, r, f, w, 192, args, gen, "online")
+        R.train_step(model, optimizer, x, r, f, w, 192, args, "online")
     after = spread()
     assert before[0] > 0.5 and before[1] > 0.5, f"the calibrated prior spreads every cell: {before}"
     assert after[0] < 0.4 * before[0], f"queried cells should shrink: {before[0]:.3f} -> {after[0]:.3f}"
     assert after[1] > 0.5 * before[1], f"unqueried cells should keep most of it: {before[1]:.3f} -> {after[1]:.3f}"
-    p_mean = torch.sigmoid(model.table(4, 64, z)[2]).mean(0)[cells]
+    p_mean = torch.sigmoid(model.table(4, 64)[2]).mean(0)[cells]
     assert torch.allclose(p_mean, torch.full((4,), 1 / 3), atol=0.05)
 
 
@@ -303,14 +299,31 @@ def test_queried_cells_shrink_their_spread_unqueried_keep_it():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_help_documents_every_flag():
+def test_help_lists_the_flags_the_script_uses_each_documented():
+    """--help shows exactly the flags that reward_lm.py or common/utils.py (Run, validate_args) read as
+    `args.<flag>`, each with a docstring; the other scripts' flags that mean nothing here are hidden
+    (tyro.conf.Suppress). Fails if a flag nobody reads is shown (a removed option left in Args), or a used one is
+    hidden or undocumented."""
+    import dataclasses
+    import re
+    import typing
+
+    import tyro
+
     out = subprocess.run([sys.executable, "reward_lm.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "COLUMNS": "200"}, check=True).stdout
-    fields = args_fields(os.path.join(ROOT, "reward_lm.py"), "Args")
-    assert len(fields) > 30
-    for name, documented in fields:
+    for name, documented in args_fields(os.path.join(ROOT, "reward_lm.py"), "Args"):
         assert documented, f"Args.{name} has no docstring (it is the --help text)"
-        assert "--" + name.replace("_", "-") in out
+    source = open(os.path.join(ROOT, "reward_lm.py")).read() + open(os.path.join(ROOT, "common", "utils.py")).read()
+    hints = typing.get_type_hints(R.Args, include_extras=True)
+    shown = 0
+    for field in dataclasses.fields(R.Args):
+        hidden = tyro.conf.Suppress in getattr(hints[field.name], "__metadata__", ())
+        in_help = re.search(rf"(?<![\w-])--{field.name.replace('_', '-')}(?![\w-])", out) is not None
+        read = re.search(rf"args\.{field.name}\b", source) is not None
+        assert in_help == (not hidden) == read, (field.name, in_help, hidden, read)
+        shown += in_help
+    assert shown >= 40
 
 
 @pytest.mark.parametrize("kwargs, message", [
