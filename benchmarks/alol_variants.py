@@ -22,7 +22,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from resumable import load, run_queue, save, summary_of, write_region  # noqa: E402
+from resumable import add_queue_arguments, load, run_queue, save, summary_of, write_region  # noqa: E402
 
 VARIANTS = {"a_lol": [], "a_lol_ref_free": ["--algorithm", "a_lol_ref_free"], "a_lol_seq": ["--algorithm", "a_lol_seq"],
             "a_lol_kl": ["--algorithm", "a_lol_kl"], "nll": ["--algorithm", "nll"], "wbc": ["--algorithm", "wbc"],
@@ -120,14 +120,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per run (OMP_NUM_THREADS)")
-    parser.add_argument("--output-dir", default=os.path.join(ROOT, "runs", "alol_variants"))
-    parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "alol.json"))
-    parser.add_argument("--table-only", action="store_true", help="train nothing: the table from the JSON")
-    parser.add_argument("--page", nargs="?", const=DOC, default=None,
-                        help=f"write the tables into this page's marked region (default {os.path.relpath(DOC, ROOT)})")
-    parser.add_argument("extra", nargs="*", help="more alol.py flags for every run, after --")
+    add_queue_arguments(parser, "alol.py", os.path.join(ROOT, "runs", "alol_variants"),
+                        os.path.join(ROOT, "benchmarks", "results", "alol.json"), DOC, ROOT)
     opts = parser.parse_args()
 
     results = load(opts.results)

@@ -32,7 +32,7 @@ sys.path.insert(0, ROOT)
 from common import wordle  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from resumable import load, run_queue, save, summary_of, write_region  # noqa: E402
+from resumable import add_queue_arguments, load, run_queue, save, summary_of, write_region  # noqa: E402
 
 DATASETS = {"per_move": "expert=0.5,repeat=0.5", "per_game": "game:expert=0.5,repeat=0.5"}
 METHODS = {"ilql": [], "bc": ["--beta", "0"], "pct_bc_10": ["--beta", "0", "--top-fraction", "0.1"],
@@ -161,14 +161,8 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=1000, help="steps between evaluations (the curves)")
     parser.add_argument("--eval-episodes", type=int, default=200, help="evaluation games: each word in play once")
     parser.add_argument("--vocab", type=int, default=200, help="words in play (ilql.py --wordle-vocab)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per run (OMP_NUM_THREADS)")
-    parser.add_argument("--output-dir", default=os.path.join(ROOT, "runs", "ilql_wordle"))
-    parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "ilql_wordle.json"))
-    parser.add_argument("--table-only", action="store_true", help="train nothing: the table from the JSON")
-    parser.add_argument("--page", nargs="?", const=DOC, default=None,
-                        help=f"write the table into this page's marked region (default {os.path.relpath(DOC, ROOT)})")
-    parser.add_argument("extra", nargs="*", help="more ilql.py flags for every run, after --")
+    add_queue_arguments(parser, "ilql.py", os.path.join(ROOT, "runs", "ilql_wordle"),
+                        os.path.join(ROOT, "benchmarks", "results", "ilql_wordle.json"), DOC, ROOT)
     opts = parser.parse_args()
 
     results = load(opts.results)

@@ -2,11 +2,26 @@
 (several at a time, one thread each) that records each run the moment it ends, and the marked table region of a
 docs page that the benchmark rewrites."""
 
+import argparse
 import json
 import os
 import subprocess
 import time
 from typing import Callable
+
+
+def add_queue_arguments(parser: argparse.ArgumentParser, script: str, output_dir: str, results: str, page: str,
+                        root: str) -> None:
+    """The options every resumable benchmark has: parallel runs, where they write, the table-only mode, the page
+    region to fill, and flags passed on to every run of `script`."""
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per run (OMP_NUM_THREADS)")
+    parser.add_argument("--output-dir", default=output_dir)
+    parser.add_argument("--results", default=results)
+    parser.add_argument("--table-only", action="store_true", help="train nothing: the table from the JSON")
+    parser.add_argument("--page", nargs="?", const=page, default=None,
+                        help=f"write the table into this page's marked region (default {os.path.relpath(page, root)})")
+    parser.add_argument("extra", nargs="*", help=f"more {script} flags for every run, after --")
 
 
 def load(path: str) -> dict:
