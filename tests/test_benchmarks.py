@@ -153,3 +153,66 @@ def test_trl_heldout_eval_scores_a_model_like_ppo_py(monkeypatch):
                         response_length=trl_compare.RESPONSE_LENGTH)[0]
     assert metrics.keys() == expected.keys() and {"eval/perplexity", "eval/grammatical"} <= metrics.keys()
     assert metrics == pytest.approx(expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# The resumable multi-seed benchmarks (benchmarks/resumable.py, alol_variants.py, ilql_wordle.py)
+# ----------------------------------------------------------------------------------------------
+def test_run_queue_records_each_run_once_and_resumes(tmp_path):
+    import json
+
+    import resumable
+
+    results_path = str(tmp_path / "results.json")
+    ok = [sys.executable, "-c", "print('hello')"]
+    todo = [("a/1", ok), ("b/1", ok)]
+    results = resumable.load(results_path)
+    resumable.run_queue(todo, lambda key, log, seconds: {"key": key, "log": open(log).read()}, results, results_path,
+                        str(tmp_path / "out"), ROOT, jobs=2)
+    saved = json.load(open(results_path))
+    assert saved["runs"] == {"a/1": {"key": "a/1", "log": "hello\n"}, "b/1": {"key": "b/1", "log": "hello\n"}}
+    # resumed: a recorded run is never started again; a failing run stops the queue with its log named
+    failing = [sys.executable, "-c", "raise SystemExit(3)"]
+    with pytest.raises(SystemExit, match="c/1 failed; see .*c_1.log"):
+        resumable.run_queue([("a/1", failing), ("c/1", failing)], lambda *a: {}, resumable.load(results_path),
+                            results_path, str(tmp_path / "out"), ROOT)
+    assert set(json.load(open(results_path))["runs"]) == {"a/1", "b/1"}
+
+
+def test_alol_claims_are_paired_differences_over_the_seeds_every_variant_finished():
+    import alol_variants as av
+
+    def run(variant, seed, ret, grammar=0.9):
+        metrics = {"return_mean": ret, "grammatical": grammar, "perplexity": 4.0, "ref_nll": 1.5, "distinct_2": 0.3}
+        return {"variant": variant, "seed": seed, **metrics, "pi_ref": metrics, "loaded": None}
+
+    runs = [run("a_lol", 1, 0.5), run("a_lol", 2, 0.7), run("a_lol", 3, 0.9),
+            run("nll", 1, 0.1, 0.5), run("nll", 2, 0.4, 0.6)]  # nll has no seed 3 yet
+    results = {"runs": {f"{r['variant']}/{r['seed']}": r for r in runs}}
+    records, claims = av.aggregate(results, ["a_lol", "nll"], [1, 2, 3])
+    assert [r["variant"] for r in records] == ["pi_ref (fine-tuned on the log)", "a_lol", "nll"]
+    a_lol = records[1]
+    assert a_lol["seeds"] == [1, 2] and a_lol["return_mean"] == pytest.approx(0.6)
+    assert a_lol["return_se"] == pytest.approx(0.1)  # sample sd 0.1414 / sqrt(2)
+    beats_nll, grammar = claims
+    assert beats_nll["claim"] == "A-LoL beats nll" and beats_nll["a_wins"] == 2
+    assert beats_nll["difference_mean"] == pytest.approx(0.35) and beats_nll["difference_se"] == pytest.approx(0.05)
+    assert grammar["metric"] == "grammatical" and grammar["difference_mean"] == pytest.approx(0.35)
+
+
+def test_ilql_wordle_claim_against_the_best_filtering():
+    import ilql_wordle as iw
+
+    def record(method, mean, se, seeds=(1, 2)):
+        return {"dataset": "per_move", "method": method, "return_mean": mean, "return_se": se, "seeds": list(seeds)}
+
+    records = [{"dataset": "-", "method": "expert", "return_mean": -1.5, "return_se": 0.0, "seeds": []},
+               record("bc", -3.5, 0.1), record("pct_bc_25", -2.5, 0.03), record("pct_bc_50", -2.2, 0.04),
+               record("ilql", -1.9, 0.03)]
+    runs = {"per_move/ilql/1": {"return_mean": -1.8}, "per_move/ilql/2": {"return_mean": -2.0},
+            "per_move/pct_bc_50/1": {"return_mean": -2.3}, "per_move/pct_bc_50/2": {"return_mean": -2.1}}
+    (claim,) = iw.claims(records, {"runs": runs})
+    assert claim["best_pct_bc"] == "pct_bc_50" and claim["difference"] == pytest.approx(0.3)
+    assert claim["combined_se"] == pytest.approx(0.05)  # hypot(0.03, 0.04)
+    assert claim["paired_difference"] == pytest.approx(0.3) and claim["ilql_wins"] == 2
+    assert claim["gap_closed"] == pytest.approx(0.8)  # (-1.9 + 3.5) / (-1.5 + 3.5)
