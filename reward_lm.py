@@ -273,6 +273,20 @@ def head_loss(ell0: torch.Tensor, offsets: torch.Tensor, f: torch.Tensor, weight
     return bce.mean() if weights is None else (bce * weights).sum() / weights.sum().clamp_min(1.0)
 
 
+def fit_error(p_mean: torch.Tensor, n: torch.Tensor, k: torch.Tensor, min_labels: int = 50) -> tuple[float, float]:
+    """How far the posterior-mean approval sits from the labels the agent received, in binomial standard errors:
+    |p_mean - k / n| / sqrt(p_mean (1 - p_mean) / n) over the (prompt, response) cells with n >= min_labels labels,
+    k of them <+>; returns its mean and max over those cells (NaN while no cell has enough labels). A model that
+    knew the true approval would score about sqrt(2 / pi) = 0.8 (the labels' own noise); an exact posterior, which
+    follows the label mean, less; a fit that lags its data, more."""
+    cells = n >= min_labels
+    if not cells.any():
+        return math.nan, math.nan
+    p, n, k = p_mean[cells].double(), n[cells].double(), k[cells].double()
+    z = (p - k / n).abs() / (p * (1 - p) / n).sqrt()
+    return z.mean().item(), z.max().item()
+
+
 def queries_to_target(n_queries: np.ndarray, values: np.ndarray, target: float) -> float:
     """First query count from which the value stays >= target until the end; inf if never."""
     below = np.nonzero(values < target)[0]
@@ -438,8 +452,9 @@ def pretrain(model: RewardLM, env: InclusivePopulationEnv, args: Args, seed: int
 
 
 # ---- Metrics: everything is exact, because the task enumerates every (prompt, response) ----
-def evaluate(model: RewardLM, env: InclusivePopulationEnv, log_pi_ref: torch.Tensor, args: Args):
-    """eval/* metrics of the exploit policy read off the model, plus the per-head logits agents select from."""
+def evaluate(model: RewardLM, env: InclusivePopulationEnv, log_pi_ref: torch.Tensor, args: Args, labels: torch.Tensor):
+    """eval/* metrics of the exploit policy read off the model, plus the per-head logits agents select from.
+    labels [2, P, R]: how many labels each cell has received so far, and how many of them were <+>."""
     log_pi, ell0, ell_z = model.table(env.P, env.R)
     p_mean, p_std = torch.sigmoid(ell_z).mean(0), torch.sigmoid(ell_z).std(0)
     theta = torch.as_tensor(env.theta, dtype=torch.float32, device=p_mean.device)
@@ -455,6 +470,7 @@ def evaluate(model: RewardLM, env: InclusivePopulationEnv, log_pi_ref: torch.Ten
         "eval/reward_err": (p_mean - theta).abs().mean().item(), "eval/std_best": p_std[rows, best].mean().item(),
         "eval/exploit_err": (p_mean - theta).abs()[rows, p_mean.argmax(1)].mean().item(),
         "eval/favourite_approval": p_mean[rows, torch.as_tensor(env.special[:, 0], device=p_mean.device)].mean().item()}
+    metrics["eval/fit_error"], metrics["eval/fit_error_max"] = fit_error(p_mean.cpu(), labels[0], labels[1])
     return metrics, ell_z.cpu(), " ".join(str(int(y)) for y in p_mean.argmax(1))
 
 
@@ -467,10 +483,11 @@ def run_agent(agent: str, model: RewardLM, env: InclusivePopulationEnv, log_pi_r
     optimizer = torch.optim.AdamW([{"params": model.lm.parameters()}, {"params": model.head.parameters(),
                                    "lr": args.head_learning_rate}], lr=args.learning_rate, weight_decay=0.0)
     buffer = {k: torch.empty(0, device=device) for k in ("x", "r", "f", "w")}
+    labels = torch.zeros(2, env.P, env.R, dtype=torch.float64)  # per cell: labels received, <+> among them
     n_rounds, cum_regret, curve, start = args.queries // args.queries_per_round, 0.0, [], time.time()
     for rnd in range(n_rounds + 1):
         n_queries = rnd * args.queries_per_round
-        metrics, ell_z, exploit = evaluate(model, env, log_pi_ref, args)
+        metrics, ell_z, exploit = evaluate(model, env, log_pi_ref, args, labels)
         curve.append({"n_queries": n_queries, **metrics, "exploit": exploit})
         for k, v in metrics.items(): writer.add_scalar(k, v, n_queries)
         if rnd == n_rounds: break
@@ -479,6 +496,8 @@ def run_agent(agent: str, model: RewardLM, env: InclusivePopulationEnv, log_pi_r
         r = select_queries(agent, ell_z, log_pi_ref.cpu(), x, gen, args.boltzmann_temperature)
         # ALGO LOGIC: 2. today's raters answer; append to the FIFO buffer with per-head bootstrap masks
         f = torch.as_tensor(env.feedback(x.numpy(), r.numpy(), rater_rng))
+        labels.index_put_((torch.zeros_like(x), x, r), torch.ones(len(x), dtype=labels.dtype), accumulate=True)
+        labels.index_put_((torch.ones_like(x), x, r), f.to(labels.dtype), accumulate=True)
         w = (torch.rand(len(x), args.ensemble_size, generator=gen) < 0.5).float()
         for k, v in (("x", x), ("r", r), ("f", f), ("w", w if args.bootstrap else torch.ones_like(w))):
             buffer[k] = torch.cat([buffer[k].to(v.dtype), v.to(device)])[-args.buffer_size:]
@@ -528,19 +547,24 @@ def summarise(curves: dict, opt_values: dict, args: Args) -> dict:
             "median": float(np.median(list(q.values()))), "min": min(q.values()), "max": max(q.values()),
             "seeds_reached": sum(math.isfinite(v) for v in q.values()), "num_seeds": len(q),
             "final_value": float(np.mean([value(c)[-1] for c in by_seed.values()])),
+            "final_value_beta1": float(np.mean([value(c, "eval/value_beta1")[-1] for c in by_seed.values()])),
             "final_cum_regret": float(np.mean([c[-2]["objective/cum_regret"] for c in by_seed.values()])),
             "value_auc": float(np.mean([value(c).mean() for c in by_seed.values()]))}
     return out
 
 
 def format_table(summary: dict, opt_value: float, queries: int, target: float) -> str:
+    """The end-of-run table. The final values are true approvals: `beta=inf` of the exploit policy (the headline:
+    per prompt, the response with the highest posterior-mean approval among all enumerated ones), `beta=1` of the
+    LM's own policy conditioned on approval, pi_ref * p_mean / Z."""
     fmt = lambda v: f"{v:.0f}" if math.isfinite(v) else f">{queries}"
+    share = lambda v: f"{v:.3f} ({v / opt_value:.0%})"
     return "\n".join([f"queries until the exploit policy stays >= {target:.0%} of the optimum ({opt_value:.3f}):",
-                      f"{'agent':10s} | {'median':>7s} | {'range over seeds':>16s} | reached | final value | cum regret",
-                      "-" * 78] + [
+                      f"{'agent':10s} | {'median':>7s} | {'range over seeds':>16s} | reached | final value, beta=inf | "
+                      f"{'beta=1':12s} | cum regret", "-" * 103] + [
         f"{agent:10s} | {fmt(s['median']):>7s} | {fmt(s['min']) + ' - ' + fmt(s['max']):>16s} | {s['seeds_reached']}/"
-        f"{s['num_seeds']:<5d} | {s['final_value']:.3f} ({s['final_value'] / opt_value:.0%}) | {s['final_cum_regret']:.1f}"
-        for agent, s in summary.items()])
+        f"{s['num_seeds']:<5d} | {share(s['final_value']):21s} | {share(s['final_value_beta1']):12s} | "
+        f"{s['final_cum_regret']:.1f}" for agent, s in summary.items()])
 
 
 def main(args: Args) -> dict:

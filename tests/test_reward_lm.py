@@ -111,6 +111,19 @@ def test_conditioned_policy_formula():
     assert torch.equal(greedy.argmax(-1), p.argmax(-1)) and torch.all(greedy.sum(-1) == 1)
 
 
+def test_fit_error_by_hand():
+    """|p_mean - k / n| / sqrt(p_mean (1 - p_mean) / n) over cells with >= 50 labels: cell (0, 0) is
+    |0.5 - 0.6| / sqrt(0.25 / 100) = 2, cell (1, 0) |0.9 - 0.8| / sqrt(0.09 / 50) = 0.1 / 0.0424 = 2.357;
+    (0, 1) has 49 labels and (1, 1) none. Fails if cells with exactly 50 labels were left out (mean 2.0), if the
+    standard error came from the label mean instead (2.041 for cell (0, 0)), or if unlabelled cells counted."""
+    p_mean = torch.tensor([[0.5, 0.2], [0.9, 0.5]])
+    n, k = torch.tensor([[100.0, 49.0], [50.0, 0.0]]), torch.tensor([[60.0, 10.0], [40.0, 0.0]])
+    mean, worst = R.fit_error(p_mean, n, k)
+    assert worst == pytest.approx(0.1 / math.sqrt(0.09 / 50), rel=1e-6) and worst == pytest.approx(2.357023, rel=1e-6)
+    assert mean == pytest.approx((2.0 + worst) / 2, rel=1e-6)
+    assert all(math.isnan(v) for v in R.fit_error(p_mean, torch.full((2, 2), 49.0), k))  # no cell has enough
+
+
 def test_queries_to_target():
     n = np.array([0, 16, 32, 48, 64])
     assert R.queries_to_target(n, np.array([0.5, 0.7, 0.6, 0.7, 0.7]), 0.65) == 48  # must stay above
@@ -355,13 +368,19 @@ def test_tiny_run_end_to_end_and_saved_model_reloads(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "queries until the exploit policy stays >= 95%" in result.stdout
+    assert "final value, beta=inf | beta=1" in result.stdout  # the LM's own policy beside the headline
     (run_name,) = os.listdir(tmp_path / "a")
     assert run_name.startswith("inclusive__reward_lm__1__")
     run_dir = tmp_path / "a" / run_name
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["script"] == "reward_lm.py" and summary["seeds"] == [1]
-    for key in ("eval/return_mean", "eval/regret", "eval/frac_optimal", "eval/std_best", "eval/value_beta1"):
+    for key in ("eval/return_mean", "eval/regret", "eval/frac_optimal", "eval/std_best", "eval/value_beta1",
+                "eval/fit_error", "eval/fit_error_max"):
         assert key in summary["initial"] and key in summary["final"]
+    assert math.isnan(summary["initial"]["eval/fit_error"])  # no labels yet; 32 queries give no cell 50 labels
+    # the table's beta=1 column is the seed mean of the final eval/value_beta1 (one seed: the method's own)
+    assert summary["agents"]["ts"]["final_value_beta1"] == pytest.approx(summary["final"]["eval/value_beta1"])
+    assert summary["agents"]["ts"]["final_value"] == pytest.approx(summary["final"]["eval/return_mean"])
     assert set(summary["agents"]) == {"ts", "greedy", "passive", "boltzmann", "infomax"}
     rows = (run_dir / "curves.csv").read_text().splitlines()
     assert len(rows) == 1 + 5 * 3  # header + 5 agents x (2 rounds + final evaluation)
