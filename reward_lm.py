@@ -203,14 +203,16 @@ class InclusivePopulationEnv:
         for x in range(n_prompts):
             # the last answer token is the "inclusive word": it ends inc and no historical response uses it
             tokens = rng.permutation(K - 1)
-            self.special[x] = special = [K * tokens[2 * s] + tokens[2 * s + 1] for s in range(G)] + [K * tokens[2 * G] + K - 1]
+            special = [K * tokens[2 * s] + tokens[2 * s + 1] for s in range(G)] + [K * tokens[2 * G] + K - 1]
+            self.special[x] = special
             self.approval[:, x, special] = 0.1 + 0.8 * np.eye(G, G + 1) + 0.85 * (np.arange(G + 1) == G)
             self.approval[0, x, special[G]] = inclusive_majority_approval
             # minorities like the inclusive word wherever it appears, so what is learned about it transfers
             uses_word = [r for r in range(self.R) if K - 1 in divmod(r, K) and r != special[G]]
             self.approval[1:, x, uses_word] = rng.uniform(0.5, 0.8, size=(G - 1, len(uses_word)))
             # the majority's favourite dominates the logs; inc is almost never written
-            others = rng.permutation([r for r in range(self.R) if r not in special and r % K != K - 1 and r // K != K - 1])
+            others = rng.permutation([r for r in range(self.R)
+                                      if r not in special and r % K != K - 1 and r // K != K - 1])
             self.pi0[x, special] = [0.40] + [0.05] * (G - 1) + [inclusive_pretrain_mass]
             zipf = 1.0 / np.arange(1, len(others) + 1)
             self.pi0[x, others] = (1.0 - self.pi0[x].sum()) * zipf / zipf.sum()
@@ -250,7 +252,7 @@ def conditioned_policy(log_pi_ref: torch.Tensor, p_approve: torch.Tensor, beta: 
 def select_queries(agent: str, ell_z: torch.Tensor, log_pi_ref: torch.Tensor, x: torch.Tensor,
                    gen: torch.Generator, temperature: float) -> torch.Tensor:
     """The only thing agents differ in: which response to query for each prompt in `x`.
-    ell_z: [S, P, R] feedback logits under S epistemic indices; log_pi_ref: [P, R]."""
+    ell_z: [M, P, R] approval logits of the M heads; log_pi_ref: [P, R]."""
     probs = torch.sigmoid(ell_z)
     if agent == "ts":  # Thompson sampling: act greedily w.r.t. one sampled reward model per query
         z = torch.randint(len(ell_z), (len(x),), generator=gen)
@@ -267,7 +269,7 @@ def select_queries(agent: str, ell_z: torch.Tensor, log_pi_ref: torch.Tensor, x:
 
 
 def head_loss(ell0: torch.Tensor, offsets: torch.Tensor, f: torch.Tensor, weights) -> torch.Tensor:
-    """BCE of every head's approval logit ell_z = ell0 + offset_z, with optional bootstrap weights [S, N].
+    """BCE of every head's approval logit ell_z = ell0 + offset_z, with optional bootstrap weights [M, N].
     ell0 is detached: the heads learn what the LM head leaves uncertain, not the LM's own fit."""
     bce = F.binary_cross_entropy_with_logits(ell0.detach() + offsets, f.expand_as(offsets), reduction="none")
     return bce.mean() if weights is None else (bce * weights).sum() / weights.sum().clamp_min(1.0)
@@ -350,7 +352,8 @@ class RewardLM(nn.Module):
         # the heads see the sequence's input embeddings and the last hidden state (ENN "exposed" features):
         # the hidden state alone smooths a rare response into its neighbours, the tokens keep it apart
         features = torch.cat([self.lm.get_input_embeddings()(ids[:, 1:]), hidden[:, 3:4]], 1)
-        features = F.layer_norm(features, features.shape[-1:]).flatten(1)  # unit scale: prior_scale means the same for any LM
+        # unit scale: prior_scale means the same for any LM
+        features = F.layer_norm(features, features.shape[-1:]).flatten(1)
         return log_pi, ell0, features, logits, ids
 
     @torch.no_grad()
@@ -463,7 +466,8 @@ def evaluate(model: RewardLM, env: InclusivePopulationEnv, log_pi_ref: torch.Ten
     best, rows = torch.as_tensor(env.best, device=p_mean.device), torch.arange(env.P, device=p_mean.device)
     metrics = {
         "eval/return_mean": per_prompt.mean().item(), "eval/return_std": per_prompt.std(unbiased=False).item(),
-        "eval/regret": env.opt_value - per_prompt.mean().item(), "eval/value_beta1": (beta1 * theta).sum(1).mean().item(),
+        "eval/regret": env.opt_value - per_prompt.mean().item(),
+        "eval/value_beta1": (beta1 * theta).sum(1).mean().item(),
         "eval/frac_optimal": (p_mean.argmax(1) == best).float().mean().item(),
         "eval/kl_beta1_ref": (beta1 * (beta1.clamp_min(1e-30).log() - log_pi_ref)).sum(1).mean().item(),
         "eval/policy_drift_kl": (log_pi_ref.exp() * (log_pi_ref - log_pi)).sum(1).mean().item(),
@@ -479,7 +483,8 @@ def run_agent(agent: str, model: RewardLM, env: InclusivePopulationEnv, log_pi_r
     """One agent's online phase: query, receive feedback, update the one LM jointly; evaluate every round.
     Returns one row per round: the evaluation before the round's update and what the round queried."""
     gen = torch.Generator().manual_seed(seed)
-    prompt_rng, rater_rng = np.random.default_rng([seed, 2]), np.random.default_rng([seed, 3])  # same prompts for every agent
+    # the same prompts and raters for every agent
+    prompt_rng, rater_rng = np.random.default_rng([seed, 2]), np.random.default_rng([seed, 3])
     optimizer = torch.optim.AdamW([{"params": model.lm.parameters()}, {"params": model.head.parameters(),
                                    "lr": args.head_learning_rate}], lr=args.learning_rate, weight_decay=0.0)
     buffer = {k: torch.empty(0, device=device) for k in ("x", "r", "f", "w")}
@@ -530,8 +535,8 @@ def run_agent(agent: str, model: RewardLM, env: InclusivePopulationEnv, log_pi_r
         if (rnd + 1) % args.progress_every == 0 or rnd + 1 == n_rounds:
             value = metrics["eval/return_mean"]
             print(f"  seed {seed} {agent:9s} | queries {n_seen:5d}/{args.queries} | exploit value {value:.3f} "
-                  f"({value / env.opt_value:.0%} of opt) | optimal on {metrics['eval/frac_optimal']:.0%} of prompts | std "
-                  f"chosen {std_chosen:.3f} best {metrics['eval/std_best']:.3f} | cum regret {cum_regret:.1f} | "
+                  f"({value / env.opt_value:.0%} of opt) | optimal on {metrics['eval/frac_optimal']:.0%} of prompts | "
+                  f"std chosen {std_chosen:.3f} best {metrics['eval/std_best']:.3f} | cum regret {cum_regret:.1f} | "
                   f"{time.time() - start:.0f}s", flush=True)
     return curve
 
@@ -577,14 +582,16 @@ def main(args: Args) -> dict:
         if args.n_embd % args.n_head:
             raise ValueError(f"--n-head {args.n_head} must divide --n-embd {args.n_embd}")
         if args.queries % args.queries_per_round:
-            raise ValueError(f"--queries / --queries-per-round: {args.queries} is not divisible by {args.queries_per_round}")
+            raise ValueError(f"--queries / --queries-per-round: {args.queries} is not divisible by "
+                             f"{args.queries_per_round}")
         if unknown := [a for a in args.agents if a not in AGENTS]:
             raise ValueError(f"unknown agent(s) {unknown}; choose from {', '.join(AGENTS)}")
         mixes = (args.deployed_mix, args.historical_mix)
         if len(mixes[0]) != len(mixes[1]) or not all(abs(sum(m) - 1) < 1e-6 and min(m) >= 0 for m in mixes):
             raise ValueError("--deployed-mix and --historical-mix must be distributions over the same groups")
         if 2 * len(args.deployed_mix) + 2 > args.n_answer_tokens:
-            raise ValueError(f"--n-answer-tokens must be >= {2 * len(args.deployed_mix) + 2} for disjoint special responses")
+            raise ValueError(f"--n-answer-tokens must be >= {2 * len(args.deployed_mix) + 2} for disjoint special "
+                             "responses")
         # ranks with fewer simulations wait in all_gather for the longest one: at hub scale, hours
         device = init_distributed(args.cuda, timeout=datetime.timedelta(hours=24))[2]
         # any other causal LM gets the task's words as new tokens, learned in pretraining
@@ -616,7 +623,8 @@ def main(args: Args) -> dict:
         for agent in args.agents:
             writer = ScalarRecorder()  # written to TensorBoard by rank 0 once the wave is checkpointed
             agent_model = copy.deepcopy(model)
-            out["curves"][agent] = run_agent(agent, agent_model, env, log_pi_ref, corpus, args, seed, writer, device, run)
+            out["curves"][agent] = run_agent(agent, agent_model, env, log_pi_ref, corpus, args, seed, writer, device,
+                                             run)
             out["scalars"][agent] = writer.scalars
             if args.save_model and seed == seeds[0] and agent == args.agents[0]:  # rank 0's; from_pretrained loads it
                 with writing_dir(os.path.join(run.dir, "model")) as path:  # whole or not at all
