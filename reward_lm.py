@@ -438,8 +438,10 @@ def pretrain(model: RewardLM, env: InclusivePopulationEnv, args: Args, seed: int
     corpus = env.pretrain_corpus(args.pretrain_size, np.random.default_rng([seed, 1]))
     x, r, f = (torch.as_tensor(a, device=device) for a in corpus)
     gen = torch.Generator().manual_seed(seed)
-    if args.bootstrap:  # draws the masks heads fitted here would use: unused, but the shuffles below (and with them
-        torch.rand(len(x), args.ensemble_size, generator=gen)  # every published result) follow this draw
+    # Bootstrap masks for this corpus, drawn and not used: the first design fitted the heads here too, and the
+    # epoch shuffles below come from the same generator, so dropping the draw would change every published result
+    if args.bootstrap:
+        torch.rand(len(x), args.ensemble_size, generator=gen)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, weight_decay=0.0)
     # warm-up then cosine decay: at a constant rate the rare responses' feedback never settles
     total_steps = max(1, args.pretrain_epochs * -(-len(x) // args.pretrain_batch_size))
