@@ -640,9 +640,10 @@ class Run:
         """Write `summary.json` (the shape benchmark tools read; rank 0 only) and return it."""
         wall = time.time() - self.start
         best = {}
-        lower_is_better = ("_std", "mean_guesses", "perplexity", "ref_nll")
+        lower_is_better = ("_std", "mean_guesses", "perplexity", "ref_nll", "fit_error", "fit_error_max")
         for key in self.evals[0] if self.evals else []:
-            best[key] = (min if key.endswith(lower_is_better) else max)(e[key] for e in self.evals)
+            known = [e[key] for e in self.evals if not math.isnan(e[key])]  # NaN: not measurable yet
+            best[key] = (min if key.endswith(lower_is_better) else max)(known) if known else float("nan")
         summary = {
             "script": self.script, "task": self.args.task, "seed": self.args.seed, "args": asdict(self.args),
             "world_size": world()[1],

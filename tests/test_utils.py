@@ -230,6 +230,18 @@ def test_run_dir_tensorboard_and_summary(tmp_path):
     assert on_disk["tokens_per_second"] == pytest.approx(1000 / on_disk["wall_seconds"])
 
 
+def test_summary_best_skips_metrics_not_yet_measurable(tmp_path):
+    """reward_lm's eval/fit_error is NaN until a cell has 50 labels, and lower is better: its best is the lowest
+    measured value, not NaN (max or min over a list starting with NaN returns NaN)."""
+    args = dataclasses.replace(CommonArgs(), output_dir=str(tmp_path), exp_name="t", seed=1, task="sentiment")
+    run = Run(args, script="reward_lm.py")
+    for step, (fit, worst) in enumerate([(float("nan"), float("nan")), (2.0, 5.0), (1.5, 6.0)]):
+        run.log_eval({"eval/return_mean": 0.5, "eval/fit_error": fit, "eval/fit_error_max": worst}, [], step)
+    best = run.write_summary()["best"]
+    run.close()
+    assert best == {"eval/return_mean": 0.5, "eval/fit_error": 1.5, "eval/fit_error_max": 5.0}
+
+
 def test_summary_extra_and_no_evals(tmp_path):
     args = dataclasses.replace(CommonArgs(), output_dir=str(tmp_path), exp_name="x", seed=1)
     run = Run(args, script="s.py")
