@@ -47,7 +47,7 @@ class Args(CommonArgs):
 
     # Algorithm specific arguments
     total_updates: int = 40
-    """number of PPO updates; each is one rollout followed by `ppo_epochs` passes over it"""
+    """number of updates; each is one rollout followed by `ppo_epochs` passes over it"""
     rollout_batch_size: int = 64
     """prompts (episodes) per rollout"""
     minibatch_size: int = 16
@@ -65,7 +65,8 @@ class Args(CommonArgs):
     min_response_length: Optional[int] = None
     """EOS is forbidden before this many tokens; None takes the task's (GRUE IMDB: 48)"""
     temperature: float = 1.0
-    """sampling temperature; the ratio uses the same scaled softmax (and the same --top-k/--top-p cut), so rollouts come from the distribution the ratio measures"""
+    """sampling temperature; the ratio uses the same scaled softmax (and the same --top-k/--top-p cut), so rollouts
+    come from the distribution the ratio measures"""
     top_k: int = 0
     """sample from the k most probable tokens only, in rollouts and evaluation (0: off); the old log-probs, the ratio
     and the KL use the same truncated, renormalised distribution. GRUE's published numbers sample with
@@ -96,7 +97,8 @@ class Args(CommonArgs):
     target_kl: float = 0.1
     """target of the mean per-token KL to the reference (RL4LMs IMDB: 0.1)"""
     kl_horizon: int = 640
-    """adaptive-KL horizon in episodes (Ziegler et al.): beta moves at most 0.2 * rollout_batch_size / kl_horizon per update"""
+    """adaptive-KL horizon in episodes (Ziegler et al.): beta moves at most 0.2 * rollout_batch_size / kl_horizon
+    per update"""
     non_eos_penalty: bool = False
     """replace the score of responses that never emit EOS by `penalty_reward_value` (lm-human-preferences)"""
     penalty_reward_value: float = -1.0
@@ -208,16 +210,16 @@ def forward_logprobs(policy: Policy, input_ids, attention_mask, start: int, temp
     """Log-probs and entropies of the response tokens under the temperature-scaled policy.
 
     `generate` forbids EOS in the first `min_length` response tokens, and with --top-k/--top-p it samples only
-    the tokens of the rollout's keep-mask `keep` `[B, R, V]`, so the policy the ratio measures must forbid the
-    same tokens (and renormalise over the rest), or rollouts come from another distribution than the one being
-    optimised. One log-softmax serves both outputs, and with `entropy_grad=False` (no entropy bonus) the entropy
-    stays out of the autograd graph: with GPT-2's 50k vocabulary the [B, T, V] passes are a large share
-    of a minibatch step (README, "Where ppo.py's time goes"; benchmarks/ppo_step.py)."""
+    the tokens of the rollout's keep-mask `keep` `[B, R, V]` (nlpo.py passes its action sets here), so the policy
+    the ratio measures must forbid the same tokens (and renormalise over the rest), or rollouts come from another
+    distribution than the one being optimised. One log-softmax serves both outputs, and with `entropy_grad=False`
+    (no entropy bonus) the entropy stays out of the autograd graph: with GPT-2's 50k vocabulary the [B, T, V]
+    passes are a large share of a minibatch step (README, "Where ppo.py's time goes"; benchmarks/ppo_step.py)."""
     logits, _ = policy(input_ids, attention_mask, start)
     logits = logits / temperature
     if min_length > 0:  # a large finite value, not -inf, so entropy stays finite (0 * log 0 -> 0)
         logits[:, :min_length, policy.tokenizer.eos_token_id] = -1e9
-    if keep is not None:  # the same large finite value for the tokens top-k/top-p cut
+    if keep is not None:  # the same large finite value for the tokens `keep` leaves out (they get no gradient)
         logits = logits.masked_fill(~keep, -1e9)
     logp = F.log_softmax(logits.float(), dim=-1)
     logprobs = torch.gather(logp, 2, input_ids[:, start:].unsqueeze(-1)).squeeze(-1)
