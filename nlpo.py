@@ -5,22 +5,29 @@ Reference code: RL4LMs (`algorithms/nlpo/nlpo.py`, `policy/causal_policy.py::Mas
 `algorithms/common/maskable/{logits_processor,distributions}.py`).
 Docs: docs/nlpo.md (implementation details, every metric, deviations from the reference code, results).
 
-NLPO is the token-level PPO of ppo.py (per-token KL penalty to a frozen reference, GAE, value model, clipped
-surrogate) with one change. A language model's action space is its whole vocabulary, and most of it is
-irrelevant in any given context; NLPO cuts it, at every token, to the top-p tokens of a *masking policy*
-pi_mask, a copy of the policy that is refreshed only every `mask_update_every` updates:
+The policy writes a response to a prompt one token at a time; each token is an action, the state is
+the prompt plus the tokens so far. The task's score arrives on the last response token, and every
+token pays a KL penalty to a frozen copy of the starting model, so the policy improves the score
+without drifting into text the starting model would never write:
+
+    r_t = -beta * (log pi(a_t|s_t) - log pi_ref(a_t|s_t))  + [t == last] * score
+
+Advantages come from GAE over the response tokens with a learned value function (a separate copy of
+the LM with a scalar head, as in RL4LMs), and the policy follows PPO's clipped surrogate for a few
+epochs over minibatches of each rollout. beta follows an adaptive controller toward a KL target.
+
+NLPO changes one thing, and `diff ppo.py nlpo.py` shows exactly that change. The vocabulary is a huge action
+space, most of it irrelevant in any given context; NLPO cuts it, at every token, to the top-p tokens of a
+*masking policy* pi_mask, a copy of the policy that is refreshed only every `mask_update_every` updates:
 
     K_t       = the fewest tokens whose pi_mask(.|s_t) probability reaches p  (+ special tokens, >= a minimum)
     pi_K(a|s) = pi(a|s) / sum_{b in K_t} pi(b|s)  for a in K_t,  0 elsewhere
 
-Rollouts sample from pi_K, the PPO ratio is pi_K,new / pi_K,old under the K_t of the rollout, and the KL
-penalty in the reward stays on pi vs pi_ref without NLPO's mask (as in RL4LMs; decoding's own cuts, the minimum
-length and --top-k/--top-p, apply to both sides, as in ppo.py):
-
-    r_t = -beta * (log pi(a_t|s_t) - log pi_ref(a_t|s_t))  + [t == last] * score
-
-Because pi_mask lags the policy, the action set moves slowly: a sort of trust region on *which* tokens may
-be explored, on top of PPO's trust region on how their probabilities move.
+Rollouts sample from pi_K, and the PPO ratio is pi_K,new / pi_K,old under the K_t of the rollout. The KL
+penalty stays on pi vs pi_ref without NLPO's mask, as in RL4LMs (decoding's own cuts, the minimum length and
+--top-k/--top-p, apply to both sides, as in ppo.py). Because pi_mask lags the policy, the action set moves
+slowly: a sort of trust region on *which* tokens may be explored, on top of PPO's on how their probabilities
+move.
 
 Run:  python nlpo.py                          # embedded sentiment task, tiny GPT-2, a few CPU minutes
       python nlpo.py --model-name tiny-t5     # the same with a seq2seq policy
@@ -36,6 +43,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import tyro
 from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -52,9 +60,9 @@ class Args(CommonArgs):
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
 
-    # Algorithm specific arguments (PPO's, with ppo.py's defaults, then NLPO's own)
+    # Algorithm specific arguments
     total_updates: int = 40
-    """number of NLPO updates; each is one rollout followed by `ppo_epochs` passes over it"""
+    """number of updates; each is one rollout followed by `ppo_epochs` passes over it"""
     rollout_batch_size: int = 64
     """prompts (episodes) per rollout"""
     minibatch_size: int = 16
@@ -62,7 +70,7 @@ class Args(CommonArgs):
     ppo_epochs: int = 4
     """passes over each rollout (RL4LMs IMDB: 5; lm-human-preferences: 4)"""
     learning_rate: float = 1e-4
-    """AdamW learning rate, constant (RL4LMs IMDB NLPO with GPT-2: 1e-6)"""
+    """AdamW learning rate, constant (RL4LMs IMDB with GPT-2: 1e-6)"""
     weight_decay: float = 1e-6
     """AdamW weight decay (RL4LMs' value)"""
     max_grad_norm: float = 0.5
@@ -72,7 +80,8 @@ class Args(CommonArgs):
     min_response_length: Optional[int] = None
     """EOS is forbidden before this many tokens; None takes the task's (GRUE IMDB: 48)"""
     temperature: float = 1.0
-    """sampling temperature; the ratio uses the same scaled, masked softmax (and the same --top-k/--top-p cut), so rollouts come from the distribution the ratio measures"""
+    """sampling temperature; the ratio uses the same scaled softmax (and the same --top-k/--top-p cut), so rollouts
+    come from the distribution the ratio measures"""
     top_k: int = 0
     """sample from the k most probable tokens only, in rollouts and evaluation (0: off); the old log-probs, the ratio
     and the KL use the same truncated, renormalised distribution. GRUE's published numbers sample with
@@ -81,7 +90,7 @@ class Args(CommonArgs):
     """sample from the nucleus of this probability only, after --top-k, in rollouts and evaluation (1.0: off); the old
     log-probs, the ratio and the KL use the same truncated, renormalised distribution"""
     gamma: float = 0.99
-    """discount over response tokens (RL4LMs: 0.99)"""
+    """discount over response tokens (RL4LMs: 0.99; lm-human-preferences: 1.0)"""
     gae_lambda: float = 0.95
     """GAE lambda"""
     clip_range: float = 0.2
@@ -91,7 +100,7 @@ class Args(CommonArgs):
     vf_coef: float = 0.5
     """value-loss weight (RL4LMs: 0.5)"""
     ent_coef: float = 0.0
-    """weight of the bonus on the masked policy's entropy (RL4LMs: 0.0); entropy is logged either way"""
+    """entropy-bonus weight (RL4LMs: 0.0); entropy is logged either way"""
     whiten_advantages: bool = True
     """normalise advantages over each rollout's response tokens"""
     whiten_rewards: bool = False
@@ -101,13 +110,16 @@ class Args(CommonArgs):
     adaptive_kl: bool = True
     """adapt beta toward `target_kl`; if off, beta stays at `init_kl_coef`"""
     target_kl: float = 0.1
-    """target of the mean per-token KL to the reference (RL4LMs IMDB NLPO: 0.1)"""
+    """target of the mean per-token KL to the reference (RL4LMs IMDB: 0.1)"""
     kl_horizon: int = 640
-    """adaptive-KL horizon in episodes (Ziegler et al.): beta moves at most 0.2 * rollout_batch_size / kl_horizon per update"""
+    """adaptive-KL horizon in episodes (Ziegler et al.): beta moves at most 0.2 * rollout_batch_size / kl_horizon
+    per update"""
     non_eos_penalty: bool = False
     """replace the score of responses that never emit EOS by `penalty_reward_value` (lm-human-preferences)"""
     penalty_reward_value: float = -1.0
     """the score given to responses without EOS when `non_eos_penalty` is on"""
+
+    # NLPO's own arguments
     top_mask: float = 0.9
     """p of the masking policy's nucleus: keep the fewest tokens whose probability under the masking policy
     reaches p (RL4LMs `top_mask`, 0.9 in every config but IWSLT's 0.5); 1.0 keeps every token (NLPO == PPO)"""
@@ -126,12 +138,157 @@ LIMITS = {
     "ppo_epochs": "(0, inf)", "learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "max_grad_norm": "(0, inf]",
     "temperature": "(0, inf)", "top_k": "[0, inf)", "top_p": "(0, 1]", "gamma": "[0, 1]", "gae_lambda": "[0, 1]",
     "clip_range": "(0, inf)", "clip_range_value": "(0, inf)", "vf_coef": "[0, inf)", "init_kl_coef": "[0, inf)",
-    "target_kl": "(0, inf)", "kl_horizon": "(0, inf)", "top_mask": "(0, 1]", "min_tokens_to_keep": "(0, inf)",
-    "mask_update_every": "(0, inf)",
+    "target_kl": "(0, inf)", "kl_horizon": "(0, inf)",
+    "top_mask": "(0, 1]", "min_tokens_to_keep": "(0, inf)", "mask_update_every": "(0, inf)",
 }
 
+
 # ----------------------------------------------------------------------------------------------
-# ALGO LOGIC: NLPO's own pieces as small pure functions (each unit-tested in tests/test_nlpo.py)
+# ALGO LOGIC: the method's pieces as small pure functions (each unit-tested in tests/test_ppo.py)
+# ----------------------------------------------------------------------------------------------
+def shaped_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                   mask: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards: -beta * KL on every response token, plus the task score on the last one.
+
+    KL is the single-sample (k1) estimate log pi - log pi_ref at the sampled token, as in RL4LMs
+    (alg_wrappers.py) and lm-human-preferences. Returns (rewards, kl), both zero after the response.
+    """
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * kl
+    last = mask.sum(1).long().clamp(min=1) - 1  # index of the last response token (EOS or truncation)
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards * mask, kl
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+                lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens (Schulman et al., 2016).
+
+    delta_t = r_t + gamma * V(s_{t+1}) - V(s_t);  A_t = delta_t + gamma * lam * A_{t+1}.
+    The episode ends after the last masked-in token, so V beyond it is 0 (the score is terminal).
+    Returns (advantages, returns = advantages + values), zero outside the mask.
+    """
+    mask = mask.to(values.dtype)
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(next_advantage)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        advantages[:, t] = next_advantage
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, clip_range: float) -> tuple[torch.Tensor, dict]:
+    """PPO's clipped surrogate, averaged over response tokens:
+    L = E[max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))], ratio = pi / pi_old."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "ratio": masked_mean(ratio, mask),
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "approx_kl": masked_mean((ratio - 1) - log_ratio, mask),  # k3, http://joschu.net/blog/kl-approx.html
+        }
+    return loss, stats
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                   mask: torch.Tensor, clip_range_value: Optional[float]) -> tuple[torch.Tensor, dict]:
+    """Squared error to the GAE returns; with a clip range, PPO2's pessimistic clipped form
+    max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2) as in lm-human-preferences."""
+    loss = (values - returns) ** 2
+    clipfrac = values.new_zeros(())  # on the values' device: it is stacked with the other statistics
+    if clip_range_value is not None:
+        clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+        clipped_loss = (clipped_values - returns) ** 2
+        clipfrac = masked_mean((clipped_loss > loss).float(), mask).detach()
+        loss = torch.max(loss, clipped_loss)
+    return masked_mean(loss, mask), {"value_clipfrac": clipfrac}
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019): beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon).
+    RL4LMs is the special case n / horizon = 0.1 with KL the mean per-token KL, which is what we use."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_episodes: int) -> None:
+        proportional_error = float(np.clip(current_kl / self.target - 1, -0.2, 0.2))
+        self.value *= 1 + proportional_error * n_episodes / self.horizon
+
+
+class FixedKLController:
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_episodes: int) -> None:
+        pass
+
+
+def forward_logprobs(policy: Policy, input_ids, attention_mask, start: int, temperature: float,
+                     min_length: int = 0, keep: Optional[torch.Tensor] = None, entropy_grad: bool = True):
+    """Log-probs and entropies of the response tokens under the temperature-scaled policy.
+
+    `generate` forbids EOS in the first `min_length` response tokens, and with --top-k/--top-p it samples only
+    the tokens of the rollout's keep-mask `keep` `[B, R, V]` (nlpo.py passes its action sets here), so the policy
+    the ratio measures must forbid the same tokens (and renormalise over the rest), or rollouts come from another
+    distribution than the one being optimised. One log-softmax serves both outputs, and with `entropy_grad=False`
+    (no entropy bonus) the entropy stays out of the autograd graph: with GPT-2's 50k vocabulary the [B, T, V]
+    passes are a large share of a minibatch step (README, "Where ppo.py's time goes"; benchmarks/ppo_step.py)."""
+    logits, _ = policy(input_ids, attention_mask, start)
+    logits = logits / temperature
+    if min_length > 0:  # a large finite value, not -inf, so entropy stays finite (0 * log 0 -> 0)
+        logits[:, :min_length, policy.tokenizer.eos_token_id] = -1e9
+    if keep is not None:  # the same large finite value for the tokens `keep` leaves out (they get no gradient)
+        logits = logits.masked_fill(~keep, -1e9)
+    logp = F.log_softmax(logits.float(), dim=-1)
+    logprobs = torch.gather(logp, 2, input_ids[:, start:].unsqueeze(-1)).squeeze(-1)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = -(logp.exp() * logp).sum(-1)
+    return logprobs, entropy
+
+
+class TopKTopPProcessor(LogitsProcessor):
+    """--top-k/--top-p inside the policy's `generate`, recording each step's keep-mask `[B, V]`, so that the old
+    log-probs, the ratio and the KL use exactly the truncated, renormalised distribution the rollout sampled from.
+    RL4LMs' rollouts sample with transformers' top-k 50 while its ratio uses the full softmax (two different
+    distributions); transformers' warpers keep no record, and recomputing the set from the teacher-forced logits
+    could put a sampled token at the edge outside it (probability 0 under the ratio). As in transformers' sampler,
+    the set is cut from the temperature-scaled scores; what it keeps is then sampled at the temperature."""
+
+    def __init__(self, top_k: int, top_p: float, temperature: float):
+        self.top_k, self.top_p, self.temperature = top_k, top_p, temperature
+        self.masks: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        keep = top_k_top_p_keep(scores / self.temperature, self.top_k, self.top_p)
+        self.masks.append(keep)
+        return scores.masked_fill(~keep, float("-inf"))
+
+
+class Critic(nn.Module):
+    """V(s_t) for every response token: a separate copy of the LM trunk with a scalar head (RL4LMs
+    `_value_model` + `_value_head`), so value regression never disturbs the policy's features."""
+
+    def __init__(self, policy: Policy):
+        super().__init__()
+        self.trunk = frozen_copy(policy).requires_grad_(True).train()
+        self.head = ValueHead(policy.hidden_size)
+
+    def forward(self, input_ids, attention_mask, start: int) -> torch.Tensor:
+        _, hidden = self.trunk(input_ids, attention_mask, start, with_logits=False)
+        return self.head(hidden)
+
+
+# ----------------------------------------------------------------------------------------------
+# ALGO LOGIC: what NLPO adds, the masking policy and its action sets (each unit-tested in tests/test_nlpo.py)
 # ----------------------------------------------------------------------------------------------
 def top_p_keep_mask(logits: torch.Tensor, top_p: float, min_tokens_to_keep: int = 1,
                     always_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -153,44 +310,6 @@ def top_p_keep_mask(logits: torch.Tensor, top_p: float, min_tokens_to_keep: int 
     if always_keep is not None:
         keep[..., always_keep] = True
     return keep
-
-
-def masked_log_softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """log pi_K: the softmax renormalised over the kept tokens, -inf elsewhere (RL4LMs `MaskableCategorical`
-    zeroes masked probabilities and renormalises; it clamps them to log(eps) where we keep an exact -inf)."""
-    return logits.float().masked_fill(~keep, float("-inf")).log_softmax(-1)
-
-
-def masked_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
-                    keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi_K of the given tokens `[B, T]`, and the entropy of pi_K `[B, T]` (masked tokens contribute 0)."""
-    logp = masked_log_softmax(logits, keep)
-    logprobs = torch.gather(logp, -1, tokens.unsqueeze(-1)).squeeze(-1)
-    # 0 * -inf would be nan (and its gradient too), so masked entries enter the entropy as exact zeros.
-    entropy = -(logp.exp() * logp.masked_fill(~keep, 0.0)).sum(-1)
-    return logprobs, entropy
-
-
-def nlpo_policy_loss(logits: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor, old_logprobs: torch.Tensor,
-                     advantages: torch.Tensor, mask: torch.Tensor,
-                     clip_range: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """PPO's clipped surrogate on the masked policy, averaged over response tokens:
-    L = E[max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))], ratio = pi_K(a|s) / pi_K,old(a|s), both under
-    the rollout's keep-mask (RL4LMs `NLPO.train` passes the stored `action_masks` to `evaluate_actions`).
-    With every token kept this is exactly ppo.py's `ppo_policy_loss`. Returns (loss, entropy of pi_K, stats)."""
-    logprobs, entropy = masked_logprobs(logits, tokens, keep)
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
-    with torch.no_grad():
-        stats = {
-            "ratio": masked_mean(ratio, mask),
-            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            "approx_kl": masked_mean((ratio - 1) - log_ratio, mask),  # k3, http://joschu.net/blog/kl-approx.html
-        }
-    return loss, entropy, stats
 
 
 def refresh_mask_policy(mask_policy: nn.Module, policy: nn.Module, update: int, every: int) -> bool:
@@ -243,113 +362,6 @@ class NLPOLogitsProcessor(LogitsProcessor):
         return scores.masked_fill(~keep, float("-inf"))
 
 
-# ----------------------------------------------------------------------------------------------
-# ALGO LOGIC: the PPO machinery NLPO shares with ppo.py (repeated here so this file reads on its own)
-# ----------------------------------------------------------------------------------------------
-def shaped_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                   mask: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rewards: -beta * KL on every response token, plus the task score on the last one.
-
-    KL is the single-sample (k1) estimate log pi - log pi_ref at the sampled token, on distributions WITHOUT
-    NLPO's mask, as in RL4LMs (`raw_log_probs - ref_log_probs`, alg_wrappers.py); decoding's own cuts (min length,
-    top-k/top-p) apply to both, as in ppo.py. Returns (rewards, kl).
-    """
-    kl = (logprobs - ref_logprobs) * mask
-    rewards = -kl_coef * kl
-    last = mask.sum(1).long().clamp(min=1) - 1  # index of the last response token (EOS or truncation)
-    rewards[torch.arange(len(scores)), last] += scores
-    return rewards * mask, kl
-
-
-def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
-                lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over response tokens (Schulman et al., 2016):
-    delta_t = r_t + gamma * V(s_{t+1}) - V(s_t);  A_t = delta_t + gamma * lam * A_{t+1}; V = 0 after the end.
-    Returns (advantages, returns = advantages + values), zero outside the mask."""
-    mask = mask.to(values.dtype)
-    values = values * mask
-    advantages = torch.zeros_like(rewards)
-    next_advantage = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(next_advantage)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
-        advantages[:, t] = next_advantage
-    return advantages, (advantages + values) * mask
-
-
-def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                   mask: torch.Tensor, clip_range_value: Optional[float]) -> tuple[torch.Tensor, dict]:
-    """Squared error to the GAE returns; with a clip range, PPO2's pessimistic clipped form
-    max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2) as in lm-human-preferences."""
-    loss = (values - returns) ** 2
-    clipfrac = values.new_zeros(())  # on the values' device: it is stacked with the other statistics
-    if clip_range_value is not None:
-        clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
-        clipped_loss = (clipped_values - returns) ** 2
-        clipfrac = masked_mean((clipped_loss > loss).float(), mask).detach()
-        loss = torch.max(loss, clipped_loss)
-    return masked_mean(loss, mask), {"value_clipfrac": clipfrac}
-
-
-class AdaptiveKLController:
-    """Ziegler et al. (2019): beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon).
-    RL4LMs is the special case n / horizon = 0.1 with KL the mean per-token KL, which is what we use."""
-
-    def __init__(self, init_kl_coef: float, target: float, horizon: int):
-        self.value, self.target, self.horizon = init_kl_coef, target, horizon
-
-    def update(self, current_kl: float, n_episodes: int) -> None:
-        proportional_error = float(np.clip(current_kl / self.target - 1, -0.2, 0.2))
-        self.value *= 1 + proportional_error * n_episodes / self.horizon
-
-
-class FixedKLController:
-    def __init__(self, kl_coef: float):
-        self.value = kl_coef
-
-    def update(self, current_kl: float, n_episodes: int) -> None:
-        pass
-
-
-def forward_logits(policy: Policy, input_ids, attention_mask, start: int, temperature: float) -> torch.Tensor:
-    """Temperature-scaled logits `[B, R, V]` of the distributions that produced the response tokens."""
-    logits, _ = policy(input_ids, attention_mask, start)
-    return logits.float() / temperature
-
-
-class TopKTopPProcessor(LogitsProcessor):
-    """--top-k/--top-p inside the policy's `generate`, recording each step's keep-mask `[B, V]`, so that the old
-    log-probs, the ratio and the KL use exactly the truncated, renormalised distribution the rollout sampled from.
-    RL4LMs' rollouts sample with transformers' top-k 50 while its ratio uses the full softmax (two different
-    distributions); transformers' warpers keep no record, and recomputing the set from the teacher-forced logits
-    could put a sampled token at the edge outside it (probability 0 under the ratio). As in transformers' sampler,
-    the set is cut from the temperature-scaled scores; what it keeps is then sampled at the temperature."""
-
-    def __init__(self, top_k: int, top_p: float, temperature: float):
-        self.top_k, self.top_p, self.temperature = top_k, top_p, temperature
-        self.masks: list[torch.Tensor] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        keep = top_k_top_p_keep(scores / self.temperature, self.top_k, self.top_p)
-        self.masks.append(keep)
-        return scores.masked_fill(~keep, float("-inf"))
-
-
-class Critic(nn.Module):
-    """V(s_t) for every response token: a separate copy of the LM trunk with a scalar head (RL4LMs
-    `_value_model` + `_value_head`), so value regression never disturbs the policy's features."""
-
-    def __init__(self, policy: Policy):
-        super().__init__()
-        self.trunk = frozen_copy(policy).requires_grad_(True).train()
-        self.head = ValueHead(policy.hidden_size)
-
-    def forward(self, input_ids, attention_mask, start: int) -> torch.Tensor:
-        _, hidden = self.trunk(input_ids, attention_mask, start, with_logits=False)
-        return self.head(hidden)
-
-
 def main(args: Args) -> dict:
     # TRY NOT TO MODIFY: check the arguments before any heavy work (a bad one exits with one line)
     try:
@@ -377,29 +389,31 @@ def main(args: Args) -> dict:
         raise SystemExit(error_line(error))
     autocast = bf16_autocast(device, args.bf16)  # a no-op on CPU unless --bf16
 
-    # Models: the policy, its frozen reference (KL anchor), the critic (a second trunk + head), and NLPO's
-    # masking policy: a frozen copy of the starting policy (RL4LMs `mask_type: learned_top_p` deep-copies it).
+    # Models: the policy, its frozen reference (KL anchor), and the critic (a second trunk + head).
     ref_policy = frozen_copy(policy)  # always the starting model, also when resuming
     critic = Critic(policy).to(device)
+    # NLPO's masking policy: a frozen copy of the starting policy (RL4LMs `mask_type: learned_top_p` deep-copies it)
     mask_policy = frozen_copy(policy)
+    vocab_size = policy.model.get_output_embeddings().weight.shape[0]
+    min_tokens_to_keep = args.min_tokens_to_keep or math.ceil(100 * vocab_size / 50257)
+    special_ids = torch.tensor(sorted(set(policy.tokenizer.all_special_ids)), device=device)
+    mask_age = 0  # updates the policy has had since the masking policy was copied from it
     parameters = list(policy.parameters()) + list(critic.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.weight_decay)
     kl_ctl = (AdaptiveKLController(args.init_kl_coef, args.target_kl, args.kl_horizon) if args.adaptive_kl
               else FixedKLController(args.init_kl_coef))
-    vocab_size = policy.model.get_output_embeddings().weight.shape[0]
-    min_tokens_to_keep = args.min_tokens_to_keep or math.ceil(100 * vocab_size / 50257)
-    special_ids = torch.tensor(sorted(set(policy.tokenizer.all_special_ids)), device=device)
-    eos_id = policy.tokenizer.eos_token_id
-    mask_age = 0  # updates the policy has had since the masking policy was copied from it
     # The prompt order is drawn by every rank alike; each rank takes its slice of every global batch.
     rng = np.random.default_rng(args.seed)
     prompt_order, prompt_cursor = refill_order(rng, len(task.train_prompts), np.zeros(0, int), 0,
                                                args.rollout_batch_size)
     first_update = 1
-    if checkpoint is not None:  # --resume: weights, optimizer, KL coefficient, masking policy, data, RNG states
-        for module, key in ((policy, "policy"), (critic, "critic"), (mask_policy, "mask_policy"), (optimizer, "optimizer")):
-            module.load_state_dict(checkpoint[key])
-        kl_ctl.value, mask_age, rng.bit_generator.state = checkpoint["kl_coef"], checkpoint["mask_age"], checkpoint["data_rng"]
+    if checkpoint is not None:  # --resume: weights, optimizer, KL coefficient, data position, RNG states
+        policy.load_state_dict(checkpoint["policy"])
+        critic.load_state_dict(checkpoint["critic"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        kl_ctl.value, rng.bit_generator.state = checkpoint["kl_coef"], checkpoint["data_rng"]
+        mask_policy.load_state_dict(checkpoint["mask_policy"])
+        mask_age = checkpoint["mask_age"]
         prompt_order, prompt_cursor = checkpoint["prompt_order"], checkpoint["prompt_cursor"]
         restore_rng_states(checkpoint["rng"][rank])
         first_update = checkpoint["step"] + 1
@@ -408,10 +422,9 @@ def main(args: Args) -> dict:
     def sample(prompts: list[str], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor,
                                                               Optional[torch.Tensor], torch.Tensor]:
         """Prompts -> (input_ids, attention_mask, response_start, response_mask, top-k/top-p keep-masks `[B, R, V]`,
-        None when both are off, NLPO keep-masks `[B, R, V]`), sampled from the masked policy: temperature, the
-        NLPO mask, then --top-k/--top-p over the masked distribution (RL4LMs' order: its mask is a logits
-        processor, transformers' warpers come after). Each episode samples from its own seed, so the text does
-        not depend on the number of processes."""
+        None when both are off, NLPO keep-masks `[B, R, V]`) from the masked policy: the NLPO mask, then top-k/top-p
+        over the masked distribution (RL4LMs' order: its mask is a logits processor, transformers' warpers come
+        after); each episode samples from its own seed, so the text does not depend on the number of processes."""
         prompt_ids, prompt_mask = policy.encode_prompts(prompts, task.max_prompt_tokens, device)
         masker = NLPOLogitsProcessor(mask_policy, prompt_ids, prompt_mask, args.top_mask, min_tokens_to_keep,
                                      special_ids)
@@ -423,13 +436,11 @@ def main(args: Args) -> dict:
                 top_k=0, top_p=1.0, logits_processor=LogitsProcessorList([masker, *truncation]), seeds=seeds)
         truncation_keep = torch.stack(truncation[0].masks, 1) if truncation else None
         keep = torch.stack(masker.masks, 1)
-        assert keep.shape[:2] == response_ids.shape, (keep.shape, response_ids.shape)
         return (torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1),
                 prompt_ids.shape[1], response_mask, truncation_keep, keep)
 
     def run_eval(step: int) -> dict:
-        """Held-out prompts, sampled as in training (NLPO's deployed decoding is the masked policy, as RL4LMs'
-        evaluation goes through the same masked `generate`), with the same per-prompt seeds at every evaluation."""
+        """Held-out prompts, sampled as in training with the same per-prompt seeds at every evaluation."""
         def generate_fn(prompts, indices):
             input_ids, _, start, response_mask, *_ = sample(prompts, episode_seeds(args.seed, 1, 0, indices))
             return policy.decode(input_ids[:, start:], response_mask)
@@ -442,9 +453,9 @@ def main(args: Args) -> dict:
 
     def checkpoint_state(step: int) -> dict:
         return {"step": step, "policy": policy.state_dict(), "critic": critic.state_dict(),
-                "mask_policy": mask_policy.state_dict(), "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value,
-                "mask_age": mask_age, "data_rng": rng.bit_generator.state, "prompt_order": prompt_order,
-                "prompt_cursor": prompt_cursor}
+                "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value, "data_rng": rng.bit_generator.state,
+                "prompt_order": prompt_order, "prompt_cursor": prompt_cursor, "mask_policy": mask_policy.state_dict(),
+                "mask_age": mask_age}
 
     stop_on_sigterm()
     update = first_update - 1
@@ -453,7 +464,7 @@ def main(args: Args) -> dict:
             run_eval(0)
         for update in range(first_update, args.total_updates + 1):
             update_start = time.time()
-            # ALGO LOGIC: 1. rollout: sample responses from the masked policy pi_K, keeping each step's mask
+            # ALGO LOGIC: 1. rollout: sample responses to a batch of training prompts (this rank's slice)
             prompt_order, prompt_cursor = refill_order(rng, len(task.train_prompts), prompt_order, prompt_cursor,
                                                        args.rollout_batch_size)
             mine = range(prompt_cursor + rank * local_batch, prompt_cursor + (rank + 1) * local_batch)
@@ -463,47 +474,50 @@ def main(args: Args) -> dict:
                 prompts, episode_seeds(args.seed, 0, update, mine))
             responses = policy.decode(input_ids[:, start:], mask)
             scores = torch.tensor(task.score(prompts, responses), dtype=torch.float32, device=device)
-            ends_with_eos = ((input_ids[:, start:] == eos_id) & (mask == 1)).any(1)
+            ends_with_eos = ((input_ids[:, start:] == policy.tokenizer.eos_token_id) & (mask == 1)).any(1)
             if args.non_eos_penalty:
                 scores = torch.where(ends_with_eos, scores, torch.full_like(scores, args.penalty_reward_value))
 
-            # ALGO LOGIC: 2. score the rollout: policy (without NLPO's mask for the KL, masked for the ratio),
-            # reference, critic, and the masking policy teacher-forced over the sequence to check the generation-time
-            # masks
+            # ALGO LOGIC: 2. score the rollout under the policy, the reference and the critic. The policy's log-probs
+            # (old log-probs of the ratio, and the KL) are the sampled distribution's: no EOS before the minimum length,
+            # top-k/top-p cut by the rollout's own masks (every token allowed after the response: nothing was sampled
+            # there). The reference is cut and renormalised the same way, so the KL compares the two models under the
+            # same decoding (docs/ppo.md, detail 2).
+            if truncation_keep is not None:
+                truncation_keep[mask == 0] = True
+            # NLPO: the ratio's action set is the rollout's own mask K_t, cut by top-k/top-p when on, so the ratio's old
+            # log-probs (and the logged entropy) are pi_K's. The KL keeps the tokens K_t removed: RL4LMs leaves the
+            # method's mask out of it, while decoding's own cuts stay on both models (docs/nlpo.md, detail 11).
+            keep[mask == 0] = True
+            action_keep = keep.clone() if truncation_keep is None else keep & truncation_keep
+            action_keep[:, :min_response_length, policy.tokenizer.eos_token_id] = False  # as generate forbade it
+            if truncation_keep is not None:  # top-k/top-p cut the masked scores: what K_t removed is not their cut
+                truncation_keep = truncation_keep | ~keep
             with torch.no_grad(), autocast:
-                logits = forward_logits(policy, input_ids, attention_mask, start, args.temperature)
-                ref_logits = forward_logits(ref_policy, input_ids, attention_mask, start, args.temperature)
+                logprobs, rollout_entropy = forward_logprobs(policy, input_ids, attention_mask, start, args.temperature,
+                                                              min_response_length, truncation_keep)
+                ref_logprobs, _ = forward_logprobs(ref_policy, input_ids, attention_mask, start, args.temperature,
+                                                   min_response_length, truncation_keep)
                 values = critic(input_ids, attention_mask, start).float()
+                old_logprobs, rollout_entropy = forward_logprobs(policy, input_ids, attention_mask, start,
+                                                                 args.temperature, min_response_length, action_keep)
+                logits, _ = policy(input_ids, attention_mask, start)
                 mask_logits, _ = mask_policy(input_ids, attention_mask, start)
             mask = mask.float()
-            response = mask.bool()
-            recomputed = top_p_keep_mask(mask_logits, args.top_mask, min_tokens_to_keep, special_ids)
-            mask_mismatch = masked_mean((recomputed != keep).any(-1).float(), mask, across_ranks=True).item()
-            # The ratio's action set is the support rollouts were sampled from: the NLPO mask and the top-k/top-p cut,
-            # minus EOS where `generate` forbade it (min length), and every token after the response (nothing was
-            # sampled there). The KL's support is the same without NLPO's mask: decoding's own cuts (min length,
-            # top-k/top-p, on both models as in ppo.py) but not the method's, which RL4LMs keeps out of the KL
-            # (docs/nlpo.md, detail 11). With --top-mask 1 both are ppo.py's, so NLPO is PPO under any decoding.
-            decoding_keep = torch.ones_like(keep) if truncation_keep is None else truncation_keep | ~keep
-            decoding_keep[:, :min_response_length, eos_id] = False
-            decoding_keep[~response] = True
-            action_keep = keep & decoding_keep
-            action_keep[~response] = True
-            response_ids = input_ids[:, start:]
-            logprobs, ref_logprobs = (masked_logprobs(logits, response_ids, decoding_keep)[0],
-                                      masked_logprobs(ref_logits, response_ids, decoding_keep)[0])
-            old_logprobs, rollout_entropy = masked_logprobs(logits, response_ids, action_keep)
             if not torch.isfinite(logits).all():  # the weights diverged (all ranks alike: they share gradients)
                 raise FloatingPointError(f"non-finite policy logits at update {update}")
-            if not torch.isfinite(old_logprobs[response]).all():
+            if not action_keep.gather(-1, input_ids[:, start:, None])[mask == 1].all():
                 raise RuntimeError(f"update {update}: a sampled token lies outside its stored mask; the rollout "
                                    "was not sampled from the masked policy the ratio uses")
-            with torch.no_grad():
-                mask_tokens = masked_mean(action_keep.sum(-1).float(), mask, across_ranks=True).item()
-                mask_policy_mass = masked_mean((logits.softmax(-1) * action_keep).sum(-1), mask, across_ranks=True).item()
+            # Diagnostics: the action set's size, the policy's probability inside it, and the fraction of positions
+            # where a teacher-forced recompute of the mask differs from the one generation recorded
+            mask_tokens = masked_mean(action_keep.sum(-1).float(), mask, across_ranks=True).item()
+            probs = (logits.float() / args.temperature).softmax(-1)
+            mask_policy_mass = masked_mean((probs * action_keep).sum(-1), mask, across_ranks=True).item()
+            recomputed = top_p_keep_mask(mask_logits, args.top_mask, min_tokens_to_keep, special_ids)
+            mask_mismatch = masked_mean((recomputed != keep).any(-1).float(), mask, across_ranks=True).item()
 
-            # ALGO LOGIC: 3. KL-shaped rewards (pi vs pi_ref without NLPO's mask, as RL4LMs), then GAE advantages and
-            # returns (statistics over all ranks)
+            # ALGO LOGIC: 3. KL-shaped rewards, then GAE advantages and returns (statistics over all ranks)
             rewards, kl = shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_ctl.value)
             if args.whiten_rewards:
                 rewards = masked_whiten(rewards, mask, shift_mean=False, across_ranks=True)
@@ -511,16 +525,18 @@ def main(args: Args) -> dict:
             if args.whiten_advantages:
                 advantages = masked_whiten(advantages, mask, across_ranks=True)
 
-            # ALGO LOGIC: 4. several epochs of clipped PPO on the masked policy, under the rollout's masks
+            # ALGO LOGIC: 4. several epochs of clipped PPO over minibatches of the rollout
             stats: dict[str, list] = {}
             for _ in range(args.ppo_epochs):
                 for mb in torch.randperm(local_batch, device=device).split(local_minibatch):
+                    mb_keep = action_keep[mb]  # NLPO: the new log-probs under the rollout's action sets too
                     with autocast:
-                        new_logits = forward_logits(policy, input_ids[mb], attention_mask[mb], start, args.temperature)
+                        new_logprobs, entropy = forward_logprobs(policy, input_ids[mb], attention_mask[mb], start,
+                                                                 args.temperature, min_response_length, mb_keep,
+                                                                 entropy_grad=args.ent_coef != 0)
                         new_values = critic(input_ids[mb], attention_mask[mb], start).float()
-                    pg_loss, entropy, pg_stats = nlpo_policy_loss(new_logits, response_ids[mb], action_keep[mb],
-                                                                  old_logprobs[mb], advantages[mb], mask[mb],
-                                                                  args.clip_range)
+                    pg_loss, pg_stats = ppo_policy_loss(new_logprobs, old_logprobs[mb], advantages[mb], mask[mb],
+                                                        args.clip_range)
                     vf_loss, vf_stats = ppo_value_loss(new_values, values[mb], returns[mb], mask[mb],
                                                        args.clip_range_value)
                     entropy_mean = masked_mean(entropy, mask[mb])

@@ -1,5 +1,6 @@
 """Tests of nlpo.py: NLPO's pure pieces against hand-computed values, the masked sampling path against the
-masked ratio, the equivalence with ppo.py at p = 1, the refresh schedule, the real CLI, and learning."""
+masked ratio, the equivalence with ppo.py at p = 1, the refresh schedule, the real CLI, and learning. The pieces
+nlpo.py shares with ppo.py are tested in tests/test_ppo.py (tests/test_ppo_nlpo_diff.py holds them identical)."""
 
 import glob
 import json
@@ -64,15 +65,43 @@ def test_top_p_keep_mask_properties():
 
 
 # ----------------------------------------------------------------------------------------------
-# The masked distribution and the loss
+# The masked distribution and the loss: ppo.py's `forward_logprobs` and `ppo_policy_loss` under the action set
 # ----------------------------------------------------------------------------------------------
-def test_masked_log_softmax_hand_computed():
+class FixedLogits(torch.nn.Module):
+    """A stand-in policy whose response logits are given: forward_logprobs needs only the call and the EOS id."""
+
+    def __init__(self, logits, eos_token_id=0):
+        super().__init__()
+        self.logits, self.tokenizer = logits, type("Tok", (), {"eos_token_id": eos_token_id})()
+
+    def forward(self, input_ids, attention_mask, start):
+        return self.logits.clone(), None
+
+
+def masked_logprobs(logits, tokens, keep, temperature=1.0):
+    """nlpo.forward_logprobs of response `tokens` [B, T] whose logits [B, T, V] are given (after one prompt token)."""
+    input_ids = torch.cat([torch.zeros_like(tokens[:, :1]), tokens], 1)
+    return nlpo.forward_logprobs(FixedLogits(logits), input_ids, None, 1, temperature, keep=keep)
+
+
+def masked_distribution(logits, keep, temperature=1.0):
+    """The whole distribution forward_logprobs scores tokens under, for one position's logits [V]: every token as
+    the response token of its own row."""
+    vocab = len(logits)
+    logprobs, _ = masked_logprobs(logits.expand(vocab, 1, vocab), torch.arange(vocab)[:, None],
+                                  None if keep is None else keep.expand(vocab, 1, vocab), temperature)
+    return logprobs[:, 0].exp()
+
+
+def test_masked_logprobs_hand_computed():
+    """pi_K is the softmax renormalised over the kept tokens: probabilities 1/6, 2/6, 3/6 over {0, 1, 2} when token
+    3 (logit 5, the most likely) is cut; a cut token has probability exactly 0 and adds nothing to the entropy."""
     logits = torch.tensor([0.0, math.log(2), math.log(3), 5.0])
     keep = torch.tensor([True, True, True, False])
-    logp = nlpo.masked_log_softmax(logits, keep)
-    torch.testing.assert_close(logp[:3], torch.tensor([1 / 6, 2 / 6, 3 / 6]).log())
-    assert logp[3] == float("-inf")
-    logprobs, entropy = nlpo.masked_logprobs(logits[None, None], torch.tensor([[2]]), keep[None, None])
+    probs = masked_distribution(logits, keep)
+    torch.testing.assert_close(probs[:3], torch.tensor([1 / 6, 2 / 6, 3 / 6]))
+    assert probs[3] == 0
+    logprobs, entropy = masked_logprobs(logits[None, None], torch.tensor([[2]]), keep[None, None])
     torch.testing.assert_close(logprobs, torch.tensor([[math.log(0.5)]]))
     expected_entropy = -sum(p * math.log(p) for p in (1 / 6, 2 / 6, 3 / 6))
     torch.testing.assert_close(entropy, torch.tensor([[expected_entropy]]))
@@ -83,21 +112,22 @@ def test_masked_distribution_sums_to_one_over_kept_and_is_zero_elsewhere():
     logits = torch.randn(4, 6, 40, requires_grad=True)
     keep = torch.rand(4, 6, 40) < 0.3
     keep[..., 0] = True  # never empty
-    probs = nlpo.masked_log_softmax(logits, keep).exp()
+    probs = torch.stack([torch.stack([masked_distribution(logits[b, t].detach(), keep[b, t]) for t in range(6)])
+                         for b in range(4)])
     torch.testing.assert_close(probs.sum(-1), torch.ones(4, 6))
     assert (probs[~keep] == 0).all()
     # and it is the policy renormalised over the kept set: pi(a) / sum_K pi
-    plain = logits.softmax(-1) * keep
+    plain = logits.detach().softmax(-1) * keep
     torch.testing.assert_close(probs, plain / plain.sum(-1, keepdim=True))
-    # gradients stay finite although masked entries are -inf (entropy included)
-    tokens = torch.multinomial(probs.detach().view(-1, 40), 1).view(4, 6)
-    logprobs, entropy = nlpo.masked_logprobs(logits, tokens, keep)
+    # gradients stay finite although the cut tokens are far below the rest (entropy included)
+    tokens = torch.multinomial(probs.view(-1, 40), 1).view(4, 6)
+    logprobs, entropy = masked_logprobs(logits, tokens, keep)
     (logprobs.sum() + entropy.sum()).backward()
     assert torch.isfinite(logprobs).all() and torch.isfinite(logits.grad).all()
     assert (logits.grad[~keep] == 0).all()  # masked logits get no direct gradient
 
 
-def test_nlpo_policy_loss_hand_computed():
+def test_masked_policy_loss_hand_computed():
     # token 0: kept {0, 1}, pi_K(1) = 3/4, old 1/2 -> ratio 1.5, A = +1: max(-1.5, -1.2) = -1.2 (clipped)
     # token 1: all kept, pi_K(2) = 1/2, old 0.8 -> ratio 0.625, A = -2: max(1.25, 1.6) = 1.6 (clipped)
     # token 2: outside the response (mask 0), must not count
@@ -107,7 +137,8 @@ def test_nlpo_policy_loss_hand_computed():
     old = torch.tensor([[math.log(0.5), math.log(0.8), -50.0]])
     advantages = torch.tensor([[1.0, -2.0, 1000.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0]])
-    loss, entropy, stats = nlpo.nlpo_policy_loss(logits, tokens, keep, old, advantages, mask, clip_range=0.2)
+    logprobs, entropy = masked_logprobs(logits, tokens, keep)
+    loss, stats = nlpo.ppo_policy_loss(logprobs, old, advantages, mask, clip_range=0.2)
     torch.testing.assert_close(loss, torch.tensor((-1.2 + 1.6) / 2))
     torch.testing.assert_close(stats["ratio"], torch.tensor((1.5 + 0.625) / 2))
     torch.testing.assert_close(stats["clipfrac"], torch.tensor(1.0))
@@ -118,8 +149,8 @@ def test_nlpo_policy_loss_hand_computed():
 
 
 def test_p1_loss_equals_ppo_loss_on_the_same_batch():
-    """With p = 1 the keep-mask is all True and NLPO's loss, ratio statistics, entropy and gradient are
-    ppo.py's, bit for bit."""
+    """With p = 1 the keep-mask is all True and NLPO's log-probs, loss, ratio statistics, entropy and gradient
+    are ppo.py's without a mask, bit for bit."""
     torch.manual_seed(0)
     logits = torch.randn(4, 7, 30) * 2
     mask_logits = torch.randn(4, 7, 30) * 5  # a peaked masking policy: p < 1 would cut most tokens
@@ -130,7 +161,8 @@ def test_p1_loss_equals_ppo_loss_on_the_same_batch():
     assert keep.all()
 
     a = logits.clone().requires_grad_(True)
-    loss, entropy, stats = nlpo.nlpo_policy_loss(a, tokens, keep, old, advantages, mask, 0.2)
+    logprobs, entropy = masked_logprobs(a, tokens, keep)
+    loss, stats = nlpo.ppo_policy_loss(logprobs, old, advantages, mask, 0.2)
     b = logits.clone().requires_grad_(True)
     ppo_loss, ppo_stats = ppo.ppo_policy_loss(logprobs_of(b, tokens), old, advantages, mask, 0.2)
     assert torch.equal(loss, ppo_loss)
@@ -142,11 +174,12 @@ def test_p1_loss_equals_ppo_loss_on_the_same_batch():
     assert torch.equal(a.grad, b.grad)
     # and with p < 1 it is not PPO's any more (the test can fail)
     keep = nlpo.top_p_keep_mask(mask_logits, 0.9, 1)
-    assert not nlpo.nlpo_policy_loss(logits, tokens, keep | (mask == 0)[..., None], old, advantages, mask, 0.2)[0] \
-        .isclose(ppo_loss)
+    logprobs, _ = masked_logprobs(logits, tokens, keep | (mask == 0)[..., None])
+    assert not nlpo.ppo_policy_loss(logprobs, old, advantages, mask, 0.2)[0].isclose(ppo_loss)
 
 
-@pytest.mark.parametrize("decoding", [{}, {"min_response_length": 6}, {"min_response_length": 6, "top_k": 40, "top_p": 0.9}],
+@pytest.mark.parametrize("decoding", [{}, {"min_response_length": 6},
+                                      {"min_response_length": 6, "top_k": 40, "top_p": 0.9}],
                          ids=["plain", "min-length", "min-length-top-k-top-p"])
 def test_p1_run_equals_ppo_run(tmp_path, decoding):
     """A whole NLPO run with --top-mask 1 is a PPO run: same samples, rewards, KL, losses and evaluations on the
@@ -172,40 +205,44 @@ def test_p1_run_equals_ppo_run(tmp_path, decoding):
 
 def test_the_stored_masks_reach_the_ratio(tmp_path, monkeypatch):
     """In a tiny real run, the keep-masks the NLPO processor recorded during the rollout (which do cut tokens) are
-    exactly the masks under which the ratio's new log-probs (`nlpo_policy_loss`, every minibatch) and its old
-    log-probs (`masked_logprobs` right after the rollout) are taken: not an all-true mask, not a recompute."""
-    maskers, loss_calls, logprob_calls = [], [], []
+    exactly the masks under which the ratio's new log-probs (`forward_logprobs` in every minibatch) and its old
+    log-probs (`forward_logprobs` right after the rollout) are taken: not an all-true mask, not a recompute; and
+    the KL's log-probs, of the policy and of the reference, are taken without NLPO's mask."""
+    maskers, calls = [], []
 
     class Spy(nlpo.NLPOLogitsProcessor):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             maskers.append(self)
 
-    real_loss, real_logprobs = nlpo.nlpo_policy_loss, nlpo.masked_logprobs
+    real_forward_logprobs = nlpo.forward_logprobs
 
-    def spy_loss(logits, tokens, keep, *a, **k):
-        loss_calls.append((tokens.clone(), keep.clone()))
-        return real_loss(logits, tokens, keep, *a, **k)
-
-    def spy_logprobs(logits, tokens, keep):
-        logprob_calls.append((tokens.clone(), keep.clone()))
-        return real_logprobs(logits, tokens, keep)
+    def spy_forward_logprobs(policy, input_ids, attention_mask, start, temperature, min_length=0, keep=None,
+                             entropy_grad=True):
+        training = torch.is_grad_enabled()  # the scoring pass after the rollout runs without gradients
+        calls.append((input_ids[:, start:].clone(), None if keep is None else keep.clone(), training))
+        return real_forward_logprobs(policy, input_ids, attention_mask, start, temperature, min_length, keep,
+                                     entropy_grad)
 
     monkeypatch.setattr(nlpo, "NLPOLogitsProcessor", Spy)
-    monkeypatch.setattr(nlpo, "nlpo_policy_loss", spy_loss)
-    monkeypatch.setattr(nlpo, "masked_logprobs", spy_logprobs)
+    monkeypatch.setattr(nlpo, "forward_logprobs", spy_forward_logprobs)
     nlpo.main(nlpo.Args(output_dir=str(tmp_path), total_updates=1, rollout_batch_size=4, minibatch_size=2,
                         ppo_epochs=1, eval_episodes=4, save_model=False))
     rollout = maskers[1]  # 0: the step-0 evaluation, 1: the rollout of update 1, 2: the final evaluation
     stored = torch.stack(rollout.masks, 1)
-    first_tokens = logprob_calls[0][0]  # the rollout's response tokens, in rollout order
+    first_tokens = calls[0][0]  # the rollout's response tokens, in rollout order
     eos_id = load_policy("tiny-gpt2", make_task("sentiment")).tokenizer.eos_token_id
     response = (torch.cumsum((first_tokens == eos_id).long(), 1) - (first_tokens == eos_id).long()) == 0
     assert (~stored[response]).any(), "the stored masks cut nothing: the test could not tell them from all-true"
     expected = stored.clone()
     expected[~response] = True  # after the response nothing was sampled (no minimum length here)
-    old_calls = [keep for tokens, keep in logprob_calls if torch.equal(tokens, first_tokens) and not keep.all()]
+    scoring = [(tokens, keep) for tokens, keep, training in calls if not training]
+    assert all(torch.equal(tokens, first_tokens) for tokens, _ in scoring)
+    kl_calls = [keep for _, keep in scoring if keep is None]
+    assert len(kl_calls) == 2  # the policy and the reference, for the KL: no NLPO mask (and no top-k/top-p here)
+    old_calls = [keep for _, keep in scoring if keep is not None]
     assert len(old_calls) == 1 and torch.equal(old_calls[0], expected)  # the old log-probs of the ratio
+    loss_calls = [(tokens, keep) for tokens, keep, training in calls if training]
     assert len(loss_calls) == 2  # two minibatches of 2 episodes
     for tokens, keep in loss_calls:
         rows = [next(i for i in range(len(first_tokens)) if torch.equal(first_tokens[i], t)) for t in tokens]
@@ -334,10 +371,11 @@ def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float,
 
 def test_rollouts_sample_the_distribution_the_ratio_uses(task):
     """2048 copies of each of 4 prompts, one sampled token each, at temperature 1.7 through the NLPO processor:
-    the counts fit pi_K = masked softmax(logits / T), the distribution the ratio uses (Pearson chi-square pooled
-    over the prompts, p > 0.001; measured p = 0.20, 0.44, 0.37 for sampling seeds 1, 2, 3), while the closest
-    wrong candidates (the mask without the temperature, the temperature without the mask) are rejected outright
-    (p < 1e-9; their statistics are over 1000 on about 15-50 degrees of freedom): the test can tell them apart."""
+    the counts fit pi_K = masked softmax(logits / T), the distribution the ratio scores under (`forward_logprobs`;
+    Pearson chi-square pooled over the prompts, p > 0.001; measured p = 0.20, 0.44, 0.37 for sampling seeds 1, 2, 3),
+    while the closest wrong candidates (the mask without the temperature, the temperature without the mask) are
+    rejected outright (p < 1e-9; their statistics are over 1000 on about 15-50 degrees of freedom): the test can
+    tell them apart."""
     policy = load_policy("tiny-gpt2", task)
     mask_policy, special = frozen_copy(policy), torch.tensor(policy.tokenizer.all_special_ids)
     n, temperature = 2048, 1.7
@@ -353,9 +391,9 @@ def test_rollouts_sample_the_distribution_the_ratio_uses(task):
                             ids.shape[1])[0][0, 0]
         keep = masker.masks[0][0]
         counts = torch.bincount(response[:, 0], minlength=len(logits))
-        candidates = {"pi_K": nlpo.masked_log_softmax(logits / temperature, keep).exp(),
-                      "no temperature": nlpo.masked_log_softmax(logits, keep).exp(),
-                      "no mask": (logits / temperature).softmax(-1)}
+        candidates = {"pi_K": masked_distribution(logits, keep, temperature),  # what the ratio scores under
+                      "no temperature": masked_distribution(logits, keep),
+                      "no mask": masked_distribution(logits, None, temperature)}
         for name, probs in candidates.items():
             stat, dof, _ = chi_square_pvalue(counts, probs)
             pooled[name][0] += stat
