@@ -36,15 +36,14 @@ def tensors_in(out):
 
 def meta_inputs(b=2, t=5, v=7):
     return {"bt": torch.randn(b, t, device=META), "btv": torch.randn(b, t, v, device=META),
-            "b": torch.randn(b, device=META), "tokens": torch.zeros(b, t, dtype=torch.long, device=META),
-            "keep": torch.ones(b, t, v, dtype=torch.bool, device=META)}
+            "b": torch.randn(b, device=META), "tokens": torch.zeros(b, t, dtype=torch.long, device=META)}
 
 
 def loss_calls():
     """(name, call) for every loss-side function of the five scripts, fed `meta` tensors: a tensor the function
     makes on the CPU itself (a hard-coded device) meets a meta one and raises, or comes out on the CPU."""
     x = meta_inputs()
-    bt, btv, b, tokens, keep = x["bt"], x["btv"], x["b"], x["tokens"], x["keep"]
+    bt, btv, b, tokens = x["bt"], x["btv"], x["b"], x["tokens"]
     calls = {
         "ppo.shaped_rewards": lambda: ppo.shaped_rewards(b, bt, bt, bt, 0.1),
         "ppo.compute_gae": lambda: ppo.compute_gae(bt, bt, bt, 1.0, 0.95),
@@ -52,8 +51,7 @@ def loss_calls():
         "ppo.ppo_value_loss(clip 0.2)": lambda: ppo.ppo_value_loss(bt, bt, bt, bt, 0.2),
         "ppo.ppo_value_loss(no clip)": lambda: ppo.ppo_value_loss(bt, bt, bt, bt, None),
         "nlpo.top_p_keep_mask": lambda: nlpo.top_p_keep_mask(btv, 0.9, 2),
-        "nlpo.masked_logprobs": lambda: nlpo.masked_logprobs(btv, tokens, keep),
-        "nlpo.nlpo_policy_loss": lambda: nlpo.nlpo_policy_loss(btv, tokens, keep, bt, bt, bt, 0.2),
+        "nlpo.ppo_policy_loss": lambda: nlpo.ppo_policy_loss(bt, bt, bt, bt, 0.2),  # the masked ratio's loss
         "nlpo.shaped_rewards": lambda: nlpo.shaped_rewards(b, bt, bt, bt, 0.1),
         "nlpo.compute_gae": lambda: nlpo.compute_gae(bt, bt, bt, 1.0, 0.95),
         "nlpo.ppo_value_loss(no clip)": lambda: nlpo.ppo_value_loss(bt, bt, bt, bt, None),
