@@ -69,7 +69,7 @@ class Args(CommonArgs):
     ref_epochs: int = 1
     """the paper's first step: pi_ref = the loaded model fine-tuned by NLL on the whole offline log for this many
     epochs (shuffled passes in batches of `batch_size`, `learning_rate` decayed linearly); every method starts
-    from pi_ref and weighs against it. 0: pi_ref is the model as loaded"""
+    from pi_ref and weighs against it. 0, or a task without a logged dataset: pi_ref is the model as loaded"""
     offline_samples_per_prompt: int = 1
     """tasks without an offline dataset get one sampled from pi_ref: this many responses per training prompt"""
     total_steps: int = 400
@@ -510,7 +510,8 @@ def main(args: Args) -> dict:
     if checkpoint is not None and checkpoint.get("ref_policy") is not None:  # --resume: its weights, not its fit
         ref_policy = frozen_copy(policy)
         ref_policy.load_state_dict(checkpoint["ref_policy"])
-    elif checkpoint is None and args.ref_epochs > 0:
+    elif checkpoint is None and args.ref_epochs > 0 and task.offline_data is not None:  # a log sampled from the
+        # loaded model is already its own distribution: there is nothing to fine-tune pi_ref towards
         try:
             data_stats["loaded_eval"], _ = evaluate_model(start_policy)  # the table's "model as loaded" row
             print(f"eval of the model as loaded: {eval_line(data_stats['loaded_eval'])}", flush=True)

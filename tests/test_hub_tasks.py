@@ -243,7 +243,7 @@ def error_cases(hub):
     (hub / "broken.jsonl").write_text('{"prompt": "a"}\n{"text": "b"}\n')
     (hub / "one.jsonl").write_text('{"prompt": "a"}\n')
     return [
-        ("nope", {}, ValueError, "unknown task 'nope'; known tasks: imdb, jsonl, sentiment, wordle"),
+        ("nope", {}, ValueError, "unknown task 'nope'; known tasks: imdb, jsonl, sentiment, sentiment_grammar, wordle"),
         ("jsonl", dict(prompts_file=prompts, reward_model=model, reward_fn="my_rewards:word_count"), ValueError, "not both"),
         ("jsonl", dict(prompts_file=prompts), ValueError, "task jsonl needs a reward"),
         ("jsonl", dict(reward_model=model), ValueError, "needs --prompts-file"),

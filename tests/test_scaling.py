@@ -14,6 +14,7 @@ by the usual data-parallel weighting of a per-rank mean.
 import glob
 import importlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -109,6 +110,9 @@ def assert_same_scalars(expected: dict, actual: dict, tags, rel: float, context:
     for tag in tags:
         assert actual[tag].keys() == expected[tag].keys() and len(expected[tag]) >= 2, (tag, expected[tag], actual[tag])
         for step, value in expected[tag].items():
+            if math.isnan(value):  # not measurable yet (reward_lm's fit_error before 50 labels): NaN on both sides
+                assert math.isnan(actual[tag][step]), (tag, step, context)
+                continue
             assert actual[tag][step] == pytest.approx(value, rel=rel, abs=1e-6), (tag, step, context)
 
 
