@@ -53,14 +53,26 @@ def command(dataset: str, method: str, seed: int, opts) -> list[str]:
             "--output-dir", os.path.join(opts.output_dir, f"{dataset}_{method}_{seed}"), *METHODS[method], *opts.extra]
 
 
+def log_lines(text: str) -> dict:
+    """What a run's log adds to its summary: the evaluation curve, and for ILQL the final beta sweep (`--eval-betas`,
+    the same networks decoded at each beta) as [return, win, repeat rate] and pi_beta under the no-repeat oracle
+    (`wordle.NoRepeat`) as [return, win]."""
+    curve = [[int(s), float(r)] for s, r in re.findall(r"eval @ step (\d+): return ([-+.\d]+)", text)]
+    number = r"([-+.\d]+)"
+    sweep = {b: [float(r), float(w), float(p)] for b, r, w, p in re.findall(
+        rf"^beta ([\d.]+): return {number} \+- [.\d]+ \| win rate {number} \| repeat rate {number}", text, re.M)}
+    oracle = re.search(rf"oracle\): return {number} \+- [.\d]+ \| win rate {number}", text)
+    return {"curve": curve, "beta_sweep": sweep, "no_repeat_oracle": [float(x) for x in oracle.groups()] if oracle
+            else None}
+
+
 def finished_run(dataset: str, method: str, seed: int, opts, log_path: str, seconds: float) -> dict:
-    """The record of a finished run: its final metrics, and the curve from its evaluation lines."""
+    """The record of a finished run: its final metrics, and what its log adds (`log_lines`)."""
     final = summary_of(os.path.join(opts.output_dir, f"{dataset}_{method}_{seed}"))["final"]
     with open(log_path) as f:
-        curve = [[int(s), float(r)] for s, r in re.findall(r"eval @ step (\d+): return ([-+.\d]+)", f.read())]
+        from_log = log_lines(f.read())
     return {"dataset": dataset, "method": method, "seed": seed, "steps": opts.steps, "flags": opts.extra,
-            "seconds": round(seconds),
-            **{m: final[f"eval/{m}"] for m in METRICS}, "curve": curve}
+            "seconds": round(seconds), **{m: final[f"eval/{m}"] for m in METRICS}, **from_log}
 
 
 def train(opts, results: dict) -> None:

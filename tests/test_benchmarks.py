@@ -216,3 +216,18 @@ def test_ilql_wordle_claim_against_the_best_filtering():
     assert claim["combined_se"] == pytest.approx(0.05)  # hypot(0.03, 0.04)
     assert claim["paired_difference"] == pytest.approx(0.3) and claim["ilql_wins"] == 2
     assert claim["gap_closed"] == pytest.approx(0.8)  # (-1.9 + 3.5) / (-1.5 + 3.5)
+
+
+def test_ilql_wordle_reads_the_curve_beta_sweep_and_oracle_from_a_log():
+    import ilql_wordle as iw
+
+    log = ("eval @ step 0: return -6.000 +- 0.000 | win rate 0.000 | repeat rate 0.000\n"
+           "step 1000/2000 | q_loss 0.07\neval @ step 1000: return -2.510 +- 1.814 | win rate 0.810 | repeat rate 0.1\n"
+           "beta 0: return -4.280 +- 2.057 | win rate 0.475 | repeat rate 0.562\n"
+           "beta 16: return -2.535 +- 1.813 | win rate 0.810 | repeat rate 0.123\n"
+           "pi_beta without repeats (oracle): return -4.410 +- 2.077 | win rate 0.420 | repeat rate 0.000\n")
+    got = iw.log_lines(log)
+    assert got["curve"] == [[0, -6.0], [1000, -2.51]]
+    assert got["beta_sweep"] == {"0": [-4.28, 0.475, 0.562], "16": [-2.535, 0.81, 0.123]}
+    assert got["no_repeat_oracle"] == [-4.41, 0.42]
+    assert iw.log_lines("eval @ step 0: return -6.000 +- 0.000")["no_repeat_oracle"] is None
