@@ -7,6 +7,22 @@ SENTIMENT_EVAL_KEYS = {"eval/return_mean", "eval/return_std", "eval/perplexity",
                        "eval/distinct_1", "eval/distinct_2", "eval/unique_1", "eval/unique_2", "eval/msttr",
                        "eval/entropy_1", "eval/entropy_2", "eval/response_length"}
 
+# A tiny budget per script, a few seconds of work: the documented commands (test_docs) and the copied scripts
+# (test_copy) run with it
+TINY_FLAGS = {
+    "ppo.py": ["--total-updates", "1", "--rollout-batch-size", "4", "--minibatch-size", "2", "--ppo-epochs", "1",
+               "--eval-episodes", "4", "--eval-every", "1"],
+    "nlpo.py": ["--total-updates", "1", "--rollout-batch-size", "4", "--minibatch-size", "2", "--ppo-epochs", "1",
+                "--eval-episodes", "4", "--eval-every", "1", "--mask-update-every", "1"],
+    "ilql.py": ["--total-steps", "2", "--batch-size", "4", "--eval-episodes", "4", "--eval-every", "2",
+                "--wordle-games", "64", "--print-every", "1"],
+    "alol.py": ["--total-steps", "2", "--batch-size", "4", "--eval-episodes", "4", "--eval-every", "2",
+                "--offline-size", "64", "--value-prompts", "16", "--value-epochs", "1", "--forward-batch-size", "16"],
+    "reward_lm.py": ["--num-seeds", "1", "--queries", "32", "--queries-per-round", "16", "--pretrain-size", "512",
+                     "--pretrain-epochs", "1", "--updates-per-round", "2", "--ensemble-size", "2",
+                     "--progress-every", "1"],
+}
+
 # `python` + these = torchrun with 2 CPU processes (gloo); --standalone picks a free port for the rendezvous
 TORCHRUN_2 = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 

@@ -36,24 +36,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from helpers import TORCHRUN_2
+from helpers import TINY_FLAGS, TORCHRUN_2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 
-# A tiny budget per script: appended to the documented command, so it overrides the same flags there.
-TINY = {
-    "ppo.py": ["--total-updates", "1", "--rollout-batch-size", "4", "--minibatch-size", "2", "--ppo-epochs", "1",
-               "--eval-episodes", "4", "--eval-every", "1"],
-    "nlpo.py": ["--total-updates", "1", "--rollout-batch-size", "4", "--minibatch-size", "2", "--ppo-epochs", "1",
-                "--eval-episodes", "4", "--eval-every", "1", "--mask-update-every", "1"],
-    "ilql.py": ["--total-steps", "2", "--batch-size", "4", "--eval-episodes", "4", "--eval-every", "2",
-                "--wordle-games", "64", "--print-every", "1"],
-    "alol.py": ["--total-steps", "2", "--batch-size", "4", "--eval-episodes", "4", "--eval-every", "2",
-                "--offline-size", "64", "--value-prompts", "16", "--value-epochs", "1", "--forward-batch-size", "16"],
-    "reward_lm.py": ["--num-seeds", "1", "--queries", "32", "--queries-per-round", "16", "--pretrain-size", "512",
-                     "--pretrain-epochs", "1", "--updates-per-round", "2", "--ensemble-size", "2", "--progress-every", "1"],
-}
+# A tiny budget per script (tests/helpers.py): appended to the documented command, so it overrides the same
+# flags there.
+TINY = TINY_FLAGS
 METHOD_COMMON = ["--no-save-model"]
 # Other documented programs: how to make each tiny (given a temporary directory).
 OTHER = {
