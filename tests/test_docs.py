@@ -57,7 +57,7 @@ OTHER = {
                                               "--batch-size", "4", "--wordle-games", "64"],
 }
 OTHER["benchmarks/alol_variants.py"] = lambda tmp: [
-    "--seeds", "1", "--variants", "a_lol", "nll", "--output-dir", os.path.join(tmp, "alol_variants"),
+    "--seeds", "1", "--variants", "a_lol", "--output-dir", os.path.join(tmp, "alol_variants"),
     "--results", os.path.join(tmp, "alol.json"), "--page", os.path.join(tmp, "alol.md"), "--", *TINY["alol.py"]]
 MODULES = {"common.wordle": ["20", "200"]}  # `python -m common.wordle [games] [words]`: positional, replaced
 BUILTIN_MODELS = ("tiny-gpt2", "tiny-t5")

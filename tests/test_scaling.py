@@ -33,7 +33,7 @@ DISTRIBUTED_RTOL = 1e-4
 # same number of tokens, the loss metrics to compare, and flags that make the loss diverge after one update.
 SCRIPTS = {
     "alol.py": dict(  # progress lines count gradient steps ("step N/6"); the loss is a mean over equal shares
-        tiny=["--total-steps", "6", "--batch-size", "4", "--offline-size", "256", "--value-prompts", "32",
+        tiny=["--total-steps", "6", "--batch-size", "4", "--offline-size", "64", "--value-prompts", "32",
               "--value-epochs", "3", "--eval-every", "3", "--eval-episodes", "16", "--log-every", "1",
               "--forward-batch-size", "8", "--checkpoint-every", "2"],
         losses=["losses/loss", "losses/nll", "losses/importance_weight", "objective/kl", "objective/scores",
