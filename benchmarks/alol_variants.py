@@ -17,12 +17,11 @@ import argparse
 import os
 import sys
 
-import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from resumable import add_queue_arguments, load, run_queue, save, summary_of, write_region  # noqa: E402
+from resumable import add_queue_arguments, load, mean_se, run_queue, save, summary_of, write_region  # noqa: E402
 
 VARIANTS = {"a_lol": [], "a_lol_ref_free": ["--algorithm", "a_lol_ref_free"], "a_lol_seq": ["--algorithm", "a_lol_seq"],
             "a_lol_kl": ["--algorithm", "a_lol_kl"], "nll": ["--algorithm", "nll"], "wbc": ["--algorithm", "wbc"],
@@ -49,11 +48,6 @@ def record_run(variant: str, seed: int, opts, seconds: float) -> dict:
             "positive_fraction": summary.get("positive_fraction"),
             "value_heldout_mse": summary.get("value_heldout_mse"),
             "value_constant_mse": summary.get("value_constant_mse")}
-
-
-def mean_se(values) -> tuple[float, float]:
-    values = np.asarray(values, dtype=np.float64)
-    return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
 
 
 def row(name: str, flags: list[str], runs: list[dict]) -> dict:

@@ -32,7 +32,7 @@ sys.path.insert(0, ROOT)
 from common import wordle  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from resumable import add_queue_arguments, load, run_queue, save, summary_of, write_region  # noqa: E402
+from resumable import add_queue_arguments, load, mean_se, run_queue, save, summary_of, write_region  # noqa: E402
 
 DATASETS = {"per_move": "expert=0.5,repeat=0.5", "per_game": "game:expert=0.5,repeat=0.5"}
 METHODS = {"ilql": [], "bc": ["--beta", "0"], "pct_bc_10": ["--beta", "0", "--top-fraction", "0.1"],
@@ -100,8 +100,7 @@ def aggregate(opts, results: dict) -> list[dict]:
             runs = [r for r in results["runs"].values() if r["dataset"] == dataset and r["method"] == method]
             if not runs:
                 continue
-            returns = np.array([r["return_mean"] for r in runs])
-            se = float(returns.std(ddof=1) / np.sqrt(len(runs))) if len(runs) > 1 else float("nan")
+            se = mean_se([r["return_mean"] for r in runs])[1]
             records.append({"dataset": dataset, "method": method, "seeds": sorted(r["seed"] for r in runs),
                             "steps": runs[0]["steps"], "return_se": se,
                             **{m: mean_of([r.get(m) for r in runs]) for m in METRICS},
@@ -126,8 +125,7 @@ def claims(records: list[dict], results: dict) -> list[dict]:
         out.append({"dataset": dataset, "best_pct_bc": best["method"],
                     "difference": ilql["return_mean"] - best["return_mean"],
                     "combined_se": float(np.hypot(ilql["return_se"], best["return_se"])),
-                    "paired_difference": float(diffs.mean()),
-                    "paired_se": float(diffs.std(ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else float("nan"),
+                    **dict(zip(("paired_difference", "paired_se"), mean_se(diffs))),
                     "ilql_wins": int((diffs > 0).sum()), "seeds": seeds,
                     "gap_closed": (ilql["return_mean"] - bc["return_mean"]) / (expert - bc["return_mean"])})
     return out

@@ -9,6 +9,8 @@ import subprocess
 import time
 from typing import Callable
 
+import numpy as np
+
 
 def add_queue_arguments(parser: argparse.ArgumentParser, script: str, output_dir: str, results: str, page: str,
                         root: str) -> None:
@@ -22,6 +24,13 @@ def add_queue_arguments(parser: argparse.ArgumentParser, script: str, output_dir
     parser.add_argument("--page", nargs="?", const=page, default=None,
                         help=f"write the table into this page's marked region (default {os.path.relpath(page, root)})")
     parser.add_argument("extra", nargs="*", help=f"more {script} flags for every run, after --")
+
+
+def mean_se(values) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample sd / sqrt(n)) over seeds; the error is NaN for one seed."""
+    values = np.asarray(values, dtype=np.float64)
+    se = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+    return float(values.mean()), se
 
 
 def load(path: str) -> dict:
