@@ -23,6 +23,7 @@ Hub tasks (need the network or local copies; `make_task(name, args)` reads their
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import json
@@ -308,7 +309,13 @@ class Task:
         return rewards
 
 
-def corrupt(response: str, rng: random.Random, vocabulary: Sequence[str]) -> str:
+@functools.lru_cache(maxsize=1)
+def _grammar_vocabulary() -> list[str]:
+    """The words a bag of corrupted text is drawn from: those of 500 grammar reviews, sorted."""
+    return sorted({w for r in sentiment_corpus(500, seed=0) for w in r.split(" ")})
+
+
+def corrupt(response: str, rng: random.Random) -> str:
     """A noisy copy of a logged response: its words shuffled, a random bag of grammar words, or its first one
     or two words (one kind each, with equal chance)."""
     words = response.split()
@@ -316,7 +323,7 @@ def corrupt(response: str, rng: random.Random, vocabulary: Sequence[str]) -> str
     if kind == "shuffle":
         rng.shuffle(words)
     elif kind == "bag":
-        words = rng.choices(vocabulary, k=rng.randint(3, 12))
+        words = rng.choices(_grammar_vocabulary(), k=rng.randint(3, 12))
     else:
         words = words[:rng.randint(1, 2)]
     return " " + " ".join(words)
@@ -342,7 +349,6 @@ def make_sentiment_task(n_train: int = 4096, n_eval: int = 256, n_corpus: int = 
         `noise`, a corrupted response: its words shuffled, a random bag of grammar words, or one or two
         words. Every response is scored by the task's reward, like a logged dataset with its rewards."""
         rng = random.Random(seed)
-        vocabulary = sorted({w for r in sentiment_corpus(500, seed=0) for w in r.split(" ")})
         held_out = set(eval_prompts)
         data = []
         for review in sentiment_corpus(2 * n, seed=1000 + seed):
@@ -350,7 +356,7 @@ def make_sentiment_task(n_train: int = 4096, n_eval: int = 256, n_corpus: int = 
             if prompt in held_out:
                 continue
             if rng.random() < noise:
-                response = corrupt(response, rng, vocabulary)
+                response = corrupt(response, rng)
             data.append({"prompt": prompt, "response": response})
             if len(data) == n:
                 break
@@ -382,7 +388,6 @@ def make_sentiment_grammar_task() -> Task:
     reward, which adds a fluency classifier's score to the others. The prompts, references and built-in models
     are `sentiment`'s."""
     task = make_sentiment_task()
-    vocabulary = sorted({w for r in sentiment_corpus(500, seed=0) for w in r.split(" ")})
 
     def reward(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         fluent = np.array([is_review(p + r) for p, r in zip(prompts, responses)], dtype=np.float64)
@@ -403,7 +408,7 @@ def make_sentiment_grammar_task() -> Task:
                 continue
             for response in [own] + [continue_review(prompt, rng) for _ in range(per_prompt - 1)]:
                 if rng.random() < noise:
-                    response = corrupt(response, rng, vocabulary)
+                    response = corrupt(response, rng)
                 data.append({"prompt": prompt, "response": response})
             if len(data) >= n:
                 break
