@@ -46,7 +46,7 @@ from common.utils import (CommonArgs, Run, ScalarRecorder, all_gather_objects, c
                           init_distributed, map_in_waves, resume_args, seed_everything, stop_on_sigterm, validate_args,
                           write_atomically, writing_dir)
 
-AGENTS = ("ts", "greedy", "passive", "boltzmann", "infomax")
+AGENTS = ("ts", "greedy", "passive", "boltzmann", "infomax", "ts_rm")
 
 
 @dataclass
@@ -91,43 +91,36 @@ class Args(CommonArgs):
     pretrain_lr: float = 3e-3
     """AdamW learning rate of pretraining"""
 
-    # Epistemic uncertainty about today's approval: an ensemble of heads with randomized priors, not fitted on the
-    # historical labels (they come from other raters)
+    # The prior about today's approval, and the ensemble that carries the uncertainty
+    prior_scale: float = 0.67
+    """alpha: prior std in logits of each response's approval today around the pretrained LM's belief (2/3: a
+    share rho ~ U(0, 1) of new raters with approval u ~ U(0, 1) gives std 1/6 in probability)"""
     ensemble_size: int = 10
     """M: the number of epistemic heads"""
-    head_hidden: int = 32
-    """hidden units of each head"""
-    prior_scale: float = 0.67
-    """alpha: prior std in logits of a response's approval today around the LM's belief, measured on its offset
-    relative to the prompt's other responses, which is what TS's argmax sees (2/3: a share rho ~ U(0, 1) of raters
-    with unknown approval u ~ U(0, 1) gives std 1/6 in probability)"""
     bootstrap: bool = True
-    """each head sees each data point with probability 1/2 (fixed per point and head)"""
-    anchor_coef: float = 1.0
-    """lambda of the L2 pull of head weights to their init, divided by the number of data points"""
+    """each head counts each label 0 or 2 times (fixed per label and head); off: every head counts it once"""
 
     # Online phase: queries, joint reward learning and fine-tuning
     agents: tuple[str, ...] = ("ts", "greedy", "passive")
-    """agents to compare, from ts, greedy, passive, boltzmann, infomax; the first is the method reported in eval/*"""
-    num_seeds: int = 5
+    """agents to compare, from ts, greedy, passive, boltzmann, infomax and ts_rm (TS with a separate reward model:
+    a copy of the pretrained LM learns the feedback and the LM stays the policy); the first is reported in eval/*"""
+    seed: int = 101
+    """the first seed (101-120: seeds never used to choose a setting; those were chosen on seeds 21-31)"""
+    num_seeds: int = 20
     """seeds seed, seed+1, ...; every agent runs on the same seeds (same environment, same pretrained LM)"""
     queries: int = 4096
     """feedback queries per agent and seed (an exact-posterior TS needs a median of 2016 here:
     benchmarks/reward_lm_tabular.py)"""
     queries_per_round: int = 64
     """queries between two updates; must divide `queries`"""
-    updates_per_round: int = 25
-    """at most this many AdamW steps on the feedback buffer after each round"""
-    update_epochs: float = 1.0
-    """passes over the feedback buffer per round (capped by `updates_per_round`)"""
-    update_batch_size: int = 64
-    """feedback examples per online step (sampled with replacement from the buffer)"""
+    max_fit_steps: int = 200
+    """at most this many full-batch AdamW steps on the feedback buffer after each round"""
+    fit_tol: float = 1e-4
+    """a round's fit stops once 5 steps in a row bring the buffer's loss no more than this below its lowest value"""
     learning_rate: float = 1e-4
-    """AdamW learning rate of the LM in the online phase (a fresh AdamW at 1e-3 moves every logit by ~2 in its
-    first steps)"""
-    head_learning_rate: float = 1e-3
-    """AdamW learning rate of the heads in the online phase: their output starts at 0 and must cancel priors of ~1
-    logit"""
+    """AdamW learning rate of the LM in the online phase"""
+    replay_batch_size: int = 64
+    """replayed historical sequences per online step"""
     buffer_size: int = 4096
     """FIFO capacity of the online feedback buffer"""
     replay_coef: float = 0.1
@@ -173,10 +166,9 @@ LIMITS = {
     "inclusive_majority_approval": "[0, 1]", "inclusive_pretrain_mass": "(0, 1)", "pretrain_size": "(0, inf)",
     "n_embd": "(0, inf)", "n_layer": "(0, inf)", "n_head": "(0, inf)", "pretrain_epochs": "[0, inf)",
     "pretrain_batch_size": "(0, inf)", "pretrain_lr": "(0, inf)", "ensemble_size": "(0, inf)",
-    "head_hidden": "(0, inf)", "prior_scale": "[0, inf)", "anchor_coef": "[0, inf)",
-    "num_seeds": "(0, inf)", "queries": "(0, inf)", "queries_per_round": "(0, inf)",
-    "updates_per_round": "(0, inf)", "update_epochs": "(0, inf)", "update_batch_size": "(0, inf)",
-    "learning_rate": "(0, inf)", "head_learning_rate": "(0, inf)", "buffer_size": "(0, inf)",
+    "prior_scale": "(0, inf)", "num_seeds": "(0, inf)", "queries": "(0, inf)", "queries_per_round": "(0, inf)",
+    "max_fit_steps": "(0, inf)", "fit_tol": "[0, inf)", "learning_rate": "(0, inf)", "replay_batch_size": "(0, inf)",
+    "buffer_size": "(0, inf)",
     "replay_coef": "[0, inf)", "beta": "[0, inf]", "boltzmann_temperature": "(0, inf)", "target_fraction": "(0, 1]",
     "progress_every": "(0, inf)", "threads": "(0, inf)",
 }
@@ -254,7 +246,7 @@ def select_queries(agent: str, ell_z: torch.Tensor, log_pi_ref: torch.Tensor, x:
     """The only thing agents differ in: which response to query for each prompt in `x`.
     ell_z: [M, P, R] approval logits of the M heads; log_pi_ref: [P, R]."""
     probs = torch.sigmoid(ell_z)
-    if agent == "ts":  # Thompson sampling: act greedily w.r.t. one sampled reward model per query
+    if agent in ("ts", "ts_rm"):  # Thompson sampling: act greedily w.r.t. one sampled reward model per query
         z = torch.randint(len(ell_z), (len(x),), generator=gen)
         return ell_z[z, x].argmax(-1)
     if agent == "greedy":  # the posterior-mean reward model, no exploration
@@ -268,11 +260,43 @@ def select_queries(agent: str, ell_z: torch.Tensor, log_pi_ref: torch.Tensor, x:
     raise ValueError(f"unknown agent {agent!r}")
 
 
-def head_loss(ell0: torch.Tensor, offsets: torch.Tensor, f: torch.Tensor, weights) -> torch.Tensor:
-    """BCE of every head's approval logit ell_z = ell0 + offset_z, with optional bootstrap weights [M, N].
-    ell0 is detached: the heads learn what the LM head leaves uncertain, not the LM's own fit."""
-    bce = F.binary_cross_entropy_with_logits(ell0.detach() + offsets, f.expand_as(offsets), reduction="none")
-    return bce.mean() if weights is None else (bce * weights).sum() / weights.sum().clamp_min(1.0)
+def cell_counts(x: torch.Tensor, r: torch.Tensor, f: torch.Tensor, w: torch.Tensor, n_cells: int, R: int):
+    """The feedback buffer as sufficient statistics per (prompt, response) cell c = x * R + r: labels n [C] and
+    approvals k [C], and each head's bootstrapped counts n_z, k_z [M, C] (w [N, M]: how often head z counts a label).
+    A loss that is a sum over labels of a function of their cell is a sum over cells of these counts."""
+    cell = x * R + r
+    n = torch.zeros(n_cells, device=x.device).index_add_(0, cell, torch.ones_like(f))
+    k = torch.zeros(n_cells, device=x.device).index_add_(0, cell, f)
+    n_z = torch.zeros(w.shape[1], n_cells, device=x.device).index_add_(1, cell, w.T)
+    k_z = torch.zeros(w.shape[1], n_cells, device=x.device).index_add_(1, cell, (w * f[:, None]).T)
+    return n, k, n_z, k_z
+
+
+def feedback_loss(ell0: torch.Tensor, ell_prior: torch.Tensor, n: torch.Tensor, k: torch.Tensor,
+                  prior_scale: float) -> torch.Tensor:
+    """The LM's approval logits' negative log-posterior per label, over every cell:
+    [sum_c n_c BCE(ell0_c, k_c / n_c) + sum_c (ell0_c - ell_prior_c)^2 / (2 alpha^2)] / sum_c n_c.
+    The first sum is the buffer's mean BCE (reward learning = fine-tuning the transition on feedback tokens);
+    the second is an independent Gaussian prior per response around the pretrained LM's belief, which keeps a
+    response nobody has asked about where the pretraining put it instead of where the other responses' labels
+    drag the shared network (without it, fitting the buffer sends the unqueried inclusive response to ~0.02)."""
+    bce = F.binary_cross_entropy_with_logits(ell0, k / n.clamp_min(1), weight=n, reduction="sum")
+    return (bce + (ell0 - ell_prior).pow(2).sum() / (2 * prior_scale ** 2)) / n.sum().clamp_min(1)
+
+
+def fit_head_offsets(ell0: torch.Tensor, prior: torch.Tensor, n_z: torch.Tensor, k_z: torch.Tensor,
+                     prior_scale: float, offsets: torch.Tensor, newton_steps: int = 25) -> torch.Tensor:
+    """Each head's offset per cell, exactly: head z's approval logit is ell_z = ell0 + prior_z + offset_z, and
+    offset_z = argmin_o n_z BCE(ell0 + prior_z + o, k_z / n_z) + o^2 / (2 alpha^2), the MAP of its bootstrapped
+    labels under a prior centred on its own prior sample (randomized prior functions, Osband et al. 2018).
+    Each cell's problem is one-dimensional and convex: Newton's method from the last round's offsets.
+    All tensors [M, C] except ell0 [C]."""
+    precision = 1.0 / prior_scale ** 2
+    target = k_z / n_z.clamp_min(1)
+    for _ in range(newton_steps):
+        p = torch.sigmoid(ell0 + prior + offsets)
+        offsets = offsets - (n_z * (p - target) + precision * offsets) / (n_z * p * (1 - p) + precision)
+    return offsets
 
 
 def fit_error(p_mean: torch.Tensor, n: torch.Tensor, k: torch.Tensor, min_labels: int = 50) -> tuple[float, float]:
@@ -296,111 +320,97 @@ def queries_to_target(n_queries: np.ndarray, values: np.ndarray, target: float) 
     return float(n_queries[last + 1]) if last + 1 < len(values) else math.inf
 
 
-# ---- Model pieces: the epistemic heads and the one LM that plays all three roles ----
-class EpistemicHead(nn.Module):
-    """M heads of offsets to the LM's approval logit, from its (detached) features h: head z adds
-    offset_z(h) = g_z(h) + alpha * prior_z(h), with g_z and prior_z small MLPs (an ensemble with randomized prior
-    functions: Osband, Aslanides, Cassirer 2018). Priors are frozen; the trainable output layers start at 0, so
-    before training the heads differ by their priors alone."""
+# ---- Model pieces: the one LM that plays all three roles, and the epistemic heads around its belief ----
+class EpistemicHeads(nn.Module):
+    """M heads, each an offset per (prompt, response) to the LM's approval logit: ell_z = ell0 + prior_z + offset_z.
+    prior_z ~ N(0, alpha^2) is frozen and centred over the heads, so the ensemble starts at the LM's belief;
+    offset_z is fitted to head z's bootstrapped labels (`fit_head_offsets`). An offset per response, not a network
+    on the LM's features: a network fitted to the queried responses moves the unqueried ones with them and
+    shrinks their spread, so TS stops asking about the response it knows least (docs/reward_lm.md, detail 3)."""
 
-    def __init__(self, features: int, units: int, size: int, prior_scale: float):
+    def __init__(self, size: int, n_cells: int, prior_scale: float, gen: torch.Generator):
         super().__init__()
-        self.size, self.prior_scale = size, prior_scale
-        def mlp(trainable: bool):  # He-style init: unit-scale outputs for unit-scale features
-            w1 = torch.randn(size, features, units) / math.sqrt(features)
-            w2 = torch.zeros(size, units, 1) if trainable else torch.randn(size, units, 1) * math.sqrt(2 / units)
-            return [w1, torch.zeros(size, 1, units), w2]
-        self.params = nn.ParameterList([nn.Parameter(t) for t in mlp(True)])
-        for i, t in enumerate(mlp(False)): self.register_buffer(f"prior{i}", t)
-        self.register_buffer("init", torch.cat([p.detach().flatten() for p in self.params]).clone())
-        self.register_buffer("prior_norm", torch.ones(()))  # set by RewardLM.calibrate_prior
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """h [N, H] -> offsets [M, N], every head at once."""
-        inputs = h.unsqueeze(0).expand(self.size, -1, -1)
-        def run(w1, b1, w2):  # [M, N, H] -> [M, N, 1]
-            return torch.relu(inputs @ w1 + b1) @ w2
-        out = run(*self.params) + self.prior_scale * self.prior_norm * run(self.prior0, self.prior1, self.prior2)
-        return out.squeeze(-1)
-
-    def anchor(self) -> torch.Tensor:
-        """||phi - phi_init||^2 over the trainable weights (Dwaracherla et al.'s ENN regulariser)."""
-        return (torch.cat([p.flatten() for p in self.params]) - self.init).pow(2).sum()
+        prior = torch.randn(size, n_cells, generator=gen) * prior_scale
+        self.register_buffer("prior", prior - prior.mean(0, keepdim=True))
+        self.register_buffer("offsets", torch.zeros(size, n_cells))
 
 
 class RewardLM(nn.Module):
     """A causal LM over [<bos>, x, a_i, a_j] plus epistemic heads; one forward gives all three roles."""
 
-    def __init__(self, lm: nn.Module, ids: dict, head: EpistemicHead):
+    def __init__(self, lm: nn.Module, ids: dict, heads: EpistemicHeads):
         super().__init__()
-        self.lm, self.head = lm, head
+        self.lm, self.heads = lm, heads
         self.bos, self.plus, self.minus = ids["bos"], ids["plus"], ids["minus"]
         self.register_buffer("prompt_ids", torch.tensor(ids["prompts"]))
         self.register_buffer("answer_ids", torch.tensor(ids["answers"]))
 
     def forward(self, x: torch.Tensor, r: torch.Tensor):
         """-> log pi(y|x) [N] (response positions, renormalised over answer tokens), approval logit
-        ell0 = logit<+> - logit<-> [N] (feedback position), hidden state there [N, H], logits [N, 4, V]."""
+        ell0 = logit<+> - logit<-> [N] (feedback position), logits [N, 4, V], input ids [N, 4]."""
         K = len(self.answer_ids)
         i, j = r // K, r % K
         ids = torch.stack([torch.full_like(x, self.bos), self.prompt_ids[x], self.answer_ids[i], self.answer_ids[j]], 1)
-        hidden = self.lm.base_model(input_ids=ids).last_hidden_state
-        logits = self.lm.get_output_embeddings()(hidden)
+        logits = self.lm(input_ids=ids).logits
         answer_logp = logits[:, 1:3][..., self.answer_ids].float().log_softmax(-1)  # [N, 2, K]
         log_pi = answer_logp[:, 0].gather(1, i[:, None]).squeeze(1) + answer_logp[:, 1].gather(1, j[:, None]).squeeze(1)
         ell0 = (logits[:, 3, self.plus] - logits[:, 3, self.minus]).float()
-        # the heads see the sequence's input embeddings and the last hidden state (ENN "exposed" features):
-        # the hidden state alone smooths a rare response into its neighbours, the tokens keep it apart
-        features = torch.cat([self.lm.get_input_embeddings()(ids[:, 1:]), hidden[:, 3:4]], 1)
-        # unit scale: prior_scale means the same for any LM
-        features = F.layer_norm(features, features.shape[-1:]).flatten(1)
-        return log_pi, ell0, features, logits, ids
+        return log_pi, ell0, logits, ids
+
+    def cells(self, P: int, R: int):
+        """Every (prompt, response), cell c = x * R + r: x [P * R], r [P * R]."""
+        x = torch.arange(P, device=self.answer_ids.device).repeat_interleave(R)
+        return x, torch.arange(R, device=x.device).repeat(P)
 
     @torch.no_grad()
     def table(self, P: int, R: int):
         """Every (prompt, response): log pi [P, R], ell0 [P, R], ell_z [M, P, R] in one batched forward."""
-        x = torch.arange(P, device=self.answer_ids.device).repeat_interleave(R)
-        log_pi, ell0, h, _, _ = self(x, torch.arange(R, device=x.device).repeat(P))
-        ell_z = ell0 + self.head(h)
+        log_pi, ell0, _, _ = self(*self.cells(P, R))
+        ell_z = ell0 + self.heads.prior + self.heads.offsets
         return log_pi.view(P, R), ell0.view(P, R), ell_z.view(-1, P, R)
 
-    def calibrate_prior(self, P: int, R: int) -> None:
-        """Rescale the prior so that a response's offset relative to the mean over the prompt's responses has
-        std alpha; call it before the heads are fitted (offsets = prior alone). TS's argmax ignores what all
-        responses of a prompt share, and a random ReLU net on these features shares most of its output
-        across them (correlation ~0.7): measured on the raw offsets, alpha leaves only ~alpha/2 that matters."""
-        _, ell0, ell_z = self.table(P, R)
-        rel = (ell_z - ell0) - (ell_z - ell0).mean(-1, keepdim=True)
-        self.head.prior_norm *= self.head.prior_scale / rel.std(0).mean().clamp_min(1e-8)
 
-
-def train_step(model: RewardLM, optimizer, x, r, f, weights, n_data: int, args: Args, mode: str, replay=None):
-    """One AdamW step of the joint objective.
-    pretrain: next-token NLL over [x, a_i, a_j, f] (the LM learns policy and transition together);
-    online:   BCE of the LM's own approval logit on deployed feedback (reward learning = fine-tuning
-              the transition), plus kappa * NLL on historical sequences with the feedback masked,
-              because historical raters are not today's raters but the policy should stay the LM's,
-              plus the heads' bootstrapped BCE and their anchor scaled by 1/N (the prior washes out as data grows)."""
-    n = len(x)
-    if replay is not None:  # one batched forward for the feedback batch and the replay batch
-        x, r = torch.cat([x, replay[0]]), torch.cat([r, replay[1]])
-    (log_pi, ell0, h, logits, ids), stats = model(x, r), {}
-    if mode == "pretrain":
-        targets = torch.cat([ids[:, 1:], torch.where(f > 0.5, model.plus, model.minus)[:, None]], 1)
-        loss = stats["lm_nll"] = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-    else:
-        loss = stats["feedback_bce"] = F.binary_cross_entropy_with_logits(ell0[:n], f)
-        if replay is not None:  # the policy tokens x, a_i, a_j predicted at positions 0-2; the feedback token masked
-            replay_nll = F.cross_entropy(logits[n:, :3].flatten(0, 1).float(), ids[n:, 1:].flatten())
-            loss, stats["replay_nll"] = loss + args.replay_coef * replay_nll, replay_nll
-        stats["head_bce"] = head_loss(ell0[:n], model.head(h[:n].detach()), f, None if weights is None else weights.T)
-        loss = loss + stats["head_bce"] + args.anchor_coef / n_data * model.head.anchor()
+def pretrain_step(model: RewardLM, optimizer, x, r, f) -> float:
+    """One AdamW step of next-token NLL over [x, a_i, a_j, f]: the LM learns policy and transition together."""
+    _, _, logits, ids = model(x, r)
+    targets = torch.cat([ids[:, 1:], torch.where(f > 0.5, model.plus, model.minus)[:, None]], 1)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss during {mode}: {({k: v.item() for k, v in stats.items()})}")
+        raise FloatingPointError(f"non-finite loss during pretraining: {loss.item()}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return {k: v.item() for k, v in stats.items()}
+    return loss.item()
+
+
+def fit_feedback(model: RewardLM, optimizer, n, k, ell_prior, corpus, replay_coef: float, args: Args,
+                 gen: torch.Generator) -> dict:
+    """Reward learning after a round: full-batch AdamW steps on the buffer's loss over every cell
+    (`feedback_loss`) plus kappa * next-token NLL on replayed historical sequences with their feedback token
+    masked (historical raters are not today's, but the policy should stay the LM's), until the buffer's loss stops
+    falling. Full batch, because the task enumerates every response: a sampled minibatch sees a rare response too
+    seldom for its logit to follow its labels."""
+    x_cells, r_cells = model.cells(*ell_prior.shape)
+    ell_prior, C, history = ell_prior.flatten(), len(x_cells), []
+    replay_nll = torch.zeros(())
+    for step in range(args.max_fit_steps):
+        c = torch.randint(len(corpus[0]), (args.replay_batch_size if replay_coef > 0 else 0,), generator=gen)
+        c = c.to(x_cells.device)
+        _, ell0, logits, ids = model(torch.cat([x_cells, corpus[0][c]]), torch.cat([r_cells, corpus[1][c]]))
+        buffer_loss = feedback_loss(ell0[:C], ell_prior, n, k, args.prior_scale)
+        loss = buffer_loss
+        if replay_coef > 0:  # the policy tokens x, a_i, a_j are predicted at positions 0-2; the feedback token masked
+            replay_nll = F.cross_entropy(logits[C:, :3].flatten(0, 1).float(), ids[C:, 1:].flatten())
+            loss = loss + replay_coef * replay_nll
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss: buffer {buffer_loss.item()}, replay {replay_nll.item()}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        history.append(buffer_loss.item())
+        if len(history) > 5 and min(history[-5:]) > min(history[:-5]) - args.fit_tol:
+            break  # no new lowest loss, by fit_tol, in the last 5 steps
+    return {"buffer_loss": history[-1], "replay_nll": replay_nll.item(), "fit_steps": step + 1}
 
 
 # ---- Building and pretraining the LM (the "pretrained language model" of the didactic task) ----
@@ -438,10 +448,6 @@ def pretrain(model: RewardLM, env: InclusivePopulationEnv, args: Args, seed: int
     corpus = env.pretrain_corpus(args.pretrain_size, np.random.default_rng([seed, 1]))
     x, r, f = (torch.as_tensor(a, device=device) for a in corpus)
     gen = torch.Generator().manual_seed(seed)
-    # Bootstrap masks for this corpus, drawn and not used: the first design fitted the heads here too, and the
-    # epoch shuffles below come from the same generator, so dropping the draw would change every published result
-    if args.bootstrap:
-        torch.rand(len(x), args.ensemble_size, generator=gen)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, weight_decay=0.0)
     # warm-up then cosine decay: at a constant rate the rare responses' feedback never settles
     total_steps = max(1, args.pretrain_epochs * -(-len(x) // args.pretrain_batch_size))
@@ -449,18 +455,19 @@ def pretrain(model: RewardLM, env: InclusivePopulationEnv, args: Args, seed: int
     for epoch in range(args.pretrain_epochs):
         order, stats = torch.randperm(len(x), generator=gen).to(device), []
         for b in order.split(args.pretrain_batch_size):
-            stats.append(train_step(model, optimizer, x[b], r[b], f[b], None, len(x), args, "pretrain"))
+            stats.append(pretrain_step(model, optimizer, x[b], r[b], f[b]))
             scheduler.step()
-        print(f"  pretrain epoch {epoch + 1}/{args.pretrain_epochs} | " +
-              " | ".join(f"{k} {np.mean([s[k] for s in stats]):.3f}" for k in stats[0]), flush=True)
+        print(f"  pretrain epoch {epoch + 1}/{args.pretrain_epochs} | lm_nll {np.mean(stats):.3f}", flush=True)
     return x, r  # kept for the online replay term (its feedback tokens are masked)
 
 
 # ---- Metrics: everything is exact, because the task enumerates every (prompt, response) ----
-def evaluate(model: RewardLM, env: InclusivePopulationEnv, log_pi_ref: torch.Tensor, args: Args, labels: torch.Tensor):
+def evaluate(model: RewardLM, env: InclusivePopulationEnv, log_pi_ref: torch.Tensor, args: Args, labels: torch.Tensor,
+             policy_is_model: bool = True):
     """eval/* metrics of the exploit policy read off the model, plus the per-head logits agents select from.
     labels [2, P, R]: how many labels each cell has received so far, and how many of them were <+>."""
     log_pi, ell0, ell_z = model.table(env.P, env.R)
+    log_pi = log_pi if policy_is_model else log_pi_ref  # ts_rm: the policy is the untouched pretrained LM
     p_mean, p_std = torch.sigmoid(ell_z).mean(0), torch.sigmoid(ell_z).std(0)
     theta = torch.as_tensor(env.theta, dtype=torch.float32, device=p_mean.device)
     exploit, beta1 = conditioned_policy(log_pi_ref, p_mean, args.beta), conditioned_policy(log_pi_ref, p_mean, 1.0)
@@ -485,44 +492,47 @@ def run_agent(agent: str, model: RewardLM, env: InclusivePopulationEnv, log_pi_r
     """One agent's online phase: query, receive feedback, update the one LM jointly; evaluate every round.
     Returns one row per round: the evaluation before the round's update and what the round queried."""
     gen = torch.Generator().manual_seed(seed)
+    # ts_rm: the model is the reward model alone, a copy of the pretrained LM; the policy stays the pretrained LM,
+    # so nothing has to keep the copy's policy (no replay term)
+    one_lm = agent != "ts_rm"
+    replay_coef = args.replay_coef if one_lm else 0.0
     # the same prompts and raters for every agent
     prompt_rng, rater_rng = np.random.default_rng([seed, 2]), np.random.default_rng([seed, 3])
-    optimizer = torch.optim.AdamW([{"params": model.lm.parameters()}, {"params": model.head.parameters(),
-                                   "lr": args.head_learning_rate}], lr=args.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.lm.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    with torch.no_grad():  # the prior mean of every response's approval logit: the pretrained LM's belief
+        ell_prior = model.table(env.P, env.R)[1]
     buffer = {k: torch.empty(0, device=device) for k in ("x", "r", "f", "w")}
     labels = torch.zeros(2, env.P, env.R, dtype=torch.float64)  # per cell: labels received, <+> among them
     n_rounds, cum_regret, curve, start = args.queries // args.queries_per_round, 0.0, [], time.time()
     for rnd in range(n_rounds + 1):
         n_queries = rnd * args.queries_per_round
-        metrics, ell_z, exploit = evaluate(model, env, log_pi_ref, args, labels)
+        metrics, ell_z, exploit = evaluate(model, env, log_pi_ref, args, labels, policy_is_model=one_lm)
         curve.append({"n_queries": n_queries, **metrics, "exploit": exploit})
         for k, v in metrics.items(): writer.add_scalar(k, v, n_queries)
         if rnd == n_rounds: break
         # ALGO LOGIC: 1. pick the responses to query (the only difference between agents)
         x = torch.as_tensor(prompt_rng.integers(env.P, size=args.queries_per_round))
         r = select_queries(agent, ell_z, log_pi_ref.cpu(), x, gen, args.boltzmann_temperature)
-        # ALGO LOGIC: 2. today's raters answer; append to the FIFO buffer with per-head bootstrap masks
+        # ALGO LOGIC: 2. today's raters answer; append to the FIFO buffer with per-head bootstrap weights 0 or 2
         f = torch.as_tensor(env.feedback(x.numpy(), r.numpy(), rater_rng))
         labels.index_put_((torch.zeros_like(x), x, r), torch.ones(len(x), dtype=labels.dtype), accumulate=True)
         labels.index_put_((torch.ones_like(x), x, r), f.to(labels.dtype), accumulate=True)
-        w = (torch.rand(len(x), args.ensemble_size, generator=gen) < 0.5).float()
+        w = 2.0 * (torch.rand(len(x), args.ensemble_size, generator=gen) < 0.5).float()
         for k, v in (("x", x), ("r", r), ("f", f), ("w", w if args.bootstrap else torch.ones_like(w))):
             buffer[k] = torch.cat([buffer[k].to(v.dtype), v.to(device)])[-args.buffer_size:]
-        # ALGO LOGIC: 3. joint reward learning and fine-tuning of the one LM on the queried feedback
-        n_seen, stats = n_queries + args.queries_per_round, []
-        # about `update_epochs` passes over the buffer: a fixed step count would memorise the first few labels
-        n_steps = min(args.updates_per_round, math.ceil(args.update_epochs * len(buffer["x"]) / args.update_batch_size))
-        for step in range(n_steps):
-            b = torch.randint(len(buffer["x"]), (args.update_batch_size,), generator=gen).to(device)
-            c = torch.randint(len(corpus[0]), (args.update_batch_size,), generator=gen).to(device)
-            replay = tuple(t[c] for t in corpus) if args.replay_coef > 0 else None
-            try:  # train_step refuses to step on a non-finite loss; say where it happened
-                stats.append(train_step(model, optimizer, buffer["x"][b], buffer["r"][b], buffer["f"][b],
-                                        buffer["w"][b] if args.bootstrap else None, n_seen, args, "online", replay))
-            except FloatingPointError as error:
-                raise FloatingPointError(f"non-finite loss at update {rnd + 1}, step {step + 1} (seed {seed}, agent "
-                                         f"{agent}): {error}") from None
-            run.tokens += 4 * args.update_batch_size * (1 if replay is None else 2)
+        # ALGO LOGIC: 3. reward learning = fine-tuning the one LM on the feedback tokens, until the buffer's loss
+        # stops falling; then each head's offsets, exactly, around the LM's new belief
+        n, k, n_z, k_z = cell_counts(buffer["x"], buffer["r"], buffer["f"], buffer["w"], env.P * env.R, env.R)
+        try:
+            stats = fit_feedback(model, optimizer, n, k, ell_prior, corpus, replay_coef, args, gen)
+        except FloatingPointError as error:  # say where it happened
+            raise FloatingPointError(f"{error} at update {rnd + 1} (seed {seed}, agent {agent})") from None
+        with torch.no_grad():
+            ell0 = model.table(env.P, env.R)[1].flatten()
+            model.heads.offsets = fit_head_offsets(ell0, model.heads.prior, n_z, k_z, args.prior_scale,
+                                                   model.heads.offsets)
+        n_seen = n_queries + args.queries_per_round
+        run.tokens += 4 * stats["fit_steps"] * (env.P * env.R + (args.replay_batch_size if replay_coef > 0 else 0))
         # TRY NOT TO MODIFY: what this round queried, and the cost of exploring (regret of the queries)
         inst_regret = float((env.theta.max(1)[x.numpy()] - env.theta[x.numpy(), r.numpy()]).mean())
         cum_regret += inst_regret * len(x)
@@ -531,7 +541,7 @@ def run_agent(agent: str, model: RewardLM, env: InclusivePopulationEnv, log_pi_r
                      "objective/approval_rate": f.mean().item(), "objective/std_chosen": std_chosen,
                      "objective/frac_queried_best": float((r.numpy() == env.best[x.numpy()]).mean())}
         curve[-1].update(objective)
-        for k, v in {**objective, **{f"losses/{k}": float(np.mean([s[k] for s in stats])) for k in stats[0]},
+        for k, v in {**objective, **{f"losses/{k}": v for k, v in stats.items()},
                      "charts/seconds": time.time() - start}.items():
             writer.add_scalar(k, v, n_seen)
         if (rnd + 1) % args.progress_every == 0 or rnd + 1 == n_rounds:
@@ -614,12 +624,11 @@ def main(args: Args) -> dict:
         env, out = envs[seed], {"curves": {}, "scalars": {}}
         torch.manual_seed(seed)
         lm, tokenizer, ids = build_lm(args, base)
-        # the heads see the input embeddings of x, a_i, a_j and the last hidden state: 4 blocks of the LM's width
-        head = EpistemicHead(4 * lm.config.hidden_size, args.head_hidden, args.ensemble_size, args.prior_scale)
-        model = RewardLM(lm, ids, head).to(device)
+        prior_gen = torch.Generator().manual_seed(int(np.random.default_rng([seed, 4]).integers(2 ** 62)))
+        heads = EpistemicHeads(args.ensemble_size, env.P * env.R, args.prior_scale, prior_gen)
+        model = RewardLM(lm, ids, heads).to(device)
         print(f"seed {seed}: pretraining on {args.pretrain_size} historical sequences (optimum {env.opt_value:.3f})")
         corpus = pretrain(model, env, args, seed, device)
-        model.calibrate_prior(env.P, env.R)  # on the pretrained LM's features, before the heads see any label
         with torch.no_grad():  # pi_ref: the pretrained LM's policy, frozen as a table (the task enumerates it)
             log_pi_ref = model.table(env.P, env.R)[0]
         for agent in args.agents:
@@ -631,7 +640,7 @@ def main(args: Args) -> dict:
             if args.save_model and seed == seeds[0] and agent == args.agents[0]:  # rank 0's; from_pretrained loads it
                 with writing_dir(os.path.join(run.dir, "model")) as path:  # whole or not at all
                     for part in (agent_model.lm, tokenizer): part.save_pretrained(path)
-                    torch.save(agent_model.head.state_dict(), os.path.join(path, "epistemic_head.pt"))
+                    torch.save(agent_model.heads.state_dict(), os.path.join(path, "epistemic_heads.pt"))
         return out
 
     # Under torchrun the independent simulations are the batch: each rank runs one seed (all agents) per wave;

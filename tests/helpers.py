@@ -19,7 +19,7 @@ TINY_FLAGS = {
     "alol.py": ["--total-steps", "2", "--batch-size", "4", "--eval-episodes", "4", "--eval-every", "2",
                 "--offline-size", "64", "--value-prompts", "16", "--value-epochs", "1", "--forward-batch-size", "16"],
     "reward_lm.py": ["--num-seeds", "1", "--queries", "32", "--queries-per-round", "16", "--pretrain-size", "512",
-                     "--pretrain-epochs", "1", "--updates-per-round", "2", "--ensemble-size", "2",
+                     "--pretrain-epochs", "1", "--max-fit-steps", "2", "--ensemble-size", "2",
                      "--progress-every", "1"],
 }
 

@@ -59,6 +59,10 @@ OTHER = {
 OTHER["benchmarks/alol_variants.py"] = lambda tmp: [
     "--seeds", "1", "--variants", "a_lol", "--output-dir", os.path.join(tmp, "alol_variants"),
     "--results", os.path.join(tmp, "alol.json"), "--page", os.path.join(tmp, "alol.md"), "--", *TINY["alol.py"]]
+OTHER["benchmarks/reward_lm_seeds.py"] = lambda tmp: [
+    "--seeds", "101", "--agents", "ts", "--queries", "32", "--per-round", "16",
+    "--output-dir", os.path.join(tmp, "reward_lm_seeds"), "--results", os.path.join(tmp, "reward_lm.json"),
+    "--page", os.path.join(tmp, "reward_lm.md"), "--", *TINY["reward_lm.py"], "--queries", "32"]
 MODULES = {"common.wordle": ["20", "200"]}  # `python -m common.wordle [games] [words]`: positional, replaced
 BUILTIN_MODELS = ("tiny-gpt2", "tiny-t5")
 NETWORK_TASKS = ("imdb", "jsonl")  # jsonl: the documented prompts file and reward are the reader's own

@@ -63,7 +63,9 @@ def loss_calls():
         "ilql.perturbed_logits": lambda: ilql.perturbed_logits(btv, btv, bt, 16.0, 3, 0.0),
         "reward_lm.conditioned_policy": lambda: reward_lm.conditioned_policy(bt, bt.sigmoid(), 1.0),
         "reward_lm.conditioned_policy(inf)": lambda: reward_lm.conditioned_policy(bt, bt.sigmoid(), float("inf")),
-        "reward_lm.head_loss": lambda: reward_lm.head_loss(b, bt.T, b.sigmoid(), bt.T),
+        "reward_lm.cell_counts": lambda: reward_lm.cell_counts(tokens[0], tokens[0], bt[0], bt.T, 5, 1),
+        "reward_lm.feedback_loss": lambda: reward_lm.feedback_loss(b, b, b, b, 0.67),
+        "reward_lm.fit_head_offsets": lambda: reward_lm.fit_head_offsets(bt[0], bt, bt, bt, 0.67, bt, 2),
     }
     for algorithm in alol.ALGORITHMS:
         calls[f"alol.sequence_loss({algorithm})"] = (

@@ -51,8 +51,8 @@ SCRIPTS = {
         marker="step 5/",
     ),
     "reward_lm.py": dict(  # the batch is the set of simulations: one seed per rank per wave, checkpoint per wave
-        tiny=["--num-seeds", "2", "--queries", "32", "--queries-per-round", "16", "--pretrain-size", "512",
-              "--pretrain-epochs", "1", "--updates-per-round", "2", "--ensemble-size", "2", "--progress-every", "1"],
+        tiny=["--seed", "1", "--num-seeds", "2", "--queries", "32", "--queries-per-round", "16", "--pretrain-size",
+              "512", "--pretrain-epochs", "1", "--max-fit-steps", "2", "--ensemble-size", "2", "--progress-every", "1"],
         losses=["eval/return_mean", "eval/frac_optimal", "eval/reward_err", "eval/std_best"],
         diverge=["--learning-rate", "1e30"],
         marker="seed 2: pretraining",
