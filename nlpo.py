@@ -241,7 +241,7 @@ def forward_logprobs(policy: Policy, input_ids, attention_mask, start: int, temp
     the ratio measures must forbid the same tokens (and renormalise over the rest), or rollouts come from another
     distribution than the one being optimised. One log-softmax serves both outputs, and with `entropy_grad=False`
     (no entropy bonus) the entropy stays out of the autograd graph: with GPT-2's 50k vocabulary the [B, T, V]
-    passes are a large share of a minibatch step (README, "Where ppo.py's time goes"; benchmarks/ppo_step.py)."""
+    passes are a large share of a minibatch step (benchmarks/README.md, "Where ppo.py's time goes"; benchmarks/ppo_step.py)."""
     logits, _ = policy(input_ids, attention_mask, start)
     logits = logits / temperature
     if min_length > 0:  # a large finite value, not -inf, so entropy stays finite (0 * log 0 -> 0)

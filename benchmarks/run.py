@@ -9,7 +9,7 @@ memory (`os.wait4`), and writes
     benchmarks/results/benchmark.md     the table (mean +- std over seeds) and the command that made it
     benchmarks/results/benchmark.png    learning curves (needs matplotlib: pip install -r requirements-bench.txt)
     benchmarks/results/runs.json        every run's numbers and curves, for other tools
-    README.md                           the region between <!-- benchmark:start --> and <!-- benchmark:end -->
+    benchmarks/README.md                the region between <!-- benchmark:start --> and <!-- benchmark:end -->
 
 With `--results` it runs every entry on the sentiment task at its configured budget over seeds 1-5 and
 writes docs/results.md instead (every method side by side on the same task and the same evaluation:
@@ -232,8 +232,8 @@ def replace_region(text: str, body: str, start: str = START, end: str = END) -> 
 
 
 def write_readme_region(body: str, start: str = START, end: str = END) -> None:
-    """Put `body` between the `start` and `end` markers of README.md (the generated table's region)."""
-    path = os.path.join(ROOT, "README.md")
+    """Put `body` between the `start` and `end` markers of benchmarks/README.md (the generated table's region)."""
+    path = os.path.join(HERE, "README.md")
     with open(path) as f:
         text = f.read()
     with open(path, "w") as f:
@@ -409,10 +409,10 @@ def parse_args(argv=None):
     p.add_argument("--extra", default="", help="flags appended to every run, e.g. --extra='--eval-episodes 16'")
     p.add_argument("--threads", type=int, default=None,
                    help="set OMP_NUM_THREADS for every run (default: inherit); 1 is far faster on a busy machine")
-    p.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's benchmark region")
+    p.add_argument("--no-readme", action="store_true", help="do not rewrite benchmarks/README.md's benchmark region")
     p.add_argument("--results", action="store_true",
                    help="every entry on the sentiment task, seeds 1-5 unless --seeds: write docs/results.md and "
-                        "results.json (not the README)")
+                        "results.json (not benchmarks/README.md)")
     p.add_argument("--page", default=os.path.join(ROOT, "docs", "results.md"), help="where --results writes its page")
     p.add_argument("--resume", action="store_true",
                    help="reuse the finished runs the results JSON already holds (same script, task, seed, flags)")
@@ -512,7 +512,7 @@ def main(argv=None) -> int:
     table = markdown_table(rows) if rows else "(no run finished)"
     problems = problems_text(runs)
     when = time.strftime("%Y-%m-%d")
-    readme_png = os.path.relpath(os.path.join(results_dir, "benchmark.png"), ROOT)
+    readme_png = os.path.relpath(os.path.join(results_dir, "benchmark.png"), HERE)  # from benchmarks/README.md
     body = "\n\n".join(x for x in [
         f"`{command}` ({when}; {machine_before.split(', 1/5/15')[0]}; {threads_text(args.threads)}; load before/after: "
         f"{machine_before.split('load ')[-1]} / {machine_after.split('load ')[-1]}):",
@@ -532,7 +532,7 @@ def main(argv=None) -> int:
         write_readme_region(body)
     print("\n" + table + ("\n\n" + problems if problems else ""), flush=True)
     print(f"\nwrote {os.path.relpath(results_dir, ROOT)}/benchmark.md, runs.json"
-          f"{', benchmark.png' if plotted else ''}{'' if args.no_readme else ' and README.md'}", flush=True)
+          f"{', benchmark.png' if plotted else ''}{'' if args.no_readme else ' and benchmarks/README.md'}", flush=True)
     return 0 if rows else 1
 
 

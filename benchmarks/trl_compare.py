@@ -19,7 +19,7 @@ responses / training seconds: `trainer.train()` for TRL, the sum of ppo.py's per
 ours (evaluation is excluded from both).
 
 Usage (TRL and its dependencies are in requirements-bench.txt; `pip install --no-deps -r requirements-bench.txt`):
-    python benchmarks/trl_compare.py                       # all four, seed 1; writes the table and README region
+    python benchmarks/trl_compare.py                       # all four, seed 1; also rewrites benchmarks/README.md's table
     python benchmarks/trl_compare.py --seeds 3 --trainers ppo.py,grpo
     python benchmarks/trl_compare.py --help
 
@@ -276,7 +276,7 @@ def parse_args(argv=None):
     p.add_argument("--results-dir", default=os.path.join(HERE, "results"), help="where trl_compare.md/.json go")
     p.add_argument("--threads", type=int, default=None,
                    help="set OMP_NUM_THREADS for every trainer (default: inherit); 1 is far faster on a busy machine")
-    p.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's TRL region")
+    p.add_argument("--no-readme", action="store_true", help="do not rewrite benchmarks/README.md's TRL region")
     p.add_argument("--worker", choices=TRAINERS[1:], help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)

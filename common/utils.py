@@ -192,7 +192,7 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = deterministic
     # warn_only: an op that has no deterministic kernel (a few CUDA ops) warns and runs anyway instead of
-    # stopping the run; a run that printed such a warning is not bit-exact on --resume (README, Resuming).
+    # stopping the run; a run that printed such a warning is not bit-exact on --resume (docs/running.md, Resuming).
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     if deterministic:  # cuBLAS needs this for deterministic matmuls; harmless elsewhere
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

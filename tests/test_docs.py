@@ -69,9 +69,11 @@ NETWORK_TASKS = ("imdb", "jsonl")  # jsonl: the documented prompts file and rewa
 
 
 def documented_commands() -> list[tuple[str, str]]:
-    """(file, command) for every `python ...` line inside a fenced code block of the docs."""
+    """(file, command) for every `python ...` line inside a fenced code block of the docs (README.md, docs/*.md,
+    benchmarks/README.md and docs/notes/*.md)."""
     found = []
-    for rel in DOCS:
+    notes = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "notes", "*.md")))
+    for rel in [*DOCS, os.path.join("benchmarks", "README.md"), *notes]:
         with open(os.path.join(ROOT, rel)) as f:
             text = f.read()
         for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.S | re.M):
