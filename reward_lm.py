@@ -1,29 +1,26 @@
 """Reward-LM: one language model is the policy, the transition function and the reward at once.
 
 Paper: Xu, Dong, Arumugam, Van Roy, "Shattering the Agent-Environment Interface for Fine-Tuning
-Inclusive Language Models" (arXiv 2305.11455). Its body could not be read; this file follows the
-reconstruction in docs/reward_lm.md (abstract + Dwaracherla et al. 2024, "Efficient Exploration for LLMs").
+Inclusive Language Models" (arXiv 2305.11455), reconstructed from its abstract and Dwaracherla et al. 2024,
+"Efficient Exploration for LLMs" (docs/reward_lm.md says what is ours).
 
 A response y to a prompt x is followed, in the same token stream, by a rater's feedback token <+>
 or <->. So one GPT-2 over [<bos>, x, y, f] is
   - the policy:      pi(y | x), its next-token distribution at the response positions;
   - the transition:  p(f | x, y), its next-token distribution at the feedback position;
   - the reward:      r(x, y) = log p(<+> | x, y), the log-probability that a rater approves.
-Reward learning is fine-tuning the LM on the feedback tokens it receives; the improved policy is read
-off the same model by Bayes' rule, with no PPO: pi_beta(y | x) ~ pi_ref(y | x) * p(<+> | x, y) ** beta
-(beta = 1: the LM conditioned on approval; beta = inf: argmax). Epistemic uncertainty about the
-feedback comes from an ensemble of small heads with randomized priors on the LM's features; Thompson
-sampling queries the response that is best under one sampled head.
+Reward learning is fine-tuning the LM on the feedback tokens it receives, with the pretrained LM's belief as
+the prior; the improved policy is read off the same model by Bayes' rule, with no PPO:
+pi_beta(y | x) ~ pi_ref(y | x) * p(<+> | x, y) ** beta (beta = 1: the LM conditioned on approval; beta = inf:
+argmax). Epistemic uncertainty comes from an ensemble of heads with randomized priors, one offset per response
+around the LM's belief; Thompson sampling queries the response that is best under one sampled head.
 The built-in didactic task: rater groups whose deployed mix differs from the historical mix the LM
 was pretrained on, so the response the pretrained LM undervalues ("inclusive") is in fact the best
 for the whole population. Agents differ only in which response they query.
 
-Run:  python reward_lm.py                 # ts, greedy, passive x 5 seeds, about 6 CPU minutes
+Run:  python reward_lm.py                 # ts, greedy, passive on seeds 101-120
       python reward_lm.py --help          # every flag
-Settings that were tried and dropped (the epinet, heads fitted on the historical labels, replayed historical
-feedback, an uncalibrated prior) are in docs/reward_lm_notes.md and in git history.
 """
-
 import copy
 import csv
 import datetime
@@ -54,25 +51,23 @@ class Args(CommonArgs):
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     task: str = "inclusive"
-    """the task: only the built-in didactic rater-population task `inclusive` exists for this method"""
+    """the task: only the built-in rater-population task `inclusive`"""
     model_name: str = "tiny-gpt2"
-    """`tiny-gpt2`: a fresh tiny GPT-2 with the task's word-level tokenizer; or a local `save_pretrained` GPT-2
-    directory / hub id (missing task tokens are added). Either is pretrained on the historical corpus for
-    `pretrain_epochs`"""
+    """`tiny-gpt2` (built here), or a local GPT-2 directory; either is pretrained on the historical corpus"""
 
     # The didactic data-generating process
     n_prompts: int = 4
     """number of distinct prompts x"""
     n_answer_tokens: int = 8
-    """answer tokens; a response is two of them, so there are n_answer_tokens**2 responses per prompt"""
+    """answer tokens; a response is two of them"""
     deployed_mix: tuple[float, ...] = (0.60, 0.25, 0.15)
     """share of each rater group among today's users (group 0 is the majority)"""
     historical_mix: tuple[float, ...] = (1.0, 0.0, 0.0)
     """share of each rater group in the historical feedback the LM was pretrained on"""
     inclusive_majority_approval: float = 0.5
-    """how often the majority approves the inclusive response (minorities: 0.95); lower = deeper trap"""
+    """how often the majority approves the inclusive response; lower = deeper trap"""
     inclusive_pretrain_mass: float = 0.005
-    """probability of the inclusive response under the historical (pretraining) response distribution"""
+    """probability of the inclusive response in the historical logs"""
     pretrain_size: int = 20000
     """sequences [<bos>, x, y, f] in the historical corpus"""
 
@@ -84,8 +79,7 @@ class Args(CommonArgs):
     n_head: int = 2
     """attention heads of the built-in tiny GPT-2"""
     pretrain_epochs: int = 10
-    """epochs of next-token pretraining on the historical corpus, enough to reach its entropy (0 keeps a loaded
-    model as it is)"""
+    """epochs of next-token pretraining on the historical corpus (0 keeps a loaded model as it is)"""
     pretrain_batch_size: int = 256
     """sequences per pretraining step"""
     pretrain_lr: float = 3e-3
@@ -93,30 +87,27 @@ class Args(CommonArgs):
 
     # The prior about today's approval, and the ensemble that carries the uncertainty
     prior_scale: float = 0.67
-    """alpha: prior std in logits of each response's approval today around the pretrained LM's belief (2/3: a
-    share rho ~ U(0, 1) of new raters with approval u ~ U(0, 1) gives std 1/6 in probability)"""
+    """alpha: prior std in logits of a response's approval today (docs/reward_lm.md, detail 4)"""
     ensemble_size: int = 10
     """M: the number of epistemic heads"""
     bootstrap: bool = True
-    """each head counts each label 0 or 2 times (fixed per label and head); off: every head counts it once"""
+    """each head counts each label 0 or 2 times; off: once"""
 
     # Online phase: queries, joint reward learning and fine-tuning
     agents: tuple[str, ...] = ("ts", "greedy", "passive")
-    """agents to compare, from ts, greedy, passive, boltzmann, infomax and ts_rm (TS with a separate reward model:
-    a copy of the pretrained LM learns the feedback and the LM stays the policy); the first is reported in eval/*"""
+    """agents to compare (ts, greedy, passive, boltzmann, infomax, ts_rm); the first is reported in eval/*"""
     seed: int = 101
-    """the first seed (101-120: seeds never used to choose a setting; those were chosen on seeds 21-31)"""
+    """the first seed (settings were chosen on seeds 21-31, never on 101-120)"""
     num_seeds: int = 20
-    """seeds seed, seed+1, ...; every agent runs on the same seeds (same environment, same pretrained LM)"""
+    """seeds seed, seed+1, ...; every agent runs on the same seeds"""
     queries: int = 4096
-    """feedback queries per agent and seed (an exact-posterior TS needs a median of 2016 here:
-    benchmarks/reward_lm_tabular.py)"""
+    """feedback queries per agent and seed"""
     queries_per_round: int = 64
     """queries between two updates; must divide `queries`"""
     max_fit_steps: int = 200
-    """at most this many full-batch AdamW steps on the feedback buffer after each round"""
+    """at most this many full-batch steps of reward learning after each round"""
     fit_tol: float = 1e-4
-    """a round's fit stops once 5 steps in a row bring the buffer's loss no more than this below its lowest value"""
+    """a round's fit stops once 5 steps bring the buffer's loss no more than this below its lowest"""
     learning_rate: float = 1e-4
     """AdamW learning rate of the LM in the online phase"""
     replay_batch_size: int = 64
@@ -124,19 +115,17 @@ class Args(CommonArgs):
     buffer_size: int = 4096
     """FIFO capacity of the online feedback buffer"""
     replay_coef: float = 0.1
-    """kappa: weight of next-token NLL on replayed historical sequences, their feedback token masked (historical
-    raters are not today's); it keeps the policy part of the LM the pretrained policy"""
+    """kappa: weight of the replayed historical policy tokens' NLL, which keeps the LM's policy"""
     beta: float = float("inf")
     """exploit policy pi_ref * p(<+>)**beta / Z; inf = argmax of predicted approval"""
     boltzmann_temperature: float = 0.05
     """boltzmann agent: queries y with probability ~ exp(p(<+>|x,y) / T)"""
     target_fraction: float = 0.95
-    """queries-to-target = first query count after which the exploit policy stays >= this share of the optimum"""
+    """share of the optimum that queries-to-target asks the exploit policy to keep"""
     progress_every: int = 16
     """print a progress line every this many rounds"""
     threads: int = 1
-    """torch CPU threads: this tiny model gains nothing from more, and extra threads thrash when other processes
-    share the cores"""
+    """torch CPU threads (this tiny model gains nothing from more)"""
 
     # Flags of the other scripts that mean nothing here, hidden from --help (they keep these values)
     eval_every: tyro.conf.Suppress[int] = 1
@@ -326,7 +315,7 @@ class EpistemicHeads(nn.Module):
     prior_z ~ N(0, alpha^2) is frozen and centred over the heads, so the ensemble starts at the LM's belief;
     offset_z is fitted to head z's bootstrapped labels (`fit_head_offsets`). An offset per response, not a network
     on the LM's features: a network fitted to the queried responses moves the unqueried ones with them and
-    shrinks their spread, so TS stops asking about the response it knows least (docs/reward_lm.md, detail 3)."""
+    shrinks their spread, so TS stops asking about the response it knows least (docs/reward_lm.md, detail 6)."""
 
     def __init__(self, size: int, n_cells: int, prior_scale: float, gen: torch.Generator):
         super().__init__()
