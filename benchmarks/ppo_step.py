@@ -87,8 +87,10 @@ def main(argv=None) -> dict:
     median = {k: statistics.median(v) for k, v in seconds.items()}
     print(f"vocabulary {vocab}, minibatch {B} x {P + R} tokens, {torch.get_num_threads()} thread(s):")
     for name in seconds:
-        print(f"  {name:6s} {1000 * median[name]:7.1f} ms CPU per step (median of {args.repeats}; "
-              f"all {[round(1000 * s, 1) for s in seconds[name]]})")
+        print(
+            f"  {name:6s} {1000 * median[name]:7.1f} ms CPU per step (median of {args.repeats}; "
+            f"all {[round(1000 * s, 1) for s in seconds[name]]})"
+        )
     print(f"  after / before: {median['after'] / median['before']:.2f}")
     return median
 

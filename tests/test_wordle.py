@@ -27,18 +27,21 @@ def _full_word_list():
 # ----------------------------------------------------------------------------------------------
 # Rules
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("guess, answer, colours", [
-    ("crane", "slate", (B, B, G, B, G)),
-    ("slate", "slate", (G, G, G, G, G)),
-    ("plate", "slate", (B, G, G, G, G)),
-    # repeated letters, official rule: greens first, then yellows while unmatched copies remain
-    ("speed", "abide", (B, B, Y, B, Y)),  # one 'e' in the answer: only the first 'e' is yellow
-    ("eerie", "elder", (G, Y, Y, B, B)),  # the answer's second 'e' is matched once; the last 'e' is black
-    ("level", "hello", (Y, G, B, B, Y)),  # two 'l's in the answer, both off-place: both yellow
-    ("llama", "hello", (Y, Y, B, B, B)),
-    ("array", "rarer", (Y, Y, G, B, B)),  # the green 'r' is matched first; the second 'a' finds no copy
-    ("geese", "eerie", (B, G, Y, B, G)),  # greens consume copies before yellows
-])
+@pytest.mark.parametrize(
+    "guess, answer, colours",
+    [
+        ("crane", "slate", (B, B, G, B, G)),
+        ("slate", "slate", (G, G, G, G, G)),
+        ("plate", "slate", (B, G, G, G, G)),
+        # repeated letters, official rule: greens first, then yellows while unmatched copies remain
+        ("speed", "abide", (B, B, Y, B, Y)),  # one 'e' in the answer: only the first 'e' is yellow
+        ("eerie", "elder", (G, Y, Y, B, B)),  # the answer's second 'e' is matched once; the last 'e' is black
+        ("level", "hello", (Y, G, B, B, Y)),  # two 'l's in the answer, both off-place: both yellow
+        ("llama", "hello", (Y, Y, B, B, B)),
+        ("array", "rarer", (Y, Y, G, B, B)),  # the green 'r' is matched first; the second 'a' finds no copy
+        ("geese", "eerie", (B, G, Y, B, G)),  # greens consume copies before yellows
+    ],
+)
 def test_feedback_hand_values(guess, answer, colours):
     assert wordle.feedback(guess, answer) == colours
 
@@ -98,8 +101,9 @@ def test_layout_of_one_game_by_hand():
     game = wordle.new_game("slate")
     for guess in ["crane", "plate", "slate"]:
         game.step(guess)
-    assert game.text() == ("<a>crane</a><b><b><g><b><g></s>plate</a><b><g><g><g><g></s>"
-                           "slate</a><g><g><g><g><g></s></eod>")
+    assert game.text() == (
+        "<a>crane</a><b><b><g><b><g></s>plate</a><b><g><g><g><g></s>slate</a><g><g><g><g><g></s></eod>"
+    )
     layout = game.layout()
     assert len(layout["input_ids"]) == 38
     action_positions = [i for i, a in enumerate(layout["action_mask"]) if a]
@@ -126,8 +130,29 @@ def test_char_tokenizer_round_trip(tmp_path):
     tok = wordle.char_tokenizer()
     text = "<a>crane</a><b><b><g><b><g></s>plate</a><y><g><g><g><g></s></eod>"
     ids = tok(text)["input_ids"]
-    assert ids == [wordle.TOKEN_ID[t] for t in ["<a>", *"crane", "</a>", "<b>", "<b>", "<g>", "<b>", "<g>", "</s>",
-                                                *"plate", "</a>", "<y>", "<g>", "<g>", "<g>", "<g>", "</s>", "</eod>"]]
+    assert ids == [
+        wordle.TOKEN_ID[t]
+        for t in [
+            "<a>",
+            *"crane",
+            "</a>",
+            "<b>",
+            "<b>",
+            "<g>",
+            "<b>",
+            "<g>",
+            "</s>",
+            *"plate",
+            "</a>",
+            "<y>",
+            "<g>",
+            "<g>",
+            "<g>",
+            "<g>",
+            "</s>",
+            "</eod>",
+        ]
+    ]
     assert tok.decode(ids) == text and len(tok) == len(wordle.VOCAB) == 35
     tok.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
@@ -198,8 +223,9 @@ def test_offline_datasets_are_fast_reproducible_and_controllable():
 def test_branch_dataset_branches_off_expert_games():
     games = wordle.offline_games("branch", 60, seed=0)
     rng = random.Random(0)
-    main_games = [g for g in games
-                  if all(wordle.expert(_prefix(g, k), rng) == g.guesses[k] for k in range(len(g.guesses)))]
+    main_games = [
+        g for g in games if all(wordle.expert(_prefix(g, k), rng) == g.guesses[k] for k in range(len(g.guesses)))
+    ]
     assert main_games, "some games are pure expert games"
     off_moves = []
     for game in games:  # every game is an expert game except for at most one move
@@ -226,9 +252,15 @@ def _prefix(game, k):
     return prefix
 
 
-@pytest.mark.parametrize("spec, message", [("expert=0.5,oracle=0.5", "unknown Wordle player"),
-                                           ("expert=x", "bad weight"), ("expert=0", "sum to zero"),
-                                           ("branch:oracle", "bad Wordle dataset")])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("expert=0.5,oracle=0.5", "unknown Wordle player"),
+        ("expert=x", "bad weight"),
+        ("expert=0", "sum to zero"),
+        ("branch:oracle", "bad Wordle dataset"),
+    ],
+)
 def test_bad_dataset_specs(spec, message):
     with pytest.raises(ValueError, match=message):
         wordle.offline_games(spec, 1, seed=0)
