@@ -437,7 +437,9 @@ def load_offline_data(task: Task, policy: Policy, args: Args, max_new: int, min_
         responses, scores = sample_and_score(
             policy, prompts, seeds, task, max_new, min_new, args.forward_batch_size, device
         )
-        data = [{"prompt": p, "response": r, "reward": float(s)} for p, r, s in zip(prompts, responses, scores)]
+        data = [
+            {"prompt": p, "response": r, "reward": float(s)} for p, r, s in zip(prompts, responses, scores, strict=True)
+        ]
     return data[: args.offline_size] if args.offline_size else data
 
 
@@ -543,7 +545,7 @@ def main(args: Args) -> dict:
         task.max_prompt_tokens = policy.prompt_budget(task.max_prompt_tokens, response_length)
         run = Run(args, "alol.py", checkpoint)
     except (ValueError, OSError) as error:
-        raise SystemExit(error_line(error))
+        raise SystemExit(error_line(error)) from error
     autocast = bf16_autocast(device, args.bf16)  # a no-op on CPU unless --bf16
     rng = np.random.default_rng(args.seed)  # the same draws on every rank: V's split, then the global batches
     start_policy = frozen_copy(policy)  # the model as loaded: the yardstick of eval/ref_nll for every variant
@@ -596,10 +598,10 @@ def main(args: Args) -> dict:
         if not high > low:
             raise ValueError(f"every offline reward equals {low}: there is nothing to learn from")
     except (RewardError, OSError) as error:  # the user's reward on pi_ref's samples
-        raise run.fault(error, 0, "step")
+        raise run.fault(error, 0, "step") from error
     except ValueError as error:
         run.close()
-        raise SystemExit(error_line(error))
+        raise SystemExit(error_line(error)) from error
     rewards = scale_rewards(raw_rewards, low, high)
     print(
         f"offline data: {len(data)} examples, reward {raw_rewards.mean():+.3f} in [{low:+.3f}, {high:+.3f}], "
@@ -641,10 +643,10 @@ def main(args: Args) -> dict:
                 log=lambda metrics, step: (ref_history.append((step, metrics)), run.log(metrics, step)),
             )
         except (RewardError, OSError, FloatingPointError) as error:
-            raise run.fault(error, 0, "step")
+            raise run.fault(error, 0, "step") from error
         except ValueError as error:
             run.close()
-            raise SystemExit(error_line(error))
+            raise SystemExit(error_line(error)) from error
         ref_policy = frozen_copy(policy)
     else:
         ref_policy = start_policy  # --ref-epochs 0: pi_ref is the model as loaded
@@ -694,7 +696,7 @@ def main(args: Args) -> dict:
                     device,
                 )
         except RewardError as error:  # the user's reward on pi_ref's samples
-            raise run.fault(error, 0, "step")
+            raise run.fault(error, 0, "step") from error
         value_rewards = scale_rewards(value_rewards, low, high)
         value_hidden, value_mask = encode_hidden(value_prompts)
         head = PromptValueHead(policy.hidden_size, args.value_heads, args.value_dropout).to(device)
@@ -725,7 +727,9 @@ def main(args: Args) -> dict:
                 for i in range(0, len(mine), args.forward_batch_size)
                 for v in head(hidden[i : i + args.forward_batch_size], mask[i : i + args.forward_batch_size]).tolist()
             ]
-            value_of = dict(zip(unique_prompts, [v for part in all_gather_objects(values_mine) for v in part]))
+            value_of = dict(
+                zip(unique_prompts, [v for part in all_gather_objects(values_mine) for v in part], strict=True)
+            )
         values = np.array([value_of[p] for p in prompts])
         advantages = advantages_of(rewards, values)
         data_stats.update(
@@ -742,7 +746,7 @@ def main(args: Args) -> dict:
             args.algorithm, rewards, advantages, args.priority_sampling, args.keep_negative
         )
     except ValueError as error:
-        raise SystemExit(f"error: {error}")
+        raise SystemExit(f"error: {error}") from error
     print(
         f"sampling: {args.algorithm} draws from {int((probabilities > 0).sum())} of the {len(data)} examples "
         f"({'priority' if args.priority_sampling and args.algorithm != 'nll' else 'uniform'})",
@@ -783,15 +787,15 @@ def main(args: Args) -> dict:
         """The one host sync of a logging interval: sum each step's statistics over the ranks, stop on a
         non-finite loss (every rank sees the same sums, so all stop together), log each step's metrics."""
         sums = all_reduce(torch.stack([torch.stack([v.float() for v in s.values()]) for *_, s in pending])).tolist()
-        totals = [dict(zip(pending[0][3], row)) for row in sums]
-        for (step, *_), total in zip(pending, totals):
+        totals = [dict(zip(pending[0][3], row, strict=True)) for row in sums]
+        for (step, *_), total in zip(pending, totals, strict=True):
             if not math.isfinite(total["loss"]):
                 raise FloatingPointError(
                     f"non-finite loss at update {step} of {args.total_steps} (an update is "
                     f"a gradient step): {total['loss'] / world_size}"
                 )
         logged, n_tokens = [], 0
-        for (step, lr, idx, _), total in zip(pending, totals):
+        for (step, lr, idx, _), total in zip(pending, totals, strict=True):
             tokens, kl, entropy = total.pop("tokens"), total.pop("kl_sum"), total.pop("entropy_sum")
             metrics = {
                 **{f"losses/{k}": v / world_size for k, v in total.items()},  # means of equal shares
@@ -906,10 +910,10 @@ def main(args: Args) -> dict:
     except KeyboardInterrupt:  # keep what was learned: evaluate, save and summarise below
         print(f"interrupted during step {step}; the last checkpoint is kept", flush=True)
         if world_size > 1:  # the ranks stopped at different points: no collective evaluation is safe now
-            raise SystemExit(130)
+            raise SystemExit(130) from None
         print("evaluating and saving what was trained so far", flush=True)
     except (FloatingPointError, RewardError, OSError) as error:  # the reward, the disk or a diverged loss: one line,
-        raise run.fault(error, step, "step")  # the last checkpoint kept, nothing new saved
+        raise run.fault(error, step, "step") from error  # the last checkpoint kept, nothing new saved
 
     # TRY NOT TO MODIFY: final evaluation, model, summary
     try:
@@ -918,7 +922,7 @@ def main(args: Args) -> dict:
             run.save_policy(policy)
         summary = run.write_summary({"steps": step, "algorithm": args.algorithm, **data_stats})
     except (RewardError, OSError) as error:
-        raise run.fault(error, step, "step")
+        raise run.fault(error, step, "step") from error
     run.close()
     close_distributed()
     print(

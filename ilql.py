@@ -25,11 +25,11 @@ Run:  python ilql.py --task wordle                        # multi-turn Wordle fr
       python ilql.py --help                               # every flag
 """
 
+import dataclasses
 import functools
 import math
 import os
 import time
-import dataclasses
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Optional
@@ -84,7 +84,8 @@ class Args(CommonArgs):
     batch_size: int = 32
     """episodes per gradient step (original Wordle: 64 x 16 accumulation; trlX: 128)"""
     learning_rate: Optional[float] = None
-    """AdamW learning rate of every network; None: 3e-3 for Wordle's from-scratch model, 5e-4 to fine-tune a pretrained LM (original: 1e-5 for GPT-2 small)"""
+    """AdamW learning rate of every network; None: 3e-3 for Wordle's from-scratch model, 5e-4 to fine-tune a pretrained
+    LM (original: 1e-5 for GPT-2 small)"""
     weight_decay: float = 0.0
     """AdamW weight decay (original: 0.0)"""
     gamma: float = 0.99
@@ -96,39 +97,50 @@ class Args(CommonArgs):
     bc_weight: float = 1.0
     """weight of the pi_beta language-model (BC/AWAC) term (original `awac_weight`: 1.0)"""
     awac_beta: float = 0.0
-    """training-time AWAC weights exp(awac_beta * (Q - V)) on the BC term; 0 is plain BC (every original config and trlX)"""
+    """training-time AWAC weights exp(awac_beta * (Q - V)) on the BC term; 0 is plain BC (every original config and
+    trlX)"""
     shared_trunk: bool = False
-    """put the Q and V heads on pi_beta's own transformer (trlX); by default they get their own copy of it (the original), so pi_beta is exactly the BC model"""
+    """put the Q and V heads on pi_beta's own transformer (trlX); by default they get their own copy of it (the
+    original), so pi_beta is exactly the BC model"""
     polyak_alpha: float = 0.1
-    """target Q heads <- alpha * online + (1 - alpha) * target (original: 0.005 every step; trlX: 0.001 every 5; faster here for short runs)"""
+    """target Q heads <- alpha * online + (1 - alpha) * target (original: 0.005 every step; trlX: 0.001 every 5; faster
+    here for short runs)"""
     target_update_every: int = 1
     """Polyak-update the target every this many gradient steps (trlX `steps_for_target_q_sync`)"""
     beta: float = 16.0
-    """inference weight of the advantage in the decoding logits; 0 decodes pi_beta alone (BC) (original Wordle: 16; trlX: 1)"""
+    """inference weight of the advantage in the decoding logits; 0 decodes pi_beta alone (BC) (original Wordle: 16;
+    trlX: 1)"""
     top_k: int = 0
-    """keep only the k most likely tokens of pi_beta before adding the advantage; 0 keeps all (original Wordle: none; trlX: 20)"""
+    """keep only the k most likely tokens of pi_beta before adding the advantage; 0 keeps all (original Wordle: none;
+    trlX: 20)"""
     eval_betas: tuple[float, ...] = ()
-    """after training, evaluate the same trained networks at each of these inference betas too (no retraining); in summary.json `beta_sweep`"""
+    """after training, evaluate the same trained networks at each of these inference betas too (no retraining); in
+    summary.json `beta_sweep`"""
     adv_clip: Optional[float] = None
-    """clip beta * advantage from above at this value; None: the task's choice (Wordle 0.0, the original's: the advantage only vetoes tokens; elsewhere no clip, `inf`)"""
+    """clip beta * advantage from above at this value; None: the task's choice (Wordle 0.0, the original's: the
+    advantage only vetoes tokens; elsewhere no clip, `inf`)"""
     greedy: Optional[bool] = None
-    """greedy decoding instead of sampling; None: the task's choice (Wordle greedy as the original; sentiment samples)"""
+    """greedy decoding instead of sampling; None: the task's choice (Wordle greedy as the original; sentiment
+    samples)"""
     temperature: float = 1.0
     """temperature on pi_beta's logits before the advantage is added, when sampling"""
     top_fraction: float = 1.0
     """train on the best fraction of episodes by return only; with --beta 0 this is %BC"""
     wordle_data: str = wordle.DEFAULT_DATA
-    """Wordle offline games: a per-move mixture of scripted players `name=weight,...` (expert, random_consistent, random, wrong, repeat), a per-game one `game:name=weight,...`, or `branch[:player]`"""
+    """Wordle offline games: a per-move mixture of scripted players `name=weight,...` (expert, random_consistent,
+    random, wrong, repeat), a per-game one `game:name=weight,...`, or `branch[:player]`"""
     wordle_games: int = 4096
     """number of offline Wordle games"""
     wordle_vocab: int = 200
-    """play on a fixed subset of this many words of the shipped list (original experiments: 200); 0 plays on all 1,029"""
+    """play on a fixed subset of this many words of the shipped list (original experiments: 200); 0 plays on all
+    1,029"""
     wordle_layers: int = 2
     """layers of the from-scratch character GPT-2 that `--model-name tiny-gpt2` gives on Wordle"""
     wordle_width: int = 32
     """hidden size of that character GPT-2"""
     print_every: int = 100
-    """print a progress line every this many steps; step statistics reach the host (one sync, where a non-finite loss is caught) once per such interval"""
+    """print a progress line every this many steps; step statistics reach the host (one sync, where a non-finite loss is
+    caught) once per such interval"""
 
 
 # The allowed values of the numeric flags, checked before any work (common/utils.py `validate_args`: "(0, inf)" is
@@ -277,7 +289,7 @@ def ilql_loss(
 @torch.no_grad()
 def polyak_update(target: nn.Module, online: nn.Module, alpha: float) -> None:
     """target <- alpha * online + (1 - alpha) * target, parameter by parameter (original `soft_update`)."""
-    for t, o in zip(target.parameters(), online.parameters()):
+    for t, o in zip(target.parameters(), online.parameters(), strict=True):
         t.lerp_(o, alpha)
 
 
@@ -432,7 +444,7 @@ def main(args: Args) -> dict:
             args = dataclasses.replace(args, cql_weight=1e-4 if is_wordle else 0.1)
         run = Run(args, "ilql.py", checkpoint)
     except (ValueError, OSError) as error:
-        raise SystemExit(error_line(error))
+        raise SystemExit(error_line(error)) from error
     seed_everything(args.seed, args.torch_deterministic)  # the same seed on every rank: identical heads
     autocast = bf16_autocast(device, args.bf16)  # a no-op on CPU unless --bf16
     greedy = is_wordle if args.greedy is None else args.greedy
@@ -618,8 +630,8 @@ def main(args: Args) -> dict:
         stop at the first non-finite loss (every rank reads the same averages, so all stop together),
         then log every step and print the progress line."""
         values = all_reduce(torch.stack([row for _, row, _, _ in pending]), "mean").tolist()
-        for (step, _, step_syncs, _), row in zip(pending, values):
-            stats = dict(zip(names, row))
+        for (step, _, step_syncs, _), row in zip(pending, values, strict=True):
+            stats = dict(zip(names, row, strict=True))
             losses = {k[len("losses/") :]: v for k, v in stats.items() if k.startswith("losses/")}
             if not math.isfinite(losses["total_loss"]):
                 raise FloatingPointError(
@@ -725,12 +737,12 @@ def main(args: Args) -> dict:
         except KeyboardInterrupt:  # keep what was learned: evaluate, save and summarise below
             print(f"interrupted during step {step}; the last checkpoint is kept", flush=True)
             if world_size > 1:  # the ranks stopped at different points: no collective evaluation is safe now
-                raise SystemExit(130)
+                raise SystemExit(130) from None
             if pending:  # the steps since the last sync: nothing non-finite is evaluated or saved
                 flush(pending, since)
             print("evaluating and saving what was trained so far", flush=True)
     except (FloatingPointError, RewardError, OSError) as error:  # the reward, the disk or a diverged loss: one line,
-        raise run.fault(error, step, "step")  # the last checkpoint kept, nothing new saved
+        raise run.fault(error, step, "step") from error  # the last checkpoint kept, nothing new saved
 
     # TRY NOT TO MODIFY: final evaluation, model, summary
     try:
@@ -755,7 +767,7 @@ def main(args: Args) -> dict:
             {"steps": step, "target_syncs": syncs, "beta_sweep": beta_sweep, "no_repeat_oracle": oracle}
         )
     except (RewardError, OSError) as error:
-        raise run.fault(error, step, "step")
+        raise run.fault(error, step, "step") from error
     run.close()
     close_distributed()
     print(

@@ -260,7 +260,8 @@ def forward_logprobs(
     the ratio measures must forbid the same tokens (and renormalise over the rest), or rollouts come from another
     distribution than the one being optimised. One log-softmax serves both outputs, and with `entropy_grad=False`
     (no entropy bonus) the entropy stays out of the autograd graph: with GPT-2's 50k vocabulary the [B, T, V]
-    passes are a large share of a minibatch step (benchmarks/README.md, "Where ppo.py's time goes"; benchmarks/ppo_step.py)."""
+    passes are a large share of a minibatch step (benchmarks/README.md, "Where ppo.py's time goes";
+    benchmarks/ppo_step.py)."""
     logits, _ = policy(input_ids, attention_mask, start)
     logits = logits / temperature
     if min_length > 0:  # a large finite value, not -inf, so entropy stays finite (0 * log 0 -> 0)
@@ -333,7 +334,7 @@ def main(args: Args) -> dict:
         task.max_prompt_tokens = policy.prompt_budget(task.max_prompt_tokens, response_length)
         run = Run(args, "ppo.py", checkpoint)
     except (ValueError, OSError) as error:
-        raise SystemExit(error_line(error))
+        raise SystemExit(error_line(error)) from error
     autocast = bf16_autocast(device, args.bf16)  # a no-op on CPU unless --bf16
 
     # Models: the policy, its frozen reference (KL anchor), and the critic (a second trunk + head).
@@ -518,7 +519,11 @@ def main(args: Args) -> dict:
             if all_reduce((~torch.isfinite(losses)).any().float(), "max").item():
                 raise FloatingPointError(f"non-finite loss at update {update} (per-step losses {losses.tolist()})")
             mean = dict(
-                zip(stats, all_reduce(torch.stack([torch.stack(v).mean() for v in stats.values()]), "mean").tolist())
+                zip(
+                    stats,
+                    all_reduce(torch.stack([torch.stack(v).mean() for v in stats.values()]), "mean").tolist(),
+                    strict=True,
+                )
             )
 
             # ALGO LOGIC: 5. adapt beta to the KL this rollout actually had (mean per token over all ranks, RL4LMs)
@@ -568,10 +573,10 @@ def main(args: Args) -> dict:
     except KeyboardInterrupt:  # keep what was learned: evaluate, save and summarise below
         print(f"interrupted during update {update}; the last checkpoint is kept", flush=True)
         if world_size > 1:  # the ranks stopped at different points: no collective evaluation is safe now
-            raise SystemExit(130)
+            raise SystemExit(130) from None
         print("evaluating and saving what was trained so far", flush=True)
     except (FloatingPointError, RewardError, OSError) as error:  # the reward, the disk or a diverged loss: one line,
-        raise run.fault(error, update)  # the last checkpoint kept, nothing new saved
+        raise run.fault(error, update) from error  # the last checkpoint kept, nothing new saved
 
     # TRY NOT TO MODIFY: final evaluation, model, summary
     try:
@@ -580,7 +585,7 @@ def main(args: Args) -> dict:
             run.save_policy(policy)
         summary = run.write_summary({"updates": update})
     except (RewardError, OSError) as error:
-        raise run.fault(error, update)
+        raise run.fault(error, update) from error
     run.close()
     close_distributed()
     print(

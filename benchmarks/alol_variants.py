@@ -17,10 +17,10 @@ import argparse
 import os
 import sys
 
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# E402 on purpose: resumable.py imports only once benchmarks/ is on sys.path
 from resumable import add_queue_arguments, load, mean_se, run_queue, save, summary_of, write_region  # noqa: E402
 
 VARIANTS = {

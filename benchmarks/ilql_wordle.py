@@ -29,6 +29,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# E402 on purpose (here and below): these import only once ROOT and benchmarks/ are on sys.path
 from common import wordle  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -211,7 +212,7 @@ def claims(records: list[dict], results: dict) -> list[dict]:
                 "best_pct_bc": best["method"],
                 "difference": ilql["return_mean"] - best["return_mean"],
                 "combined_se": float(np.hypot(ilql["return_se"], best["return_se"])),
-                **dict(zip(("paired_difference", "paired_se"), mean_se(diffs))),
+                **dict(zip(("paired_difference", "paired_se"), mean_se(diffs), strict=True)),
                 "ilql_wins": int((diffs > 0).sum()),
                 "seeds": seeds,
                 "gap_closed": (ilql["return_mean"] - bc["return_mean"]) / (expert - bc["return_mean"]),

@@ -26,6 +26,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# E402 on purpose: the repository's modules import only once ROOT is on sys.path (run as a script from anywhere)
 import ppo  # noqa: E402
 from common.models import entropy_of, load_policy, logprobs_of  # noqa: E402
 from common.tasks import make_task  # noqa: E402

@@ -24,7 +24,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from reward_lm import Args, InclusivePopulationEnv, queries_to_target  # noqa: E402
+from reward_lm import Args, InclusivePopulationEnv, queries_to_target
 
 
 def beta_prior(approvals: np.ndarray, ratings: np.ndarray, prior: str):
@@ -95,7 +95,10 @@ def main() -> None:
         for queries, per_round in budgets:
             for agent in ("ts", "greedy"):
                 q = [simulate(s, agent, prior, queries, per_round, args) for s in range(1, cli.seeds + 1)]
-                fmt = lambda v: f"{v:.0f}" if math.isfinite(v) else f"> {queries}"
+
+                def fmt(v: float, queries: int = queries) -> str:
+                    return f"{v:.0f}" if math.isfinite(v) else f"> {queries}"
+
                 print(
                     f"| `{prior}` | {queries}, {per_round} | {agent} | {sum(map(math.isfinite, q))}/{cli.seeds} | "
                     f"{fmt(np.median(q))} [{fmt(min(q))}, {fmt(max(q))}] |",

@@ -97,7 +97,7 @@ def read_scalars(run_dir: str, prefixes: tuple[str, ...] = ("eval/",)) -> dict[s
 def last_line(path: str) -> str:
     try:
         with open(path, errors="replace") as f:
-            lines = [l.strip() for l in f if l.strip()]
+            lines = [line.strip() for line in f if line.strip()]
     except OSError:
         return ""
     return lines[-1][:200] if lines else ""
@@ -153,7 +153,10 @@ def aggregate(runs: list[dict]) -> list[dict]:
         ok = row["runs"]
         if not ok:
             continue
-        pick = lambda path: [_get(r["summary"], path) for r in ok]  # noqa: E731
+
+        def pick(path: str, ok: list[dict] = ok) -> list:
+            return [_get(r["summary"], path) for r in ok]
+
         out.append(
             {
                 "script": row["script"],
@@ -295,7 +298,8 @@ def plot_curves(runs: list[dict], path: str) -> bool:
     cols = min(n, 3)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(max(4.2 * cols, 6.0), 3.2 * rows + 0.3), squeeze=False)
-    for ax, ((script, task), group) in zip(axes.flat, groups.items()):
+    # one panel per group; the grid has more (the scatter panel below, and blanks): zip stops at the groups
+    for ax, ((script, task), group) in zip(axes.flat, groups.items(), strict=False):
         steps = sorted(set.intersection(*(set(s for s, _ in r["curves"]["eval/return_mean"]) for r in group)))
         values = np.array([[dict(r["curves"]["eval/return_mean"])[s] for s in steps] for r in group])
         mean = values.mean(0)
@@ -325,9 +329,9 @@ def plot_curves(runs: list[dict], path: str) -> bool:
             if r["summary"]["initial"].get(fluency) is not None
         ]
         if points:
-            ax.scatter(*zip(*points), s=18, label=f"{script} ({task})")
+            ax.scatter(*zip(*points, strict=True), s=18, label=f"{script} ({task})")
     if starts:
-        ax.scatter(*zip(*starts), s=30, marker="x", color="black", label="before training")
+        ax.scatter(*zip(*starts, strict=True), s=30, marker="x", color="black", label="before training")
     ax.set_title(f"final return against {fluency.split('/')[1]} (one point per run)", fontsize=10)
     ax.set_xlabel(fluency)
     ax.set_ylabel("eval/return_mean")
@@ -387,7 +391,7 @@ def changes_text(rows: list[dict]) -> str:
             ("_distinct_2", "distinct-2", 3),
         ):
             before, after = row["initial" + name], row["final" + name]
-            pairs = [(b, a) for b, a in zip(before, after) if b is not None and a is not None]
+            pairs = [(b, a) for b, a in zip(before, after, strict=True) if b is not None and a is not None]
             if pairs:
                 start = mean_std([b for b, _ in pairs])[0]
                 parts.append(
@@ -606,14 +610,15 @@ def main(argv=None) -> int:
     body = "\n\n".join(
         x
         for x in [
-            f"`{command}` ({when}; {machine_before.split(', 1/5/15')[0]}; {threads_text(args.threads)}; load before/after: "
+            f"`{command}` ({when}; {machine_before.split(', 1/5/15')[0]}; {threads_text(args.threads)}; "
+            "load before/after: "
             f"{machine_before.split('load ')[-1]} / {machine_after.split('load ')[-1]}):",
             table,
             "Held-out return is `eval/return_mean` (the task score of the method's deployed decoding on held-out "
             "prompts or games), mean ± sample std over seeds; wall is the script's own `wall_seconds` (from its run "
             "directory's creation to the summary: training and evaluations, not imports; runs.json also keeps each "
-            "whole process's seconds); tokens/s is the script's own `summary.json` figure; peak RSS is the process's maximum "
-            "resident memory.",
+            "whole process's seconds); tokens/s is the script's own `summary.json` figure; peak RSS is the process's "
+            "maximum resident memory.",
             problems,
             f"![held-out return during training]({readme_png})" if plotted else "",
         ]

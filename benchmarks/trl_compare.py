@@ -19,7 +19,7 @@ responses / training seconds: `trainer.train()` for TRL, the sum of ppo.py's per
 ours (evaluation is excluded from both).
 
 Usage (TRL and its dependencies are in requirements-bench.txt; `pip install --no-deps -r requirements-bench.txt`):
-    python benchmarks/trl_compare.py                       # all four, seed 1; also rewrites benchmarks/README.md's table
+    python benchmarks/trl_compare.py   # all four, seed 1; also rewrites benchmarks/README.md's table
     python benchmarks/trl_compare.py --seeds 3 --trainers ppo.py,grpo
     python benchmarks/trl_compare.py --help
 
@@ -347,6 +347,10 @@ def comparison_table(results: list[dict], initial: float | None) -> str:
         "| perplexity | grammatical | distinct-2 | peak RSS (MiB) | ratio to ppo.py | training (s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def ratio(a, b):
+        return f"{a / b:.2f}x" if a is not None and b else "n/a"
+
     for name in TRAINERS:
         if name not in by:
             continue
@@ -355,7 +359,6 @@ def comparison_table(results: list[dict], initial: float | None) -> str:
         finals = [r["final"]["eval/return_mean"] for r in rs]
         rss = [r["peak_rss_mib"] for r in rs]
         gain = mean_std(finals)[0] - initial if initial is not None else None
-        ratio = lambda a, b: f"{a / b:.2f}x" if a is not None and b else "n/a"  # noqa: E731
         lines.append(
             f"| {LABELS[name]} | {fmt(sps, 1)} | {ratio(mean_std(sps)[0], base_sps)} | {fmt(finals, 3, signed=True)} "
             f"| {'n/a' if gain is None else f'{gain:+.3f}'} | {ratio(gain, base_gain)} "
@@ -404,9 +407,9 @@ def main(argv=None) -> int:
         )
     if any(t != "ppo.py" for t in trainers):
         try:
-            import trl  # noqa: F401
-        except ImportError:
-            raise SystemExit("error: TRL is not installed: pip install --no-deps -r requirements-bench.txt")
+            import trl  # noqa: F401 (imported only to check that it is installed)
+        except ImportError as error:
+            raise SystemExit("error: TRL is not installed: pip install --no-deps -r requirements-bench.txt") from error
     results_dir = os.path.abspath(args.results_dir)
     run_root = os.path.join(results_dir, "runs", "trl_compare")
     os.makedirs(run_root, exist_ok=True)
@@ -453,8 +456,8 @@ def main(argv=None) -> int:
             print(
                 f"FAILED: {r['error']}"
                 if "error" in r
-                else f"{r['samples'] / r['train_seconds']:.1f} samples/s, return {r['final']['eval/return_mean']:+.3f}, "
-                f"{r['peak_rss_mib']:.0f} MiB",
+                else f"{r['samples'] / r['train_seconds']:.1f} samples/s, "
+                f"return {r['final']['eval/return_mean']:+.3f}, {r['peak_rss_mib']:.0f} MiB",
                 flush=True,
             )
     initials = [r["initial"]["eval/return_mean"] for r in results if r["trainer"] == "ppo.py" and "initial" in r]

@@ -30,9 +30,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 from transformers import logging as hf_logging
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig
-from transformers import LogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
 BUILTIN_MODELS = ("tiny-gpt2", "tiny-t5")
 # Bump when the built-in models' recipe changes; cached models from another version are rebuilt.
@@ -216,7 +224,7 @@ class Policy(nn.Module):
         """Response texts without special tokens (EOS and padding dropped)."""
         return [
             self.tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
-            for ids, m in zip(response_ids.cpu(), response_mask.cpu())
+            for ids, m in zip(response_ids.cpu(), response_mask.cpu(), strict=True)
         ]
 
     def forward(

@@ -277,29 +277,31 @@ def continue_review(prompt: str, rng: random.Random) -> str:
             starts.setdefault(pos, sentences)
         frontier = reached - {len(words)}
     tails = []  # (sentences in the prompt, the words that finish its last sentence)
+
+    def walk(slots, before, i, at, noun):
+        """Match words[at:] against the template `slots` from slot i; every way the prompt can end inside the
+        template adds a tail (the rest of the template filled, after `before` complete sentences)."""
+        if at == len(words):
+            tails.append((before + 1, _fill(slots[i:], noun, rng)))
+            return
+        if i == len(slots):
+            return
+        slot = slots[i]
+        for option in _SLOTS[slot] if isinstance(slot, str) else [slot]:
+            if slot == "noun2" and option == noun:
+                continue
+            got = tuple(words[at : at + len(option)])
+            if got == option:
+                walk(slots, before, i + 1, at + len(option), option if slot == "noun" else noun)
+            elif at + len(got) == len(words) and option[: len(got)] == got:  # ends inside a phrase
+                tails.append((before + 1, list(option[len(got) :]) + _fill(slots[i + 1 :], noun, rng)))
+
     for pos, before in starts.items():
         if pos == len(words):
             tails.append((before, []))
             continue
         for slots in _TEMPLATE_SLOTS:  # templates whose beginning the unfinished words are
-
-            def walk(i, at, noun):
-                if at == len(words):
-                    tails.append((before + 1, _fill(slots[i:], noun, rng)))
-                    return
-                if i == len(slots):
-                    return
-                slot = slots[i]
-                for option in _SLOTS[slot] if isinstance(slot, str) else [slot]:
-                    if slot == "noun2" and option == noun:
-                        continue
-                    got = tuple(words[at : at + len(option)])
-                    if got == option:
-                        walk(i + 1, at + len(option), option if slot == "noun" else noun)
-                    elif at + len(got) == len(words) and option[: len(got)] == got:  # ends inside a phrase
-                        tails.append((before + 1, list(option[len(got) :]) + _fill(slots[i + 1 :], noun, rng)))
-
-            walk(0, pos, None)
+            walk(slots, before, 0, pos, None)
     tails = [t for t in tails if t[0] <= 4]
     if not tails:
         raise ValueError(f"the grammar cannot continue {prompt!r}")
@@ -440,7 +442,7 @@ def make_sentiment_task(n_train: int = 4096, n_eval: int = 256, n_corpus: int = 
             if len(data) == n:
                 break
         rewards = vader_compound([d["response"] for d in data])
-        for d, r in zip(data, rewards):
+        for d, r in zip(data, rewards, strict=True):
             d["reward"] = float(r)
         return data
 
@@ -469,7 +471,7 @@ def make_sentiment_grammar_task() -> Task:
     task = make_sentiment_task()
 
     def reward(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        fluent = np.array([is_review(p + r) for p, r in zip(prompts, responses)], dtype=np.float64)
+        fluent = np.array([is_review(p + r) for p, r in zip(prompts, responses, strict=True)], dtype=np.float64)
         return vader_compound(responses) - (1.0 - fluent)
 
     def offline_data(seed: int, n: int = 4096, per_prompt: int = 4, noise: float = 0.25) -> list[dict]:
@@ -492,7 +494,7 @@ def make_sentiment_grammar_task() -> Task:
             if len(data) >= n:
                 break
         data = data[:n]
-        for d, r in zip(data, reward([d["prompt"] for d in data], [d["response"] for d in data])):
+        for d, r in zip(data, reward([d["prompt"] for d in data], [d["response"] for d in data]), strict=True):
             d["reward"] = float(r)
         return data
 
@@ -597,7 +599,7 @@ class ClassifierReward:
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         import torch
 
-        texts = [p + r for p, r in zip(prompts, responses)]
+        texts = [p + r for p, r in zip(prompts, responses, strict=True)]
         scores = []
         with torch.no_grad():
             for i in range(0, len(texts), self.batch_size):
@@ -741,7 +743,9 @@ def make_imdb_task(args=None) -> Task:
     """
     _check_reward_flags("imdb", args, IMDB_REWARD_MODEL)
     train_texts, val_texts, test_texts = load_imdb_texts(getattr(args, "dataset", None))
-    eval_prompts, eval_references = map(list, zip(*map(split_review, test_texts))) if test_texts else ([], [])
+    eval_prompts, eval_references = (
+        map(list, zip(*map(split_review, test_texts), strict=True)) if test_texts else ([], [])
+    )
     held_out = set(eval_prompts)
     train_prompts = [p for p in (split_review(t)[0] for t in train_texts) if p not in held_out]
     return Task(
@@ -944,7 +948,9 @@ def evaluate(
             and len(tokenizer(r, add_special_tokens=False)["input_ids"]) >= response_length
             for r in responses
         ]
-        local["grammatical"] = [task.grammatical(p + r, c) for p, r, c in zip(my_prompts, responses, cut_off)]
+        local["grammatical"] = [
+            task.grammatical(p + r, c) for p, r, c in zip(my_prompts, responses, cut_off, strict=True)
+        ]
     parts = all_gather_objects(local)
     responses = [r for part in parts for r in part["responses"]]
     rewards = np.asarray([r for part in parts for r in part["rewards"]])
@@ -957,7 +963,7 @@ def evaluate(
     if "grammatical" in parts[0]:
         metrics["eval/grammatical"] = float(np.mean([g for part in parts for g in part["grammatical"]]))
     metrics.update(diversity_metrics(responses))
-    return metrics, list(zip(prompts, responses, rewards.tolist()))
+    return metrics, list(zip(prompts, responses, rewards.tolist(), strict=True))
 
 
 def eval_line(metrics: dict[str, float]) -> str:

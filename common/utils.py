@@ -43,19 +43,26 @@ class CommonArgs:
     wandb_entity: Optional[str] = None
     """the W&B entity (team)"""
     task: str = "sentiment"
-    """the task: `sentiment`/`wordle` (embedded, offline), `imdb` (GRUE, from the hub) or `jsonl` (your `--prompts-file`)"""
+    """the task: `sentiment`/`wordle` (embedded, offline), `imdb` (GRUE, from the hub) or `jsonl` (your
+    `--prompts-file`)"""
     prompts_file: Optional[str] = None
-    """task jsonl: one JSON object per line, {"prompt": ...} plus an optional "split": "eval" for held-out prompts (without any, 10% are held out, seed 42)"""
+    """task jsonl: one JSON object per line, {"prompt": ...} plus an optional "split": "eval" for held-out prompts
+    (without any, 10% are held out, seed 42)"""
     dataset: Optional[str] = None
-    """task imdb: a hub dataset id (None: stanfordnlp/imdb), a `save_to_disk` directory, or a local data directory with train/test files"""
+    """task imdb: a hub dataset id (None: stanfordnlp/imdb), a `save_to_disk` directory, or a local data directory with
+    train/test files"""
     reward_model: Optional[str] = None
-    """hub tasks: a sequence classifier (hub id or local directory) scoring prompt + response; imdb defaults to lvwerra/distilbert-imdb"""
+    """hub tasks: a sequence classifier (hub id or local directory) scoring prompt + response; imdb defaults to
+    lvwerra/distilbert-imdb"""
     reward_label: Optional[str] = None
-    """the reward model's label whose softmax probability is the reward, by name (POSITIVE) or index; None: index 1 of a 2-label model"""
+    """the reward model's label whose softmax probability is the reward, by name (POSITIVE) or index; None: index 1 of a
+    2-label model"""
     reward_fn: Optional[str] = None
-    """hub tasks: a Python reward `module:function` or `file.py:function`, called as fn(prompts, responses) -> floats, instead of --reward-model"""
+    """hub tasks: a Python reward `module:function` or `file.py:function`, called as fn(prompts, responses) -> floats,
+    instead of --reward-model"""
     model_name: str = "tiny-gpt2"
-    """the policy: `tiny-gpt2`/`tiny-t5` (built-in, pretrained on the task's corpus on first use), a hub id such as `gpt2`, or a local `save_pretrained` directory"""
+    """the policy: `tiny-gpt2`/`tiny-t5` (built-in, pretrained on the task's corpus on first use), a hub id such as
+    `gpt2`, or a local `save_pretrained` directory"""
     output_dir: str = "runs"
     """where run directories are created"""
     save_model: bool = True
@@ -332,7 +339,7 @@ def sync_gradients(parameters, bucket_numel: int = 1 << 24) -> None:
     # rank used gets zeros where it was unused, so that every rank sends the same tensors.
     used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
     dist.all_reduce(used)
-    params = [p for p, u in zip(params, used.tolist()) if u > 0]
+    params = [p for p, u in zip(params, used.tolist(), strict=True) if u > 0]
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)

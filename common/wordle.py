@@ -64,7 +64,7 @@ def feedback(guess: str, answer: str) -> tuple[int, ...]:
     answer still has unmatched copies of it, black otherwise (`speed` for `abide`: b b y b y)."""
     colours = [BLACK] * 5
     unmatched: dict[str, int] = {}
-    for i, (g, a) in enumerate(zip(guess, answer)):
+    for i, (g, a) in enumerate(zip(guess, answer, strict=True)):
         if g == a:
             colours[i] = GREEN
         else:
@@ -194,7 +194,7 @@ class Game:
         """The transcript as tokens; ends with `</eod>` once the game is over, with `<a>` or `</s>` before
         the next guess otherwise (the context the agent guesses from)."""
         out = ["<a>"]
-        for guess, colours in zip(self.guesses, self.colours):
+        for guess, colours in zip(self.guesses, self.colours, strict=True):
             out += list(guess) + ["</a>"] + [COLOUR_TOKENS[c] for c in colours] + ["</s>"]
         return out + (["</eod>"] if self.done else [])
 
@@ -241,7 +241,7 @@ def play(answers: Sequence[str], guess_fn: Callable[[list[Game]], list[str]]) ->
         active = [g for g in games if not g.done]
         if not active:
             break
-        for game, guess in zip(active, guess_fn(active)):
+        for game, guess in zip(active, guess_fn(active), strict=True):
             game.step(guess)
     return games
 
@@ -496,7 +496,7 @@ class NoRepeat:
         if input_ids.shape[1] - self.context_len != 4:  # only the last letter decides a repeat
             return scores
         scores = scores.clone()
-        for row, (ids, guesses) in enumerate(zip(input_ids[:, self.context_len :].tolist(), self.earlier)):
+        for row, (ids, guesses) in enumerate(zip(input_ids[:, self.context_len :].tolist(), self.earlier, strict=True)):
             prefix = "".join(VOCAB[i] for i in ids)
             for guess in guesses:
                 if guess[:4] == prefix:
@@ -542,7 +542,7 @@ def main(n_games: int = 1029, n_words: Optional[int] = None) -> None:
     print(f"| player | return | win rate | guesses | ({n_games} games, {len(load_words())} words)")
     for name, player in PLAYERS.items():
         start, rng = time.time(), random.Random(0)
-        metrics = game_metrics(play(answers, lambda games: [player(g, rng) for g in games]))
+        metrics = game_metrics(play(answers, lambda games, player=player, rng=rng: [player(g, rng) for g in games]))
         se = metrics["eval/return_std"] / np.sqrt(n_games)
         print(
             f"| {name} | {metrics['eval/return_mean']:+.3f} +- {se:.3f} | {metrics['eval/win_rate']:.3f} "

@@ -427,7 +427,7 @@ def test_cli_run_end_to_end(tmp_path):
 
 
 def _tiny_args(tmp_path, **kw):
-    flags = dict(zip(TINY[::2], TINY[1::2]))
+    flags = dict(zip(TINY[::2], TINY[1::2], strict=True))
     fields = {k[2:].replace("-", "_"): int(v) for k, v in flags.items()}
     return alol.Args(**{**fields, "output_dir": str(tmp_path), "save_model": False, **kw})
 

@@ -9,6 +9,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+# E402 on purpose: the benchmark scripts import only once benchmarks/ is on sys.path
 import run as bench  # noqa: E402
 import trl_compare  # noqa: E402
 
@@ -141,7 +142,8 @@ def test_peak_memory_is_per_child(tmp_path):
 
     code = (
         "import json, sys; sys.path.insert(0, 'benchmarks'); import run as bench\n"
-        "big = bench.run_child([sys.executable, '-c', \"x = bytearray(300 * 2**20); x[::4096] = b'1' * len(x[::4096])\"],"
+        "big = bench.run_child([sys.executable, '-c', "
+        "\"x = bytearray(300 * 2**20); x[::4096] = b'1' * len(x[::4096])\"],"
         f" {str(tmp_path / 'big.log')!r})\n"
         f"small = bench.run_child([sys.executable, '-c', 'pass'], {str(tmp_path / 'small.log')!r})\n"
         "print(json.dumps([big, small]))\n"

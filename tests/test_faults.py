@@ -233,7 +233,8 @@ CASES = [
             "NaN reward in the first evaluation",
             s,
             JSONL + " " + TINY[s] + " --reward-fn {d}/rewards.py:nan_after_1",
-            "the reward function returned [nan, nan, nan, nan]; expected 4 finite floats (at update 0, before training)",
+            "the reward function returned [nan, nan, nan, nan]; expected 4 finite floats "
+            "(at update 0, before training)",
             "stopped",
         )
         for s in ("ppo.py", "nlpo.py")
@@ -373,7 +374,7 @@ def files_under(path) -> list[str]:
 
 def test_bad_input_and_faults_stop_with_one_line(data, tmp_path):
     batch = []
-    for i, (case, script, flags, expected, outcome) in enumerate(CASES):
+    for i, (_case, script, flags, _expected, _outcome) in enumerate(CASES):
         out = str(tmp_path / f"case{i}")
         argv = shlex.split(flags.format(**data))
         fsize_limit = None
@@ -388,7 +389,7 @@ def test_bad_input_and_faults_stop_with_one_line(data, tmp_path):
     results = run_batch(batch, tmp_path)
 
     failures = []
-    for i, ((case, script, flags, expected, outcome), result) in enumerate(zip(CASES, results)):
+    for i, ((case, script, flags, expected, outcome), result) in enumerate(zip(CASES, results, strict=True)):
         out = str(tmp_path / f"case{i}")
         lines = result["stderr"].strip().splitlines()
         run_dirs = glob.glob(os.path.join(out, "*"))
@@ -479,7 +480,7 @@ def test_short_prompt_files_wrap_around_and_long_prompts_are_cut_to_fit(data, tm
         tmp_path,
     )
     note = "note: prompts longer than 80 tokens keep their last 80 (the model's 128 positions less 48 for the response)"
-    for script, result in zip(cases, results):
+    for script, result in zip(cases, results, strict=True):
         assert result["code"] == 0 and "Traceback" not in result["stderr"], (script, result["stderr"][-3000:])
         assert ("update 2/2" if script in ("ppo.py", "nlpo.py") else "step 2/2") in result["stdout"], script
         if script != "ilql.py":

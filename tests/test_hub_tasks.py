@@ -211,7 +211,7 @@ def test_imdb_prompts_are_grue_prefixes(imdb):
     assert duplicate in expected_train  # the review in both splits is dropped from training
     assert imdb.train_prompts == [p for p in expected_train if p != duplicate]
     assert not set(imdb.train_prompts) & set(imdb.eval_prompts)
-    for prompt, text in zip(expected_eval, [TEST_TEXTS[i] for i in test_order]):
+    for prompt, text in zip(expected_eval, [TEST_TEXTS[i] for i in test_order], strict=True):
         assert text.startswith(prompt) and len(prompt.split(" ")) == len(text.split(" ")) // 2
     assert (imdb.max_prompt_tokens, imdb.max_new_tokens, imdb.min_new_tokens) == (64, 48, 48)
     assert imdb.corpus is None and imdb.offline_data is None
@@ -221,7 +221,7 @@ def test_imdb_reward_is_positive_probability_of_prompt_and_continuation(imdb, hu
     prompts = imdb.eval_prompts[:6]
     responses = [" the ending was great .", " awful .", "", " fun fun fun", " the cast was dull . " * 20, " odd"]
     scores = imdb.score(prompts, responses)
-    expected = hand_probability(hub / "classifier", [p + r for p, r in zip(prompts, responses)])
+    expected = hand_probability(hub / "classifier", [p + r for p, r in zip(prompts, responses, strict=True)])
     np.testing.assert_allclose(scores, expected, atol=1e-5)
     assert scores.dtype == np.float64 and np.all((scores > 0) & (scores < 1))
     assert np.ptp(scores) > 0.01  # the scores depend on the text
@@ -270,7 +270,7 @@ def test_jsonl_with_reward_model(hub):
     assert task.name == "jsonl" and len(task.eval_prompts) == 3
     responses = [" the plot was lovely .", " boring", " the music was weak ."]
     scores = task.score(task.eval_prompts, responses)
-    texts = [p + r for p, r in zip(task.eval_prompts, responses)]
+    texts = [p + r for p, r in zip(task.eval_prompts, responses, strict=True)]
     np.testing.assert_allclose(scores, hand_probability(hub / "classifier", texts), atol=1e-5)
     for label, index in (("negative", 0), ("0", 0), ("1", 1)):  # by name (any case) or by index
         other = make_task(

@@ -195,13 +195,17 @@ def test_perturbed_logits_inside_cached_generation(shared_trunk):
         p.data.normal_(0, 0.5)  # differ from the heads, V != 0
     trunk = None if shared_trunk else ilql.frozen_copy(wordle.char_policy(seed=1, n_layer=2, n_embd=32))
     games = [wordle.new_game(w) for w in ("slate", "crane", "pious")]
-    for g, guess in zip(games, ("trace", "trace", "lemon")):
+    for g, guess in zip(games, ("trace", "trace", "lemon"), strict=True):
         g.step(guess)
     context = torch.tensor([[wordle.TOKEN_ID[t] for t in g.tokens()] for g in games])
     mask = torch.ones_like(context)
     seen = []
     with ilql.ILQLLogitsProcessor(policy, heads, trunk, mask, beta=4.0, top_k=20) as processor:
-        record = lambda ids, scores: seen.append(processor(ids, scores)) or seen[-1]
+
+        def record(ids, scores):
+            seen.append(processor(ids, scores))
+            return seen[-1]
+
         ids, _ = policy.generate(
             context, mask, 6, do_sample=False, logits_processor=[wordle.GuessGrammar(context.shape[1]), record]
         )

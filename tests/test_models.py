@@ -273,7 +273,7 @@ def test_generate_mask_and_padding_after_eos(policies, arch):
     for n in (1, 4, 9):
         resp, rmask = policy.generate(ids, mask, max_new_tokens=n, do_sample=True)
         assert resp.shape[0] == 2 and 1 <= resp.shape[1] <= n
-        for row, m in zip(resp.tolist(), rmask.tolist()):
+        for row, m in zip(resp.tolist(), rmask.tolist(), strict=True):
             first = row.index(eos) if eos in row else len(row)
             assert m == [1] * min(first + 1, len(row)) + [0] * (len(row) - first - 1)
 
@@ -370,7 +370,7 @@ def test_text_nll_matches_the_models_own_loss(policies, arch):
     tok, model = policy.tokenizer, policy.model
     prompts, continuations = ["the movie was great .", "the plot was"], [" the ending was dull .", " fun ."]
     nll, count = policy.text_nll(prompts + ["the film"], continuations + [""], max_prompt_tokens=16, batch_size=2)
-    for i, (prompt, continuation) in enumerate(zip(prompts, continuations)):
+    for i, (prompt, continuation) in enumerate(zip(prompts, continuations, strict=True)):
         prompt_ids = tok(prompt, add_special_tokens=policy.is_seq2seq, return_tensors="pt")["input_ids"]
         target = tok(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
         with torch.no_grad():
@@ -385,14 +385,19 @@ def test_text_nll_matches_the_models_own_loss(policies, arch):
     assert count[2] == 0 and nll[2] == 0
     # another distribution over the same batch (ilql.py's deployed policy): uniform logits cost log V per token
     vocab = model.get_output_embeddings().weight.shape[0]
-    uniform = lambda ids, mask, start: torch.zeros(len(ids), ids.shape[1] - start, vocab)  # noqa: E731
+
+    def uniform(ids, mask, start):
+        return torch.zeros(len(ids), ids.shape[1] - start, vocab)
+
     nll, count = policy.text_nll(prompts, continuations, max_prompt_tokens=16, logits_fn=uniform)
     assert nll == pytest.approx(count * math.log(vocab))
     # a distribution that cannot produce a token (top-k): infinite NLL there, and padding stays 0
     banned = tok(" fun", add_special_tokens=False)["input_ids"][0]
-    top_k = lambda ids, mask, start: torch.zeros(len(ids), ids.shape[1] - start, vocab).index_fill_(  # noqa: E731
-        2, torch.tensor([banned, tok.pad_token_id]), float("-inf")
-    )
+
+    def top_k(ids, mask, start):
+        logits = torch.zeros(len(ids), ids.shape[1] - start, vocab)
+        return logits.index_fill_(2, torch.tensor([banned, tok.pad_token_id]), float("-inf"))
+
     nll, _ = policy.text_nll(prompts, continuations, max_prompt_tokens=16, logits_fn=top_k)
     assert math.isfinite(nll[0]) and nll[1] == math.inf
 
@@ -450,7 +455,7 @@ def test_frozen_copy():
         for p in net.parameters():
             p.add_(1.0)
     assert not torch.allclose(ref(x), net(x))
-    assert not any(torch.equal(a, b) for a, b in zip(ref.parameters(), net.parameters()))
+    assert not any(torch.equal(a, b) for a, b in zip(ref.parameters(), net.parameters(), strict=True))
 
 
 def test_value_head():

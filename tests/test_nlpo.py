@@ -35,7 +35,10 @@ def task():
 def test_top_p_keep_mask_hand_computed():
     # probabilities 0.15, 0.5, 0.05, 0.3 (deliberately unsorted): ranked 1, 3, 0, 2 with masses 0.5, 0.8, 0.95, 1
     logits = torch.tensor([0.15, 0.5, 0.05, 0.3]).log()
-    keep = lambda *a, **k: nlpo.top_p_keep_mask(logits, *a, **k).tolist()  # noqa: E731
+
+    def keep(*a, **k):
+        return nlpo.top_p_keep_mask(logits, *a, **k).tolist()
+
     assert keep(0.5) == [False, True, False, False]  # token 1 alone reaches 0.5
     assert keep(0.6) == [False, True, False, True]  # token 3 crosses 0.6 and is kept
     assert keep(0.85) == [True, True, False, True]
@@ -149,7 +152,10 @@ def test_masked_policy_loss_hand_computed():
     torch.testing.assert_close(stats["clipfrac"], torch.tensor(1.0))
     approx_kl = ((0.5 - math.log(1.5)) + (-0.375 - math.log(0.625))) / 2
     torch.testing.assert_close(stats["approx_kl"], torch.tensor(approx_kl))
-    h = lambda ps: -sum(p * math.log(p) for p in ps)  # noqa: E731
+
+    def h(ps):
+        return -sum(p * math.log(p) for p in ps)
+
     torch.testing.assert_close(entropy[0, :2], torch.tensor([h([0.25, 0.75]), h([0.25, 0.25, 0.5])]))
 
 
@@ -316,7 +322,9 @@ def test_masking_copy_changes_only_at_refresh(task):
         optimizer.step()
         changed = nlpo.refresh_mask_policy(mask_policy, policy, update, every=3)
         same_as_snapshot = all(torch.equal(v, snapshot[k]) for k, v in mask_policy.named_parameters())
-        same_as_policy = all(torch.equal(v, p) for v, p in zip(mask_policy.parameters(), policy.parameters()))
+        same_as_policy = all(
+            torch.equal(v, p) for v, p in zip(mask_policy.parameters(), policy.parameters(), strict=True)
+        )
         if changed:
             refreshed_at.append(update)
             assert same_as_policy and not same_as_snapshot

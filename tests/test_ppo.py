@@ -28,10 +28,10 @@ def gae_plain_loop(rewards, values, gamma, lam):
     advantages = np.zeros(T)
     for t in range(T):
         total = 0.0
-        for l in range(t, T):
-            next_value = values[l + 1] if l + 1 < T else 0.0
-            delta = rewards[l] + gamma * next_value - values[l]
-            total += (gamma * lam) ** (l - t) * delta
+        for k in range(t, T):
+            next_value = values[k + 1] if k + 1 < T else 0.0
+            delta = rewards[k] + gamma * next_value - values[k]
+            total += (gamma * lam) ** (k - t) * delta
         advantages[t] = total
     return advantages
 
@@ -80,7 +80,10 @@ def test_policy_loss_hand_values():
     assert loss.item() == pytest.approx((-1.0 - 2.4 + 0.8) / 3, abs=1e-6)
     assert stats["ratio"].item() == pytest.approx((1 + r1 + r2) / 3, abs=1e-6)
     assert stats["clipfrac"].item() == pytest.approx(2 / 3, abs=1e-6)
-    k3 = lambda lr: math.exp(lr) - 1 - lr
+
+    def k3(lr):
+        return math.exp(lr) - 1 - lr
+
     assert stats["approx_kl"].item() == pytest.approx((k3(0.5) + k3(-0.5)) / 3, abs=1e-6)
 
 
@@ -331,7 +334,10 @@ def test_forward_logprobs_one_log_softmax_and_entropy_out_of_the_graph_without_b
 def test_top_k_top_p_keep_hand_computed():
     # probabilities 0.1, 0.4, 0.2, 0.3 (unsorted): ranked 1, 3, 2, 0 with masses 0.4, 0.7, 0.9, 1.0
     logits = torch.tensor([0.1, 0.4, 0.2, 0.3]).log()
-    keep = lambda *a: top_k_top_p_keep(logits, *a).tolist()  # noqa: E731
+
+    def keep(*a):
+        return top_k_top_p_keep(logits, *a).tolist()
+
     assert keep(0, 1.0) == [True, True, True, True]  # both off
     assert keep(2, 1.0) == [False, True, False, True]
     assert keep(0, 0.4) == [False, True, False, False]  # token 1 alone reaches 0.4

@@ -156,7 +156,7 @@ def test_evaluate(task):
     # np.std of identical float64 values can be ~1e-16 rather than exactly 0 (rounding in the mean).
     assert metrics["eval/return_std"] == pytest.approx(0.0, abs=1e-12)
     assert len(samples) == 10
-    for (prompt, response, reward), expected_prompt in zip(samples, task.eval_prompts[:10]):
+    for (prompt, response, reward), expected_prompt in zip(samples, task.eval_prompts[:10], strict=True):
         assert prompt == expected_prompt
         assert response == POSITIVE
         assert reward == pytest.approx(metrics["eval/return_mean"])
@@ -325,7 +325,8 @@ def test_grammar_accepts_what_it_writes():
 @pytest.mark.parametrize(
     "text",
     [
-        "plot the was very dull . i loved it twice . the camera work made me happy . overall a so fun drama .",  # shuffled
+        # shuffled
+        "plot the was very dull . i loved it twice . the camera work made me happy . overall a so fun drama .",
         "the plot was very dull dull . i loved it twice . the camera work made me happy .",  # a repeated adjective
         "great loved the twice drama happy film . very the .",  # a bag of grammar words
         "the plot was very dull . i loved it twice .",  # 2 sentences: not a review
@@ -384,8 +385,9 @@ def test_evaluate_fluency_by_hand(task):
     assert metrics["eval/ref_nll"] == pytest.approx(14 / 12)
     assert metrics["eval/response_length"] == 3.0
     # grammatical: "great" after half a review is no review; but 5 tokens (the limit) make the first cut off
+    # (the 4 evaluated prompts: zip stops at the 4 responses)
     assert metrics["eval/grammatical"] == pytest.approx(
-        np.mean([is_review(p + r, r.count(" ") >= 4) for p, r in zip(task.eval_prompts, responses * 2)])
+        np.mean([is_review(p + r, r.count(" ") >= 4) for p, r in zip(task.eval_prompts, responses * 2, strict=False)])
     )
 
 
@@ -402,7 +404,7 @@ def test_evaluate_without_references_omits_perplexity(task):
 
 def test_sentiment_references_are_the_reviews_second_halves(task):
     assert len(task.eval_references) == len(task.eval_prompts)
-    for prompt, reference in zip(task.eval_prompts[:50], task.eval_references[:50]):
+    for prompt, reference in zip(task.eval_prompts[:50], task.eval_references[:50], strict=True):
         assert reference.startswith(" ") and is_review(prompt + reference)
 
 

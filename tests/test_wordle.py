@@ -179,7 +179,10 @@ def _play(player, n):
 def test_expert_beats_random_players():
     n = 300
     expert, consistent, rand = _play(wordle.expert, n), _play(wordle.random_consistent, n), _play(wordle.random_word, n)
-    se = lambda m: m["eval/return_std"] / np.sqrt(n)
+
+    def se(m):
+        return m["eval/return_std"] / np.sqrt(n)
+
     # the expert wins every game in about 3.2 guesses; random guessing almost never wins
     assert expert["eval/win_rate"] == 1.0 and expert["eval/return_mean"] > -2.4
     assert expert["eval/return_mean"] > consistent["eval/return_mean"] + 4 * (se(expert) + se(consistent))
@@ -211,7 +214,10 @@ def test_offline_datasets_are_fast_reproducible_and_controllable():
     assert all(g.done for g in games) and len(games) == 2000
     again = wordle.offline_games("expert=0.5,repeat=0.5", 2000, seed=3)
     assert [g.text() for g in games] == [g.text() for g in again]
-    mean = lambda gs: np.mean([g.ret for g in gs])
+
+    def mean(gs):
+        return np.mean([g.ret for g in gs])
+
     expert = wordle.offline_games("expert", 500, seed=3)
     worse = wordle.offline_games("expert=0.2,repeat=0.8", 500, seed=3)
     assert mean(expert) > mean(games) + 1.0 > mean(worse) + 1.5, "quality follows the mixture weights"
@@ -241,8 +247,10 @@ def test_per_game_dataset_gives_each_game_one_player():
     rng = random.Random(0)
     is_expert = [all(wordle.expert(_prefix(g, k), rng) == g.guesses[k] for k in range(len(g.guesses))) for g in games]
     repeats = [any(w in g.guesses[:i] for i, w in enumerate(g.guesses)) for g in games]
-    assert all(e != r for e, r in zip(is_expert, repeats)), "a game is all expert moves or a repeat player's game"
-    assert 70 < sum(is_expert) < 130 and all(g.solved for g, e in zip(games, is_expert) if e)
+    assert all(e != r for e, r in zip(is_expert, repeats, strict=True)), (
+        "a game is all expert moves or a repeat player's game"
+    )
+    assert 70 < sum(is_expert) < 130 and all(g.solved for g, e in zip(games, is_expert, strict=True) if e)
 
 
 def _prefix(game, k):
