@@ -37,10 +37,28 @@ import tyro
 
 from common.models import Policy, entropy_of, frozen_copy, load_policy, logprobs_of
 from common.tasks import RewardError, Task, eval_line, evaluate, make_task
-from common.utils import (CommonArgs, Run, all_gather_objects, all_reduce, bf16_autocast, close_distributed,
-                          episode_seeds, error_line, exact_div, init_distributed, masked_mean, rank_share,
-                          restore_rng_states, resume_args, save_checkpoint, seed_everything, stop_on_sigterm,
-                          sync_gradients, validate_args, world)
+from common.utils import (
+    CommonArgs,
+    Run,
+    all_gather_objects,
+    all_reduce,
+    bf16_autocast,
+    close_distributed,
+    episode_seeds,
+    error_line,
+    exact_div,
+    init_distributed,
+    masked_mean,
+    rank_share,
+    restore_rng_states,
+    resume_args,
+    save_checkpoint,
+    seed_everything,
+    stop_on_sigterm,
+    sync_gradients,
+    validate_args,
+    world,
+)
 
 ALGORITHMS = ("a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl", "nll", "wbc", "r_gold", "r_lol")
 ADVANTAGE_METHODS = ("a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl")
@@ -132,21 +150,38 @@ class Args(CommonArgs):
 # The allowed values of the numeric flags, checked before any work (common/utils.py `validate_args`: "(0, inf)" is
 # positive; float flags not named here must be finite). The response lengths depend on the task: checked in main.
 LIMITS = {
-    "data_seed": "[0, inf)", "offline_size": "(0, inf)", "ref_epochs": "[0, inf)",
+    "data_seed": "[0, inf)",
+    "offline_size": "(0, inf)",
+    "ref_epochs": "[0, inf)",
     "offline_samples_per_prompt": "(0, inf)",
-    "total_steps": "(0, inf)", "batch_size": "(0, inf)", "learning_rate": "(0, inf)", "weight_decay": "[0, inf)",
-    "max_grad_norm": "(0, inf]", "clip_eps": "(0, 1)", "kl_beta": "[0, inf)", "gold_min_prob": "[0, 1]",
-    "forward_batch_size": "(0, inf)", "log_every": "(0, inf)", "value_prompts": "[2, inf)",
-    "value_samples_per_prompt": "(0, inf)", "value_holdout": "(0, 1)", "value_epochs": "(0, inf)",
-    "value_patience": "(0, inf)", "value_learning_rate": "(0, inf)", "value_batch_size": "(0, inf)",
-    "value_heads": "(0, inf)", "value_dropout": "[0, 1)",
+    "total_steps": "(0, inf)",
+    "batch_size": "(0, inf)",
+    "learning_rate": "(0, inf)",
+    "weight_decay": "[0, inf)",
+    "max_grad_norm": "(0, inf]",
+    "clip_eps": "(0, 1)",
+    "kl_beta": "[0, inf)",
+    "gold_min_prob": "[0, 1]",
+    "forward_batch_size": "(0, inf)",
+    "log_every": "(0, inf)",
+    "value_prompts": "[2, inf)",
+    "value_samples_per_prompt": "(0, inf)",
+    "value_holdout": "(0, 1)",
+    "value_epochs": "(0, inf)",
+    "value_patience": "(0, inf)",
+    "value_learning_rate": "(0, inf)",
+    "value_batch_size": "(0, inf)",
+    "value_heads": "(0, inf)",
+    "value_dropout": "[0, 1)",
 }
+
 
 # ----------------------------------------------------------------------------------------------
 # ALGO LOGIC: the losses as small pure functions (each unit-tested in tests/test_alol.py)
 # ----------------------------------------------------------------------------------------------
-def importance_weight(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
-                      clip_eps: float) -> torch.Tensor:
+def importance_weight(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, clip_eps: float
+) -> torch.Tensor:
     """clamp(pi_theta(y|x) / pi_ref(y|x), 1 - eps, 1 + eps) per sequence, with no gradient.
 
     Computed in log space (H L865-870, G L671-673): the ratio of two products of up to hundreds of token
@@ -157,17 +192,27 @@ def importance_weight(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: 
     return log_ratio.clamp(math.log1p(-clip_eps), math.log1p(clip_eps)).exp()
 
 
-def token_importance_weights(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
-                             clip_eps: float) -> torch.Tensor:
+def token_importance_weights(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, clip_eps: float
+) -> torch.Tensor:
     """A-LoL seq's per-token weights clamp(pi_theta(y_t|.) / pi_ref(y_t|.), 1 - eps, 1 + eps), no gradient,
     zero outside the response (H L906-952, G L662-668)."""
     log_ratio = (logprobs - ref_logprobs).detach()
     return log_ratio.clamp(math.log1p(-clip_eps), math.log1p(clip_eps)).exp() * mask
 
 
-def sequence_loss(algorithm: str, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
-                  rewards: torch.Tensor, advantages: torch.Tensor, clip_eps: float = 0.9, kl_beta: float = 0.1,
-                  gold_min_prob: float = 0.1, keep_negative: bool = False) -> tuple[torch.Tensor, dict]:
+def sequence_loss(
+    algorithm: str,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_eps: float = 0.9,
+    kl_beta: float = 0.1,
+    gold_min_prob: float = 0.1,
+    keep_negative: bool = False,
+) -> tuple[torch.Tensor, dict]:
     """The batch loss of every method: the mean over examples of a per-example loss built from the *summed*
     token NLL of the response ("Consistently sum is better than mean", H L757-759).
 
@@ -177,30 +222,30 @@ def sequence_loss(algorithm: str, logprobs: torch.Tensor, ref_logprobs: torch.Te
     `keep_negative` (the ablation) uses A itself, so a negative advantage raises the response's NLL.
     """
     mask = mask.to(logprobs.dtype)
-    nll = -(logprobs * mask).sum(1)                    # -log pi_theta(y|x): the whole response is one action
+    nll = -(logprobs * mask).sum(1)  # -log pi_theta(y|x): the whole response is one action
     positive = advantages if keep_negative else advantages.clamp(min=0.0)
     stats = {}
-    if algorithm == "nll":                             # behaviour cloning (H L756-760)
+    if algorithm == "nll":  # behaviour cloning (H L756-760)
         per_example = nll
-    elif algorithm == "wbc":                           # reward-weighted BC (H L761-769)
+    elif algorithm == "wbc":  # reward-weighted BC (H L761-769)
         per_example = rewards * nll
-    elif algorithm == "r_gold":                        # GOLD with the sequence reward (H L772-788)
+    elif algorithm == "r_gold":  # GOLD with the sequence reward (H L772-788)
         floor = logprobs.detach().exp().clamp(min=gold_min_prob)
         per_example = rewards * -(floor * logprobs * mask).sum(1)
-    elif algorithm in ("r_lol", "a_lol"):              # H L789-843, L844-905
+    elif algorithm in ("r_lol", "a_lol"):  # H L789-843, L844-905
         weight = importance_weight(logprobs, ref_logprobs, mask, clip_eps)
         per_example = (rewards if algorithm == "r_lol" else positive) * weight * nll
         stats["importance_weight"] = weight.mean()
         stats["clipfrac"] = ((weight <= 1 - clip_eps + 1e-6) | (weight >= 1 + clip_eps - 1e-6)).float().mean()
-    elif algorithm == "a_lol_ref_free":                # weight 1 (H L953-962)
+    elif algorithm == "a_lol_ref_free":  # weight 1 (H L953-962)
         per_example = positive * nll
-    elif algorithm == "a_lol_seq":                     # per-token clamped ratios inside the sum (H L906-952)
+    elif algorithm == "a_lol_seq":  # per-token clamped ratios inside the sum (H L906-952)
         weights = token_importance_weights(logprobs, ref_logprobs, mask, clip_eps)
         per_example = positive * -(weights * logprobs * mask).sum(1)
         stats["importance_weight"] = masked_mean(weights, mask)
         clipped = (weights <= 1 - clip_eps + 1e-6) | (weights >= 1 + clip_eps - 1e-6)
         stats["clipfrac"] = masked_mean(clipped.float(), mask)
-    elif algorithm == "a_lol_kl":                      # weight 1 plus beta * (log pi - log pi_ref) (G L698-703)
+    elif algorithm == "a_lol_kl":  # weight 1 plus beta * (log pi - log pi_ref) (G L698-703)
         log_ratio = ((logprobs - ref_logprobs) * mask).sum(1)
         per_example = positive * nll + kl_beta * log_ratio
     else:
@@ -208,8 +253,9 @@ def sequence_loss(algorithm: str, logprobs: torch.Tensor, ref_logprobs: torch.Te
     return per_example.mean(), stats
 
 
-def sampling_probabilities(algorithm: str, rewards: np.ndarray, advantages: np.ndarray,
-                           priority: bool, keep_negative: bool = False) -> np.ndarray:
+def sampling_probabilities(
+    algorithm: str, rewards: np.ndarray, advantages: np.ndarray, priority: bool, keep_negative: bool = False
+) -> np.ndarray:
     """Probability of drawing each training example. The A-LoL family drops A <= 0 (the "leftover lunch")
     and, with priority sampling, draws p_i = A+_i / sum_j A+_j (H L590-623, G L504-511); the reward
     baselines draw p proportional to R (H L668-677, G L467-476); NLL/BC and priority off are uniform.
@@ -223,8 +269,10 @@ def sampling_probabilities(algorithm: str, rewards: np.ndarray, advantages: np.n
     else:
         weights = np.ones(len(rewards))
     if weights.sum() <= 0:
-        raise ValueError(f"{algorithm}: no training example has a positive sampling weight "
-                         f"(max advantage {advantages.max():+.3f}, max reward {rewards.max():.3f})")
+        raise ValueError(
+            f"{algorithm}: no training example has a positive sampling weight "
+            f"(max advantage {advantages.max():+.3f}, max reward {rewards.max():.3f})"
+        )
     return weights / weights.sum()
 
 
@@ -276,13 +324,25 @@ def prompt_hidden_states(policy: Policy, prompt_ids: torch.Tensor, prompt_mask: 
     if policy.is_seq2seq:
         return policy.model.get_encoder()(input_ids=prompt_ids, attention_mask=prompt_mask).last_hidden_state
     position_ids = (prompt_mask.cumsum(1) - 1).clamp(min=0)
-    return policy.model.base_model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
-                                   use_cache=False).last_hidden_state
+    return policy.model.base_model(
+        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
 
 
-def train_value_head(head: PromptValueHead, hidden: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor,
-                     groups: np.ndarray, holdout: float, epochs: int, patience: int, lr: float, batch_size: int,
-                     rng: np.random.Generator, log=None) -> dict:
+def train_value_head(
+    head: PromptValueHead,
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    targets: torch.Tensor,
+    groups: np.ndarray,
+    holdout: float,
+    epochs: int,
+    patience: int,
+    lr: float,
+    batch_size: int,
+    rng: np.random.Generator,
+    log=None,
+) -> dict:
     """Fit V to pi_ref's sampled rewards by MSE on frozen features; keep the epoch with the lowest *held-out*
     MSE and stop after `patience` epochs without improvement. The reference selects by training MSE on the
     same 280 prompts (H L237-241), which rewards memorising single noisy samples. `groups` (the prompt of each
@@ -331,8 +391,9 @@ def train_value_head(head: PromptValueHead, hidden: torch.Tensor, mask: torch.Te
 # ----------------------------------------------------------------------------------------------
 # Plumbing: offline data, batches, sampling from the policy
 # ----------------------------------------------------------------------------------------------
-def sample_responses(policy: Policy, prompts: list[str], seeds: list[int], task: Task, max_new: int,
-                     min_new: int, device) -> list[str]:
+def sample_responses(
+    policy: Policy, prompts: list[str], seeds: list[int], task: Task, max_new: int, min_new: int, device
+) -> list[str]:
     """pi's sampled responses to one batch (full softmax, temperature 1: the deployed decoding of every
     variant); each response is drawn from its own seed, so it does not depend on the batch or the process."""
     ids, mask = policy.encode_prompts(prompts, task.max_prompt_tokens, device)
@@ -340,16 +401,25 @@ def sample_responses(policy: Policy, prompts: list[str], seeds: list[int], task:
     return policy.decode(response_ids, response_mask)
 
 
-def sample_and_score(policy: Policy, prompts: list[str], seeds: list[int], task: Task, max_new: int,
-                     min_new: int, batch_size: int, device) -> tuple[list[str], np.ndarray]:
+def sample_and_score(
+    policy: Policy,
+    prompts: list[str],
+    seeds: list[int],
+    task: Task,
+    max_new: int,
+    min_new: int,
+    batch_size: int,
+    device,
+) -> tuple[list[str], np.ndarray]:
     """Responses to every prompt and their rewards. Under torchrun each rank samples and scores its
     contiguous share (`shard`) and every rank receives all of them: the same result on 1 or N processes."""
     mine = rank_share(len(prompts))
     responses = []
     for i in range(mine.start, mine.stop, batch_size):
         batch = range(i, min(i + batch_size, mine.stop))
-        responses += sample_responses(policy, [prompts[j] for j in batch], [seeds[j] for j in batch], task,
-                                      max_new, min_new, device)
+        responses += sample_responses(
+            policy, [prompts[j] for j in batch], [seeds[j] for j in batch], task, max_new, min_new, device
+        )
     scores = task.score([prompts[j] for j in mine], responses).tolist() if responses else []
     parts = all_gather_objects((responses, scores))
     return [r for part, _ in parts for r in part], np.array([s for _, part in parts for s in part])
@@ -362,12 +432,15 @@ def load_offline_data(task: Task, policy: Policy, args: Args, max_new: int, min_
         data = task.offline_data(args.data_seed)
     else:
         prompts = [p for p in task.train_prompts for _ in range(args.offline_samples_per_prompt)]
-        prompts = prompts[:args.offline_size] if args.offline_size else prompts
+        prompts = prompts[: args.offline_size] if args.offline_size else prompts
         seeds = episode_seeds(args.data_seed, 3, 0, range(len(prompts)))  # stream 3: the sampled log
-        responses, scores = sample_and_score(policy, prompts, seeds, task, max_new, min_new,
-                                             args.forward_batch_size, device)
-        data = [{"prompt": p, "response": r, "reward": float(s)} for p, r, s in zip(prompts, responses, scores)]
-    return data[:args.offline_size] if args.offline_size else data
+        responses, scores = sample_and_score(
+            policy, prompts, seeds, task, max_new, min_new, args.forward_batch_size, device
+        )
+        data = [
+            {"prompt": p, "response": r, "reward": float(s)} for p, r, s in zip(prompts, responses, scores, strict=True)
+        ]
+    return data[: args.offline_size] if args.offline_size else data
 
 
 def make_batch(policy: Policy, prompts: list[str], responses: list[list[int]], max_prompt_tokens: int, device):
@@ -377,14 +450,27 @@ def make_batch(policy: Policy, prompts: list[str], responses: list[list[int]], m
     response_ids = torch.full((len(responses), width), policy.tokenizer.pad_token_id, dtype=torch.long)
     response_mask = torch.zeros((len(responses), width), dtype=torch.long)
     for i, r in enumerate(responses):
-        response_ids[i, :len(r)], response_mask[i, :len(r)] = torch.tensor(r), 1
+        response_ids[i, : len(r)], response_mask[i, : len(r)] = torch.tensor(r), 1
     response_ids, response_mask = response_ids.to(device), response_mask.to(device)
-    return (torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1),
-            prompt_ids.shape[1], response_mask)
+    return (
+        torch.cat([prompt_ids, response_ids], 1),
+        torch.cat([prompt_mask, response_mask], 1),
+        prompt_ids.shape[1],
+        response_mask,
+    )
 
 
-def finetune_reference(policy: Policy, prompts: list[str], responses: list[list[int]], args: Args,
-                       rng: np.random.Generator, max_prompt_tokens: int, device, autocast, log=None) -> None:
+def finetune_reference(
+    policy: Policy,
+    prompts: list[str],
+    responses: list[list[int]],
+    args: Args,
+    rng: np.random.Generator,
+    max_prompt_tokens: int,
+    device,
+    autocast,
+    log=None,
+) -> None:
     """The paper's first step (section 2, "we first fine-tune the reference policy on the training set"):
     NLL on every logged response, noisy ones included, for `ref_epochs` shuffled passes. Every rank draws the
     same global batches and takes its slice, as in the main loop; the incomplete last batch of a pass is
@@ -393,8 +479,10 @@ def finetune_reference(policy: Policy, prompts: list[str], responses: list[list[
     local_batch = args.batch_size // world_size
     per_epoch = len(prompts) // args.batch_size
     if per_epoch == 0:
-        raise ValueError(f"--ref-epochs: the offline log ({len(prompts)} examples) is smaller than one batch "
-                         f"({args.batch_size}); pass --ref-epochs 0 or a smaller --batch-size")
+        raise ValueError(
+            f"--ref-epochs: the offline log ({len(prompts)} examples) is smaller than one batch "
+            f"({args.batch_size}); pass --ref-epochs 0 or a smaller --batch-size"
+        )
     total = args.ref_epochs * per_epoch
     parameters = list(policy.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -404,9 +492,10 @@ def finetune_reference(policy: Policy, prompts: list[str], responses: list[list[
     for _ in range(args.ref_epochs):
         order = rng.permutation(len(prompts))
         for start in range(0, per_epoch * args.batch_size, args.batch_size):
-            mine = order[start:start + args.batch_size][rank * local_batch:(rank + 1) * local_batch]
+            mine = order[start : start + args.batch_size][rank * local_batch : (rank + 1) * local_batch]
             input_ids, attention_mask, offset, response_mask = make_batch(
-                policy, [prompts[i] for i in mine], [responses[i] for i in mine], max_prompt_tokens, device)
+                policy, [prompts[i] for i in mine], [responses[i] for i in mine], max_prompt_tokens, device
+            )
             with autocast:
                 logits, _ = policy(input_ids, attention_mask, offset)
             logprobs = logprobs_of(logits, input_ids[:, offset:])
@@ -423,8 +512,10 @@ def finetune_reference(policy: Policy, prompts: list[str], responses: list[list[
             if step % args.log_every == 0 or step == total:
                 nll = all_reduce(torch.stack(window).mean(), "mean").item()  # the same on every rank: all stop
                 if not math.isfinite(nll):
-                    raise FloatingPointError(f"non-finite loss in pi_ref's fine-tuning by update {step} of {total} "
-                                             f"(mean NLL {nll}); lower --learning-rate")
+                    raise FloatingPointError(
+                        f"non-finite loss in pi_ref's fine-tuning by update {step} of {total} "
+                        f"(mean NLL {nll}); lower --learning-rate"
+                    )
                 if log is not None:
                     log({"reference/nll": nll}, step)
                 print(f"pi_ref fine-tuning {step}/{total} | nll {nll:.2f} | {time.time() - since:.0f}s", flush=True)
@@ -443,8 +534,10 @@ def main(args: Args) -> dict:
         response_length = task.max_new_tokens if args.response_length is None else args.response_length
         min_response_length = task.min_new_tokens if args.min_response_length is None else args.min_response_length
         if response_length <= 0 or not 0 <= min_response_length <= response_length:
-            raise ValueError(f"need 0 < response length ({response_length}) and 0 <= min response length "
-                             f"({min_response_length}) <= response length")
+            raise ValueError(
+                f"need 0 < response length ({response_length}) and 0 <= min response length "
+                f"({min_response_length}) <= response length"
+            )
         policy = load_policy(args.model_name, task, device)
         if policy.hidden_size % args.value_heads != 0:
             raise ValueError(f"--value-heads {args.value_heads} must divide the hidden size {policy.hidden_size}")
@@ -452,7 +545,7 @@ def main(args: Args) -> dict:
         task.max_prompt_tokens = policy.prompt_budget(task.max_prompt_tokens, response_length)
         run = Run(args, "alol.py", checkpoint)
     except (ValueError, OSError) as error:
-        raise SystemExit(error_line(error))
+        raise SystemExit(error_line(error)) from error
     autocast = bf16_autocast(device, args.bf16)  # a no-op on CPU unless --bf16
     rng = np.random.default_rng(args.seed)  # the same draws on every rank: V's split, then the global batches
     start_policy = frozen_copy(policy)  # the model as loaded: the yardstick of eval/ref_nll for every variant
@@ -463,13 +556,28 @@ def main(args: Args) -> dict:
         evaluations, the same on 1 or N processes); `evaluate` shares the prompts out over the ranks. Fluency
         beside the reward: perplexity of the references under the model, and the sampled responses' NLL under
         the --model-name model as loaded (before pi_ref's fine-tuning, so every variant has one yardstick)."""
+
         def generate_fn(prompts, indices):
             with autocast:
-                return sample_responses(model, prompts, episode_seeds(args.seed, 1, 0, indices), task,
-                                        response_length, min_response_length, device)
+                return sample_responses(
+                    model,
+                    prompts,
+                    episode_seeds(args.seed, 1, 0, indices),
+                    task,
+                    response_length,
+                    min_response_length,
+                    device,
+                )
 
-        return evaluate(task, generate_fn, args.eval_episodes, args.forward_batch_size, policy=model,
-                        start_model=start_policy, response_length=response_length)
+        return evaluate(
+            task,
+            generate_fn,
+            args.eval_episodes,
+            args.forward_batch_size,
+            policy=model,
+            start_model=start_policy,
+            response_length=response_length,
+        )
 
     def run_eval(step: int) -> dict:
         metrics, samples = evaluate_model(policy)
@@ -490,18 +598,26 @@ def main(args: Args) -> dict:
         if not high > low:
             raise ValueError(f"every offline reward equals {low}: there is nothing to learn from")
     except (RewardError, OSError) as error:  # the user's reward on pi_ref's samples
-        raise run.fault(error, 0, "step")
+        raise run.fault(error, 0, "step") from error
     except ValueError as error:
         run.close()
-        raise SystemExit(error_line(error))
+        raise SystemExit(error_line(error)) from error
     rewards = scale_rewards(raw_rewards, low, high)
-    print(f"offline data: {len(data)} examples, reward {raw_rewards.mean():+.3f} in [{low:+.3f}, {high:+.3f}], "
-          f"scaled to [0, 1]", flush=True)
+    print(
+        f"offline data: {len(data)} examples, reward {raw_rewards.mean():+.3f} in [{low:+.3f}, {high:+.3f}], "
+        f"scaled to [0, 1]",
+        flush=True,
+    )
     prompts = [d["prompt"] for d in data]
-    responses = [(tokenizer(d["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
-                 [:response_length] for d in data]  # EOS appended, then truncated from the right (reference)
-    data_stats = checkpoint["data_stats"] if checkpoint is not None else {
-        "offline_examples": len(data), "offline_reward_mean": float(raw_rewards.mean())}
+    responses = [
+        (tokenizer(d["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:response_length]
+        for d in data
+    ]  # EOS appended, then truncated from the right (reference)
+    data_stats = (
+        checkpoint["data_stats"]
+        if checkpoint is not None
+        else {"offline_examples": len(data), "offline_reward_mean": float(raw_rewards.mean())}
+    )
 
     # ALGO LOGIC: 2. pi_ref, the paper's first step: the loaded model fine-tuned by NLL on the whole log. pi_theta
     # starts from it (a fresh optimizer) and every weight and advantage is measured against it. Its own rng
@@ -515,14 +631,22 @@ def main(args: Args) -> dict:
         try:
             data_stats["loaded_eval"], _ = evaluate_model(start_policy)  # the table's "model as loaded" row
             print(f"eval of the model as loaded: {eval_line(data_stats['loaded_eval'])}", flush=True)
-            finetune_reference(policy, prompts, responses, args, np.random.default_rng([args.seed, 1]),
-                               task.max_prompt_tokens, device, autocast,
-                               log=lambda metrics, step: (ref_history.append((step, metrics)), run.log(metrics, step)))
+            finetune_reference(
+                policy,
+                prompts,
+                responses,
+                args,
+                np.random.default_rng([args.seed, 1]),
+                task.max_prompt_tokens,
+                device,
+                autocast,
+                log=lambda metrics, step: (ref_history.append((step, metrics)), run.log(metrics, step)),
+            )
         except (RewardError, OSError, FloatingPointError) as error:
-            raise run.fault(error, 0, "step")
+            raise run.fault(error, 0, "step") from error
         except ValueError as error:
             run.close()
-            raise SystemExit(error_line(error))
+            raise SystemExit(error_line(error)) from error
         ref_policy = frozen_copy(policy)
     else:
         ref_policy = start_policy  # --ref-epochs 0: pi_ref is the model as loaded
@@ -530,9 +654,12 @@ def main(args: Args) -> dict:
     def encode_hidden(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """pi_ref's prompt hidden states for many prompts, left-padded to one width (padding is masked)."""
         ids, mask = ref_policy.encode_prompts(texts, task.max_prompt_tokens, device)
-        hidden = [prompt_hidden_states(ref_policy, ids[i:i + args.forward_batch_size],
-                                       mask[i:i + args.forward_batch_size]).float()
-                  for i in range(0, len(texts), args.forward_batch_size)]
+        hidden = [
+            prompt_hidden_states(
+                ref_policy, ids[i : i + args.forward_batch_size], mask[i : i + args.forward_batch_size]
+            ).float()
+            for i in range(0, len(texts), args.forward_batch_size)
+        ]
         return torch.cat(hidden), mask
 
     # ALGO LOGIC: 3. V_ref(x), for the advantage methods only (as in H L500): fit first, to pi_ref's own sampled
@@ -544,30 +671,49 @@ def main(args: Args) -> dict:
     value_history: list[tuple[int, dict]] = []
     if args.algorithm in ADVANTAGE_METHODS and checkpoint is not None:  # --resume: V's result, not its fit
         advantages = checkpoint["advantages"]
-        value_history = [h if isinstance(h, tuple) else (epoch, h)  # a checkpoint from before the steps were kept
-                         for epoch, h in enumerate(checkpoint["value_history"], 1)]
+        value_history = [
+            h if isinstance(h, tuple) else (epoch, h)  # a checkpoint from before the steps were kept
+            for epoch, h in enumerate(checkpoint["value_history"], 1)
+        ]
     if checkpoint is not None:  # TensorBoard dropped the points of pi_ref's and V's curves after the checkpoint's
         for x, metrics in ref_history + value_history:  # step (`purge_step`): write those again
             if x > checkpoint["step"]:
                 run.log(metrics, x)
     elif args.algorithm in ADVANTAGE_METHODS:
-        value_order = rng.permutation(len(task.train_prompts))[:args.value_prompts]
+        value_order = rng.permutation(len(task.train_prompts))[: args.value_prompts]
         value_prompts = [task.train_prompts[i] for i in value_order for _ in range(args.value_samples_per_prompt)]
         seeds = episode_seeds(args.seed, 2, 0, range(len(value_prompts)))  # stream 2: V's data
         try:
             with autocast:
-                _, value_rewards = sample_and_score(ref_policy, value_prompts, seeds, task, response_length,
-                                                    min_response_length, args.forward_batch_size, device)
+                _, value_rewards = sample_and_score(
+                    ref_policy,
+                    value_prompts,
+                    seeds,
+                    task,
+                    response_length,
+                    min_response_length,
+                    args.forward_batch_size,
+                    device,
+                )
         except RewardError as error:  # the user's reward on pi_ref's samples
-            raise run.fault(error, 0, "step")
+            raise run.fault(error, 0, "step") from error
         value_rewards = scale_rewards(value_rewards, low, high)
         value_hidden, value_mask = encode_hidden(value_prompts)
         head = PromptValueHead(policy.hidden_size, args.value_heads, args.value_dropout).to(device)
         value_stats = train_value_head(
-            head, value_hidden, value_mask, torch.tensor(value_rewards, dtype=torch.float32, device=device).clamp(0, 1),
-            np.repeat(np.arange(len(value_order)), args.value_samples_per_prompt), args.value_holdout,
-            args.value_epochs, args.value_patience, args.value_learning_rate, args.value_batch_size, rng,
-            log=lambda metrics, epoch: (value_history.append((epoch, metrics)), run.log(metrics, epoch)))
+            head,
+            value_hidden,
+            value_mask,
+            torch.tensor(value_rewards, dtype=torch.float32, device=device).clamp(0, 1),
+            np.repeat(np.arange(len(value_order)), args.value_samples_per_prompt),
+            args.value_holdout,
+            args.value_epochs,
+            args.value_patience,
+            args.value_learning_rate,
+            args.value_batch_size,
+            rng,
+            log=lambda metrics, epoch: (value_history.append((epoch, metrics)), run.log(metrics, epoch)),
+        )
 
         # ALGO LOGIC: 4. advantages of the whole dataset, once: V is frozen and in eval mode, so recomputing it
         # every step (as the reference does, with dropout still on in H) would give the same numbers. Each rank
@@ -576,29 +722,43 @@ def main(args: Args) -> dict:
             unique_prompts = sorted(set(prompts))
             mine = [unique_prompts[i] for i in rank_share(len(unique_prompts))]
             hidden, mask = encode_hidden(mine) if mine else (None, None)
-            values_mine = [v for i in range(0, len(mine), args.forward_batch_size) for v in
-                           head(hidden[i:i + args.forward_batch_size], mask[i:i + args.forward_batch_size]).tolist()]
-            value_of = dict(zip(unique_prompts, [v for part in all_gather_objects(values_mine) for v in part]))
+            values_mine = [
+                v
+                for i in range(0, len(mine), args.forward_batch_size)
+                for v in head(hidden[i : i + args.forward_batch_size], mask[i : i + args.forward_batch_size]).tolist()
+            ]
+            value_of = dict(
+                zip(unique_prompts, [v for part in all_gather_objects(values_mine) for v in part], strict=True)
+            )
         values = np.array([value_of[p] for p in prompts])
         advantages = advantages_of(rewards, values)
-        data_stats.update(positive_fraction=float((advantages > 0).mean()), value_mean=float(values.mean()),
-                          **value_stats)
-        print(f"V: held-out MSE {value_stats['value_heldout_mse']:.4f} (a constant: "
-              f"{value_stats['value_constant_mse']:.4f}) after {value_stats['value_epochs']} epochs | mean V "
-              f"{values.mean():.3f} | A > 0 for {100 * data_stats['positive_fraction']:.1f}% of the data", flush=True)
+        data_stats.update(
+            positive_fraction=float((advantages > 0).mean()), value_mean=float(values.mean()), **value_stats
+        )
+        print(
+            f"V: held-out MSE {value_stats['value_heldout_mse']:.4f} (a constant: "
+            f"{value_stats['value_constant_mse']:.4f}) after {value_stats['value_epochs']} epochs | mean V "
+            f"{values.mean():.3f} | A > 0 for {100 * data_stats['positive_fraction']:.1f}% of the data",
+            flush=True,
+        )
     try:
-        probabilities = sampling_probabilities(args.algorithm, rewards, advantages, args.priority_sampling,
-                                               args.keep_negative)
+        probabilities = sampling_probabilities(
+            args.algorithm, rewards, advantages, args.priority_sampling, args.keep_negative
+        )
     except ValueError as error:
-        raise SystemExit(f"error: {error}")
-    print(f"sampling: {args.algorithm} draws from {int((probabilities > 0).sum())} of the {len(data)} examples "
-          f"({'priority' if args.priority_sampling and args.algorithm != 'nll' else 'uniform'})", flush=True)
+        raise SystemExit(f"error: {error}") from error
+    print(
+        f"sampling: {args.algorithm} draws from {int((probabilities > 0).sum())} of the {len(data)} examples "
+        f"({'priority' if args.priority_sampling and args.algorithm != 'nll' else 'uniform'})",
+        flush=True,
+    )
 
     # 5. the optimiser (G L520-523: AdamW, linear decay without warmup, gradient clip 1.0)
     parameters = list(policy.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 1.0 - step / args.total_steps if args.anneal_lr else 1.0)
+        optimizer, lambda step: 1.0 - step / args.total_steps if args.anneal_lr else 1.0
+    )
     first_step = checkpoint["step"] + 1 if checkpoint is not None else 1
     if checkpoint is not None:  # --resume: weights, optimizer, schedule, data position, RNG states
         policy.load_state_dict(checkpoint["policy"])
@@ -609,35 +769,54 @@ def main(args: Args) -> dict:
         print(f"resumed {run.dir} after step {checkpoint['step']}", flush=True)
 
     def checkpoint_state(step: int) -> dict:
-        return {"step": step, "policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "data_rng": rng.bit_generator.state,
-                "data": data if task.offline_data is None else None, "advantages": advantages,
-                "data_stats": data_stats, "value_history": value_history, "ref_history": ref_history,
-                "ref_policy": ref_policy.state_dict() if ref_policy is not start_policy else None}
+        return {
+            "step": step,
+            "policy": policy.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "data_rng": rng.bit_generator.state,
+            "data": data if task.offline_data is None else None,
+            "advantages": advantages,
+            "data_stats": data_stats,
+            "value_history": value_history,
+            "ref_history": ref_history,
+            "ref_policy": ref_policy.state_dict() if ref_policy is not start_policy else None,
+        }
 
     def flush(pending: list[tuple[int, float, np.ndarray, dict]], elapsed: float) -> tuple[list[dict], float]:
         """The one host sync of a logging interval: sum each step's statistics over the ranks, stop on a
         non-finite loss (every rank sees the same sums, so all stop together), log each step's metrics."""
         sums = all_reduce(torch.stack([torch.stack([v.float() for v in s.values()]) for *_, s in pending])).tolist()
-        totals = [dict(zip(pending[0][3], row)) for row in sums]
-        for (step, *_), total in zip(pending, totals):
+        totals = [dict(zip(pending[0][3], row, strict=True)) for row in sums]
+        for (step, *_), total in zip(pending, totals, strict=True):
             if not math.isfinite(total["loss"]):
-                raise FloatingPointError(f"non-finite loss at update {step} of {args.total_steps} (an update is "
-                                         f"a gradient step): {total['loss'] / world_size}")
+                raise FloatingPointError(
+                    f"non-finite loss at update {step} of {args.total_steps} (an update is "
+                    f"a gradient step): {total['loss'] / world_size}"
+                )
         logged, n_tokens = [], 0
-        for (step, lr, idx, _), total in zip(pending, totals):
+        for (step, lr, idx, _), total in zip(pending, totals, strict=True):
             tokens, kl, entropy = total.pop("tokens"), total.pop("kl_sum"), total.pop("entropy_sum")
-            metrics = {**{f"losses/{k}": v / world_size for k, v in total.items()},  # means of equal shares
-                       "objective/kl": kl / tokens, "objective/entropy": entropy / tokens,  # per token, all ranks
-                       "objective/scores": float(raw_rewards[idx].mean()), "charts/learning_rate": lr}
+            metrics = {
+                **{f"losses/{k}": v / world_size for k, v in total.items()},  # means of equal shares
+                "objective/kl": kl / tokens,
+                "objective/entropy": entropy / tokens,  # per token, all ranks
+                "objective/scores": float(raw_rewards[idx].mean()),
+                "charts/learning_rate": lr,
+            }
             if args.algorithm in ADVANTAGE_METHODS:
                 metrics["objective/advantage"] = float(advantages[idx].mean())
             run.log(metrics, step)
             logged.append(metrics)
             n_tokens += int(tokens)
         run.tokens += n_tokens
-        run.log({"charts/tokens_per_second": n_tokens / elapsed,
-                 "charts/episodes_per_second": len(pending) * args.batch_size / elapsed}, pending[-1][0])
+        run.log(
+            {
+                "charts/tokens_per_second": n_tokens / elapsed,
+                "charts/episodes_per_second": len(pending) * args.batch_size / elapsed,
+            },
+            pending[-1][0],
+        )
         return logged, n_tokens / elapsed
 
     policy.train()
@@ -651,9 +830,10 @@ def main(args: Args) -> dict:
             # ALGO LOGIC: 6. draw a batch (with replacement, as the reference's sampler effectively does): every
             # rank draws the same global batch and takes its contiguous slice, so 1 and N processes see the same
             idx = rng.choice(len(data), size=args.batch_size, p=probabilities)
-            mine = idx[rank * local_batch:(rank + 1) * local_batch]
+            mine = idx[rank * local_batch : (rank + 1) * local_batch]
             input_ids, attention_mask, start, response_mask = make_batch(
-                policy, [prompts[i] for i in mine], [responses[i] for i in mine], task.max_prompt_tokens, device)
+                policy, [prompts[i] for i in mine], [responses[i] for i in mine], task.max_prompt_tokens, device
+            )
             tokens = input_ids[:, start:]
 
             # ALGO LOGIC: 7. log-probs of the dataset responses under pi_theta and the frozen pi_ref
@@ -666,9 +846,18 @@ def main(args: Args) -> dict:
             batch_advantages = torch.tensor(advantages[mine], dtype=torch.float32, device=device)
 
             # ALGO LOGIC: 8. the method's loss (a mean over this rank's equal share of examples), one step
-            loss, stats = sequence_loss(args.algorithm, logprobs, ref_logprobs, response_mask, batch_rewards,
-                                        batch_advantages, args.clip_eps, args.kl_beta, args.gold_min_prob,
-                                        args.keep_negative)
+            loss, stats = sequence_loss(
+                args.algorithm,
+                logprobs,
+                ref_logprobs,
+                response_mask,
+                batch_rewards,
+                batch_advantages,
+                args.clip_eps,
+                args.kl_beta,
+                args.gold_min_prob,
+                args.keep_negative,
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             sync_gradients(parameters)  # torchrun: average gradients over ranks (a no-op otherwise)
@@ -680,21 +869,38 @@ def main(args: Args) -> dict:
             # TRY NOT TO MODIFY: keep the step's statistics on the device; sync once per logging interval
             with torch.no_grad():
                 mask = response_mask.float()
-                pending.append((step, lr, idx, {
-                    "loss": loss.detach(), "nll": (-(logprobs * mask).sum(1)).mean(), "grad_norm": grad_norm,
-                    **{k: v.detach() for k, v in stats.items()}, "kl_sum": ((logprobs - ref_logprobs) * mask).sum(),
-                    "entropy_sum": (entropy_of(logits.detach()) * mask).sum(), "tokens": mask.sum()}))
-            if not (step == args.total_steps or any(step % every == 0 for every in
-                                                    (args.log_every, args.eval_every, args.checkpoint_every))):
+                pending.append(
+                    (
+                        step,
+                        lr,
+                        idx,
+                        {
+                            "loss": loss.detach(),
+                            "nll": (-(logprobs * mask).sum(1)).mean(),
+                            "grad_norm": grad_norm,
+                            **{k: v.detach() for k, v in stats.items()},
+                            "kl_sum": ((logprobs - ref_logprobs) * mask).sum(),
+                            "entropy_sum": (entropy_of(logits.detach()) * mask).sum(),
+                            "tokens": mask.sum(),
+                        },
+                    )
+                )
+            if not (
+                step == args.total_steps
+                or any(step % every == 0 for every in (args.log_every, args.eval_every, args.checkpoint_every))
+            ):
                 continue
             logged, speed = flush(pending, time.time() - since)
             window, pending = window + logged, []
             if step % args.log_every == 0 or step == args.total_steps:
                 mean = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
                 weight = f" | w {mean['losses/importance_weight']:.3f}" if "losses/importance_weight" in mean else ""
-                print(f"step {step}/{args.total_steps} | loss {mean['losses/loss']:.3f} | nll {mean['losses/nll']:.2f} "
-                      f"| kl {mean['objective/kl']:+.4f}{weight} | data score {mean['objective/scores']:+.3f} "
-                      f"| {speed:.0f} tok/s", flush=True)
+                print(
+                    f"step {step}/{args.total_steps} | loss {mean['losses/loss']:.3f} | nll {mean['losses/nll']:.2f} "
+                    f"| kl {mean['objective/kl']:+.4f}{weight} | data score {mean['objective/scores']:+.3f} "
+                    f"| {speed:.0f} tok/s",
+                    flush=True,
+                )
                 window = []
             if step % args.eval_every == 0 and step != args.total_steps:
                 run_eval(step)
@@ -704,10 +910,10 @@ def main(args: Args) -> dict:
     except KeyboardInterrupt:  # keep what was learned: evaluate, save and summarise below
         print(f"interrupted during step {step}; the last checkpoint is kept", flush=True)
         if world_size > 1:  # the ranks stopped at different points: no collective evaluation is safe now
-            raise SystemExit(130)
+            raise SystemExit(130) from None
         print("evaluating and saving what was trained so far", flush=True)
     except (FloatingPointError, RewardError, OSError) as error:  # the reward, the disk or a diverged loss: one line,
-        raise run.fault(error, step, "step")                    # the last checkpoint kept, nothing new saved
+        raise run.fault(error, step, "step") from error  # the last checkpoint kept, nothing new saved
 
     # TRY NOT TO MODIFY: final evaluation, model, summary
     try:
@@ -716,12 +922,15 @@ def main(args: Args) -> dict:
             run.save_policy(policy)
         summary = run.write_summary({"steps": step, "algorithm": args.algorithm, **data_stats})
     except (RewardError, OSError) as error:
-        raise run.fault(error, step, "step")
+        raise run.fault(error, step, "step") from error
     run.close()
     close_distributed()
-    print(f"{args.algorithm}: initial eval/return_mean {summary['initial']['eval/return_mean']:+.3f} -> final "
-          f"{summary['final']['eval/return_mean']:+.3f}; {summary['wall_seconds']:.0f}s, "
-          f"{summary['tokens_per_second']:.0f} tok/s; run dir {run.dir}", flush=True)
+    print(
+        f"{args.algorithm}: initial eval/return_mean {summary['initial']['eval/return_mean']:+.3f} -> final "
+        f"{summary['final']['eval/return_mean']:+.3f}; {summary['wall_seconds']:.0f}s, "
+        f"{summary['tokens_per_second']:.0f} tok/s; run dir {run.dir}",
+        flush=True,
+    )
     return summary
 
 

@@ -25,11 +25,11 @@ Run:  python ilql.py --task wordle                        # multi-turn Wordle fr
       python ilql.py --help                               # every flag
 """
 
+import dataclasses
 import functools
 import math
 import os
 import time
-import dataclasses
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Optional
@@ -44,10 +44,29 @@ from transformers import LogitsProcessor
 from common import wordle
 from common.models import Policy, entropy_of, frozen_copy, load_policy
 from common.tasks import RewardError, eval_line, evaluate, make_task
-from common.utils import (CommonArgs, Run, all_gather_objects, all_reduce, bf16_autocast, close_distributed,
-                          episode_seeds, error_line, exact_div, init_distributed, masked_mean, rank_share, refill_order,
-                          restore_rng_states, resume_args, save_checkpoint, seed_everything, stop_on_sigterm,
-                          sync_gradients, validate_args, write_atomically)
+from common.utils import (
+    CommonArgs,
+    Run,
+    all_gather_objects,
+    all_reduce,
+    bf16_autocast,
+    close_distributed,
+    episode_seeds,
+    error_line,
+    exact_div,
+    init_distributed,
+    masked_mean,
+    rank_share,
+    refill_order,
+    restore_rng_states,
+    resume_args,
+    save_checkpoint,
+    seed_everything,
+    stop_on_sigterm,
+    sync_gradients,
+    validate_args,
+    write_atomically,
+)
 
 
 @dataclass
@@ -65,7 +84,8 @@ class Args(CommonArgs):
     batch_size: int = 32
     """episodes per gradient step (original Wordle: 64 x 16 accumulation; trlX: 128)"""
     learning_rate: Optional[float] = None
-    """AdamW learning rate of every network; None: 3e-3 for Wordle's from-scratch model, 5e-4 to fine-tune a pretrained LM (original: 1e-5 for GPT-2 small)"""
+    """AdamW learning rate of every network; None: 3e-3 for Wordle's from-scratch model, 5e-4 to fine-tune a pretrained
+    LM (original: 1e-5 for GPT-2 small)"""
     weight_decay: float = 0.0
     """AdamW weight decay (original: 0.0)"""
     gamma: float = 0.99
@@ -77,50 +97,77 @@ class Args(CommonArgs):
     bc_weight: float = 1.0
     """weight of the pi_beta language-model (BC/AWAC) term (original `awac_weight`: 1.0)"""
     awac_beta: float = 0.0
-    """training-time AWAC weights exp(awac_beta * (Q - V)) on the BC term; 0 is plain BC (every original config and trlX)"""
+    """training-time AWAC weights exp(awac_beta * (Q - V)) on the BC term; 0 is plain BC (every original config and
+    trlX)"""
     shared_trunk: bool = False
-    """put the Q and V heads on pi_beta's own transformer (trlX); by default they get their own copy of it (the original), so pi_beta is exactly the BC model"""
+    """put the Q and V heads on pi_beta's own transformer (trlX); by default they get their own copy of it (the
+    original), so pi_beta is exactly the BC model"""
     polyak_alpha: float = 0.1
-    """target Q heads <- alpha * online + (1 - alpha) * target (original: 0.005 every step; trlX: 0.001 every 5; faster here for short runs)"""
+    """target Q heads <- alpha * online + (1 - alpha) * target (original: 0.005 every step; trlX: 0.001 every 5; faster
+    here for short runs)"""
     target_update_every: int = 1
     """Polyak-update the target every this many gradient steps (trlX `steps_for_target_q_sync`)"""
     beta: float = 16.0
-    """inference weight of the advantage in the decoding logits; 0 decodes pi_beta alone (BC) (original Wordle: 16; trlX: 1)"""
+    """inference weight of the advantage in the decoding logits; 0 decodes pi_beta alone (BC) (original Wordle: 16;
+    trlX: 1)"""
     top_k: int = 0
-    """keep only the k most likely tokens of pi_beta before adding the advantage; 0 keeps all (original Wordle: none; trlX: 20)"""
+    """keep only the k most likely tokens of pi_beta before adding the advantage; 0 keeps all (original Wordle: none;
+    trlX: 20)"""
     eval_betas: tuple[float, ...] = ()
-    """after training, evaluate the same trained networks at each of these inference betas too (no retraining); in summary.json `beta_sweep`"""
+    """after training, evaluate the same trained networks at each of these inference betas too (no retraining); in
+    summary.json `beta_sweep`"""
     adv_clip: Optional[float] = None
-    """clip beta * advantage from above at this value; None: the task's choice (Wordle 0.0, the original's: the advantage only vetoes tokens; elsewhere no clip, `inf`)"""
+    """clip beta * advantage from above at this value; None: the task's choice (Wordle 0.0, the original's: the
+    advantage only vetoes tokens; elsewhere no clip, `inf`)"""
     greedy: Optional[bool] = None
-    """greedy decoding instead of sampling; None: the task's choice (Wordle greedy as the original; sentiment samples)"""
+    """greedy decoding instead of sampling; None: the task's choice (Wordle greedy as the original; sentiment
+    samples)"""
     temperature: float = 1.0
     """temperature on pi_beta's logits before the advantage is added, when sampling"""
     top_fraction: float = 1.0
     """train on the best fraction of episodes by return only; with --beta 0 this is %BC"""
     wordle_data: str = wordle.DEFAULT_DATA
-    """Wordle offline games: a per-move mixture of scripted players `name=weight,...` (expert, random_consistent, random, wrong, repeat), a per-game one `game:name=weight,...`, or `branch[:player]`"""
+    """Wordle offline games: a per-move mixture of scripted players `name=weight,...` (expert, random_consistent,
+    random, wrong, repeat), a per-game one `game:name=weight,...`, or `branch[:player]`"""
     wordle_games: int = 4096
     """number of offline Wordle games"""
     wordle_vocab: int = 200
-    """play on a fixed subset of this many words of the shipped list (original experiments: 200); 0 plays on all 1,029"""
+    """play on a fixed subset of this many words of the shipped list (original experiments: 200); 0 plays on all
+    1,029"""
     wordle_layers: int = 2
     """layers of the from-scratch character GPT-2 that `--model-name tiny-gpt2` gives on Wordle"""
     wordle_width: int = 32
     """hidden size of that character GPT-2"""
     print_every: int = 100
-    """print a progress line every this many steps; step statistics reach the host (one sync, where a non-finite loss is caught) once per such interval"""
+    """print a progress line every this many steps; step statistics reach the host (one sync, where a non-finite loss is
+    caught) once per such interval"""
 
 
 # The allowed values of the numeric flags, checked before any work (common/utils.py `validate_args`: "(0, inf)" is
 # positive, a bound "inf]" admits infinity; float flags not named here must be finite).
 LIMITS = {
-    "total_steps": "(0, inf)", "batch_size": "(0, inf)", "learning_rate": "(0, inf)", "weight_decay": "[0, inf)",
-    "gamma": "(0, 1]", "tau": "(0, 1)", "cql_weight": "[0, inf)", "bc_weight": "[0, inf)", "polyak_alpha": "(0, 1]",
-    "target_update_every": "(0, inf)", "beta": "[0, inf)", "top_k": "[0, inf)", "adv_clip": "(-inf, inf]",
-    "temperature": "(0, inf)", "top_fraction": "(0, 1]", "wordle_games": "(0, inf)", "wordle_vocab": "[0, inf)",
-    "wordle_layers": "(0, inf)", "wordle_width": "(0, inf)", "print_every": "(0, inf)",
+    "total_steps": "(0, inf)",
+    "batch_size": "(0, inf)",
+    "learning_rate": "(0, inf)",
+    "weight_decay": "[0, inf)",
+    "gamma": "(0, 1]",
+    "tau": "(0, 1)",
+    "cql_weight": "[0, inf)",
+    "bc_weight": "[0, inf)",
+    "polyak_alpha": "(0, 1]",
+    "target_update_every": "(0, inf)",
+    "beta": "[0, inf)",
+    "top_k": "[0, inf)",
+    "adv_clip": "(-inf, inf]",
+    "temperature": "(0, inf)",
+    "top_fraction": "(0, 1]",
+    "wordle_games": "(0, inf)",
+    "wordle_vocab": "[0, inf)",
+    "wordle_layers": "(0, inf)",
+    "wordle_width": "(0, inf)",
+    "print_every": "(0, inf)",
 }
+
 
 # ----------------------------------------------------------------------------------------------
 # ALGO LOGIC: the method's pieces as small pure functions (each unit-tested in tests/test_ilql.py).
@@ -145,8 +192,9 @@ def bootstrap_values(v: torch.Tensor, mask: torch.Tensor, dones: torch.Tensor) -
     return v.gather(1, nxt) * has_next * (1 - dones.to(v.dtype))
 
 
-def q_loss(q_taken: list[torch.Tensor], rewards: torch.Tensor, v_next: torch.Tensor, mask: torch.Tensor,
-           gamma: float) -> torch.Tensor:
+def q_loss(
+    q_taken: list[torch.Tensor], rewards: torch.Tensor, v_next: torch.Tensor, mask: torch.Tensor, gamma: float
+) -> torch.Tensor:
     """Sum over the Q heads of the mean squared error to r + gamma * V(s'), with V(s') detached
     (original `PerTokenIQL.get_q_loss`; trlX `ILQLConfig.loss`)."""
     target = (rewards + gamma * v_next).detach()
@@ -157,26 +205,36 @@ def expectile_loss(v: torch.Tensor, target_q: torch.Tensor, mask: torch.Tensor, 
     """IQL's expectile regression of V on the (detached) min target Q: weight tau where Q >= V, else 1 - tau."""
     diff = target_q.detach() - v
     weight = torch.where(diff >= 0, tau, 1 - tau)
-    return masked_mean(weight * diff ** 2, mask)
+    return masked_mean(weight * diff**2, mask)
 
 
 def cql_loss(q_logits: list[torch.Tensor], actions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """CQL over the vocabulary: sum over heads of logsumexp_a' Q(s, a') - Q(s, a), i.e. cross-entropy of
     softmax(Q) at the data token (original `get_cql_loss` with cql_temp 1)."""
-    return sum(masked_mean(F.cross_entropy(q.flatten(0, 1), actions.flatten(), reduction="none").view_as(actions),
-                           mask) for q in q_logits)
+    return sum(
+        masked_mean(F.cross_entropy(q.flatten(0, 1), actions.flatten(), reduction="none").view_as(actions), mask)
+        for q in q_logits
+    )
 
 
-def bc_loss(logits: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor,
-            weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+def bc_loss(
+    logits: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor, weights: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """pi_beta's cross-entropy on action tokens, optionally AWAC-weighted, averaged over action tokens
     (as trlX; the original divides by every non-pad token, environment tokens included)."""
     ce = F.cross_entropy(logits.flatten(0, 1).float(), actions.flatten(), reduction="none").view_as(actions)
     return masked_mean(ce if weights is None else ce * weights, mask)
 
 
-def perturbed_logits(pi_logits: torch.Tensor, target_q: torch.Tensor, v: torch.Tensor, beta: float,
-                     top_k: int = 0, adv_clip: Optional[float] = None, temperature: float = 1.0) -> torch.Tensor:
+def perturbed_logits(
+    pi_logits: torch.Tensor,
+    target_q: torch.Tensor,
+    v: torch.Tensor,
+    beta: float,
+    top_k: int = 0,
+    adv_clip: Optional[float] = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """log pi_beta (temperature, then top-k, as the original `IQL_Policy`; trlX takes top-k after adding
     the advantage, which can pick tokens pi_beta finds unlikely) + beta * (Q_target - V), clipped above."""
     logp = F.log_softmax(pi_logits.float() / temperature, dim=-1)
@@ -189,9 +247,18 @@ def perturbed_logits(pi_logits: torch.Tensor, target_q: torch.Tensor, v: torch.T
     return logp + advantage
 
 
-def ilql_loss(pi_logits: torch.Tensor, q_logits: list[torch.Tensor], v: torch.Tensor, target_q_logits: torch.Tensor,
-              actions: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, dones: torch.Tensor, args: "Args",
-              token_share: float = 1.0) -> tuple[torch.Tensor, dict, dict]:
+def ilql_loss(
+    pi_logits: torch.Tensor,
+    q_logits: list[torch.Tensor],
+    v: torch.Tensor,
+    target_q_logits: torch.Tensor,
+    actions: torch.Tensor,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    dones: torch.Tensor,
+    args: "Args",
+    token_share: float = 1.0,
+) -> tuple[torch.Tensor, dict, dict]:
     """One step's loss: Q + V + cql_weight * CQL + bc_weight * BC (original `PerTokenIQL.get_loss`), with Q of the
     data tokens, the min over the *target* heads for V's expectile and AWAC, and V(s') from the *online* V,
     detached. `token_share` rescales a rank's token means to exact global means (torchrun). Returns (loss, the
@@ -199,23 +266,30 @@ def ilql_loss(pi_logits: torch.Tensor, q_logits: list[torch.Tensor], v: torch.Te
     q_taken = [q.gather(2, actions.unsqueeze(-1)).squeeze(-1) for q in q_logits]
     target_q = target_q_logits.gather(2, actions.unsqueeze(-1)).squeeze(-1)
     v_next = bootstrap_values(v.detach(), mask, dones)
-    losses = {"q_loss": q_loss(q_taken, rewards, v_next, mask, args.gamma),
-              "v_loss": expectile_loss(v, target_q, mask, args.tau),
-              "cql_loss": cql_loss(q_logits, actions, mask)}
+    losses = {
+        "q_loss": q_loss(q_taken, rewards, v_next, mask, args.gamma),
+        "v_loss": expectile_loss(v, target_q, mask, args.tau),
+        "cql_loss": cql_loss(q_logits, actions, mask),
+    }
     weights = torch.exp(args.awac_beta * (target_q - v)).detach() if args.awac_beta != 0 else None
     losses["bc_loss"] = bc_loss(pi_logits, actions, mask, weights)
     losses = {k: value * token_share for k, value in losses.items()}
-    loss = (losses["q_loss"] + losses["v_loss"] + args.cql_weight * losses["cql_loss"]
-            + args.bc_weight * losses["bc_loss"])
-    stats = {"values/q": masked_mean(q_taken[0], mask), "values/v": masked_mean(v, mask),
-             "values/target_q": masked_mean(target_q, mask), "values/advantage": masked_mean(target_q - v, mask)}
+    loss = (
+        losses["q_loss"] + losses["v_loss"] + args.cql_weight * losses["cql_loss"] + args.bc_weight * losses["bc_loss"]
+    )
+    stats = {
+        "values/q": masked_mean(q_taken[0], mask),
+        "values/v": masked_mean(v, mask),
+        "values/target_q": masked_mean(target_q, mask),
+        "values/advantage": masked_mean(target_q - v, mask),
+    }
     return loss, losses, stats
 
 
 @torch.no_grad()
 def polyak_update(target: nn.Module, online: nn.Module, alpha: float) -> None:
     """target <- alpha * online + (1 - alpha) * target, parameter by parameter (original `soft_update`)."""
-    for t, o in zip(target.parameters(), online.parameters()):
+    for t, o in zip(target.parameters(), online.parameters(), strict=True):
         t.lerp_(o, alpha)
 
 
@@ -259,8 +333,17 @@ class ILQLLogitsProcessor(LogitsProcessor):
     the heads cost no extra transformer pass. Separate trunk: the value transformer runs alongside with
     its own KV cache, fed only the new tokens each step. Use as a context manager (removes the hook)."""
 
-    def __init__(self, policy: Policy, heads: ValueHeads, value_trunk: Optional[Policy], context_mask, beta: float,
-                 top_k: int = 0, adv_clip: Optional[float] = None, temperature: float = 1.0):
+    def __init__(
+        self,
+        policy: Policy,
+        heads: ValueHeads,
+        value_trunk: Optional[Policy],
+        context_mask,
+        beta: float,
+        top_k: int = 0,
+        adv_clip: Optional[float] = None,
+        temperature: float = 1.0,
+    ):
         self.heads, self.value_trunk, self.mask = heads, value_trunk, context_mask
         self.beta, self.top_k, self.adv_clip, self.temperature = beta, top_k, adv_clip, temperature
         self.seen, self.past, self.hidden = 0, None, None
@@ -282,8 +365,12 @@ class ILQLLogitsProcessor(LogitsProcessor):
             grow = input_ids.shape[1] - self.mask.shape[1]  # generated tokens always attend, as in `generate`
             mask = torch.cat([self.mask, self.mask.new_ones(len(input_ids), grow)], 1)
             out = self.value_trunk.model.base_model(
-                input_ids=input_ids[:, self.seen:], attention_mask=mask, past_key_values=self.past, use_cache=True,
-                position_ids=(mask.cumsum(1) - 1).clamp(min=0)[:, self.seen:])
+                input_ids=input_ids[:, self.seen :],
+                attention_mask=mask,
+                past_key_values=self.past,
+                use_cache=True,
+                position_ids=(mask.cumsum(1) - 1).clamp(min=0)[:, self.seen :],
+            )
             self.seen, self.past, self.hidden = input_ids.shape[1], out.past_key_values, out.last_hidden_state[:, -1]
         _, v, target_q = self.heads(self.hidden)
         return perturbed_logits(scores, target_q, v, self.beta, self.top_k, self.adv_clip, self.temperature)
@@ -298,16 +385,24 @@ def sentiment_layout(policy: Policy, prompt: str, response: str, reward: float, 
     prompt_ids = tok(prompt)["input_ids"][-max_prompt:] or [tok.eos_token_id]
     response_ids = (tok(response)["input_ids"] + [tok.eos_token_id])[:max_new]
     n, m = len(prompt_ids), len(response_ids)
-    return {"input_ids": prompt_ids + response_ids, "action_mask": [0] * n + [1] * m,
-            "rewards": [0.0] * (n + m - 1) + [reward], "dones": [0] * (n + m - 1) + [1]}
+    return {
+        "input_ids": prompt_ids + response_ids,
+        "action_mask": [0] * n + [1] * m,
+        "rewards": [0.0] * (n + m - 1) + [reward],
+        "dones": [0] * (n + m - 1) + [1],
+    }
 
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad layouts into `[N, T]` tensors."""
     width = max(len(r["input_ids"]) for r in rows)
-    out = {"input_ids": torch.full((len(rows), width), pad_id), "attention_mask": torch.zeros(len(rows), width).long(),
-           "action_mask": torch.zeros(len(rows), width).long(), "rewards": torch.zeros(len(rows), width),
-           "dones": torch.zeros(len(rows), width).long()}
+    out = {
+        "input_ids": torch.full((len(rows), width), pad_id),
+        "attention_mask": torch.zeros(len(rows), width).long(),
+        "action_mask": torch.zeros(len(rows), width).long(),
+        "rewards": torch.zeros(len(rows), width),
+        "dones": torch.zeros(len(rows), width).long(),
+    }
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
         out["attention_mask"][i, :n] = 1
@@ -320,7 +415,7 @@ def best_fraction(returns: np.ndarray, fraction: float, seed: int) -> np.ndarray
     """Indices of the best `fraction` of episodes by return, ties broken at random (%BC's filter)."""
     order = np.random.default_rng(seed).permutation(len(returns))
     order = order[np.argsort(-returns[order], kind="stable")]
-    return np.sort(order[:max(1, int(np.ceil(fraction * len(returns))))])
+    return np.sort(order[: max(1, int(np.ceil(fraction * len(returns))))])
 
 
 def main(args: Args) -> dict:
@@ -349,7 +444,7 @@ def main(args: Args) -> dict:
             args = dataclasses.replace(args, cql_weight=1e-4 if is_wordle else 0.1)
         run = Run(args, "ilql.py", checkpoint)
     except (ValueError, OSError) as error:
-        raise SystemExit(error_line(error))
+        raise SystemExit(error_line(error)) from error
     seed_everything(args.seed, args.torch_deterministic)  # the same seed on every rank: identical heads
     autocast = bf16_autocast(device, args.bf16)  # a no-op on CPU unless --bf16
     greedy = is_wordle if args.greedy is None else args.greedy
@@ -364,15 +459,21 @@ def main(args: Args) -> dict:
         rows, returns = [g.layout() for g in games], np.array([g.ret for g in games])
     else:
         episodes = task.offline_data(args.seed)
-        rows = [sentiment_layout(policy, e["prompt"], e["response"], e["reward"], task.max_prompt_tokens,
-                                 task.max_new_tokens) for e in episodes]
+        rows = [
+            sentiment_layout(
+                policy, e["prompt"], e["response"], e["reward"], task.max_prompt_tokens, task.max_new_tokens
+            )
+            for e in episodes
+        ]
         returns = np.array([e["reward"] for e in episodes])
     keep = best_fraction(returns, args.top_fraction, args.seed)  # fewer episodes than a batch wrap around
     data = collate([rows[i] for i in keep], policy.tokenizer.pad_token_id)
     lengths, n_actions = data["attention_mask"].sum(1).numpy(), data["action_mask"][:, 1:].sum(1).numpy()
     data = {k: v.to(device) for k, v in data.items()}
-    print(f"offline data: {len(rows)} episodes, mean return {returns.mean():+.3f}; training on {len(keep)} "
-          f"(mean return {returns[keep].mean():+.3f})" + ("" if learn_values else "; beta = 0: BC of pi_beta only"))
+    print(
+        f"offline data: {len(rows)} episodes, mean return {returns.mean():+.3f}; training on {len(keep)} "
+        f"(mean return {returns[keep].mean():+.3f})" + ("" if learn_values else "; beta = 0: BC of pi_beta only")
+    )
 
     # Models: pi_beta (the policy), the V/Q heads with their target Q heads, and, unless the trunk is
     # shared, a second copy of the transformer for the heads (the original's separate value network)
@@ -380,8 +481,15 @@ def main(args: Args) -> dict:
     heads = ValueHeads(policy.hidden_size, vocab).to(device) if learn_values else None
     value_trunk = frozen_copy(policy).requires_grad_(True).train() if learn_values and not args.shared_trunk else None
     start_model = None if is_wordle else frozen_copy(policy)  # the model as loaded, for eval/ref_nll
-    params = [p for p in [*policy.parameters(), *(heads.parameters() if heads else []),
-                          *(value_trunk.parameters() if value_trunk else [])] if p.requires_grad]
+    params = [
+        p
+        for p in [
+            *policy.parameters(),
+            *(heads.parameters() if heads else []),
+            *(value_trunk.parameters() if value_trunk else []),
+        ]
+        if p.requires_grad
+    ]
     from_scratch = is_wordle and args.model_name == "tiny-gpt2"
     lr = args.learning_rate if args.learning_rate is not None else (3e-3 if from_scratch else 5e-4)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
@@ -406,12 +514,22 @@ def main(args: Args) -> dict:
         sampling, each row draws from its own seed, so the text does not depend on batch or process."""
         if beta == 0:  # pi_beta alone, with the same temperature and top-k the ILQL processor applies
             with autocast:
-                return policy.generate(context, mask, max_new, min_new, do_sample=not greedy, logits_processor=extra,
-                                       temperature=args.temperature, top_k=args.top_k, seeds=seeds)
+                return policy.generate(
+                    context,
+                    mask,
+                    max_new,
+                    min_new,
+                    do_sample=not greedy,
+                    logits_processor=extra,
+                    temperature=args.temperature,
+                    top_k=args.top_k,
+                    seeds=seeds,
+                )
         ilql = ILQLLogitsProcessor(policy, heads, value_trunk, mask, beta, args.top_k, adv_clip, args.temperature)
         with ilql, autocast:
-            return policy.generate(context, mask, max_new, min_new, do_sample=not greedy,
-                                   logits_processor=extra + [ilql], seeds=seeds)
+            return policy.generate(
+                context, mask, max_new, min_new, do_sample=not greedy, logits_processor=extra + [ilql], seeds=seeds
+            )
 
     def deployed_logits(input_ids, attention_mask, start: int, beta: float) -> torch.Tensor:
         """The ILQL policy's logits teacher-forced over a whole batch, for eval/perplexity: log pi_beta +
@@ -447,7 +565,7 @@ def main(args: Args) -> dict:
                 index.update({id(g): first + i for i, g in enumerate(active)})
             return wordle_guesses(active, index, beta, no_repeat)
 
-        games = wordle.play(answers[mine.start:mine.stop], guess_fn)
+        games = wordle.play(answers[mine.start : mine.stop], guess_fn)
         return [g for part in all_gather_objects(games) for g in part]
 
     def deployed_eval(beta: float) -> tuple[dict, list]:
@@ -459,16 +577,33 @@ def main(args: Args) -> dict:
 
         def generate_fn(prompts, indices):
             ids, mask = policy.encode_prompts(prompts, task.max_prompt_tokens, device)
-            return policy.decode(*generate(ids, mask, task.max_new_tokens, task.min_new_tokens, [],
-                                           episode_seeds(args.seed, 1, 0, indices), beta))
+            return policy.decode(
+                *generate(
+                    ids,
+                    mask,
+                    task.max_new_tokens,
+                    task.min_new_tokens,
+                    [],
+                    episode_seeds(args.seed, 1, 0, indices),
+                    beta,
+                )
+            )
 
         # perplexity under the policy deployed (pi_beta perturbed by the heads), ref_nll of its samples
         # under the --model-name model as loaded
         logits_fn = functools.partial(deployed_logits, beta=beta)
-        deployed = SimpleNamespace(tokenizer=policy.tokenizer,
-                                   text_nll=functools.partial(policy.text_nll, logits_fn=logits_fn))
-        return evaluate(task, generate_fn, args.eval_episodes, args.batch_size, policy=deployed,
-                        start_model=start_model, response_length=task.max_new_tokens)
+        deployed = SimpleNamespace(
+            tokenizer=policy.tokenizer, text_nll=functools.partial(policy.text_nll, logits_fn=logits_fn)
+        )
+        return evaluate(
+            task,
+            generate_fn,
+            args.eval_episodes,
+            args.batch_size,
+            policy=deployed,
+            start_model=start_model,
+            response_length=task.max_new_tokens,
+        )
 
     def run_eval(step: int) -> dict:
         """The deployed decoding (--beta), logged."""
@@ -478,32 +613,51 @@ def main(args: Args) -> dict:
         return metrics
 
     def checkpoint_state(step: int) -> dict:
-        return {"step": step, "policy": policy.state_dict(), "heads": heads.state_dict() if heads else None,
-                "value_trunk": value_trunk.state_dict() if value_trunk else None,
-                "optimizer": optimizer.state_dict(), "target_syncs": syncs, "data_rng": rng.bit_generator.state,
-                "order": order, "cursor": cursor}
+        return {
+            "step": step,
+            "policy": policy.state_dict(),
+            "heads": heads.state_dict() if heads else None,
+            "value_trunk": value_trunk.state_dict() if value_trunk else None,
+            "optimizer": optimizer.state_dict(),
+            "target_syncs": syncs,
+            "data_rng": rng.bit_generator.state,
+            "order": order,
+            "cursor": cursor,
+        }
 
     def flush(pending: list, since: float) -> None:
         """The one host sync of a logging interval: average the pending steps' statistics over the ranks,
         stop at the first non-finite loss (every rank reads the same averages, so all stop together),
         then log every step and print the progress line."""
         values = all_reduce(torch.stack([row for _, row, _, _ in pending]), "mean").tolist()
-        for (step, _, step_syncs, _), row in zip(pending, values):
-            stats = dict(zip(names, row))
-            losses = {k[len("losses/"):]: v for k, v in stats.items() if k.startswith("losses/")}
+        for (step, _, step_syncs, _), row in zip(pending, values, strict=True):
+            stats = dict(zip(names, row, strict=True))
+            losses = {k[len("losses/") :]: v for k, v in stats.items() if k.startswith("losses/")}
             if not math.isfinite(losses["total_loss"]):
-                raise FloatingPointError(f"non-finite loss at update {step} (gradient step {step}/{args.total_steps}): "
-                                         + ", ".join(f"{k} {v}" for k, v in losses.items()))
-            run.log({**stats, "charts/target_syncs": step_syncs,
-                     "charts/learning_rate": optimizer.param_groups[0]["lr"]}, step)
+                raise FloatingPointError(
+                    f"non-finite loss at update {step} (gradient step {step}/{args.total_steps}): "
+                    + ", ".join(f"{k} {v}" for k, v in losses.items())
+                )
+            run.log(
+                {**stats, "charts/target_syncs": step_syncs, "charts/learning_rate": optimizer.param_groups[0]["lr"]},
+                step,
+            )
         elapsed, n_tokens = time.time() - since, sum(n for *_, n in pending)
-        run.log({"charts/tokens_per_second": n_tokens / elapsed,
-                 "charts/episodes_per_second": len(pending) * args.batch_size / elapsed}, step)
+        run.log(
+            {
+                "charts/tokens_per_second": n_tokens / elapsed,
+                "charts/episodes_per_second": len(pending) * args.batch_size / elapsed,
+            },
+            step,
+        )
         if step % args.print_every == 0 or step == args.total_steps:
-            print(f"step {step}/{args.total_steps} | "
-                  + " | ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "total_loss")
-                  + (f" | advantage {stats['values/advantage']:+.3f}" if learn_values else "")
-                  + f" | {n_tokens / elapsed:.0f} tok/s", flush=True)
+            print(
+                f"step {step}/{args.total_steps} | "
+                + " | ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "total_loss")
+                + (f" | advantage {stats['values/advantage']:+.3f}" if learn_values else "")
+                + f" | {n_tokens / elapsed:.0f} tok/s",
+                flush=True,
+            )
 
     stop_on_sigterm()
     step, pending, since, names = first_step - 1, [], time.time(), []
@@ -522,9 +676,12 @@ def main(args: Args) -> dict:
                 width = int(lengths[order[mine]].max())  # right-padded: drop all-pad columns (host-side count)
                 # Every loss is a mean over this rank's action tokens; rescaled by this rank's share of the
                 # global batch's action tokens, the average over ranks is the mean over all of them.
-                token_share = world_size * float(n_actions[order[mine]].sum()) / float(
-                    n_actions[order[cursor:cursor + args.batch_size]].sum())
-                n_tokens = int(lengths[order[cursor:cursor + args.batch_size]].sum())
+                token_share = (
+                    world_size
+                    * float(n_actions[order[mine]].sum())
+                    / float(n_actions[order[cursor : cursor + args.batch_size]].sum())
+                )
+                n_tokens = int(lengths[order[cursor : cursor + args.batch_size]].sum())
                 cursor += args.batch_size
                 batch = {k: v[order_on_device[mine], :width] for k, v in data.items()}
                 ids, attention = batch["input_ids"], batch["attention_mask"]
@@ -539,8 +696,9 @@ def main(args: Args) -> dict:
                             _, hidden = value_trunk(ids, attention, 1, with_logits=False)
                         q_logits, v, target_q_logits = heads(hidden)
                 if learn_values:
-                    loss, losses, stats = ilql_loss(pi_logits, q_logits, v, target_q_logits, actions, mask, rewards,
-                                                    dones, args, token_share)
+                    loss, losses, stats = ilql_loss(
+                        pi_logits, q_logits, v, target_q_logits, actions, mask, rewards, dones, args, token_share
+                    )
                 else:
                     losses, stats = {"bc_loss": bc_loss(pi_logits, actions, mask) * token_share}, {}
                     loss = args.bc_weight * losses["bc_loss"]
@@ -557,13 +715,18 @@ def main(args: Args) -> dict:
                 # TRY NOT TO MODIFY: keep this step's statistics on the device (no host sync per step)
                 with torch.no_grad():
                     stats["objective/entropy"] = masked_mean(entropy_of(pi_logits), mask)
-                record = {"losses/total_loss": loss, **{f"losses/{k}": v for k, v in losses.items()},
-                          **{k: v * token_share for k, v in stats.items()}}  # token means over all ranks, as the losses
+                record = {
+                    "losses/total_loss": loss,
+                    **{f"losses/{k}": v for k, v in losses.items()},
+                    **{k: v * token_share for k, v in stats.items()},
+                }  # token means over all ranks, as the losses
                 names = list(record)
                 pending.append((step, torch.stack([v.detach().float() for v in record.values()]), syncs, n_tokens))
                 run.tokens += n_tokens
-                if any(step % every == 0 for every in (args.print_every, args.eval_every, args.checkpoint_every)) \
-                        or step == args.total_steps:
+                if (
+                    any(step % every == 0 for every in (args.print_every, args.eval_every, args.checkpoint_every))
+                    or step == args.total_steps
+                ):
                     flush(pending, since)
                     pending = []
                     if step % args.eval_every == 0 and step != args.total_steps:
@@ -574,12 +737,12 @@ def main(args: Args) -> dict:
         except KeyboardInterrupt:  # keep what was learned: evaluate, save and summarise below
             print(f"interrupted during step {step}; the last checkpoint is kept", flush=True)
             if world_size > 1:  # the ranks stopped at different points: no collective evaluation is safe now
-                raise SystemExit(130)
+                raise SystemExit(130) from None
             if pending:  # the steps since the last sync: nothing non-finite is evaluated or saved
                 flush(pending, since)
             print("evaluating and saving what was trained so far", flush=True)
     except (FloatingPointError, RewardError, OSError) as error:  # the reward, the disk or a diverged loss: one line,
-        raise run.fault(error, step, "step")                    # the last checkpoint kept, nothing new saved
+        raise run.fault(error, step, "step") from error  # the last checkpoint kept, nothing new saved
 
     # TRY NOT TO MODIFY: final evaluation, model, summary
     try:
@@ -595,17 +758,24 @@ def main(args: Args) -> dict:
         if args.save_model:
             run.save_policy(policy)  # pi_beta: plain AutoModelForCausalLM
         if args.save_model and run.is_main and learn_values:  # the heads (and value trunk), to decode with beta > 0
-            heads_state = {"heads": heads.state_dict(), "value_trunk": value_trunk.state_dict() if value_trunk else None}
+            heads_state = {
+                "heads": heads.state_dict(),
+                "value_trunk": value_trunk.state_dict() if value_trunk else None,
+            }
             write_atomically(os.path.join(run.dir, "ilql_heads.pt"), lambda file: torch.save(heads_state, file))
-        summary = run.write_summary({"steps": step, "target_syncs": syncs, "beta_sweep": beta_sweep,
-                                     "no_repeat_oracle": oracle})
+        summary = run.write_summary(
+            {"steps": step, "target_syncs": syncs, "beta_sweep": beta_sweep, "no_repeat_oracle": oracle}
+        )
     except (RewardError, OSError) as error:
-        raise run.fault(error, step, "step")
+        raise run.fault(error, step, "step") from error
     run.close()
     close_distributed()
-    print(f"initial eval/return_mean {summary['initial']['eval/return_mean']:+.3f} -> final "
-          f"{summary['final']['eval/return_mean']:+.3f}; {summary['wall_seconds']:.0f}s, "
-          f"{summary['tokens_per_second']:.0f} tok/s; run dir {run.dir}", flush=True)
+    print(
+        f"initial eval/return_mean {summary['initial']['eval/return_mean']:+.3f} -> final "
+        f"{summary['final']['eval/return_mean']:+.3f}; {summary['wall_seconds']:.0f}s, "
+        f"{summary['tokens_per_second']:.0f} tok/s; run dir {run.dir}",
+        flush=True,
+    )
     return summary
 
 

@@ -34,10 +34,27 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from common.models import Policy, ValueHead, frozen_copy, load_policy, top_k_top_p_keep
 from common.tasks import RewardError, eval_line, evaluate, make_task
-from common.utils import (CommonArgs, Run, all_reduce, bf16_autocast, close_distributed, episode_seeds, error_line,
-                          exact_div, init_distributed, masked_mean, masked_whiten, refill_order, restore_rng_states,
-                          resume_args, save_checkpoint, seed_everything, stop_on_sigterm, sync_gradients,
-                          validate_args)
+from common.utils import (
+    CommonArgs,
+    Run,
+    all_reduce,
+    bf16_autocast,
+    close_distributed,
+    episode_seeds,
+    error_line,
+    exact_div,
+    init_distributed,
+    masked_mean,
+    masked_whiten,
+    refill_order,
+    restore_rng_states,
+    resume_args,
+    save_checkpoint,
+    seed_everything,
+    stop_on_sigterm,
+    sync_gradients,
+    validate_args,
+)
 
 
 @dataclass
@@ -108,19 +125,33 @@ class Args(CommonArgs):
 # The allowed values of the numeric flags, checked before any work (common/utils.py `validate_args`: "(0, inf)" is
 # positive; float flags not named here must be finite). The response lengths depend on the task: checked in main.
 LIMITS = {
-    "total_updates": "(0, inf)", "rollout_batch_size": "(0, inf)", "minibatch_size": "(0, inf)",
-    "ppo_epochs": "(0, inf)", "learning_rate": "(0, inf)", "weight_decay": "[0, inf)", "max_grad_norm": "(0, inf]",
-    "temperature": "(0, inf)", "top_k": "[0, inf)", "top_p": "(0, 1]", "gamma": "[0, 1]", "gae_lambda": "[0, 1]",
-    "clip_range": "(0, inf)", "clip_range_value": "(0, inf)", "vf_coef": "[0, inf)", "init_kl_coef": "[0, inf)",
-    "target_kl": "(0, inf)", "kl_horizon": "(0, inf)",
+    "total_updates": "(0, inf)",
+    "rollout_batch_size": "(0, inf)",
+    "minibatch_size": "(0, inf)",
+    "ppo_epochs": "(0, inf)",
+    "learning_rate": "(0, inf)",
+    "weight_decay": "[0, inf)",
+    "max_grad_norm": "(0, inf]",
+    "temperature": "(0, inf)",
+    "top_k": "[0, inf)",
+    "top_p": "(0, 1]",
+    "gamma": "[0, 1]",
+    "gae_lambda": "[0, 1]",
+    "clip_range": "(0, inf)",
+    "clip_range_value": "(0, inf)",
+    "vf_coef": "[0, inf)",
+    "init_kl_coef": "[0, inf)",
+    "target_kl": "(0, inf)",
+    "kl_horizon": "(0, inf)",
 }
 
 
 # ----------------------------------------------------------------------------------------------
 # ALGO LOGIC: the method's pieces as small pure functions (each unit-tested in tests/test_ppo.py)
 # ----------------------------------------------------------------------------------------------
-def shaped_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                   mask: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+def shaped_rewards(
+    scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards: -beta * KL on every response token, plus the task score on the last one.
 
     KL is the single-sample (k1) estimate log pi - log pi_ref at the sampled token, as in RL4LMs
@@ -133,8 +164,9 @@ def shaped_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: t
     return rewards * mask, kl
 
 
-def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
-                lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over response tokens (Schulman et al., 2016).
 
     delta_t = r_t + gamma * V(s_{t+1}) - V(s_t);  A_t = delta_t + gamma * lam * A_{t+1}.
@@ -153,8 +185,9 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     return advantages, (advantages + values) * mask
 
 
-def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                    mask: torch.Tensor, clip_range: float) -> tuple[torch.Tensor, dict]:
+def ppo_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, dict]:
     """PPO's clipped surrogate, averaged over response tokens:
     L = E[max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))], ratio = pi / pi_old."""
     log_ratio = logprobs - old_logprobs
@@ -171,8 +204,13 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     return loss, stats
 
 
-def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                   mask: torch.Tensor, clip_range_value: Optional[float]) -> tuple[torch.Tensor, dict]:
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range_value: Optional[float],
+) -> tuple[torch.Tensor, dict]:
     """Squared error to the GAE returns; with a clip range, PPO2's pessimistic clipped form
     max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2) as in lm-human-preferences."""
     loss = (values - returns) ** 2
@@ -205,8 +243,16 @@ class FixedKLController:
         pass
 
 
-def forward_logprobs(policy: Policy, input_ids, attention_mask, start: int, temperature: float,
-                     min_length: int = 0, keep: Optional[torch.Tensor] = None, entropy_grad: bool = True):
+def forward_logprobs(
+    policy: Policy,
+    input_ids,
+    attention_mask,
+    start: int,
+    temperature: float,
+    min_length: int = 0,
+    keep: Optional[torch.Tensor] = None,
+    entropy_grad: bool = True,
+):
     """Log-probs and entropies of the response tokens under the temperature-scaled policy.
 
     `generate` forbids EOS in the first `min_length` response tokens, and with --top-k/--top-p it samples only
@@ -214,7 +260,8 @@ def forward_logprobs(policy: Policy, input_ids, attention_mask, start: int, temp
     the ratio measures must forbid the same tokens (and renormalise over the rest), or rollouts come from another
     distribution than the one being optimised. One log-softmax serves both outputs, and with `entropy_grad=False`
     (no entropy bonus) the entropy stays out of the autograd graph: with GPT-2's 50k vocabulary the [B, T, V]
-    passes are a large share of a minibatch step (benchmarks/README.md, "Where ppo.py's time goes"; benchmarks/ppo_step.py)."""
+    passes are a large share of a minibatch step (benchmarks/README.md, "Where ppo.py's time goes";
+    benchmarks/ppo_step.py)."""
     logits, _ = policy(input_ids, attention_mask, start)
     logits = logits / temperature
     if min_length > 0:  # a large finite value, not -inf, so entropy stays finite (0 * log 0 -> 0)
@@ -272,19 +319,22 @@ def main(args: Args) -> dict:
         seed_everything(args.seed, args.torch_deterministic)  # the same seed on every rank (see init_distributed)
         task = make_task(args.task, args)
         if task.extra.get("multi_turn"):
-            raise ValueError(f"task {task.name!r} is multi-turn; this script runs single-turn tasks "
-                             f"(try ilql.py --task {task.name})")
+            raise ValueError(
+                f"task {task.name!r} is multi-turn; this script runs single-turn tasks (try ilql.py --task {task.name})"
+            )
         response_length = task.max_new_tokens if args.response_length is None else args.response_length
         min_response_length = task.min_new_tokens if args.min_response_length is None else args.min_response_length
         if response_length <= 0 or not 0 <= min_response_length <= response_length:
-            raise ValueError(f"need 0 < response length ({response_length}) and 0 <= min response length "
-                             f"({min_response_length}) <= response length")
+            raise ValueError(
+                f"need 0 < response length ({response_length}) and 0 <= min response length "
+                f"({min_response_length}) <= response length"
+            )
         policy = load_policy(args.model_name, task, device)
         # prompts keep what fits the model's context beside the response (a long line in a --prompts-file)
         task.max_prompt_tokens = policy.prompt_budget(task.max_prompt_tokens, response_length)
         run = Run(args, "ppo.py", checkpoint)
     except (ValueError, OSError) as error:
-        raise SystemExit(error_line(error))
+        raise SystemExit(error_line(error)) from error
     autocast = bf16_autocast(device, args.bf16)  # a no-op on CPU unless --bf16
 
     # Models: the policy, its frozen reference (KL anchor), and the critic (a second trunk + head).
@@ -292,12 +342,16 @@ def main(args: Args) -> dict:
     critic = Critic(policy).to(device)
     parameters = list(policy.parameters()) + list(critic.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.weight_decay)
-    kl_ctl = (AdaptiveKLController(args.init_kl_coef, args.target_kl, args.kl_horizon) if args.adaptive_kl
-              else FixedKLController(args.init_kl_coef))
+    kl_ctl = (
+        AdaptiveKLController(args.init_kl_coef, args.target_kl, args.kl_horizon)
+        if args.adaptive_kl
+        else FixedKLController(args.init_kl_coef)
+    )
     # The prompt order is drawn by every rank alike; each rank takes its slice of every global batch.
     rng = np.random.default_rng(args.seed)
-    prompt_order, prompt_cursor = refill_order(rng, len(task.train_prompts), np.zeros(0, int), 0,
-                                               args.rollout_batch_size)
+    prompt_order, prompt_cursor = refill_order(
+        rng, len(task.train_prompts), np.zeros(0, int), 0, args.rollout_batch_size
+    )
     first_update = 1
     if checkpoint is not None:  # --resume: weights, optimizer, KL coefficient, data position, RNG states
         policy.load_state_dict(checkpoint["policy"])
@@ -309,38 +363,68 @@ def main(args: Args) -> dict:
         first_update = checkpoint["step"] + 1
         print(f"resumed {run.dir} after update {checkpoint['step']}", flush=True)
 
-    def sample(prompts: list[str], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor,
-                                                              Optional[torch.Tensor]]:
+    def sample(
+        prompts: list[str], seeds: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, Optional[torch.Tensor]]:
         """Prompts -> (input_ids, attention_mask, response_start, response_mask, top-k/top-p keep-masks `[B, R, V]`,
         None when both are off) from the policy; each episode samples from its own seed, so the text does not
         depend on the number of processes."""
         prompt_ids, prompt_mask = policy.encode_prompts(prompts, task.max_prompt_tokens, device)
-        truncation = ([TopKTopPProcessor(args.top_k, args.top_p, args.temperature)]
-                      if args.top_k or args.top_p < 1 else [])
+        truncation = (
+            [TopKTopPProcessor(args.top_k, args.top_p, args.temperature)] if args.top_k or args.top_p < 1 else []
+        )
         with autocast:
             response_ids, response_mask = policy.generate(
-                prompt_ids, prompt_mask, response_length, min_response_length, temperature=args.temperature,
-                top_k=0, top_p=1.0, logits_processor=LogitsProcessorList(truncation), seeds=seeds)
+                prompt_ids,
+                prompt_mask,
+                response_length,
+                min_response_length,
+                temperature=args.temperature,
+                top_k=0,
+                top_p=1.0,
+                logits_processor=LogitsProcessorList(truncation),
+                seeds=seeds,
+            )
         truncation_keep = torch.stack(truncation[0].masks, 1) if truncation else None
-        return (torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1),
-                prompt_ids.shape[1], response_mask, truncation_keep)
+        return (
+            torch.cat([prompt_ids, response_ids], 1),
+            torch.cat([prompt_mask, response_mask], 1),
+            prompt_ids.shape[1],
+            response_mask,
+            truncation_keep,
+        )
 
     def run_eval(step: int) -> dict:
         """Held-out prompts, sampled as in training with the same per-prompt seeds at every evaluation."""
+
         def generate_fn(prompts, indices):
             input_ids, _, start, response_mask, *_ = sample(prompts, episode_seeds(args.seed, 1, 0, indices))
             return policy.decode(input_ids[:, start:], response_mask)
 
-        metrics, samples = evaluate(task, generate_fn, args.eval_episodes, local_batch, policy=policy,
-                                    start_model=ref_policy, response_length=response_length)
+        metrics, samples = evaluate(
+            task,
+            generate_fn,
+            args.eval_episodes,
+            local_batch,
+            policy=policy,
+            start_model=ref_policy,
+            response_length=response_length,
+        )
         run.log_eval(metrics, samples, step)
         print(f"eval @ update {step}: {eval_line(metrics)}", flush=True)
         return metrics
 
     def checkpoint_state(step: int) -> dict:
-        return {"step": step, "policy": policy.state_dict(), "critic": critic.state_dict(),
-                "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value, "data_rng": rng.bit_generator.state,
-                "prompt_order": prompt_order, "prompt_cursor": prompt_cursor}
+        return {
+            "step": step,
+            "policy": policy.state_dict(),
+            "critic": critic.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "kl_coef": kl_ctl.value,
+            "data_rng": rng.bit_generator.state,
+            "prompt_order": prompt_order,
+            "prompt_cursor": prompt_cursor,
+        }
 
     stop_on_sigterm()
     update = first_update - 1
@@ -350,13 +434,15 @@ def main(args: Args) -> dict:
         for update in range(first_update, args.total_updates + 1):
             update_start = time.time()
             # ALGO LOGIC: 1. rollout: sample responses to a batch of training prompts (this rank's slice)
-            prompt_order, prompt_cursor = refill_order(rng, len(task.train_prompts), prompt_order, prompt_cursor,
-                                                       args.rollout_batch_size)
+            prompt_order, prompt_cursor = refill_order(
+                rng, len(task.train_prompts), prompt_order, prompt_cursor, args.rollout_batch_size
+            )
             mine = range(prompt_cursor + rank * local_batch, prompt_cursor + (rank + 1) * local_batch)
             prompts = [task.train_prompts[prompt_order[i]] for i in mine]
             prompt_cursor += args.rollout_batch_size
             input_ids, attention_mask, start, mask, truncation_keep = sample(
-                prompts, episode_seeds(args.seed, 0, update, mine))
+                prompts, episode_seeds(args.seed, 0, update, mine)
+            )
             responses = policy.decode(input_ids[:, start:], mask)
             scores = torch.tensor(task.score(prompts, responses), dtype=torch.float32, device=device)
             ends_with_eos = ((input_ids[:, start:] == policy.tokenizer.eos_token_id) & (mask == 1)).any(1)
@@ -371,10 +457,12 @@ def main(args: Args) -> dict:
             if truncation_keep is not None:
                 truncation_keep[mask == 0] = True
             with torch.no_grad(), autocast:
-                logprobs, rollout_entropy = forward_logprobs(policy, input_ids, attention_mask, start, args.temperature,
-                                                              min_response_length, truncation_keep)
-                ref_logprobs, _ = forward_logprobs(ref_policy, input_ids, attention_mask, start, args.temperature,
-                                                   min_response_length, truncation_keep)
+                logprobs, rollout_entropy = forward_logprobs(
+                    policy, input_ids, attention_mask, start, args.temperature, min_response_length, truncation_keep
+                )
+                ref_logprobs, _ = forward_logprobs(
+                    ref_policy, input_ids, attention_mask, start, args.temperature, min_response_length, truncation_keep
+                )
                 values = critic(input_ids, attention_mask, start).float()
             mask = mask.float()
 
@@ -392,14 +480,23 @@ def main(args: Args) -> dict:
                 for mb in torch.randperm(local_batch, device=device).split(local_minibatch):
                     mb_keep = None if truncation_keep is None else truncation_keep[mb]
                     with autocast:
-                        new_logprobs, entropy = forward_logprobs(policy, input_ids[mb], attention_mask[mb], start,
-                                                                 args.temperature, min_response_length, mb_keep,
-                                                                 entropy_grad=args.ent_coef != 0)
+                        new_logprobs, entropy = forward_logprobs(
+                            policy,
+                            input_ids[mb],
+                            attention_mask[mb],
+                            start,
+                            args.temperature,
+                            min_response_length,
+                            mb_keep,
+                            entropy_grad=args.ent_coef != 0,
+                        )
                         new_values = critic(input_ids[mb], attention_mask[mb], start).float()
-                    pg_loss, pg_stats = ppo_policy_loss(new_logprobs, logprobs[mb], advantages[mb], mask[mb],
-                                                        args.clip_range)
-                    vf_loss, vf_stats = ppo_value_loss(new_values, values[mb], returns[mb], mask[mb],
-                                                       args.clip_range_value)
+                    pg_loss, pg_stats = ppo_policy_loss(
+                        new_logprobs, logprobs[mb], advantages[mb], mask[mb], args.clip_range
+                    )
+                    vf_loss, vf_stats = ppo_value_loss(
+                        new_values, values[mb], returns[mb], mask[mb], args.clip_range_value
+                    )
                     entropy_mean = masked_mean(entropy, mask[mb])
                     loss = pg_loss + args.vf_coef * vf_loss - args.ent_coef * entropy_mean
                     optimizer.zero_grad(set_to_none=True)
@@ -407,16 +504,27 @@ def main(args: Args) -> dict:
                     sync_gradients(parameters)  # torchrun: average gradients over ranks (a no-op otherwise)
                     nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
                     optimizer.step()
-                    for key, value in {"loss": loss, "policy_loss": pg_loss, "value_loss": vf_loss,
-                                       "entropy": entropy_mean, **pg_stats, **vf_stats}.items():
+                    for key, value in {
+                        "loss": loss,
+                        "policy_loss": pg_loss,
+                        "value_loss": vf_loss,
+                        "entropy": entropy_mean,
+                        **pg_stats,
+                        **vf_stats,
+                    }.items():
                         stats.setdefault(key, []).append(value.detach())  # kept on device: no sync per step
 
             # One host sync per update: stop on a non-finite loss (every rank together), then average stats.
             losses = torch.stack(stats.pop("loss"))
             if all_reduce((~torch.isfinite(losses)).any().float(), "max").item():
                 raise FloatingPointError(f"non-finite loss at update {update} (per-step losses {losses.tolist()})")
-            mean = dict(zip(stats, all_reduce(torch.stack([torch.stack(v).mean() for v in stats.values()]),
-                                              "mean").tolist()))
+            mean = dict(
+                zip(
+                    stats,
+                    all_reduce(torch.stack([torch.stack(v).mean() for v in stats.values()]), "mean").tolist(),
+                    strict=True,
+                )
+            )
 
             # ALGO LOGIC: 5. adapt beta to the KL this rollout actually had (mean per token over all ranks, RL4LMs)
             mean_kl = masked_mean(kl, mask, across_ranks=True).item()
@@ -427,25 +535,37 @@ def main(args: Args) -> dict:
             run.tokens += n_tokens
             elapsed = time.time() - update_start
             mean_score = all_reduce(scores.mean(), "mean").item()
-            run.log({
-                "objective/scores": mean_score, "objective/kl": mean_kl,
-                "objective/kl_sequence": all_reduce(kl.sum(1).mean(), "mean").item(),
-                "objective/kl_coef": kl_ctl.value,
-                "objective/entropy": masked_mean(rollout_entropy, mask, across_ranks=True).item(),
-                "objective/non_score_reward": (all_reduce((rewards.sum(1) - scores).mean(), "mean").item()
-                                               if not args.whiten_rewards else 0.0),
-                "losses/policy_loss": mean["policy_loss"], "losses/value_loss": mean["value_loss"],
-                "losses/entropy": mean["entropy"], "losses/approx_kl": mean["approx_kl"],
-                "losses/clipfrac": mean["clipfrac"], "losses/value_clipfrac": mean["value_clipfrac"],
-                "losses/ratio": mean["ratio"], "charts/learning_rate": optimizer.param_groups[0]["lr"],
-                "charts/response_length": all_reduce(mask.sum(1).mean(), "mean").item(),
-                "charts/eos_fraction": all_reduce(ends_with_eos.float().mean(), "mean").item(),
-                "charts/tokens_per_second": n_tokens / elapsed,
-                "charts/episodes_per_second": args.rollout_batch_size / elapsed,
-            }, update)
-            print(f"update {update}/{args.total_updates} | score {mean_score:+.3f} | kl {mean_kl:.4f} "
-                  f"| beta {kl_ctl.value:.4f} | approx_kl {mean['approx_kl']:.4f} | clipfrac {mean['clipfrac']:.3f} "
-                  f"| {n_tokens / elapsed:.0f} tok/s", flush=True)
+            run.log(
+                {
+                    "objective/scores": mean_score,
+                    "objective/kl": mean_kl,
+                    "objective/kl_sequence": all_reduce(kl.sum(1).mean(), "mean").item(),
+                    "objective/kl_coef": kl_ctl.value,
+                    "objective/entropy": masked_mean(rollout_entropy, mask, across_ranks=True).item(),
+                    "objective/non_score_reward": (
+                        all_reduce((rewards.sum(1) - scores).mean(), "mean").item() if not args.whiten_rewards else 0.0
+                    ),
+                    "losses/policy_loss": mean["policy_loss"],
+                    "losses/value_loss": mean["value_loss"],
+                    "losses/entropy": mean["entropy"],
+                    "losses/approx_kl": mean["approx_kl"],
+                    "losses/clipfrac": mean["clipfrac"],
+                    "losses/value_clipfrac": mean["value_clipfrac"],
+                    "losses/ratio": mean["ratio"],
+                    "charts/learning_rate": optimizer.param_groups[0]["lr"],
+                    "charts/response_length": all_reduce(mask.sum(1).mean(), "mean").item(),
+                    "charts/eos_fraction": all_reduce(ends_with_eos.float().mean(), "mean").item(),
+                    "charts/tokens_per_second": n_tokens / elapsed,
+                    "charts/episodes_per_second": args.rollout_batch_size / elapsed,
+                },
+                update,
+            )
+            print(
+                f"update {update}/{args.total_updates} | score {mean_score:+.3f} | kl {mean_kl:.4f} "
+                f"| beta {kl_ctl.value:.4f} | approx_kl {mean['approx_kl']:.4f} | clipfrac {mean['clipfrac']:.3f} "
+                f"| {n_tokens / elapsed:.0f} tok/s",
+                flush=True,
+            )
             if update % args.eval_every == 0 and update != args.total_updates:
                 run_eval(update)
             if update % args.checkpoint_every == 0 and update != args.total_updates:
@@ -453,10 +573,10 @@ def main(args: Args) -> dict:
     except KeyboardInterrupt:  # keep what was learned: evaluate, save and summarise below
         print(f"interrupted during update {update}; the last checkpoint is kept", flush=True)
         if world_size > 1:  # the ranks stopped at different points: no collective evaluation is safe now
-            raise SystemExit(130)
+            raise SystemExit(130) from None
         print("evaluating and saving what was trained so far", flush=True)
     except (FloatingPointError, RewardError, OSError) as error:  # the reward, the disk or a diverged loss: one line,
-        raise run.fault(error, update)                          # the last checkpoint kept, nothing new saved
+        raise run.fault(error, update) from error  # the last checkpoint kept, nothing new saved
 
     # TRY NOT TO MODIFY: final evaluation, model, summary
     try:
@@ -465,12 +585,15 @@ def main(args: Args) -> dict:
             run.save_policy(policy)
         summary = run.write_summary({"updates": update})
     except (RewardError, OSError) as error:
-        raise run.fault(error, update)
+        raise run.fault(error, update) from error
     run.close()
     close_distributed()
-    print(f"initial eval/return_mean {summary['initial']['eval/return_mean']:+.3f} -> final "
-          f"{summary['final']['eval/return_mean']:+.3f}; {summary['wall_seconds']:.0f}s, "
-          f"{summary['tokens_per_second']:.0f} tok/s; run dir {run.dir}", flush=True)
+    print(
+        f"initial eval/return_mean {summary['initial']['eval/return_mean']:+.3f} -> final "
+        f"{summary['final']['eval/return_mean']:+.3f}; {summary['wall_seconds']:.0f}s, "
+        f"{summary['tokens_per_second']:.0f} tok/s; run dir {run.dir}",
+        flush=True,
+    )
     return summary
 
 

@@ -29,15 +29,20 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# E402 on purpose (here and below): these import only once ROOT and benchmarks/ are on sys.path
 from common import wordle  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from resumable import add_queue_arguments, load, mean_se, run_queue, save, summary_of, write_region  # noqa: E402
 
 DATASETS = {"per_move": "expert=0.5,repeat=0.5", "per_game": "game:expert=0.5,repeat=0.5"}
-METHODS = {"ilql": [], "bc": ["--beta", "0"], "pct_bc_10": ["--beta", "0", "--top-fraction", "0.1"],
-           "pct_bc_25": ["--beta", "0", "--top-fraction", "0.25"],
-           "pct_bc_50": ["--beta", "0", "--top-fraction", "0.5"]}
+METHODS = {
+    "ilql": [],
+    "bc": ["--beta", "0"],
+    "pct_bc_10": ["--beta", "0", "--top-fraction", "0.1"],
+    "pct_bc_25": ["--beta", "0", "--top-fraction", "0.25"],
+    "pct_bc_50": ["--beta", "0", "--top-fraction", "0.5"],
+}
 BETAS = (0, 1, 4, 16, 64)
 METRICS = ("return_mean", "win_rate", "mean_guesses", "repeat_rate", "nonword_rate")
 DOC = os.path.join(ROOT, "docs", "ilql.md")
@@ -45,12 +50,35 @@ START, END = "<!-- ilql_wordle table: start -->", "<!-- ilql_wordle table: end -
 
 
 def command(dataset: str, method: str, seed: int, opts) -> list[str]:
-    return [sys.executable, os.path.join(ROOT, "ilql.py"), "--task", "wordle", "--seed", str(seed),
-            "--wordle-data", DATASETS[dataset], "--wordle-vocab", str(opts.vocab), "--total-steps", str(opts.steps),
-            "--eval-every", str(opts.eval_every), "--eval-episodes", str(opts.eval_episodes),
-            "--print-every", str(opts.eval_every), "--exp-name", f"{dataset}_{method}_{seed}", "--no-save-model",
-            "--eval-betas", *map(str, BETAS),  # ILQL runs: the beta sweep on the trained networks (no retraining)
-            "--output-dir", os.path.join(opts.output_dir, f"{dataset}_{method}_{seed}"), *METHODS[method], *opts.extra]
+    return [
+        sys.executable,
+        os.path.join(ROOT, "ilql.py"),
+        "--task",
+        "wordle",
+        "--seed",
+        str(seed),
+        "--wordle-data",
+        DATASETS[dataset],
+        "--wordle-vocab",
+        str(opts.vocab),
+        "--total-steps",
+        str(opts.steps),
+        "--eval-every",
+        str(opts.eval_every),
+        "--eval-episodes",
+        str(opts.eval_episodes),
+        "--print-every",
+        str(opts.eval_every),
+        "--exp-name",
+        f"{dataset}_{method}_{seed}",
+        "--no-save-model",
+        "--eval-betas",
+        *map(str, BETAS),  # ILQL runs: the beta sweep on the trained networks (no retraining)
+        "--output-dir",
+        os.path.join(opts.output_dir, f"{dataset}_{method}_{seed}"),
+        *METHODS[method],
+        *opts.extra,
+    ]
 
 
 def log_lines(text: str) -> dict:
@@ -59,11 +87,18 @@ def log_lines(text: str) -> dict:
     (`wordle.NoRepeat`) as [return, win]."""
     curve = [[int(s), float(r)] for s, r in re.findall(r"eval @ step (\d+): return ([-+.\d]+)", text)]
     number = r"([-+.\d]+)"
-    sweep = {b: [float(r), float(w), float(p)] for b, r, w, p in re.findall(
-        rf"^beta ([\d.]+): return {number} \+- [.\d]+ \| win rate {number} \| repeat rate {number}", text, re.M)}
+    sweep = {
+        b: [float(r), float(w), float(p)]
+        for b, r, w, p in re.findall(
+            rf"^beta ([\d.]+): return {number} \+- [.\d]+ \| win rate {number} \| repeat rate {number}", text, re.M
+        )
+    }
     oracle = re.search(rf"oracle\): return {number} \+- [.\d]+ \| win rate {number}", text)
-    return {"curve": curve, "beta_sweep": sweep, "no_repeat_oracle": [float(x) for x in oracle.groups()] if oracle
-            else None}
+    return {
+        "curve": curve,
+        "beta_sweep": sweep,
+        "no_repeat_oracle": [float(x) for x in oracle.groups()] if oracle else None,
+    }
 
 
 def finished_run(dataset: str, method: str, seed: int, opts, log_path: str, seconds: float) -> dict:
@@ -71,40 +106,84 @@ def finished_run(dataset: str, method: str, seed: int, opts, log_path: str, seco
     final = summary_of(os.path.join(opts.output_dir, f"{dataset}_{method}_{seed}"))["final"]
     with open(log_path) as f:
         from_log = log_lines(f.read())
-    return {"dataset": dataset, "method": method, "seed": seed, "steps": opts.steps, "flags": opts.extra,
-            "seconds": round(seconds), **{m: final[f"eval/{m}"] for m in METRICS}, **from_log}
+    return {
+        "dataset": dataset,
+        "method": method,
+        "seed": seed,
+        "steps": opts.steps,
+        "flags": opts.extra,
+        "seconds": round(seconds),
+        **{m: final[f"eval/{m}"] for m in METRICS},
+        **from_log,
+    }
 
 
 def train(opts, results: dict) -> None:
-    todo = [(f"{d}/{m}/{s}", command(d, m, s, opts))  # whole seeds first
-            for s in opts.seeds for d in opts.datasets for m in opts.methods]
-    run_queue(todo, lambda key, log_path, seconds: finished_run(*key.split("/")[:2], int(key.split("/")[2]), opts,
-                                                                log_path, seconds),
-              results, opts.results, opts.output_dir, ROOT, opts.jobs, opts.threads)
+    todo = [
+        (f"{d}/{m}/{s}", command(d, m, s, opts))  # whole seeds first
+        for s in opts.seeds
+        for d in opts.datasets
+        for m in opts.methods
+    ]
+    run_queue(
+        todo,
+        lambda key, log_path, seconds: finished_run(
+            *key.split("/")[:2], int(key.split("/")[2]), opts, log_path, seconds
+        ),
+        results,
+        opts.results,
+        opts.output_dir,
+        ROOT,
+        opts.jobs,
+        opts.threads,
+    )
 
 
 def aggregate(opts, results: dict) -> list[dict]:
     """One record per dataset and method over the runs in the JSON, plus the expert and the datasets' own."""
     wordle.use_words(opts.vocab)
-    games = wordle.play(wordle.eval_answers(opts.eval_episodes),
-                        lambda gs: [wordle.expert(g, random.Random(0)) for g in gs])
+    games = wordle.play(
+        wordle.eval_answers(opts.eval_episodes), lambda gs: [wordle.expert(g, random.Random(0)) for g in gs]
+    )
     expert = wordle.game_metrics(games)
-    records = [{"dataset": "-", "method": "expert", "seeds": [], "steps": 0, "return_se": 0.0,
-                **{m: expert[f"eval/{m}"] for m in METRICS}}]
+    records = [
+        {
+            "dataset": "-",
+            "method": "expert",
+            "seeds": [],
+            "steps": 0,
+            "return_se": 0.0,
+            **{m: expert[f"eval/{m}"] for m in METRICS},
+        }
+    ]
     for dataset, spec in DATASETS.items():
         data = wordle.game_metrics(wordle.offline_games(spec, 4096, 1))
-        records.append({"dataset": dataset, "method": "data", "seeds": [1], "steps": 0,
-                        "return_se": data["eval/return_std"] / np.sqrt(4096),
-                        **{m: data[f"eval/{m}"] for m in METRICS}})
+        records.append(
+            {
+                "dataset": dataset,
+                "method": "data",
+                "seeds": [1],
+                "steps": 0,
+                "return_se": data["eval/return_std"] / np.sqrt(4096),
+                **{m: data[f"eval/{m}"] for m in METRICS},
+            }
+        )
         for method in METHODS:
             runs = [r for r in results["runs"].values() if r["dataset"] == dataset and r["method"] == method]
             if not runs:
                 continue
             se = mean_se([r["return_mean"] for r in runs])[1]
-            records.append({"dataset": dataset, "method": method, "seeds": sorted(r["seed"] for r in runs),
-                            "steps": runs[0]["steps"], "return_se": se,
-                            **{m: mean_of([r.get(m) for r in runs]) for m in METRICS},
-                            "seconds_per_run": float(np.mean([r["seconds"] for r in runs]))})
+            records.append(
+                {
+                    "dataset": dataset,
+                    "method": method,
+                    "seeds": sorted(r["seed"] for r in runs),
+                    "steps": runs[0]["steps"],
+                    "return_se": se,
+                    **{m: mean_of([r.get(m) for r in runs]) for m in METRICS},
+                    "seconds_per_run": float(np.mean([r["seconds"] for r in runs])),
+                }
+            )
     return records
 
 
@@ -120,24 +199,40 @@ def claims(records: list[dict], results: dict) -> list[dict]:
             continue
         ilql, bc, best = by[dataset, "ilql"], by[dataset, "bc"], max(pct, key=lambda r: r["return_mean"])
         seeds = sorted(set(ilql["seeds"]) & set(best["seeds"]))
-        diffs = np.array([results["runs"][f"{dataset}/ilql/{s}"]["return_mean"] -
-                          results["runs"][f"{dataset}/{best['method']}/{s}"]["return_mean"] for s in seeds])
-        out.append({"dataset": dataset, "best_pct_bc": best["method"],
-                    "difference": ilql["return_mean"] - best["return_mean"],
-                    "combined_se": float(np.hypot(ilql["return_se"], best["return_se"])),
-                    **dict(zip(("paired_difference", "paired_se"), mean_se(diffs))),
-                    "ilql_wins": int((diffs > 0).sum()), "seeds": seeds,
-                    "gap_closed": (ilql["return_mean"] - bc["return_mean"]) / (expert - bc["return_mean"])})
+        diffs = np.array(
+            [
+                results["runs"][f"{dataset}/ilql/{s}"]["return_mean"]
+                - results["runs"][f"{dataset}/{best['method']}/{s}"]["return_mean"]
+                for s in seeds
+            ]
+        )
+        out.append(
+            {
+                "dataset": dataset,
+                "best_pct_bc": best["method"],
+                "difference": ilql["return_mean"] - best["return_mean"],
+                "combined_se": float(np.hypot(ilql["return_se"], best["return_se"])),
+                **dict(zip(("paired_difference", "paired_se"), mean_se(diffs), strict=True)),
+                "ilql_wins": int((diffs > 0).sum()),
+                "seeds": seeds,
+                "gap_closed": (ilql["return_mean"] - bc["return_mean"]) / (expert - bc["return_mean"]),
+            }
+        )
     return out
 
 
 def claims_table(rows: list[dict]) -> str:
-    lines = ["| dataset | ILQL - best %BC | combined s.e. | paired difference over seeds | ILQL ahead on | "
-             "share of the BC-to-expert gap ILQL closes |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| dataset | ILQL - best %BC | combined s.e. | paired difference over seeds | ILQL ahead on | "
+        "share of the BC-to-expert gap ILQL closes |",
+        "|---|---|---|---|---|---|",
+    ]
     for c in rows:
-        lines.append(f"| {c['dataset']} | {c['difference']:+.3f} (vs {c['best_pct_bc']}) | {c['combined_se']:.3f} | "
-                     f"{c['paired_difference']:+.3f} +- {c['paired_se']:.3f} | {c['ilql_wins']}/{len(c['seeds'])} "
-                     f"seeds | {100 * c['gap_closed']:.0f}% |")
+        lines.append(
+            f"| {c['dataset']} | {c['difference']:+.3f} (vs {c['best_pct_bc']}) | {c['combined_se']:.3f} | "
+            f"{c['paired_difference']:+.3f} +- {c['paired_se']:.3f} | {c['ilql_wins']}/{len(c['seeds'])} "
+            f"seeds | {100 * c['gap_closed']:.0f}% |"
+        )
     return "\n".join(lines)
 
 
@@ -152,13 +247,18 @@ def number(value, spec: str) -> str:
 
 
 def table(records: list[dict]) -> str:
-    lines = ["| dataset | method | return (mean +- s.e. over seeds) | win rate | repeat rate | non-word rate | "
-             "seeds | steps | wall s per run |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| dataset | method | return (mean +- s.e. over seeds) | win rate | repeat rate | non-word rate | "
+        "seeds | steps | wall s per run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in records:
         seconds = f"{r['seconds_per_run']:.0f}" if "seconds_per_run" in r else "-"
-        lines.append(f"| {r['dataset']} | {r['method']} | {r['return_mean']:+.3f} +- {r['return_se']:.3f} | "
-                     f"{r['win_rate']:.3f} | {number(r['repeat_rate'], '.3f')} | {r['nonword_rate']:.3f} | "
-                     f"{','.join(map(str, r['seeds'])) or '-'} | {r['steps'] or '-'} | {seconds} |")
+        lines.append(
+            f"| {r['dataset']} | {r['method']} | {r['return_mean']:+.3f} +- {r['return_se']:.3f} | "
+            f"{r['win_rate']:.3f} | {number(r['repeat_rate'], '.3f')} | {r['nonword_rate']:.3f} | "
+            f"{','.join(map(str, r['seeds'])) or '-'} | {r['steps'] or '-'} | {seconds} |"
+        )
     return "\n".join(lines)
 
 
@@ -171,8 +271,14 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=1000, help="steps between evaluations (the curves)")
     parser.add_argument("--eval-episodes", type=int, default=200, help="evaluation games: each word in play once")
     parser.add_argument("--vocab", type=int, default=200, help="words in play (ilql.py --wordle-vocab)")
-    add_queue_arguments(parser, "ilql.py", os.path.join(ROOT, "runs", "ilql_wordle"),
-                        os.path.join(ROOT, "benchmarks", "results", "ilql_wordle.json"), DOC, ROOT)
+    add_queue_arguments(
+        parser,
+        "ilql.py",
+        os.path.join(ROOT, "runs", "ilql_wordle"),
+        os.path.join(ROOT, "benchmarks", "results", "ilql_wordle.json"),
+        DOC,
+        ROOT,
+    )
     opts = parser.parse_args()
 
     results = load(opts.results)

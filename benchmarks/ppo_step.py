@@ -26,6 +26,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# E402 on purpose: the repository's modules import only once ROOT is on sys.path (run as a script from anywhere)
 import ppo  # noqa: E402
 from common.models import entropy_of, load_policy, logprobs_of  # noqa: E402
 from common.tasks import make_task  # noqa: E402
@@ -87,8 +88,10 @@ def main(argv=None) -> dict:
     median = {k: statistics.median(v) for k, v in seconds.items()}
     print(f"vocabulary {vocab}, minibatch {B} x {P + R} tokens, {torch.get_num_threads()} thread(s):")
     for name in seconds:
-        print(f"  {name:6s} {1000 * median[name]:7.1f} ms CPU per step (median of {args.repeats}; "
-              f"all {[round(1000 * s, 1) for s in seconds[name]]})")
+        print(
+            f"  {name:6s} {1000 * median[name]:7.1f} ms CPU per step (median of {args.repeats}; "
+            f"all {[round(1000 * s, 1) for s in seconds[name]]})"
+        )
     print(f"  after / before: {median['after'] / median['before']:.2f}")
     return median
 

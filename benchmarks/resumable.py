@@ -12,8 +12,9 @@ from typing import Callable
 import numpy as np
 
 
-def add_queue_arguments(parser: argparse.ArgumentParser, script: str, output_dir: str, results: str, page: str,
-                        root: str) -> None:
+def add_queue_arguments(
+    parser: argparse.ArgumentParser, script: str, output_dir: str, results: str, page: str, root: str
+) -> None:
     """The options every resumable benchmark has: parallel runs, where they write, the table-only mode, the page
     region to fill, and flags passed on to every run of `script`."""
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
@@ -21,8 +22,13 @@ def add_queue_arguments(parser: argparse.ArgumentParser, script: str, output_dir
     parser.add_argument("--output-dir", default=output_dir)
     parser.add_argument("--results", default=results)
     parser.add_argument("--table-only", action="store_true", help="train nothing: the table from the JSON")
-    parser.add_argument("--page", nargs="?", const=page, default=None,
-                        help=f"write the table into this page's marked region (default {os.path.relpath(page, root)})")
+    parser.add_argument(
+        "--page",
+        nargs="?",
+        const=page,
+        default=None,
+        help=f"write the table into this page's marked region (default {os.path.relpath(page, root)})",
+    )
     parser.add_argument("extra", nargs="*", help=f"more {script} flags for every run, after --")
 
 
@@ -47,8 +53,16 @@ def save(path: str, results: dict) -> None:
     os.replace(path + ".tmp", path)  # a benchmark killed while writing keeps the previous file
 
 
-def run_queue(todo: list[tuple[str, list[str]]], record: Callable[[str, str, float], dict], results: dict,
-              results_path: str, output_dir: str, cwd: str, jobs: int = 1, threads: int = 1) -> None:
+def run_queue(
+    todo: list[tuple[str, list[str]]],
+    record: Callable[[str, str, float], dict],
+    results: dict,
+    results_path: str,
+    output_dir: str,
+    cwd: str,
+    jobs: int = 1,
+    threads: int = 1,
+) -> None:
     """Run each (key, command) of `todo` whose key is not yet in `results["runs"]`, `jobs` at a time with
     `threads` intra-op threads each, its output in `<output_dir>/<key>.log`; when one ends, `record(key, log_path,
     seconds)` becomes `results["runs"][key]` and the JSON is saved at once. A failed run stops the benchmark."""

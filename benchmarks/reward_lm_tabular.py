@@ -24,7 +24,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from reward_lm import Args, InclusivePopulationEnv, queries_to_target  # noqa: E402
+from reward_lm import Args, InclusivePopulationEnv, queries_to_target
 
 
 def beta_prior(approvals: np.ndarray, ratings: np.ndarray, prior: str):
@@ -49,7 +49,11 @@ def simulate(seed: int, agent: str, prior: str, queries: int, per_round: int, ar
     np.add.at(ratings, (x, r), 1)
     np.add.at(approvals, (x, r), f)
     a, b = beta_prior(approvals, ratings, prior)
-    prompt_rng, rater_rng, agent_rng = np.random.default_rng([seed, 2]), np.random.default_rng([seed, 3]), np.random.default_rng(seed)
+    prompt_rng, rater_rng, agent_rng = (
+        np.random.default_rng([seed, 2]),
+        np.random.default_rng([seed, 3]),
+        np.random.default_rng(seed),
+    )
     values = []
     for rnd in range(queries // per_round + 1):
         mean = a / (a + b)
@@ -66,10 +70,16 @@ def simulate(seed: int, agent: str, prior: str, queries: int, per_round: int, ar
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seeds", type=int, default=20, help="seeds 1..N (reward_lm.py's environments)")
-    parser.add_argument("--budgets", nargs="+", default=["1024:16", "4096:64"],
-                        help="QUERIES:PER_ROUND pairs; 1024:16 was reward_lm.py's first default, 4096:64 today's")
+    parser.add_argument(
+        "--budgets",
+        nargs="+",
+        default=["1024:16", "4096:64"],
+        help="QUERIES:PER_ROUND pairs; 1024:16 was reward_lm.py's first default, 4096:64 today's",
+    )
     parser.add_argument("--priors", nargs="+", default=["centred", "population"], choices=["centred", "population"])
     cli = parser.parse_args()
     try:
@@ -85,9 +95,15 @@ def main() -> None:
         for queries, per_round in budgets:
             for agent in ("ts", "greedy"):
                 q = [simulate(s, agent, prior, queries, per_round, args) for s in range(1, cli.seeds + 1)]
-                fmt = lambda v: f"{v:.0f}" if math.isfinite(v) else f"> {queries}"
-                print(f"| `{prior}` | {queries}, {per_round} | {agent} | {sum(map(math.isfinite, q))}/{cli.seeds} | "
-                      f"{fmt(np.median(q))} [{fmt(min(q))}, {fmt(max(q))}] |", flush=True)
+
+                def fmt(v: float, queries: int = queries) -> str:
+                    return f"{v:.0f}" if math.isfinite(v) else f"> {queries}"
+
+                print(
+                    f"| `{prior}` | {queries}, {per_round} | {agent} | {sum(map(math.isfinite, q))}/{cli.seeds} | "
+                    f"{fmt(np.median(q))} [{fmt(min(q))}, {fmt(max(q))}] |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -67,8 +67,11 @@ def run_child(cmd: list[str], log_path: str, cwd: str = ROOT, env: Optional[dict
             process.wait()
             raise
     process.returncode = os.waitstatus_to_exitcode(status)
-    return {"returncode": process.returncode, "process_seconds": time.perf_counter() - start,
-            "peak_rss_mib": usage.ru_maxrss / 1024}  # Linux reports KiB
+    return {
+        "returncode": process.returncode,
+        "process_seconds": time.perf_counter() - start,
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+    }  # Linux reports KiB
 
 
 def find_run_dir(output_dir: str) -> Optional[str]:
@@ -86,14 +89,15 @@ def read_scalars(run_dir: str, prefixes: tuple[str, ...] = ("eval/",)) -> dict[s
 
     acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})  # 0 = keep every point
     acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)]
-            for tag in acc.Tags()["scalars"] if tag.startswith(prefixes)}
+    return {
+        tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"] if tag.startswith(prefixes)
+    }
 
 
 def last_line(path: str) -> str:
     try:
         with open(path, errors="replace") as f:
-            lines = [l.strip() for l in f if l.strip()]
+            lines = [line.strip() for line in f if line.strip()]
     except OSError:
         return ""
     return lines[-1][:200] if lines else ""
@@ -124,9 +128,13 @@ def fmt(values: list[float], digits: int, signed: bool = False, se: bool = False
 def budget_of(summary: dict) -> str:
     """How long the run trained, in the script's own unit: summary.json's count, else its args'."""
     args = summary.get("args") or {}
-    for source, key, unit in ((summary, "updates", "updates"), (summary, "steps", "steps"),
-                              (args, "total_updates", "updates"), (args, "total_steps", "steps"),
-                              (args, "queries", "queries")):
+    for source, key, unit in (
+        (summary, "updates", "updates"),
+        (summary, "steps", "steps"),
+        (args, "total_updates", "updates"),
+        (args, "total_steps", "steps"),
+        (args, "queries", "queries"),
+    ):
         if isinstance(source.get(key), (int, float)) and not isinstance(source.get(key), bool):
             n = source[key]
             return f"{n} {unit if n != 1 else unit[:-1]}"
@@ -145,16 +153,25 @@ def aggregate(runs: list[dict]) -> list[dict]:
         ok = row["runs"]
         if not ok:
             continue
-        pick = lambda path: [_get(r["summary"], path) for r in ok]  # noqa: E731
-        out.append({
-            "script": row["script"], "task": row["task"], "seeds": sorted(r["seed"] for r in ok),
-            "budget": budget_of(ok[0]["summary"]),
-            "initial": pick("initial/eval/return_mean"), "final": pick("final/eval/return_mean"),
-            **{f"{when}_{name}": pick(f"{when}/eval/{name}") for when in ("initial", "final") for name in FLUENCY},
-            "kl": [final_kl(r) for r in ok],
-            "wall": pick("wall_seconds"), "tokens_per_second": pick("tokens_per_second"),
-            "peak_rss_mib": [r["peak_rss_mib"] for r in ok],
-        })
+
+        def pick(path: str, ok: list[dict] = ok) -> list:
+            return [_get(r["summary"], path) for r in ok]
+
+        out.append(
+            {
+                "script": row["script"],
+                "task": row["task"],
+                "seeds": sorted(r["seed"] for r in ok),
+                "budget": budget_of(ok[0]["summary"]),
+                "initial": pick("initial/eval/return_mean"),
+                "final": pick("final/eval/return_mean"),
+                **{f"{when}_{name}": pick(f"{when}/eval/{name}") for when in ("initial", "final") for name in FLUENCY},
+                "kl": [final_kl(r) for r in ok],
+                "wall": pick("wall_seconds"),
+                "tokens_per_second": pick("tokens_per_second"),
+                "peak_rss_mib": [r["peak_rss_mib"] for r in ok],
+            }
+        )
     return out
 
 
@@ -177,37 +194,52 @@ def _get(summary: dict, path: str) -> Optional[float]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| script | task | budget | seeds | held-out return before | final held-out return | perplexity "
-             "| grammatical | wall (s) | tokens/s | peak RSS (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| script | task | budget | seeds | held-out return before | final held-out return | perplexity "
+        "| grammatical | wall (s) | tokens/s | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
-        lines.append(f"| `{row['script']}` | {row['task']} | {row['budget']} | {seeds_text(row['seeds'])} "
-                     f"| {fmt(row['initial'], 3, signed=True)} | **{fmt(row['final'], 3, signed=True)}** "
-                     f"| {fmt(row['final_perplexity'], 2)} | {fmt(row['final_grammatical'], 2)} "
-                     f"| {fmt(row['wall'], 0)} | {fmt(row['tokens_per_second'], 0)} | {fmt(row['peak_rss_mib'], 0)} |")
+        lines.append(
+            f"| `{row['script']}` | {row['task']} | {row['budget']} | {seeds_text(row['seeds'])} "
+            f"| {fmt(row['initial'], 3, signed=True)} | **{fmt(row['final'], 3, signed=True)}** "
+            f"| {fmt(row['final_perplexity'], 2)} | {fmt(row['final_grammatical'], 2)} "
+            f"| {fmt(row['wall'], 0)} | {fmt(row['tokens_per_second'], 0)} | {fmt(row['peak_rss_mib'], 0)} |"
+        )
     return "\n".join(lines)
 
 
 def seeds_text(seeds: list[int]) -> str:
-    return f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 1 \
+    return (
+        f"{seeds[0]}-{seeds[-1]}"
+        if seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 1
         else ",".join(map(str, seeds))
+    )
 
 
 def results_table(rows: list[dict]) -> str:
     """docs/results.md's table: the starting model, then every method, final metrics as mean ± s.e."""
-    lines = ["| method | budget | seeds | return | perplexity | ref_nll | grammatical | distinct-2 | KL to start "
-             "| wall (s) | peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | budget | seeds | return | perplexity | ref_nll | grammatical | distinct-2 | KL to start "
+        "| wall (s) | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     if rows:  # every method starts from the same model; ppo.py's step-0 evaluation samples it plainly
         start = next((r for r in rows if r["script"] == "ppo.py"), rows[0])
-        lines.append(f"| starting model (`{start['script']}` at step 0) | - | {seeds_text(start['seeds'])} "
-                     f"| {fmt(start['initial'], 3, signed=True, se=True)} "
-                     + "".join(f"| {fmt(start['initial_' + n], 2, se=True)} " for n in FLUENCY) + "| 0 | - | - |")
+        lines.append(
+            f"| starting model (`{start['script']}` at step 0) | - | {seeds_text(start['seeds'])} "
+            f"| {fmt(start['initial'], 3, signed=True, se=True)} "
+            + "".join(f"| {fmt(start['initial_' + n], 2, se=True)} " for n in FLUENCY)
+            + "| 0 | - | - |"
+        )
     for row in rows:
-        lines.append(f"| `{row['script']}` | {row['budget']} | {seeds_text(row['seeds'])} "
-                     f"| **{fmt(row['final'], 3, signed=True, se=True)}** "
-                     + "".join(f"| {fmt(row['final_' + n], 2, se=True)} " for n in FLUENCY)
-                     + f"| {fmt(row['kl'], 3, se=True)} | {fmt(row['wall'], 0, se=True)} "
-                       f"| {fmt(row['peak_rss_mib'], 0, se=True)} |")
+        lines.append(
+            f"| `{row['script']}` | {row['budget']} | {seeds_text(row['seeds'])} "
+            f"| **{fmt(row['final'], 3, signed=True, se=True)}** "
+            + "".join(f"| {fmt(row['final_' + n], 2, se=True)} " for n in FLUENCY)
+            + f"| {fmt(row['kl'], 3, se=True)} | {fmt(row['wall'], 0, se=True)} "
+            f"| {fmt(row['peak_rss_mib'], 0, se=True)} |"
+        )
     return "\n".join(lines)
 
 
@@ -228,7 +260,7 @@ def replace_region(text: str, body: str, start: str = START, end: str = END) -> 
     i, j = text.find(start), text.find(end)
     if i < 0 or j < i:
         raise ValueError(f"markers {start} ... {end} not found (in this order)")
-    return text[:i + len(start)] + "\n" + body.strip() + "\n" + text[j:]
+    return text[: i + len(start)] + "\n" + body.strip() + "\n" + text[j:]
 
 
 def write_readme_region(body: str, start: str = START, end: str = END) -> None:
@@ -266,7 +298,8 @@ def plot_curves(runs: list[dict], path: str) -> bool:
     cols = min(n, 3)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(max(4.2 * cols, 6.0), 3.2 * rows + 0.3), squeeze=False)
-    for ax, ((script, task), group) in zip(axes.flat, groups.items()):
+    # one panel per group; the grid has more (the scatter panel below, and blanks): zip stops at the groups
+    for ax, ((script, task), group) in zip(axes.flat, groups.items(), strict=False):
         steps = sorted(set.intersection(*(set(s for s, _ in r["curves"]["eval/return_mean"]) for r in group)))
         values = np.array([[dict(r["curves"]["eval/return_mean"])[s] for s in steps] for r in group])
         mean = values.mean(0)
@@ -281,18 +314,24 @@ def plot_curves(runs: list[dict], path: str) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     ax = list(axes.flat)[n - 1]
-    fluency = "eval/grammatical" if any("eval/grammatical" in r["summary"]["final"] for g in groups.values()
-                                        for r in g) else "eval/perplexity"
+    fluency = (
+        "eval/grammatical"
+        if any("eval/grammatical" in r["summary"]["final"] for g in groups.values() for r in g)
+        else "eval/perplexity"
+    )
     starts = []
     for (script, task), group in groups.items():
         points = [(r["summary"]["final"].get(fluency), r["summary"]["final"]["eval/return_mean"]) for r in group]
         points = [(x, y) for x, y in points if x is not None]
-        starts += [(r["summary"]["initial"].get(fluency), r["summary"]["initial"]["eval/return_mean"]) for r in group
-                   if r["summary"]["initial"].get(fluency) is not None]
+        starts += [
+            (r["summary"]["initial"].get(fluency), r["summary"]["initial"]["eval/return_mean"])
+            for r in group
+            if r["summary"]["initial"].get(fluency) is not None
+        ]
         if points:
-            ax.scatter(*zip(*points), s=18, label=f"{script} ({task})")
+            ax.scatter(*zip(*points, strict=True), s=18, label=f"{script} ({task})")
     if starts:
-        ax.scatter(*zip(*starts), s=30, marker="x", color="black", label="before training")
+        ax.scatter(*zip(*starts, strict=True), s=30, marker="x", color="black", label="before training")
     ax.set_title(f"final return against {fluency.split('/')[1]} (one point per run)", fontsize=10)
     ax.set_xlabel(fluency)
     ax.set_ylabel("eval/return_mean")
@@ -300,8 +339,9 @@ def plot_curves(runs: list[dict], path: str) -> bool:
     ax.legend(fontsize=7, loc="best")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle("held-out return (mean ± std over seeds; dotted: before training), and return beside fluency",
-                 fontsize=10)
+    fig.suptitle(
+        "held-out return (mean ± std over seeds; dotted: before training), and return beside fluency", fontsize=10
+    )
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -323,8 +363,10 @@ def load_config(path: str) -> list[dict]:
 
 def machine_line() -> str:
     load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else ["?"] * 3
-    return (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
-            f"Python {platform.python_version()}, 1/5/15-min load {' '.join(load)}")
+    return (
+        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+        f"Python {platform.python_version()}, 1/5/15-min load {' '.join(load)}"
+    )
 
 
 def save_runs(path: str, command: str, machine: list[str], runs: list[dict]) -> None:
@@ -341,20 +383,34 @@ def changes_text(rows: list[dict]) -> str:
     lines = []
     for row in rows:
         parts = []
-        for name, label, digits in (("", "return", 3), ("_perplexity", "perplexity", 2), ("_ref_nll", "ref_nll", 2),
-                                    ("_grammatical", "grammatical", 3), ("_distinct_2", "distinct-2", 3)):
+        for name, label, digits in (
+            ("", "return", 3),
+            ("_perplexity", "perplexity", 2),
+            ("_ref_nll", "ref_nll", 2),
+            ("_grammatical", "grammatical", 3),
+            ("_distinct_2", "distinct-2", 3),
+        ):
             before, after = row["initial" + name], row["final" + name]
-            pairs = [(b, a) for b, a in zip(before, after) if b is not None and a is not None]
+            pairs = [(b, a) for b, a in zip(before, after, strict=True) if b is not None and a is not None]
             if pairs:
                 start = mean_std([b for b, _ in pairs])[0]
-                parts.append(f"{label} {start:.{digits}f} -> {mean_std([a for _, a in pairs])[0]:.{digits}f} "
-                             f"({fmt([a - b for b, a in pairs], digits, signed=True, se=True)})")
+                parts.append(
+                    f"{label} {start:.{digits}f} -> {mean_std([a for _, a in pairs])[0]:.{digits}f} "
+                    f"({fmt([a - b for b, a in pairs], digits, signed=True, se=True)})"
+                )
         lines.append(f"- `{row['script']}`: " + "; ".join(parts))
     return "\n".join(lines)
 
 
-def write_results_page(path: str, rows: list[dict], runs: list[dict], command: str, machine_before: str,
-                       machine_after: str, threads: Optional[int]) -> None:
+def write_results_page(
+    path: str,
+    rows: list[dict],
+    runs: list[dict],
+    command: str,
+    machine_before: str,
+    machine_after: str,
+    threads: Optional[int],
+) -> None:
     """docs/results.md: generated, never edited by hand."""
     when = time.strftime("%Y-%m-%d")
     text = f"""# Results: every method on the same task and the same evaluation
@@ -365,9 +421,9 @@ Every method on the embedded `sentiment` task, from the same starting model (`ti
 its script uses by default (`alol.py` with `--ref-epochs 0`, so that it too starts from the model as loaded;
 benchmarks/config.toml), evaluated by the same function (`common/tasks.py` `evaluate`) on the same 256
 held-out prompts with the same per-prompt sampling seeds. Final evaluation, mean ± standard error over
-seeds. Made by `{command}` ({when}; {machine_before.split(', 1/5/15')[0]}; {threads_text(threads)};
-1/5/15-minute load when the first run started: {machine_before.split('load ')[-1]}; when the page was
-written: {machine_after.split('load ')[-1]}). Wall times grow with the load; the metrics do not.
+seeds. Made by `{command}` ({when}; {machine_before.split(", 1/5/15")[0]}; {threads_text(threads)};
+1/5/15-minute load when the first run started: {machine_before.split("load ")[-1]}; when the page was
+written: {machine_after.split("load ")[-1]}). Wall times grow with the load; the metrics do not.
 
 {results_table(rows)}
 
@@ -398,24 +454,40 @@ How to read it (every metric is defined in [evaluation.md](evaluation.md)):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="run each entry's `quick` budget instead of its `flags`")
     p.add_argument("--seeds", type=int, default=None, help="run seeds 1..SEEDS (default 3; 5 with --results)")
-    p.add_argument("--first-seed", type=int, default=1,
-                   help="start at this seed instead of 1 (to split the seeds of a long benchmark over processes)")
+    p.add_argument(
+        "--first-seed",
+        type=int,
+        default=1,
+        help="start at this seed instead of 1 (to split the seeds of a long benchmark over processes)",
+    )
     p.add_argument("--only", default="", help="comma-separated scripts or script:task pairs to run (default: all)")
     p.add_argument("--config", default=os.path.join(HERE, "config.toml"), help="the entries to run")
     p.add_argument("--results-dir", default=os.path.join(HERE, "results"), help="where the table, plot and runs go")
     p.add_argument("--extra", default="", help="flags appended to every run, e.g. --extra='--eval-episodes 16'")
-    p.add_argument("--threads", type=int, default=None,
-                   help="set OMP_NUM_THREADS for every run (default: inherit); 1 is far faster on a busy machine")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="set OMP_NUM_THREADS for every run (default: inherit); 1 is far faster on a busy machine",
+    )
     p.add_argument("--no-readme", action="store_true", help="do not rewrite benchmarks/README.md's benchmark region")
-    p.add_argument("--results", action="store_true",
-                   help="every entry on the sentiment task, seeds 1-5 unless --seeds: write docs/results.md and "
-                        "results.json (not benchmarks/README.md)")
+    p.add_argument(
+        "--results",
+        action="store_true",
+        help="every entry on the sentiment task, seeds 1-5 unless --seeds: write docs/results.md and "
+        "results.json (not benchmarks/README.md)",
+    )
     p.add_argument("--page", default=os.path.join(ROOT, "docs", "results.md"), help="where --results writes its page")
-    p.add_argument("--resume", action="store_true",
-                   help="reuse the finished runs the results JSON already holds (same script, task, seed, flags)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the finished runs the results JSON already holds (same script, task, seed, flags)",
+    )
     return p.parse_args(argv)
 
 
@@ -425,8 +497,11 @@ def child_env(threads: Optional[int]) -> dict:
 
 
 def threads_text(threads: Optional[int]) -> str:
-    return f"{threads} intra-op thread{'s' * (threads != 1)} per run" if threads else \
-        f"torch's default intra-op threads ({os.environ.get('OMP_NUM_THREADS') or 'one per core'})"
+    return (
+        f"{threads} intra-op thread{'s' * (threads != 1)} per run"
+        if threads
+        else f"torch's default intra-op threads ({os.environ.get('OMP_NUM_THREADS') or 'one per core'})"
+    )
 
 
 def main(argv=None) -> int:
@@ -445,7 +520,9 @@ def main(argv=None) -> int:
             raise SystemExit(f"error: --only {args.only!r} matches no entry of {args.config}")
     if args.results:
         entries = [e for e in entries if e["task"] == "sentiment"]
-    command = "python benchmarks/run.py" + "".join(f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python benchmarks/run.py" + "".join(
+        f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:])
+    )
     results_dir = os.path.abspath(args.results_dir)
     runs_root = os.path.join(results_dir, "runs")
     extra = shlex.split(args.extra)
@@ -454,12 +531,15 @@ def main(argv=None) -> int:
     if args.resume and os.path.isfile(json_path):
         with open(json_path) as f:
             saved = json.load(f)
-        previous = {(r["script"], r["task"], r["seed"], tuple(r["flags"])): r for r in saved["runs"]
-                    if r.get("status") == "ok"}
+        previous = {
+            (r["script"], r["task"], r["seed"], tuple(r["flags"])): r for r in saved["runs"] if r.get("status") == "ok"
+        }
         previous_machine = saved.get("machine", [])
     machine_before = machine_line()
-    print(f"benchmark: {len(entries)} entries x {args.seeds} seeds{' (quick)' if args.quick else ''}; {machine_before}",
-          flush=True)
+    print(
+        f"benchmark: {len(entries)} entries x {args.seeds} seeds{' (quick)' if args.quick else ''}; {machine_before}",
+        flush=True,
+    )
 
     runs = []
     for entry in entries:
@@ -480,8 +560,18 @@ def main(argv=None) -> int:
             tag = f"{os.path.splitext(script)[0]}__{task}__{seed}"
             output_dir = os.path.join(runs_root, tag)
             shutil.rmtree(output_dir, ignore_errors=True)
-            cmd = [sys.executable, script, "--task", task, "--seed", str(seed), "--output-dir", output_dir,
-                   *flags, *extra]
+            cmd = [
+                sys.executable,
+                script,
+                "--task",
+                task,
+                "--seed",
+                str(seed),
+                "--output-dir",
+                output_dir,
+                *flags,
+                *extra,
+            ]
             print(f"  {script} {task} seed {seed} ...", end=" ", flush=True)
             result = run_child(cmd, os.path.join(runs_root, f"{tag}.log"), env=child_env(args.threads))
             record.update(result, log=os.path.relpath(os.path.join(runs_root, f"{tag}.log"), ROOT))
@@ -495,16 +585,20 @@ def main(argv=None) -> int:
                 summary = json.load(f)
             record.update(status="ok", summary=summary, curves=read_scalars(run_dir, ("eval/", "objective/kl")))
             final = _get(summary, "final/eval/return_mean")
-            print(f"final {final if final is None else round(final, 3)}, {result['process_seconds']:.0f}s, "
-                  f"{result['peak_rss_mib']:.0f} MiB", flush=True)
+            print(
+                f"final {final if final is None else round(final, 3)}, {result['process_seconds']:.0f}s, "
+                f"{result['peak_rss_mib']:.0f} MiB",
+                flush=True,
+            )
             save_runs(json_path, command, [*previous_machine[:1], machine_before], runs)  # a kill keeps every run
 
     rows = aggregate(runs)
     machine_after = machine_line()
     save_runs(json_path, command, [*previous_machine[:1], machine_before, machine_after], runs)
     if args.results:  # the load when the first kept run started, if any, tells what the wall times were made under
-        write_results_page(args.page, rows, runs, command, (previous_machine or [machine_before])[0], machine_after,
-                           args.threads)
+        write_results_page(
+            args.page, rows, runs, command, (previous_machine or [machine_before])[0], machine_after, args.threads
+        )
         print("\n" + results_table(rows), flush=True)
         print(f"\nwrote {os.path.relpath(args.page, ROOT)} and {os.path.relpath(json_path, ROOT)}", flush=True)
         return 0 if rows else 1
@@ -513,26 +607,34 @@ def main(argv=None) -> int:
     problems = problems_text(runs)
     when = time.strftime("%Y-%m-%d")
     readme_png = os.path.relpath(os.path.join(results_dir, "benchmark.png"), HERE)  # from benchmarks/README.md
-    body = "\n\n".join(x for x in [
-        f"`{command}` ({when}; {machine_before.split(', 1/5/15')[0]}; {threads_text(args.threads)}; load before/after: "
-        f"{machine_before.split('load ')[-1]} / {machine_after.split('load ')[-1]}):",
-        table,
-        "Held-out return is `eval/return_mean` (the task score of the method's deployed decoding on held-out "
-        "prompts or games), mean ± sample std over seeds; wall is the script's own `wall_seconds` (from its run "
-        "directory's creation to the summary: training and evaluations, not imports; runs.json also keeps each "
-        "whole process's seconds); tokens/s is the script's own `summary.json` figure; peak RSS is the process's maximum "
-        "resident memory.",
-        problems,
-        f"![held-out return during training]({readme_png})" if plotted else "",
-    ] if x)
+    body = "\n\n".join(
+        x
+        for x in [
+            f"`{command}` ({when}; {machine_before.split(', 1/5/15')[0]}; {threads_text(args.threads)}; "
+            "load before/after: "
+            f"{machine_before.split('load ')[-1]} / {machine_after.split('load ')[-1]}):",
+            table,
+            "Held-out return is `eval/return_mean` (the task score of the method's deployed decoding on held-out "
+            "prompts or games), mean ± sample std over seeds; wall is the script's own `wall_seconds` (from its run "
+            "directory's creation to the summary: training and evaluations, not imports; runs.json also keeps each "
+            "whole process's seconds); tokens/s is the script's own `summary.json` figure; peak RSS is the process's "
+            "maximum resident memory.",
+            problems,
+            f"![held-out return during training]({readme_png})" if plotted else "",
+        ]
+        if x
+    )
     os.makedirs(results_dir, exist_ok=True)
     with open(os.path.join(results_dir, "benchmark.md"), "w") as f:
         f.write("# Benchmark\n\n" + body.replace(f"]({readme_png})", "](benchmark.png)") + "\n")
     if not args.no_readme:
         write_readme_region(body)
     print("\n" + table + ("\n\n" + problems if problems else ""), flush=True)
-    print(f"\nwrote {os.path.relpath(results_dir, ROOT)}/benchmark.md, runs.json"
-          f"{', benchmark.png' if plotted else ''}{'' if args.no_readme else ' and benchmarks/README.md'}", flush=True)
+    print(
+        f"\nwrote {os.path.relpath(results_dir, ROOT)}/benchmark.md, runs.json"
+        f"{', benchmark.png' if plotted else ''}{'' if args.no_readme else ' and benchmarks/README.md'}",
+        flush=True,
+    )
     return 0 if rows else 1
 
 

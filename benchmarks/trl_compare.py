@@ -19,7 +19,7 @@ responses / training seconds: `trainer.train()` for TRL, the sum of ppo.py's per
 ours (evaluation is excluded from both).
 
 Usage (TRL and its dependencies are in requirements-bench.txt; `pip install --no-deps -r requirements-bench.txt`):
-    python benchmarks/trl_compare.py                       # all four, seed 1; also rewrites benchmarks/README.md's table
+    python benchmarks/trl_compare.py   # all four, seed 1; also rewrites benchmarks/README.md's table
     python benchmarks/trl_compare.py --seeds 3 --trainers ppo.py,grpo
     python benchmarks/trl_compare.py --help
 
@@ -43,8 +43,13 @@ HERE = os.path.join(ROOT, "benchmarks")
 sys.path[:0] = [ROOT, HERE]
 START, END = "<!-- trl-compare:start -->", "<!-- trl-compare:end -->"
 TRAINERS = ("ppo.py", "grpo", "rloo", "trl-ppo")
-OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 # The shared work (see the docstring).
 BATCH, MINIBATCH, EPOCHS, RESPONSE_LENGTH, LR, TEMPERATURE, EVAL_EPISODES = 64, 16, 4, 24, 1e-4, 1.0, 256
@@ -86,20 +91,38 @@ def heldout_eval(model, tokenizer, task, seed: int) -> dict:
 
     def generate_fn(prompts, indices):
         ids, mask = policy.encode_prompts(prompts, task.max_prompt_tokens, "cpu")
-        response, response_mask = policy.generate(ids, mask, RESPONSE_LENGTH, task.min_new_tokens,
-                                                  temperature=TEMPERATURE, seeds=episode_seeds(seed, 1, 0, indices))
+        response, response_mask = policy.generate(
+            ids,
+            mask,
+            RESPONSE_LENGTH,
+            task.min_new_tokens,
+            temperature=TEMPERATURE,
+            seeds=episode_seeds(seed, 1, 0, indices),
+        )
         return policy.decode(response, response_mask)
 
-    metrics, _ = evaluate(task, generate_fn, EVAL_EPISODES, BATCH, policy=policy, start_model=start,
-                          response_length=RESPONSE_LENGTH)
+    metrics, _ = evaluate(
+        task, generate_fn, EVAL_EPISODES, BATCH, policy=policy, start_model=start, response_length=RESPONSE_LENGTH
+    )
     return metrics
 
 
 def common_config(out_dir: str, seed: int) -> dict:
     """TrainingArguments every TRL trainer gets: CPU fp32, constant LR, no checkpointing, no saving."""
-    return dict(output_dir=out_dir, seed=seed, learning_rate=LR, lr_scheduler_type="constant", use_cpu=True,
-                bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no", logging_steps=16,
-                disable_tqdm=True, dataloader_num_workers=0)
+    return dict(
+        output_dir=out_dir,
+        seed=seed,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=16,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,12 +140,20 @@ def trl_group(name: str, updates: int, seed: int, out_dir: str):
     _, model, tokenizer = load_tiny(task)
     dataset = Dataset.from_list([{"prompt": p} for p in task.train_prompts])
     Config, Trainer = (GRPOConfig, GRPOTrainer) if name == "grpo" else (RLOOConfig, RLOOTrainer)
-    config = Config(**common_config(out_dir, seed), per_device_train_batch_size=MINIBATCH,
-                    steps_per_generation=BATCH // MINIBATCH, num_iterations=EPOCHS,
-                    max_steps=updates * EPOCHS * BATCH // MINIBATCH, max_completion_length=RESPONSE_LENGTH,
-                    temperature=TEMPERATURE, top_k=0, top_p=1.0)
-    trainer = Trainer(model=model, reward_funcs=vader_reward, args=config, train_dataset=dataset,
-                      processing_class=tokenizer)
+    config = Config(
+        **common_config(out_dir, seed),
+        per_device_train_batch_size=MINIBATCH,
+        steps_per_generation=BATCH // MINIBATCH,
+        num_iterations=EPOCHS,
+        max_steps=updates * EPOCHS * BATCH // MINIBATCH,
+        max_completion_length=RESPONSE_LENGTH,
+        temperature=TEMPERATURE,
+        top_k=0,
+        top_p=1.0,
+    )
+    trainer = Trainer(
+        model=model, reward_funcs=vader_reward, args=config, train_dataset=dataset, processing_class=tokenizer
+    )
     start = time.perf_counter()
     trainer.train()
     return trainer, time.perf_counter() - start, model, tokenizer, task
@@ -153,21 +184,39 @@ def trl_ppo(updates: int, seed: int, out_dir: str):
         if not isinstance(model_, PythonReward):
             return original_get_reward(model_, query_responses, pad_token_id, context_length)
         responses = query_responses[:, context_length:]
-        texts = tokenizer.batch_decode(responses.masked_fill(responses == pad_token_id, tokenizer.eos_token_id),
-                                       skip_special_tokens=True)
+        texts = tokenizer.batch_decode(
+            responses.masked_fill(responses == pad_token_id, tokenizer.eos_token_id), skip_special_tokens=True
+        )
         scores = torch.tensor(vader_compound(texts), dtype=torch.float32, device=query_responses.device)
         return None, scores, None
 
     ppo_module.get_reward = get_reward
-    dataset = Dataset.from_list([{"input_ids": tokenizer(p)["input_ids"][-task.max_prompt_tokens:]}
-                                 for p in task.train_prompts])
-    config = PPOConfig(**common_config(out_dir, seed), per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
-                       num_mini_batches=BATCH // MINIBATCH, num_ppo_epochs=EPOCHS, total_episodes=updates * BATCH,
-                       response_length=RESPONSE_LENGTH, temperature=TEMPERATURE, stop_token="eos",
-                       num_sample_generations=0, local_rollout_forward_batch_size=BATCH)
-    trainer = PPOTrainer(args=config, processing_class=tokenizer, model=model, ref_model=None,
-                         reward_model=PythonReward(), train_dataset=dataset, value_model=value_model,
-                         eval_dataset=dataset.select(range(BATCH)))
+    dataset = Dataset.from_list(
+        [{"input_ids": tokenizer(p)["input_ids"][-task.max_prompt_tokens :]} for p in task.train_prompts]
+    )
+    config = PPOConfig(
+        **common_config(out_dir, seed),
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=1,
+        num_mini_batches=BATCH // MINIBATCH,
+        num_ppo_epochs=EPOCHS,
+        total_episodes=updates * BATCH,
+        response_length=RESPONSE_LENGTH,
+        temperature=TEMPERATURE,
+        stop_token="eos",
+        num_sample_generations=0,
+        local_rollout_forward_batch_size=BATCH,
+    )
+    trainer = PPOTrainer(
+        args=config,
+        processing_class=tokenizer,
+        model=model,
+        ref_model=None,
+        reward_model=PythonReward(),
+        train_dataset=dataset,
+        value_model=value_model,
+        eval_dataset=dataset.select(range(BATCH)),
+    )
     start = time.perf_counter()
     trainer.train()
     return trainer, time.perf_counter() - start, model, tokenizer, task
@@ -188,12 +237,20 @@ def worker(name: str, updates: int, seed: int, out_path: str) -> None:
         else:
             trainer, seconds, model, tokenizer, task = trl_group(name, updates, seed, out_dir)
     history = trainer.state.log_history
-    train_scores = [h.get("reward", h.get("objective/scores")) for h in history
-                    if "reward" in h or "objective/scores" in h]
+    train_scores = [
+        h.get("reward", h.get("objective/scores")) for h in history if "reward" in h or "objective/scores" in h
+    ]
     metrics = heldout_eval(model, tokenizer, task, seed)
-    result = {"trainer": name, "seed": seed, "updates": updates, "samples": updates * BATCH,
-              "train_seconds": seconds, "final": metrics, "train_scores": train_scores,
-              "versions": {"trl": trl.__version__, "transformers": transformers.__version__}}
+    result = {
+        "trainer": name,
+        "seed": seed,
+        "updates": updates,
+        "samples": updates * BATCH,
+        "train_seconds": seconds,
+        "final": metrics,
+        "train_scores": train_scores,
+        "versions": {"trl": trl.__version__, "transformers": transformers.__version__},
+    }
     with open(out_path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"{name}: {seconds:.1f}s training, held-out return {metrics['eval/return_mean']:+.3f}", flush=True)
@@ -204,10 +261,33 @@ def worker(name: str, updates: int, seed: int, out_path: str) -> None:
 # ----------------------------------------------------------------------------------------------
 def ours(bench, updates: int, seed: int, run_root: str, log: str, env: dict) -> dict:
     out_dir = os.path.join(run_root, f"ppo__{seed}")
-    cmd = [sys.executable, "ppo.py", "--seed", str(seed), "--total-updates", str(updates), "--eval-every",
-           str(updates), "--rollout-batch-size", str(BATCH), "--minibatch-size", str(MINIBATCH), "--ppo-epochs",
-           str(EPOCHS), "--learning-rate", str(LR), "--response-length", str(RESPONSE_LENGTH), "--temperature",
-           str(TEMPERATURE), "--eval-episodes", str(EVAL_EPISODES), "--no-save-model", "--output-dir", out_dir]
+    cmd = [
+        sys.executable,
+        "ppo.py",
+        "--seed",
+        str(seed),
+        "--total-updates",
+        str(updates),
+        "--eval-every",
+        str(updates),
+        "--rollout-batch-size",
+        str(BATCH),
+        "--minibatch-size",
+        str(MINIBATCH),
+        "--ppo-epochs",
+        str(EPOCHS),
+        "--learning-rate",
+        str(LR),
+        "--response-length",
+        str(RESPONSE_LENGTH),
+        "--temperature",
+        str(TEMPERATURE),
+        "--eval-episodes",
+        str(EVAL_EPISODES),
+        "--no-save-model",
+        "--output-dir",
+        out_dir,
+    ]
     import shutil
 
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -222,16 +302,28 @@ def ours(bench, updates: int, seed: int, run_root: str, log: str, env: dict) -> 
     acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
     acc.Reload()
     per_update = [BATCH / e.value for e in acc.Scalars("charts/episodes_per_second")]  # seconds of each update
-    return {**result, "trainer": "ppo.py", "seed": seed, "updates": updates, "samples": updates * BATCH,
-            "train_seconds": sum(per_update), "initial": summary["initial"], "final": summary["final"],
-            "train_scores": [e.value for e in acc.Scalars("objective/scores")]}
+    return {
+        **result,
+        "trainer": "ppo.py",
+        "seed": seed,
+        "updates": updates,
+        "samples": updates * BATCH,
+        "train_seconds": sum(per_update),
+        "initial": summary["initial"],
+        "final": summary["final"],
+        "train_scores": [e.value for e in acc.Scalars("objective/scores")],
+    }
 
 
 # ----------------------------------------------------------------------------------------------
 # Table
 # ----------------------------------------------------------------------------------------------
-LABELS = {"ppo.py": "ours: `ppo.py`", "grpo": "TRL `GRPOTrainer`", "rloo": "TRL `RLOOTrainer`",
-          "trl-ppo": "TRL `PPOTrainer` (experimental)"}
+LABELS = {
+    "ppo.py": "ours: `ppo.py`",
+    "grpo": "TRL `GRPOTrainer`",
+    "rloo": "TRL `RLOOTrainer`",
+    "trl-ppo": "TRL `PPOTrainer` (experimental)",
+}
 
 
 def comparison_table(results: list[dict], initial: float | None) -> str:
@@ -245,10 +337,20 @@ def comparison_table(results: list[dict], initial: float | None) -> str:
     base = by.get("ppo.py")
     base_sps = mean_std([r["samples"] / r["train_seconds"] for r in base])[0] if base else None
     base_rss = mean_std([r["peak_rss_mib"] for r in base])[0] if base else None
-    base_gain = (mean_std([r["final"]["eval/return_mean"] for r in base])[0] - initial) if base and initial is not None else None
-    lines = ["| trainer | samples/s | ratio to ppo.py | final held-out return | gain over start | ratio to ppo.py "
-             "| perplexity | grammatical | distinct-2 | peak RSS (MiB) | ratio to ppo.py | training (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    base_gain = (
+        (mean_std([r["final"]["eval/return_mean"] for r in base])[0] - initial)
+        if base and initial is not None
+        else None
+    )
+    lines = [
+        "| trainer | samples/s | ratio to ppo.py | final held-out return | gain over start | ratio to ppo.py "
+        "| perplexity | grammatical | distinct-2 | peak RSS (MiB) | ratio to ppo.py | training (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def ratio(a, b):
+        return f"{a / b:.2f}x" if a is not None and b else "n/a"
+
     for name in TRAINERS:
         if name not in by:
             continue
@@ -257,14 +359,16 @@ def comparison_table(results: list[dict], initial: float | None) -> str:
         finals = [r["final"]["eval/return_mean"] for r in rs]
         rss = [r["peak_rss_mib"] for r in rs]
         gain = mean_std(finals)[0] - initial if initial is not None else None
-        ratio = lambda a, b: f"{a / b:.2f}x" if a is not None and b else "n/a"  # noqa: E731
         lines.append(
             f"| {LABELS[name]} | {fmt(sps, 1)} | {ratio(mean_std(sps)[0], base_sps)} | {fmt(finals, 3, signed=True)} "
             f"| {'n/a' if gain is None else f'{gain:+.3f}'} | {ratio(gain, base_gain)} "
-            + "".join(f"| {fmt([r['final'].get('eval/' + k) for r in rs], 2)} "
-                      for k in ("perplexity", "grammatical", "distinct_2"))
+            + "".join(
+                f"| {fmt([r['final'].get('eval/' + k) for r in rs], 2)} "
+                for k in ("perplexity", "grammatical", "distinct_2")
+            )
             + f"| {fmt(rss, 0)} "
-            f"| {ratio(mean_std(rss)[0], base_rss)} | {fmt([r['train_seconds'] for r in rs], 0)} |")
+            f"| {ratio(mean_std(rss)[0], base_rss)} | {fmt([r['train_seconds'] for r in rs], 0)} |"
+        )
     return "\n".join(lines)
 
 
@@ -274,8 +378,12 @@ def parse_args(argv=None):
     p.add_argument("--updates", type=int, default=40, help="updates (rollouts of 64 responses) per trainer")
     p.add_argument("--seeds", type=int, default=1, help="run seeds 1..SEEDS for every trainer")
     p.add_argument("--results-dir", default=os.path.join(HERE, "results"), help="where trl_compare.md/.json go")
-    p.add_argument("--threads", type=int, default=None,
-                   help="set OMP_NUM_THREADS for every trainer (default: inherit); 1 is far faster on a busy machine")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="set OMP_NUM_THREADS for every trainer (default: inherit); 1 is far faster on a busy machine",
+    )
     p.add_argument("--no-readme", action="store_true", help="do not rewrite benchmarks/README.md's TRL region")
     p.add_argument("--worker", choices=TRAINERS[1:], help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)
@@ -293,21 +401,26 @@ def main(argv=None) -> int:
     trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
     unknown = set(trainers) - set(TRAINERS)
     if unknown or args.updates <= 0 or args.seeds <= 0:
-        raise SystemExit(f"error: unknown trainers {sorted(unknown)} (known: {', '.join(TRAINERS)}), or "
-                         f"non-positive --updates/--seeds")
+        raise SystemExit(
+            f"error: unknown trainers {sorted(unknown)} (known: {', '.join(TRAINERS)}), or "
+            f"non-positive --updates/--seeds"
+        )
     if any(t != "ppo.py" for t in trainers):
         try:
-            import trl  # noqa: F401
-        except ImportError:
-            raise SystemExit("error: TRL is not installed: pip install --no-deps -r requirements-bench.txt")
+            import trl  # noqa: F401 (imported only to check that it is installed)
+        except ImportError as error:
+            raise SystemExit("error: TRL is not installed: pip install --no-deps -r requirements-bench.txt") from error
     results_dir = os.path.abspath(args.results_dir)
     run_root = os.path.join(results_dir, "runs", "trl_compare")
     os.makedirs(run_root, exist_ok=True)
     command = "python benchmarks/trl_compare.py" + "".join(
-        f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]))
+        f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:])
+    )
     machine_before = bench.machine_line()
-    print(f"trl_compare: {', '.join(trainers)} x seeds 1-{args.seeds}, {args.updates} updates; {machine_before}",
-          flush=True)
+    print(
+        f"trl_compare: {', '.join(trainers)} x seeds 1-{args.seeds}, {args.updates} updates; {machine_before}",
+        flush=True,
+    )
     env = {**bench.child_env(args.threads), **OFFLINE}
     results = []
     for seed in range(1, args.seeds + 1):
@@ -320,8 +433,18 @@ def main(argv=None) -> int:
                 out = os.path.join(run_root, f"{name}__{seed}.json")
                 if os.path.exists(out):
                     os.remove(out)
-                cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--updates", str(args.updates),
-                       "--seed", str(seed), "--out", out]
+                cmd = [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "--worker",
+                    name,
+                    "--updates",
+                    str(args.updates),
+                    "--seed",
+                    str(seed),
+                    "--out",
+                    out,
+                ]
                 r = bench.run_child(cmd, log, env=env)
                 if r["returncode"] == 0 and os.path.exists(out):
                     with open(out) as f:
@@ -330,28 +453,36 @@ def main(argv=None) -> int:
                     r = {**r, "trainer": name, "seed": seed, "error": bench.last_line(log)}
             r.setdefault("trainer", name)
             results.append(r)
-            print(f"FAILED: {r['error']}" if "error" in r else
-                  f"{r['samples'] / r['train_seconds']:.1f} samples/s, return {r['final']['eval/return_mean']:+.3f}, "
-                  f"{r['peak_rss_mib']:.0f} MiB", flush=True)
+            print(
+                f"FAILED: {r['error']}"
+                if "error" in r
+                else f"{r['samples'] / r['train_seconds']:.1f} samples/s, "
+                f"return {r['final']['eval/return_mean']:+.3f}, {r['peak_rss_mib']:.0f} MiB",
+                flush=True,
+            )
     initials = [r["initial"]["eval/return_mean"] for r in results if r["trainer"] == "ppo.py" and "initial" in r]
     initial = sum(initials) / len(initials) if initials else None
     machine_after = bench.machine_line()
     versions = next((r["versions"] for r in results if "versions" in r), {})
     table = comparison_table(results, initial)
     failed = [f"- {r['trainer']} seed {r['seed']}: {r['error']}" for r in results if "error" in r]
-    body = "\n\n".join(x for x in [
-        f"`{command}` ({time.strftime('%Y-%m-%d')}; {machine_before.split(', 1/5/15')[0]}; "
-        f"TRL {versions.get('trl', '?')}, transformers {versions.get('transformers', '?')}; "
-        f"{bench.threads_text(args.threads)}; "
-        f"load before/after: {machine_before.split('load ')[-1]} / {machine_after.split('load ')[-1]}; "
-        f"seeds 1-{args.seeds}, {args.updates} updates of {BATCH} responses):",
-        table,
-        (f"Every policy starts at held-out return {initial:+.3f}. " if initial is not None else "") +
-        "Ratios are trainer / `ppo.py`: above 1 means more samples per second, more gain in held-out return, "
-        "or more memory. Peak RSS is the whole process, imports included (TRL also imports datasets, pyarrow, "
-        "pandas and accelerate).",
-        "\n".join(failed),
-    ] if x)
+    body = "\n\n".join(
+        x
+        for x in [
+            f"`{command}` ({time.strftime('%Y-%m-%d')}; {machine_before.split(', 1/5/15')[0]}; "
+            f"TRL {versions.get('trl', '?')}, transformers {versions.get('transformers', '?')}; "
+            f"{bench.threads_text(args.threads)}; "
+            f"load before/after: {machine_before.split('load ')[-1]} / {machine_after.split('load ')[-1]}; "
+            f"seeds 1-{args.seeds}, {args.updates} updates of {BATCH} responses):",
+            table,
+            (f"Every policy starts at held-out return {initial:+.3f}. " if initial is not None else "")
+            + "Ratios are trainer / `ppo.py`: above 1 means more samples per second, more gain in held-out return, "
+            "or more memory. Peak RSS is the whole process, imports included (TRL also imports datasets, pyarrow, "
+            "pandas and accelerate).",
+            "\n".join(failed),
+        ]
+        if x
+    )
     with open(os.path.join(results_dir, "trl_compare.md"), "w") as f:
         f.write("# Side by side with TRL\n\n" + body + "\n")
     with open(os.path.join(results_dir, "trl_compare.json"), "w") as f:

@@ -30,9 +30,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 from transformers import logging as hf_logging
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig
-from transformers import LogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
 BUILTIN_MODELS = ("tiny-gpt2", "tiny-t5")
 # Bump when the built-in models' recipe changes; cached models from another version are rebuilt.
@@ -77,7 +85,7 @@ def right_pad(rows: list[list[int]], value: int, min_width: int = 0) -> torch.Te
     """Token-id rows as one right-padded `[N, max(longest row, min_width)]` long tensor."""
     out = torch.full((len(rows), max([min_width, *map(len, rows)])), value, dtype=torch.long)
     for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
     return out
 
 
@@ -156,8 +164,11 @@ class Policy(nn.Module):
         # apply. Keep only the special token ids, so rollouts come from exactly the scored distribution.
         config = model.config
         model.generation_config = GenerationConfig(
-            bos_token_id=getattr(config, "bos_token_id", None), eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=getattr(config, "decoder_start_token_id", None))
+            bos_token_id=getattr(config, "bos_token_id", None),
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            decoder_start_token_id=getattr(config, "decoder_start_token_id", None),
+        )
 
     @property
     def hidden_size(self) -> int:
@@ -182,8 +193,9 @@ class Policy(nn.Module):
             self.cut_reason = " (the task's limit)"
             return task_limit
         if response_length >= context:
-            raise ValueError(f"--response-length {response_length} leaves no room for a prompt in the model's "
-                             f"{context} positions")
+            raise ValueError(
+                f"--response-length {response_length} leaves no room for a prompt in the model's {context} positions"
+            )
         self.cut_reason = f" (the model's {context} positions less {response_length} for the response)"
         return context - response_length
 
@@ -193,26 +205,31 @@ class Policy(nn.Module):
         tok = self.tokenizer
         rows = [tok(p, add_special_tokens=self.is_seq2seq)["input_ids"] for p in prompts]
         if any(len(r) > max_tokens for r in rows):
-            self.say_once(f"note: prompts longer than {max_tokens} tokens keep their last {max_tokens}"
-                     f"{self.cut_reason}; said once")
+            self.say_once(
+                f"note: prompts longer than {max_tokens} tokens keep their last {max_tokens}"
+                f"{self.cut_reason}; said once"
+            )
         rows = [r[-max_tokens:] or [tok.eos_token_id] for r in rows]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
-            ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
+            ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
         if torch.device(device).type == "cuda":  # page-locked host memory: the copy runs without a host sync
             return ids.pin_memory().to(device, non_blocking=True), mask.pin_memory().to(device, non_blocking=True)
         return ids.to(device), mask.to(device)
 
     def decode(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
         """Response texts without special tokens (EOS and padding dropped)."""
-        return [self.tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
-                for ids, m in zip(response_ids.cpu(), response_mask.cpu())]
+        return [
+            self.tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
+            for ids, m in zip(response_ids.cpu(), response_mask.cpu(), strict=True)
+        ]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int,
-                with_logits: bool = True) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int, with_logits: bool = True
+    ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """Logits `[B, R, V]` (or None) and last hidden states `[B, R, H]` for the R = T - start
         response columns, aligned so that position j scores token `input_ids[:, start + j]`."""
         if self.is_seq2seq:
@@ -220,23 +237,27 @@ class Policy(nn.Module):
             labels, label_mask = input_ids[:, response_start:], attention_mask[:, response_start:]
             start = torch.full_like(labels[:, :1], self.model.config.decoder_start_token_id)
             out = self.model(
-                input_ids=prompt_ids, attention_mask=prompt_mask,
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
                 decoder_input_ids=torch.cat([start, labels[:, :-1]], 1),
                 decoder_attention_mask=torch.cat([torch.ones_like(start), label_mask[:, :-1]], 1),
-                output_hidden_states=True, use_cache=False,
+                output_hidden_states=True,
+                use_cache=False,
             )
             return (out.logits if with_logits else None), out.decoder_hidden_states[-1]
         # Same position ids as `generate` computes for left-padded prompts.
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                       position_ids=position_ids, use_cache=False).last_hidden_state
-        hidden = hidden[:, response_start - 1:-1]  # the state before token t predicts token t
+        hidden = self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        hidden = hidden[:, response_start - 1 : -1]  # the state before token t predicts token t
         logits = self.model.get_output_embeddings()(hidden) if with_logits else None
         return logits, hidden
 
     @torch.no_grad()
-    def text_nll(self, prompts: list[str], continuations: list[str], max_prompt_tokens: int,
-                 batch_size: int = 32, logits_fn=None) -> tuple[np.ndarray, np.ndarray]:
+    def text_nll(
+        self, prompts: list[str], continuations: list[str], max_prompt_tokens: int, batch_size: int = 32, logits_fn=None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Teacher-forced negative log-likelihood of each continuation after its prompt, in fp32 at
         temperature 1: (summed NLL, token count) per text. The continuation is tokenized on its own (no
         special tokens) and kept to what fits the model's context after the prompt; an empty one has 0
@@ -247,24 +268,33 @@ class Policy(nn.Module):
         tok, context = self.tokenizer, self.context_size
         nll, count = np.zeros(len(prompts)), np.zeros(len(prompts))
         for i in range(0, len(prompts), batch_size):
-            prompt_ids, prompt_mask = self.encode_prompts(prompts[i:i + batch_size], max_prompt_tokens, device)
-            rows = [tok(c, add_special_tokens=False)["input_ids"] for c in continuations[i:i + batch_size]]
+            prompt_ids, prompt_mask = self.encode_prompts(prompts[i : i + batch_size], max_prompt_tokens, device)
+            rows = [tok(c, add_special_tokens=False)["input_ids"] for c in continuations[i : i + batch_size]]
             if context is not None:
-                rows = [r[:max(context - prompt_ids.shape[1], 0)] for r in rows]
+                rows = [r[: max(context - prompt_ids.shape[1], 0)] for r in rows]
             ids = right_pad(rows, tok.pad_token_id, min_width=1).to(device)
             mask = right_pad([[1] * len(r) for r in rows], 0, min_width=1).to(device)
             batch = (torch.cat([prompt_ids, ids], 1), torch.cat([prompt_mask, mask], 1), prompt_ids.shape[1])
             logits = logits_fn(*batch) if logits_fn is not None else self(*batch)[0]
             token_nll = torch.where(mask.bool(), -logprobs_of(logits, ids), 0.0)  # padding may be -inf under top-k
-            nll[i:i + len(rows)] = token_nll.sum(1).double().cpu().numpy()
-            count[i:i + len(rows)] = mask.sum(1).cpu().numpy()
+            nll[i : i + len(rows)] = token_nll.sum(1).double().cpu().numpy()
+            count[i : i + len(rows)] = mask.sum(1).cpu().numpy()
         return nll, count
 
     @torch.no_grad()
-    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
-                 min_new_tokens: int = 0, do_sample: bool = True, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, logits_processor=None,
-                 seeds: Optional[list[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def generate(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        max_new_tokens: int,
+        min_new_tokens: int = 0,
+        do_sample: bool = True,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        logits_processor=None,
+        seeds: Optional[list[int]] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Batched, KV-cached generation. Returns response ids `[B, R]` (pad after the first EOS)
         and their mask (1 up to and including EOS). Sampling settings are always passed explicitly:
         a hidden default (transformers' top_k=50) would make rollouts come from another
@@ -283,18 +313,27 @@ class Policy(nn.Module):
             logits_processor.append(SeededSampling(seeds, temperature, prompt_ids.device))
             do_sample = False  # the argmax of the noised scores is the sample
         config = GenerationConfig(
-            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None, do_sample=do_sample,
-            temperature=temperature if do_sample else None, top_k=top_k if do_sample else None,
-            top_p=top_p if do_sample else None, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens or None,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_k=top_k if do_sample else None,
+            top_p=top_p if do_sample else None,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
             bos_token_id=getattr(self.model.config, "bos_token_id", None),
             decoder_start_token_id=getattr(self.model.config, "decoder_start_token_id", None),
         )
         was_training = self.model.training
         self.model.eval()
-        sequences = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
-                                        logits_processor=logits_processor)
+        sequences = self.model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            generation_config=config,
+            logits_processor=logits_processor,
+        )
         self.model.train(was_training)
-        response = sequences[:, 1:] if self.is_seq2seq else sequences[:, prompt_ids.shape[1]:]
+        response = sequences[:, 1:] if self.is_seq2seq else sequences[:, prompt_ids.shape[1] :]
         mask = response_mask_from(response, tok.eos_token_id)
         return response.masked_fill(mask == 0, tok.pad_token_id), mask
 
@@ -311,8 +350,7 @@ class SeededSampling(LogitsProcessor):
         self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        uniform = torch.stack([torch.rand(scores.shape[1], generator=g, device=scores.device)
-                               for g in self.generators])
+        uniform = torch.stack([torch.rand(scores.shape[1], generator=g, device=scores.device) for g in self.generators])
         gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20)))
         return scores.float() / self.temperature + gumbel
 
@@ -344,8 +382,9 @@ def resolve_model_path(model_name: str, task) -> str:
     path = os.path.expanduser(model_name)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"model directory {model_name!r} has no config.json (a `save_pretrained` "
-                                    f"directory has one)")
+            raise FileNotFoundError(
+                f"model directory {model_name!r} has no config.json (a `save_pretrained` directory has one)"
+            )
         return path
     if os.path.isfile(path):
         raise ValueError(f"model path {model_name!r} is a file; pass the directory `save_pretrained` wrote")
@@ -440,24 +479,55 @@ def _train_builtin(task, arch: str, out_dir: str, epochs: int = 2, batch_size: i
 
     texts = task.corpus()
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=1024, min_frequency=2, special_tokens=["<|endoftext|>", "<pad>"],
-                            show_progress=False)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                        unk_token="<|endoftext|>", pad_token="<pad>")
+    bpe.train_from_iterator(
+        texts, vocab_size=1024, min_frequency=2, special_tokens=["<|endoftext|>", "<pad>"], show_progress=False
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<pad>",
+    )
     eos, pad, vocab = tokenizer.eos_token_id, tokenizer.pad_token_id, len(tokenizer)
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     if arch == "tiny-gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=128, n_embd=128, n_layer=2, n_head=4,
-                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                           bos_token_id=eos, eos_token_id=eos, pad_token_id=pad))
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=vocab,
+                n_positions=128,
+                n_embd=128,
+                n_layer=2,
+                n_head=4,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                bos_token_id=eos,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )
+        )
         examples = [(tokenizer(t)["input_ids"] + [eos], None) for t in texts]
     else:
-        model = T5ForConditionalGeneration(T5Config(vocab_size=vocab, d_model=128, d_ff=256, d_kv=32, num_layers=2,
-                                                    num_heads=4, dropout_rate=0.0, feed_forward_proj="relu",
-                                                    eos_token_id=eos, pad_token_id=pad, decoder_start_token_id=pad))
-        examples = [(tokenizer(p)["input_ids"] + [eos], tokenizer(c)["input_ids"] + [eos])
-                    for p, c in task.pretrain_pairs()]
+        model = T5ForConditionalGeneration(
+            T5Config(
+                vocab_size=vocab,
+                d_model=128,
+                d_ff=256,
+                d_kv=32,
+                num_layers=2,
+                num_heads=4,
+                dropout_rate=0.0,
+                feed_forward_proj="relu",
+                eos_token_id=eos,
+                pad_token_id=pad,
+                decoder_start_token_id=pad,
+            )
+        )
+        examples = [
+            (tokenizer(p)["input_ids"] + [eos], tokenizer(c)["input_ids"] + [eos]) for p, c in task.pretrain_pairs()
+        ]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     steps = epochs * (len(examples) // batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
@@ -467,15 +537,17 @@ def _train_builtin(task, arch: str, out_dir: str, epochs: int = 2, batch_size: i
     for _ in range(epochs):
         order = torch.randperm(len(examples), generator=generator).tolist()
         for i in range(0, len(order) - batch_size + 1, batch_size):
-            batch = [examples[j] for j in order[i:i + batch_size]]
+            batch = [examples[j] for j in order[i : i + batch_size]]
             if arch == "tiny-gpt2":
                 ids = right_pad([x for x, _ in batch], pad)
-                loss = model(input_ids=ids, attention_mask=(ids != pad).long(),
-                             labels=ids.masked_fill(ids == pad, -100)).loss
+                loss = model(
+                    input_ids=ids, attention_mask=(ids != pad).long(), labels=ids.masked_fill(ids == pad, -100)
+                ).loss
             else:
                 src, tgt = right_pad([x for x, _ in batch], pad), right_pad([y for _, y in batch], pad)
-                loss = model(input_ids=src, attention_mask=(src != pad).long(),
-                             labels=tgt.masked_fill(tgt == pad, -100)).loss
+                loss = model(
+                    input_ids=src, attention_mask=(src != pad).long(), labels=tgt.masked_fill(tgt == pad, -100)
+                ).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

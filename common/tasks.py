@@ -41,25 +41,85 @@ import numpy as np
 # ----------------------------------------------------------------------------------------------
 GRAMMAR_VERSION = 1
 
-NOUNS = ["movie", "film", "plot", "acting", "story", "ending", "cast", "script", "music", "director",
-         "dialogue", "soundtrack", "camera work", "pacing", "lead actor", "villain", "humor", "finale"]
+NOUNS = [
+    "movie",
+    "film",
+    "plot",
+    "acting",
+    "story",
+    "ending",
+    "cast",
+    "script",
+    "music",
+    "director",
+    "dialogue",
+    "soundtrack",
+    "camera work",
+    "pacing",
+    "lead actor",
+    "villain",
+    "humor",
+    "finale",
+]
 KINDS = ["movie", "film", "story", "drama", "comedy", "thriller", "sequel"]
 WORDS = {
     "positive": {
-        "adj": ["great", "wonderful", "brilliant", "excellent", "beautiful", "fun", "superb",
-                "delightful", "charming", "amazing", "good", "lovely", "fantastic", "touching"],
+        "adj": [
+            "great",
+            "wonderful",
+            "brilliant",
+            "excellent",
+            "beautiful",
+            "fun",
+            "superb",
+            "delightful",
+            "charming",
+            "amazing",
+            "good",
+            "lovely",
+            "fantastic",
+            "touching",
+        ],
         "verb": ["loved", "enjoyed", "liked", "admired", "adored", "appreciated"],
         "feeling": ["happy", "glad", "thrilled", "delighted", "grateful"],
     },
     "negative": {
-        "adj": ["terrible", "awful", "boring", "dull", "bad", "horrible", "weak", "stupid",
-                "painful", "dreadful", "ugly", "poor", "disappointing", "annoying"],
+        "adj": [
+            "terrible",
+            "awful",
+            "boring",
+            "dull",
+            "bad",
+            "horrible",
+            "weak",
+            "stupid",
+            "painful",
+            "dreadful",
+            "ugly",
+            "poor",
+            "disappointing",
+            "annoying",
+        ],
         "verb": ["hated", "disliked", "regretted", "despised", "resented"],
         "feeling": ["sad", "angry", "bored", "upset", "tired"],
     },
     "neutral": {
-        "adj": ["long", "short", "slow", "quiet", "simple", "old", "typical", "loud", "familiar",
-                "dark", "new", "different", "plain", "real"],
+        "adj": [
+            "long",
+            "short",
+            "slow",
+            "quiet",
+            "simple",
+            "old",
+            "typical",
+            "loud",
+            "familiar",
+            "dark",
+            "new",
+            "different",
+            "plain",
+            "real",
+        ],
         "verb": ["watched", "saw", "rented", "noticed", "remember", "followed"],
         "feeling": ["awake", "hungry", "home", "there", "ready"],
     },
@@ -85,10 +145,18 @@ def make_review(rng: random.Random) -> str:
     for _ in range(rng.choice([3, 4])):
         words = WORDS[rng.choice(["positive", "negative", "neutral"])]
         noun, noun2 = rng.sample(NOUNS, 2)
-        sentences.append(rng.choice(TEMPLATES).format(
-            noun=noun, noun2=noun2, kind=rng.choice(KINDS), adv=rng.choice(ADVERBS), time=rng.choice(TIMES),
-            adj=rng.choice(words["adj"]), verb=rng.choice(words["verb"]), feeling=rng.choice(words["feeling"]),
-        ))
+        sentences.append(
+            rng.choice(TEMPLATES).format(
+                noun=noun,
+                noun2=noun2,
+                kind=rng.choice(KINDS),
+                adv=rng.choice(ADVERBS),
+                time=rng.choice(TIMES),
+                adj=rng.choice(words["adj"]),
+                verb=rng.choice(words["verb"]),
+                feeling=rng.choice(words["feeling"]),
+            )
+        )
     return " ".join(sentences)
 
 
@@ -113,9 +181,15 @@ def _phrases(words: Sequence[str]) -> list[tuple[str, ...]]:
 
 
 _SLOTS = {
-    "noun": _phrases(NOUNS), "noun2": _phrases(NOUNS), "kind": _phrases(KINDS), "adv": _phrases(ADVERBS),
-    "time": _phrases(TIMES), **{slot: _phrases([w for sentiment in WORDS.values() for w in sentiment[slot]])
-                                for slot in ("adj", "verb", "feeling")},
+    "noun": _phrases(NOUNS),
+    "noun2": _phrases(NOUNS),
+    "kind": _phrases(KINDS),
+    "adv": _phrases(ADVERBS),
+    "time": _phrases(TIMES),
+    **{
+        slot: _phrases([w for sentiment in WORDS.values() for w in sentiment[slot]])
+        for slot in ("adj", "verb", "feeling")
+    },
 }
 _TEMPLATE_SLOTS = [tuple(t[1:-1] if t.startswith("{") else (t,) for t in template.split()) for template in TEMPLATES]
 
@@ -138,10 +212,10 @@ def _sentence_ends(words: Sequence[str], start: int) -> tuple[set[int], bool]:
         for option in options:
             if slot == "noun2" and option == noun:  # the grammar draws two different nouns
                 continue
-            got = tuple(words[pos:pos + len(option)])
+            got = tuple(words[pos : pos + len(option)])
             if got == option:
                 walk(rest, pos + len(option), option if slot == "noun" else noun)
-            elif pos + len(got) == len(words) and option[:len(got)] == got:  # text ends inside a phrase
+            elif pos + len(got) == len(words) and option[: len(got)] == got:  # text ends inside a phrase
                 prefix = True
 
     for slots in _TEMPLATE_SLOTS:
@@ -203,27 +277,31 @@ def continue_review(prompt: str, rng: random.Random) -> str:
             starts.setdefault(pos, sentences)
         frontier = reached - {len(words)}
     tails = []  # (sentences in the prompt, the words that finish its last sentence)
+
+    def walk(slots, before, i, at, noun):
+        """Match words[at:] against the template `slots` from slot i; every way the prompt can end inside the
+        template adds a tail (the rest of the template filled, after `before` complete sentences)."""
+        if at == len(words):
+            tails.append((before + 1, _fill(slots[i:], noun, rng)))
+            return
+        if i == len(slots):
+            return
+        slot = slots[i]
+        for option in _SLOTS[slot] if isinstance(slot, str) else [slot]:
+            if slot == "noun2" and option == noun:
+                continue
+            got = tuple(words[at : at + len(option)])
+            if got == option:
+                walk(slots, before, i + 1, at + len(option), option if slot == "noun" else noun)
+            elif at + len(got) == len(words) and option[: len(got)] == got:  # ends inside a phrase
+                tails.append((before + 1, list(option[len(got) :]) + _fill(slots[i + 1 :], noun, rng)))
+
     for pos, before in starts.items():
         if pos == len(words):
             tails.append((before, []))
             continue
         for slots in _TEMPLATE_SLOTS:  # templates whose beginning the unfinished words are
-            def walk(i, at, noun):
-                if at == len(words):
-                    tails.append((before + 1, _fill(slots[i:], noun, rng)))
-                    return
-                if i == len(slots):
-                    return
-                slot = slots[i]
-                for option in (_SLOTS[slot] if isinstance(slot, str) else [slot]):
-                    if slot == "noun2" and option == noun:
-                        continue
-                    got = tuple(words[at:at + len(option)])
-                    if got == option:
-                        walk(i + 1, at + len(option), option if slot == "noun" else noun)
-                    elif at + len(got) == len(words) and option[:len(got)] == got:  # ends inside a phrase
-                        tails.append((before + 1, list(option[len(got):]) + _fill(slots[i + 1:], noun, rng)))
-            walk(0, pos, None)
+            walk(slots, before, 0, pos, None)
     tails = [t for t in tails if t[0] <= 4]
     if not tails:
         raise ValueError(f"the grammar cannot continue {prompt!r}")
@@ -304,8 +382,10 @@ class Task:
             rewards = None
         if rewards is None or rewards.shape != (len(responses),) or not np.all(np.isfinite(rewards)):
             shown = " ".join(repr(raw).split())  # one line, whatever the type
-            raise RewardError(f"task {self.name!r}: the reward function returned {shown[:200]}; "
-                             f"expected {len(responses)} finite floats")
+            raise RewardError(
+                f"task {self.name!r}: the reward function returned {shown[:200]}; "
+                f"expected {len(responses)} finite floats"
+            )
         return rewards
 
 
@@ -325,7 +405,7 @@ def corrupt(response: str, rng: random.Random) -> str:
     elif kind == "bag":
         words = rng.choices(_grammar_vocabulary(), k=rng.randint(3, 12))
     else:
-        words = words[:rng.randint(1, 2)]
+        words = words[: rng.randint(1, 2)]
     return " " + " ".join(words)
 
 
@@ -344,6 +424,7 @@ def make_sentiment_task(n_train: int = 4096, n_eval: int = 256, n_corpus: int = 
             eval_references.append(continuation)  # the review's own second half (GRUE's reference)
         if len(eval_prompts) == n_eval:
             break
+
     def offline_data(seed: int, n: int = 4096, noise: float = 0.2) -> list[dict]:
         """Grammar continuations (the pretrained distribution: mixed sentiment) and, with probability
         `noise`, a corrupted response: its words shuffled, a random bag of grammar words, or one or two
@@ -361,7 +442,7 @@ def make_sentiment_task(n_train: int = 4096, n_eval: int = 256, n_corpus: int = 
             if len(data) == n:
                 break
         rewards = vader_compound([d["response"] for d in data])
-        for d, r in zip(data, rewards):
+        for d, r in zip(data, rewards, strict=True):
             d["reward"] = float(r)
         return data
 
@@ -390,7 +471,7 @@ def make_sentiment_grammar_task() -> Task:
     task = make_sentiment_task()
 
     def reward(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        fluent = np.array([is_review(p + r) for p, r in zip(prompts, responses)], dtype=np.float64)
+        fluent = np.array([is_review(p + r) for p, r in zip(prompts, responses, strict=True)], dtype=np.float64)
         return vader_compound(responses) - (1.0 - fluent)
 
     def offline_data(seed: int, n: int = 4096, per_prompt: int = 4, noise: float = 0.25) -> list[dict]:
@@ -413,12 +494,13 @@ def make_sentiment_grammar_task() -> Task:
             if len(data) >= n:
                 break
         data = data[:n]
-        for d, r in zip(data, reward([d["prompt"] for d in data], [d["response"] for d in data])):
+        for d, r in zip(data, reward([d["prompt"] for d in data], [d["response"] for d in data]), strict=True):
             d["reward"] = float(r)
         return data
 
-    return dataclasses.replace(task, name="sentiment_grammar", reward_fn=reward, offline_data=offline_data,
-                               builtin_models_of="sentiment")
+    return dataclasses.replace(
+        task, name="sentiment_grammar", reward_fn=reward, offline_data=offline_data, builtin_models_of="sentiment"
+    )
 
 
 def make_wordle_task() -> Task:
@@ -446,8 +528,10 @@ GRUE_SEED = 42  # RL4LMs' IMDB datapool seed (PR #50): shuffles the train split 
 GRUE_TEST_SIZE = 5000  # RL4LMs evaluates on the first 5,000 reviews of the shuffled test split
 HOLDOUT_FRACTION = 0.1  # jsonl without "split": "eval" lines: this share of distinct prompts is held out
 HUB_FLAGS = ("dataset", "prompts_file", "reward_model", "reward_label", "reward_fn")  # CommonArgs fields
-TASK_FLAGS = {"imdb": ("dataset", "reward_model", "reward_label", "reward_fn"),
-              "jsonl": ("prompts_file", "reward_model", "reward_label", "reward_fn")}
+TASK_FLAGS = {
+    "imdb": ("dataset", "reward_model", "reward_label", "reward_fn"),
+    "jsonl": ("prompts_file", "reward_model", "reward_label", "reward_fn"),
+}
 
 
 def _flag(name: str) -> str:
@@ -497,30 +581,39 @@ class ClassifierReward:
                 raise ValueError(f"reward model {name!r} has {n} labels ({id2label}); choose one with --reward-label")
             self.index = n - 1  # 2 labels: index 1, the positive class (GRUE: label_ix 1); 1 output: it
         else:
-            names = [i for i, v in sorted(id2label.items()) if v == label] or \
-                    [i for i, v in sorted(id2label.items()) if v.lower() == label.lower()]
+            names = [i for i, v in sorted(id2label.items()) if v == label] or [
+                i for i, v in sorted(id2label.items()) if v.lower() == label.lower()
+            ]
             if names:
                 self.index = names[0]
             elif label.isdigit() and int(label) < n:
                 self.index = int(label)
             else:
-                raise ValueError(f"--reward-label {label!r} is not a label of reward model {name!r} "
-                                 f"(labels: {id2label or list(range(n))})")
+                raise ValueError(
+                    f"--reward-label {label!r} is not a label of reward model {name!r} "
+                    f"(labels: {id2label or list(range(n))})"
+                )
         self.label = id2label.get(self.index, str(self.index))
         self.raw_logit = n == 1
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         import torch
 
-        texts = [p + r for p, r in zip(prompts, responses)]
+        texts = [p + r for p, r in zip(prompts, responses, strict=True)]
         scores = []
         with torch.no_grad():
             for i in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True,
-                                       max_length=self.max_length, return_tensors="pt")
+                batch = self.tokenizer(
+                    texts[i : i + self.batch_size],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                )
                 # Only ids and mask: single-text inputs need no token types (DistilBERT takes none).
-                logits = self.model(input_ids=batch["input_ids"].to(self.device),
-                                    attention_mask=batch["attention_mask"].to(self.device)).logits.float()
+                logits = self.model(
+                    input_ids=batch["input_ids"].to(self.device), attention_mask=batch["attention_mask"].to(self.device)
+                ).logits.float()
                 column = logits if self.raw_logit else logits.softmax(-1)
                 scores.append(column[:, self.index].cpu())
         return torch.cat(scores).double().numpy() if scores else np.zeros(0)
@@ -592,15 +685,17 @@ def _check_reward_flags(task_name: str, args, default_model: Optional[str]) -> N
     if fn is not None and getattr(args, "reward_label", None) is not None:
         raise ValueError("--reward-label chooses a label of --reward-model; it does not apply to --reward-fn")
     if model is None and fn is None and default_model is None:
-        raise ValueError(f"task {task_name} needs a reward: --reward-model <hub id or directory> "
-                         f"or --reward-fn module:function")
+        raise ValueError(
+            f"task {task_name} needs a reward: --reward-model <hub id or directory> or --reward-fn module:function"
+        )
 
 
 def _make_reward(args, default_model: Optional[str]):
     if getattr(args, "reward_fn", None) is not None:
         return load_reward_fn(args.reward_fn)
-    return ClassifierReward(getattr(args, "reward_model", None) or default_model,
-                            getattr(args, "reward_label", None), _reward_device(args))
+    return ClassifierReward(
+        getattr(args, "reward_model", None) or default_model, getattr(args, "reward_label", None), _reward_device(args)
+    )
 
 
 def load_imdb_texts(source: Optional[str] = None) -> tuple[list[str], list[str], list[str]]:
@@ -624,8 +719,11 @@ def load_imdb_texts(source: Optional[str] = None) -> tuple[list[str], list[str],
         raise FileNotFoundError(f"dataset path {source!r} does not exist")
     else:
         data = datasets.load_dataset(source)
-    if not isinstance(data, datasets.DatasetDict) or not {"train", "test"} <= set(data) or \
-            any("text" not in data[s].column_names for s in ("train", "test")):
+    if (
+        not isinstance(data, datasets.DatasetDict)
+        or not {"train", "test"} <= set(data)
+        or any("text" not in data[s].column_names for s in ("train", "test"))
+    ):
         raise ValueError(f"dataset {source!r} needs a 'train' and a 'test' split with a 'text' column")
     train = data["train"].shuffle(seed=GRUE_SEED)
     cut = int(len(train) * 0.8)
@@ -645,13 +743,22 @@ def make_imdb_task(args=None) -> Task:
     """
     _check_reward_flags("imdb", args, IMDB_REWARD_MODEL)
     train_texts, val_texts, test_texts = load_imdb_texts(getattr(args, "dataset", None))
-    eval_prompts, eval_references = map(list, zip(*map(split_review, test_texts))) if test_texts else ([], [])
+    eval_prompts, eval_references = (
+        map(list, zip(*map(split_review, test_texts), strict=True)) if test_texts else ([], [])
+    )
     held_out = set(eval_prompts)
     train_prompts = [p for p in (split_review(t)[0] for t in train_texts) if p not in held_out]
-    return Task(name="imdb", train_prompts=train_prompts, eval_prompts=eval_prompts,
-                reward_fn=_make_reward(args, IMDB_REWARD_MODEL), max_prompt_tokens=64, max_new_tokens=48,
-                min_new_tokens=48, eval_references=eval_references,
-                extra={"val_prompts": [split_review(t)[0] for t in val_texts]})
+    return Task(
+        name="imdb",
+        train_prompts=train_prompts,
+        eval_prompts=eval_prompts,
+        reward_fn=_make_reward(args, IMDB_REWARD_MODEL),
+        max_prompt_tokens=64,
+        max_new_tokens=48,
+        min_new_tokens=48,
+        eval_references=eval_references,
+        extra={"val_prompts": [split_review(t)[0] for t in val_texts]},
+    )
 
 
 def read_prompts_file(path: Optional[str]) -> tuple[list[str], list[str], dict[str, str]]:
@@ -660,7 +767,7 @@ def read_prompts_file(path: Optional[str]) -> tuple[list[str], list[str], dict[s
     "reference" (a good continuation, for `eval/perplexity`). Without any "eval" line, a seeded 10% of
     the distinct prompts (seed 42, the same for every --seed) is held out. The two sets are disjoint."""
     if not path:
-        raise ValueError("task jsonl needs --prompts-file PATH (one JSON object per line with a \"prompt\" field)")
+        raise ValueError('task jsonl needs --prompts-file PATH (one JSON object per line with a "prompt" field)')
     if os.path.isdir(path):
         raise ValueError(f"prompts file {path!r} is a directory, not a JSONL file")
     if not os.path.isfile(path):
@@ -679,13 +786,13 @@ def read_prompts_file(path: Optional[str]) -> tuple[list[str], list[str], dict[s
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from e
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise ValueError(f"{path}:{number}: expected an object with a string \"prompt\" field")
+                raise ValueError(f'{path}:{number}: expected an object with a string "prompt" field')
             split = row.get("split", "train")
             if split not in ("train", "eval"):
-                raise ValueError(f"{path}:{number}: \"split\" must be \"train\" or \"eval\", got {split!r}")
+                raise ValueError(f'{path}:{number}: "split" must be "train" or "eval", got {split!r}')
             if "reference" in row:
                 if not isinstance(row["reference"], str):
-                    raise ValueError(f"{path}:{number}: \"reference\" must be a string")
+                    raise ValueError(f'{path}:{number}: "reference" must be a string')
                 references[row["prompt"]] = row["reference"]
             (train if split == "train" else held_out).append(row["prompt"])
     if not train and not held_out:
@@ -693,10 +800,12 @@ def read_prompts_file(path: Optional[str]) -> tuple[list[str], list[str], dict[s
     if not held_out:
         distinct = sorted(set(train))
         if len(distinct) < 2:
-            raise ValueError(f"prompts file {path!r}: need at least 2 distinct prompts to hold some out "
-                             f"(or mark held-out ones with \"split\": \"eval\")")
+            raise ValueError(
+                f"prompts file {path!r}: need at least 2 distinct prompts to hold some out "
+                f'(or mark held-out ones with "split": "eval")'
+            )
         random.Random(GRUE_SEED).shuffle(distinct)
-        held_out = distinct[:max(1, round(HOLDOUT_FRACTION * len(distinct)))]
+        held_out = distinct[: max(1, round(HOLDOUT_FRACTION * len(distinct)))]
     eval_set = set(held_out)
     train = [p for p in train if p not in eval_set]
     if not train:
@@ -709,9 +818,15 @@ def make_jsonl_task(args=None) -> Task:
     last 128 tokens, responses up to 48 tokens (the scripts' --response-length overrides it)."""
     _check_reward_flags("jsonl", args, None)
     train_prompts, eval_prompts, references = read_prompts_file(getattr(args, "prompts_file", None))
-    return Task(name="jsonl", train_prompts=train_prompts, eval_prompts=eval_prompts,
-                reward_fn=_make_reward(args, None), max_prompt_tokens=128, max_new_tokens=48,
-                eval_references=[references.get(p) for p in eval_prompts] if references else None)
+    return Task(
+        name="jsonl",
+        train_prompts=train_prompts,
+        eval_prompts=eval_prompts,
+        reward_fn=_make_reward(args, None),
+        max_prompt_tokens=128,
+        max_new_tokens=48,
+        eval_references=[references.get(p) for p in eval_prompts] if references else None,
+    )
 
 
 HUB_TASKS: dict[str, Callable[..., Task]] = {
@@ -726,8 +841,10 @@ def make_task(name: str, args=None) -> Task:
     given = [f for f in HUB_FLAGS if getattr(args, f, None) is not None]
     if name in TASKS:
         if given:
-            raise ValueError(f"{', '.join(map(_flag, given))} only apply to the hub tasks "
-                             f"({', '.join(HUB_TASKS)}), not to task {name!r}")
+            raise ValueError(
+                f"{', '.join(map(_flag, given))} only apply to the hub tasks "
+                f"({', '.join(HUB_TASKS)}), not to task {name!r}"
+            )
         return TASKS[name]()
     if name not in HUB_TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted([*TASKS, *HUB_TASKS]))}")
@@ -737,8 +854,10 @@ def make_task(name: str, args=None) -> Task:
     from common.models import BUILTIN_MODELS
 
     if getattr(args, "model_name", None) in BUILTIN_MODELS:  # said now, before any download
-        raise ValueError(f"task {name!r} has no built-in model; pass --model-name (a hub id such as "
-                         f"{'lvwerra/gpt2-imdb' if name == 'imdb' else 'gpt2'}, or a directory)")
+        raise ValueError(
+            f"task {name!r} has no built-in model; pass --model-name (a hub id such as "
+            f"{'lvwerra/gpt2-imdb' if name == 'imdb' else 'gpt2'}, or a directory)"
+        )
     task = HUB_TASKS[name](args)
     task.score(task.train_prompts[:2], task.train_prompts[:2])  # a broken reward fails now, before training
     return task
@@ -762,22 +881,28 @@ def diversity_metrics(texts: Sequence[str], segment: int = 100) -> dict[str, flo
     tokenized = [t.lower().split() for t in texts]
     metrics = {}
     for n in (1, 2):
-        counts = Counter(tuple(words[i:i + n]) for words in tokenized for i in range(len(words) - n + 1))
+        counts = Counter(tuple(words[i : i + n]) for words in tokenized for i in range(len(words) - n + 1))
         total = sum(counts.values())
         p = np.array(list(counts.values()), dtype=np.float64) / max(total, 1)
         metrics[f"eval/distinct_{n}"] = len(counts) / total if total else 0.0
         metrics[f"eval/unique_{n}"] = float(sum(1 for c in counts.values() if c == 1))
         metrics[f"eval/entropy_{n}"] = float(-(p * np.log2(p)).sum()) if total else 0.0
     words = [w for ws in tokenized for w in ws]
-    windows = [words[i:i + segment] for i in range(0, len(words) - segment + 1, segment)] or [words]
+    windows = [words[i : i + segment] for i in range(0, len(words) - segment + 1, segment)] or [words]
     metrics["eval/msttr"] = float(np.mean([len(set(w)) / len(w) for w in windows])) if words else 0.0
     metrics["eval/response_length"] = float(np.mean([len(w) for w in tokenized])) if texts else 0.0
     return metrics
 
 
-def evaluate(task: Task, generate_fn: Callable[[list[str], list[int]], list[str]], n_prompts: int,
-             batch_size: int, policy=None, start_model=None,
-             response_length: Optional[int] = None) -> tuple[dict[str, float], list[tuple[str, str, float]]]:
+def evaluate(
+    task: Task,
+    generate_fn: Callable[[list[str], list[int]], list[str]],
+    n_prompts: int,
+    batch_size: int,
+    policy=None,
+    start_model=None,
+    response_length: Optional[int] = None,
+) -> tuple[dict[str, float], list[tuple[str, str, float]]]:
     """Score the policy's responses to the first `n_prompts` held-out prompts, with fluency and diversity
     beside the reward, as GRUE reports them (Ramamurthy et al., 2023, section 4; docs/results.md).
 
@@ -808,17 +933,24 @@ def evaluate(task: Task, generate_fn: Callable[[list[str], list[int]], list[str]
     local = {"responses": responses, "rewards": task.score(my_prompts, responses).tolist() if responses else []}
     if policy is not None and task.eval_references is not None:
         with_reference = [(prompts[j], task.eval_references[j]) for j in mine if task.eval_references[j] is not None]
-        nll, count = policy.text_nll([p for p, _ in with_reference], [r for _, r in with_reference],
-                                     task.max_prompt_tokens, batch_size)
+        nll, count = policy.text_nll(
+            [p for p, _ in with_reference], [r for _, r in with_reference], task.max_prompt_tokens, batch_size
+        )
         local["policy_nll"] = (float(nll.sum()), float(count.sum()))
     if start_model is not None:
         nll, count = start_model.text_nll(my_prompts, responses, task.max_prompt_tokens, batch_size)
         local["start_nll"] = (float(nll.sum()), float(count.sum()))
     if task.grammatical is not None:
         tokenizer = (policy or start_model).tokenizer if (policy or start_model) is not None else None
-        cut_off = [response_length is not None and tokenizer is not None and
-                   len(tokenizer(r, add_special_tokens=False)["input_ids"]) >= response_length for r in responses]
-        local["grammatical"] = [task.grammatical(p + r, c) for p, r, c in zip(my_prompts, responses, cut_off)]
+        cut_off = [
+            response_length is not None
+            and tokenizer is not None
+            and len(tokenizer(r, add_special_tokens=False)["input_ids"]) >= response_length
+            for r in responses
+        ]
+        local["grammatical"] = [
+            task.grammatical(p + r, c) for p, r, c in zip(my_prompts, responses, cut_off, strict=True)
+        ]
     parts = all_gather_objects(local)
     responses = [r for part in parts for r in part["responses"]]
     rewards = np.asarray([r for part in parts for r in part["rewards"]])
@@ -831,16 +963,21 @@ def evaluate(task: Task, generate_fn: Callable[[list[str], list[int]], list[str]
     if "grammatical" in parts[0]:
         metrics["eval/grammatical"] = float(np.mean([g for part in parts for g in part["grammatical"]]))
     metrics.update(diversity_metrics(responses))
-    return metrics, list(zip(prompts, responses, rewards.tolist()))
+    return metrics, list(zip(prompts, responses, rewards.tolist(), strict=True))
 
 
 def eval_line(metrics: dict[str, float]) -> str:
     """The console summary of an evaluation: the return, then fluency and diversity where measured (Wordle: the
     share of games won and of guesses that repeat an earlier one)."""
     line = f"return {metrics['eval/return_mean']:+.3f} +- {metrics['eval/return_std']:.3f}"
-    for key, label, fmt in (("eval/perplexity", "ppl", ".2f"), ("eval/ref_nll", "ref_nll", ".2f"),
-                            ("eval/grammatical", "grammatical", ".2f"), ("eval/distinct_2", "distinct_2", ".2f"),
-                            ("eval/win_rate", "win rate", ".3f"), ("eval/repeat_rate", "repeat rate", ".3f")):
+    for key, label, fmt in (
+        ("eval/perplexity", "ppl", ".2f"),
+        ("eval/ref_nll", "ref_nll", ".2f"),
+        ("eval/grammatical", "grammatical", ".2f"),
+        ("eval/distinct_2", "distinct_2", ".2f"),
+        ("eval/win_rate", "win rate", ".3f"),
+        ("eval/repeat_rate", "repeat rate", ".3f"),
+    ):
         if key in metrics:
             line += f" | {label} {metrics[key]:{fmt}}"
     return line

@@ -43,19 +43,26 @@ class CommonArgs:
     wandb_entity: Optional[str] = None
     """the W&B entity (team)"""
     task: str = "sentiment"
-    """the task: `sentiment`/`wordle` (embedded, offline), `imdb` (GRUE, from the hub) or `jsonl` (your `--prompts-file`)"""
+    """the task: `sentiment`/`wordle` (embedded, offline), `imdb` (GRUE, from the hub) or `jsonl` (your
+    `--prompts-file`)"""
     prompts_file: Optional[str] = None
-    """task jsonl: one JSON object per line, {"prompt": ...} plus an optional "split": "eval" for held-out prompts (without any, 10% are held out, seed 42)"""
+    """task jsonl: one JSON object per line, {"prompt": ...} plus an optional "split": "eval" for held-out prompts
+    (without any, 10% are held out, seed 42)"""
     dataset: Optional[str] = None
-    """task imdb: a hub dataset id (None: stanfordnlp/imdb), a `save_to_disk` directory, or a local data directory with train/test files"""
+    """task imdb: a hub dataset id (None: stanfordnlp/imdb), a `save_to_disk` directory, or a local data directory with
+    train/test files"""
     reward_model: Optional[str] = None
-    """hub tasks: a sequence classifier (hub id or local directory) scoring prompt + response; imdb defaults to lvwerra/distilbert-imdb"""
+    """hub tasks: a sequence classifier (hub id or local directory) scoring prompt + response; imdb defaults to
+    lvwerra/distilbert-imdb"""
     reward_label: Optional[str] = None
-    """the reward model's label whose softmax probability is the reward, by name (POSITIVE) or index; None: index 1 of a 2-label model"""
+    """the reward model's label whose softmax probability is the reward, by name (POSITIVE) or index; None: index 1 of a
+    2-label model"""
     reward_fn: Optional[str] = None
-    """hub tasks: a Python reward `module:function` or `file.py:function`, called as fn(prompts, responses) -> floats, instead of --reward-model"""
+    """hub tasks: a Python reward `module:function` or `file.py:function`, called as fn(prompts, responses) -> floats,
+    instead of --reward-model"""
     model_name: str = "tiny-gpt2"
-    """the policy: `tiny-gpt2`/`tiny-t5` (built-in, pretrained on the task's corpus on first use), a hub id such as `gpt2`, or a local `save_pretrained` directory"""
+    """the policy: `tiny-gpt2`/`tiny-t5` (built-in, pretrained on the task's corpus on first use), a hub id such as
+    `gpt2`, or a local `save_pretrained` directory"""
     output_dir: str = "runs"
     """where run directories are created"""
     save_model: bool = True
@@ -83,8 +90,12 @@ def exact_div(a: int, b: int, what: str = "") -> int:
 # Every numeric flag's allowed values, as an interval: "(0, inf)" is positive, "[0, 1)" a fraction, "[2, inf)" at
 # least 2; a bound written "inf]" admits infinity itself. Each script passes its own table to `validate_args`;
 # a float flag no table names must be finite.
-COMMON_LIMITS = {"seed": "[0, 4294967295]", "eval_every": "(0, inf)", "eval_episodes": "(0, inf)",
-                 "checkpoint_every": "(0, inf)"}
+COMMON_LIMITS = {
+    "seed": "[0, 4294967295]",
+    "eval_every": "(0, inf)",
+    "eval_episodes": "(0, inf)",
+    "checkpoint_every": "(0, inf)",
+}
 _INTERVAL = re.compile(r"([\[(])(-?[\w.]+), (-?[\w.]+)([\])])")
 
 
@@ -146,8 +157,9 @@ def error_line(error) -> str:
     return "error: " + " ".join(str(error).split())
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None,
-                across_ranks: bool = False) -> torch.Tensor:
+def masked_mean(
+    values: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None, across_ranks: bool = False
+) -> torch.Tensor:
     """Mean of `values` where `mask` is 1 (over all entries, or along `dim`).
 
     `across_ranks=True` (no gradient) averages over the whole batch of all torchrun processes: the
@@ -161,7 +173,9 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = N
     return (values * mask).sum(dim) / mask.sum(dim)
 
 
-def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, across_ranks: bool = False) -> torch.Tensor:
+def masked_var(
+    values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, across_ranks: bool = False
+) -> torch.Tensor:
     """Variance of `values` where `mask` is 1; Bessel-corrected by default, as in lm-human-preferences."""
     mask = mask.to(values.dtype)
     count = all_reduce(mask.sum()) if across_ranks else mask.sum()
@@ -172,8 +186,9 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, 
     return variance * count / (count - 1) if unbiased else variance
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
-                  across_ranks: bool = False) -> torch.Tensor:
+def masked_whiten(
+    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, across_ranks: bool = False
+) -> torch.Tensor:
     """(x - mean) / std over the unmasked entries; `shift_mean=False` keeps the mean (for rewards)."""
     mean = masked_mean(values, mask, across_ranks=across_ranks)
     var = masked_var(values, mask, across_ranks=across_ranks)
@@ -236,7 +251,9 @@ def episode_seeds(seed: int, stream: int, step: int, indices) -> list[int]:
     return [int(np.random.SeedSequence([seed, stream, step, int(i)]).generate_state(1)[0]) for i in indices]
 
 
-def refill_order(rng: np.random.Generator, n: int, order: np.ndarray, cursor: int, batch: int) -> tuple[np.ndarray, int]:
+def refill_order(
+    rng: np.random.Generator, n: int, order: np.ndarray, cursor: int, batch: int
+) -> tuple[np.ndarray, int]:
     """(order, cursor) such that the next batch is items order[cursor:cursor + batch]: the current order while it
     lasts, then a fresh one. A fresh order is a permutation of the n items, or, when one batch needs more than n (a
     prompt file shorter than the batch), as many permutations back to back as it takes: the items wrap around,
@@ -249,8 +266,9 @@ def refill_order(rng: np.random.Generator, n: int, order: np.ndarray, cursor: in
 # ----------------------------------------------------------------------------------------------
 # torch.distributed: `torchrun --nproc_per_node N script.py` runs N copies of a script, one per device
 # ----------------------------------------------------------------------------------------------
-def init_distributed(use_cuda: bool, timeout: datetime.timedelta = datetime.timedelta(minutes=30)
-                     ) -> tuple[int, int, torch.device]:
+def init_distributed(
+    use_cuda: bool, timeout: datetime.timedelta = datetime.timedelta(minutes=30)
+) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun (which sets WORLD_SIZE, RANK, LOCAL_RANK) join the
     process group, NCCL between GPUs and gloo between CPU processes; plain `python` gives (0, 1, device).
 
@@ -321,7 +339,7 @@ def sync_gradients(parameters, bucket_numel: int = 1 << 24) -> None:
     # rank used gets zeros where it was unused, so that every rank sends the same tensors.
     used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
     dist.all_reduce(used)
-    params = [p for p, u in zip(params, used.tolist()) if u > 0]
+    params = [p for p, u in zip(params, used.tolist(), strict=True) if u > 0]
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -334,7 +352,7 @@ def sync_gradients(parameters, bucket_numel: int = 1 << 24) -> None:
             flat /= world_size
             offset = 0
             for q in bucket:
-                q.grad.copy_(flat[offset:offset + q.numel()].view_as(q.grad))
+                q.grad.copy_(flat[offset : offset + q.numel()].view_as(q.grad))
                 offset += q.numel()
             bucket = []
 
@@ -500,8 +518,13 @@ def save_checkpoint(run: "Run", state: dict) -> None:
     """Write `<run dir>/checkpoint/state.pt` with `state` plus the script that wrote it, the run's records and every
     rank's RNG states. The file is replaced atomically (`write_atomically`), so a run killed while saving, or whose
     disk fills up, keeps the previous checkpoint."""
-    state = {**state, "script": run.script, "args": asdict(run.args), "run": run.state(),
-             "rng": all_gather_objects(rng_states())}
+    state = {
+        **state,
+        "script": run.script,
+        "args": asdict(run.args),
+        "run": run.state(),
+        "rng": all_gather_objects(rng_states()),
+    }
     if world()[0] != 0:
         return
     path = os.path.join(run.dir, "checkpoint", "state.pt")
@@ -523,8 +546,10 @@ def load_checkpoint(run_dir: str) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except _DAMAGED as error:  # torch's first sentence names the damage; the rest of its message is advice
-        raise ValueError(f"--resume {run_dir}: {path} is damaged or not a checkpoint "
-                         f"({type(error).__name__}: {str(error).split('. ')[0]})") from None
+        raise ValueError(
+            f"--resume {run_dir}: {path} is damaged or not a checkpoint "
+            f"({type(error).__name__}: {str(error).split('. ')[0]})"
+        ) from None
     if not isinstance(checkpoint, dict) or not {"step", "args", "run", "rng"} <= set(checkpoint):
         raise ValueError(f"--resume {run_dir}: {path} is not a checkpoint of these scripts")
     return checkpoint
@@ -592,12 +617,20 @@ class Run:
                 import wandb
             except ImportError as e:
                 raise SystemExit("--track needs W&B: pip install wandb") from e
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                       config=config, name=self.name, save_code=True, resume="allow" if checkpoint else None)
+            wandb.init(
+                project=args.wandb_project_name,
+                entity=args.wandb_entity,
+                sync_tensorboard=True,
+                config=config,
+                name=self.name,
+                save_code=True,
+                resume="allow" if checkpoint else None,
+            )
         self.writer = SummaryWriter(self.dir, purge_step=checkpoint["step"] + 1 if checkpoint else None)
         if checkpoint is None:
-            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
-                                 "\n".join(f"|{k}|{v}|" for k, v in config.items()))
+            self.writer.add_text(
+                "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items())
+            )
 
     def _make_dir(self, output_dir: str) -> str:
         path, suffix = self.dir, 0
@@ -617,11 +650,14 @@ class Run:
         for key, value in metrics.items():
             self.writer.add_scalar(key, value, step)
 
-    def log_eval(self, metrics: dict[str, float], samples: list[tuple[str, str, float]], step: int, n_text: int = 8) -> None:
+    def log_eval(
+        self, metrics: dict[str, float], samples: list[tuple[str, str, float]], step: int, n_text: int = 8
+    ) -> None:
         self.evals.append(dict(metrics))
         self.log(metrics, step)
         table = "|prompt|response|reward|\n|-|-|-|\n" + "\n".join(
-            f"|{p}|{r}|{s:.3f}|".replace("\n", " ") for p, r, s in samples[:n_text])
+            f"|{p}|{r}|{s:.3f}|".replace("\n", " ") for p, r, s in samples[:n_text]
+        )
         if self.writer is not None:
             self.writer.add_text("eval/samples", table, step)
 
@@ -645,10 +681,17 @@ class Run:
             known = [e[key] for e in self.evals if not math.isnan(e[key])]  # NaN: not measurable yet
             best[key] = (min if key.endswith(lower_is_better) else max)(known) if known else float("nan")
         summary = {
-            "script": self.script, "task": self.args.task, "seed": self.args.seed, "args": asdict(self.args),
+            "script": self.script,
+            "task": self.args.task,
+            "seed": self.args.seed,
+            "args": asdict(self.args),
             "world_size": world()[1],
-            "initial": self.evals[0] if self.evals else {}, "final": self.evals[-1] if self.evals else {},
-            "best": best, "wall_seconds": wall, "tokens_per_second": self.tokens / max(wall, 1e-9), **(extra or {}),
+            "initial": self.evals[0] if self.evals else {},
+            "final": self.evals[-1] if self.evals else {},
+            "best": best,
+            "wall_seconds": wall,
+            "tokens_per_second": self.tokens / max(wall, 1e-9),
+            **(extra or {}),
         }
         if self.is_main:
             text = json.dumps(summary, indent=2).encode()
@@ -661,8 +704,11 @@ class Run:
         is kept. Nothing new is saved. A FloatingPointError names its update itself."""
         with contextlib.suppress(OSError):  # the disk that failed may fail the writer's last flush too
             self.close()
-        where = "" if step is None or isinstance(error, FloatingPointError) else \
-            f" (at {unit} {step}{', before training' if step == 0 else ''})"
+        where = (
+            ""
+            if step is None or isinstance(error, FloatingPointError)
+            else f" (at {unit} {step}{', before training' if step == 0 else ''})"
+        )
         return SystemExit(error_line(f"{error}{where}; the last checkpoint (if any) is kept in {self.dir}/checkpoint"))
 
     def close(self) -> None:

@@ -47,7 +47,7 @@ MAX_GUESSES = 6
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 BLACK, YELLOW, GREEN = 0, 1, 2
 COLOUR_TOKENS = ("<b>", "<y>", "<g>")
-SOLVED = sum(GREEN * 3 ** i for i in range(5))  # pattern id of five greens
+SOLVED = sum(GREEN * 3**i for i in range(5))  # pattern id of five greens
 # The character vocabulary (35 tokens like the original's): specials, colours, letters.
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<a>", "</a>", "</s>", "</eod>")
 VOCAB = SPECIAL_TOKENS + COLOUR_TOKENS + tuple(LETTERS)
@@ -64,7 +64,7 @@ def feedback(guess: str, answer: str) -> tuple[int, ...]:
     answer still has unmatched copies of it, black otherwise (`speed` for `abide`: b b y b y)."""
     colours = [BLACK] * 5
     unmatched: dict[str, int] = {}
-    for i, (g, a) in enumerate(zip(guess, answer)):
+    for i, (g, a) in enumerate(zip(guess, answer, strict=True)):
         if g == a:
             colours[i] = GREEN
         else:
@@ -77,7 +77,7 @@ def feedback(guess: str, answer: str) -> tuple[int, ...]:
 
 
 def pattern_id(colours: Sequence[int]) -> int:
-    return int(sum(c * 3 ** i for i, c in enumerate(colours)))
+    return int(sum(c * 3**i for i, c in enumerate(colours)))
 
 
 def is_well_formed(guess: str) -> bool:
@@ -194,7 +194,7 @@ class Game:
         """The transcript as tokens; ends with `</eod>` once the game is over, with `<a>` or `</s>` before
         the next guess otherwise (the context the agent guesses from)."""
         out = ["<a>"]
-        for guess, colours in zip(self.guesses, self.colours):
+        for guess, colours in zip(self.guesses, self.colours, strict=True):
             out += list(guess) + ["</a>"] + [COLOUR_TOKENS[c] for c in colours] + ["</s>"]
         return out + (["</eod>"] if self.done else [])
 
@@ -241,7 +241,7 @@ def play(answers: Sequence[str], guess_fn: Callable[[list[Game]], list[str]]) ->
         active = [g for g in games if not g.done]
         if not active:
             break
-        for game, guess in zip(active, guess_fn(active)):
+        for game, guess in zip(active, guess_fn(active), strict=True):
             game.step(guess)
     return games
 
@@ -254,7 +254,8 @@ def game_metrics(games: Sequence[Game]) -> dict[str, float]:
     guesses = [w for g in games for w in g.guesses]
     index = word_index()
     return {
-        "eval/return_mean": float(returns.mean()), "eval/return_std": float(returns.std()),
+        "eval/return_mean": float(returns.mean()),
+        "eval/return_std": float(returns.std()),
         "eval/win_rate": float(np.mean([g.solved for g in games])),
         "eval/mean_guesses": float(np.mean([len(g.guesses) for g in games])),
         "eval/nonword_rate": float(np.mean([w not in index for w in guesses])),
@@ -329,7 +330,11 @@ def repeat(game: Game, rng: random.Random, first_n: int = 2) -> str:
 
 
 PLAYERS: dict[str, Callable[[Game, random.Random], str]] = {
-    "expert": expert, "random_consistent": random_consistent, "random": random_word, "wrong": wrong, "repeat": repeat,
+    "expert": expert,
+    "random_consistent": random_consistent,
+    "random": random_word,
+    "wrong": wrong,
+    "repeat": repeat,
 }
 
 
@@ -405,7 +410,7 @@ def offline_games(spec: str, n_games: int, seed: int) -> list[Game]:
             games += [game] + branches
         return games[:n_games]
     if spec.startswith("game:"):
-        weights = parse_mixture(spec[len("game:"):])
+        weights = parse_mixture(spec[len("game:") :])
         names, probs = list(weights), list(weights.values())
         for _ in range(n_games):
             game = new_game(words[rng.randrange(len(words))])
@@ -426,8 +431,9 @@ def char_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab=dict(TOKEN_ID), unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"<[^<>]*>|."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<a>", eos_token="</eod>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<a>", eos_token="</eod>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def char_policy(seed: int, n_layer: int = 2, n_embd: int = 128, n_head: int = 4, device="cpu"):
@@ -440,9 +446,19 @@ def char_policy(seed: int, n_layer: int = 2, n_embd: int = 128, n_head: int = 4,
 
     from common.models import Policy
 
-    config = GPT2Config(vocab_size=len(VOCAB), n_positions=1 + 12 * MAX_GUESSES + 1, n_embd=n_embd, n_layer=n_layer,
-                        n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=BOA, eos_token_id=EOD, pad_token_id=PAD)
+    config = GPT2Config(
+        vocab_size=len(VOCAB),
+        n_positions=1 + 12 * MAX_GUESSES + 1,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=BOA,
+        eos_token_id=EOD,
+        pad_token_id=PAD,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)
@@ -480,7 +496,7 @@ class NoRepeat:
         if input_ids.shape[1] - self.context_len != 4:  # only the last letter decides a repeat
             return scores
         scores = scores.clone()
-        for row, (ids, guesses) in enumerate(zip(input_ids[:, self.context_len:].tolist(), self.earlier)):
+        for row, (ids, guesses) in enumerate(zip(input_ids[:, self.context_len :].tolist(), self.earlier, strict=True)):
             prefix = "".join(VOCAB[i] for i in ids)
             for guess in guesses:
                 if guess[:4] == prefix:
@@ -503,10 +519,16 @@ def make_task():
         raise ValueError("wordle is multi-turn: it is played with common.wordle.play, not scored per response")
 
     return Task(
-        name="wordle", train_prompts=[], eval_prompts=[], reward_fn=no_text_reward,
-        max_prompt_tokens=1 + 12 * (MAX_GUESSES - 1), max_new_tokens=6,
-        offline_data=lambda seed, n=4096: [{"answer": g.answer, "guesses": g.guesses, "text": g.text(), "reward": g.ret}
-                                           for g in offline_games(DEFAULT_DATA, n, seed)],
+        name="wordle",
+        train_prompts=[],
+        eval_prompts=[],
+        reward_fn=no_text_reward,
+        max_prompt_tokens=1 + 12 * (MAX_GUESSES - 1),
+        max_new_tokens=6,
+        offline_data=lambda seed, n=4096: [
+            {"answer": g.answer, "guesses": g.guesses, "text": g.text(), "reward": g.ret}
+            for g in offline_games(DEFAULT_DATA, n, seed)
+        ],
         extra={"multi_turn": True, "words": words_digest()},
     )
 
@@ -520,10 +542,12 @@ def main(n_games: int = 1029, n_words: Optional[int] = None) -> None:
     print(f"| player | return | win rate | guesses | ({n_games} games, {len(load_words())} words)")
     for name, player in PLAYERS.items():
         start, rng = time.time(), random.Random(0)
-        metrics = game_metrics(play(answers, lambda games: [player(g, rng) for g in games]))
+        metrics = game_metrics(play(answers, lambda games, player=player, rng=rng: [player(g, rng) for g in games]))
         se = metrics["eval/return_std"] / np.sqrt(n_games)
-        print(f"| {name} | {metrics['eval/return_mean']:+.3f} +- {se:.3f} | {metrics['eval/win_rate']:.3f} "
-              f"| {metrics['eval/mean_guesses']:.2f} | {time.time() - start:.1f}s")
+        print(
+            f"| {name} | {metrics['eval/return_mean']:+.3f} +- {se:.3f} | {metrics['eval/win_rate']:.3f} "
+            f"| {metrics['eval/mean_guesses']:.2f} | {time.time() - start:.1f}s"
+        )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from common.models import frozen_copy, load_policy, logprobs_of
 from common.tasks import make_task
 
 from helpers import SENTIMENT_EVAL_KEYS, args_fields
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -52,8 +53,9 @@ HAND = {
 @pytest.mark.parametrize("algorithm", alol.ALGORITHMS)
 def test_every_loss_hand_value(algorithm):
     assert set(HAND) == set(alol.ALGORITHMS)
-    loss, _ = alol.sequence_loss(algorithm, LOGPROBS, REF_LOGPROBS, MASK, REWARDS, ADVANTAGES, clip_eps=0.5,
-                                 kl_beta=0.1, gold_min_prob=0.1)
+    loss, _ = alol.sequence_loss(
+        algorithm, LOGPROBS, REF_LOGPROBS, MASK, REWARDS, ADVANTAGES, clip_eps=0.5, kl_beta=0.1, gold_min_prob=0.1
+    )
     assert loss.item() == pytest.approx(HAND[algorithm], abs=1e-6)
 
 
@@ -76,8 +78,11 @@ def test_gradients_carry_constant_weights():
     assert torch.allclose(grad, torch.tensor([[-0.5 * 1.5 / 2, -0.5 * 0.5 / 2, -0.5 / 2], [0.0, 0.0, 0.0]]))
     # R-GOLD: the probability factor is detached, so the gradient is -R * max(p, u) / B
     grad, _ = _grad("r_gold", gold_min_prob=0.1)
-    assert torch.allclose(grad, torch.tensor([[-0.4 * E(-1), -0.04, -0.4 * E(-0.5)],
-                                              [-0.125 * E(-0.5), -0.125 * E(-1.5), 0.0]]), atol=1e-6)
+    assert torch.allclose(
+        grad,
+        torch.tensor([[-0.4 * E(-1), -0.04, -0.4 * E(-0.5)], [-0.125 * E(-0.5), -0.125 * E(-1.5), 0.0]]),
+        atol=1e-6,
+    )
     # A-LoL KL = (A+ - beta) * NLL + const: the KL term lowers every response's likelihood by beta
     grad, _ = _grad("a_lol_kl", kl_beta=0.1)
     assert torch.allclose(grad, torch.tensor([[-0.2, -0.2, -0.2], [0.05, 0.05, 0.0]]))
@@ -96,20 +101,25 @@ def test_negative_advantages_never_push_likelihood_down():
 def test_keep_negative_ablation_uses_the_signed_advantage():
     """--keep-negative: A instead of A+, so the second example (A = -0.2, ratio e^-0.5 inside [0.5, 1.5]) adds a
     negative term that pushes its likelihood down; sampling keeps every example, p ~ |A|."""
-    loss, _ = alol.sequence_loss("a_lol", LOGPROBS, REF_LOGPROBS, MASK, REWARDS, ADVANTAGES, clip_eps=0.5,
-                                 keep_negative=True)
+    loss, _ = alol.sequence_loss(
+        "a_lol", LOGPROBS, REF_LOGPROBS, MASK, REWARDS, ADVANTAGES, clip_eps=0.5, keep_negative=True
+    )
     assert loss.item() == pytest.approx((0.5 * 0.5 * 4.5 + -0.2 * E(-0.5) * 2.0) / 2, rel=1e-5)
-    loss, _ = alol.sequence_loss("a_lol_ref_free", LOGPROBS, REF_LOGPROBS, MASK, REWARDS, ADVANTAGES,
-                                 keep_negative=True)
+    loss, _ = alol.sequence_loss(
+        "a_lol_ref_free", LOGPROBS, REF_LOGPROBS, MASK, REWARDS, ADVANTAGES, keep_negative=True
+    )
     assert loss.item() == pytest.approx((0.5 * 4.5 - 0.2 * 2.0) / 2, rel=1e-5)
     rewards, advantages = np.array([0.9, 0.2, 0.5]), np.array([0.3, -0.1, 0.0])
-    np.testing.assert_allclose(alol.sampling_probabilities("a_lol", rewards, advantages, True, keep_negative=True),
-                               [0.75, 0.25, 0.0])
-    np.testing.assert_allclose(alol.sampling_probabilities("a_lol", rewards, advantages, False, keep_negative=True),
-                               [1 / 3] * 3)
+    np.testing.assert_allclose(
+        alol.sampling_probabilities("a_lol", rewards, advantages, True, keep_negative=True), [0.75, 0.25, 0.0]
+    )
+    np.testing.assert_allclose(
+        alol.sampling_probabilities("a_lol", rewards, advantages, False, keep_negative=True), [1 / 3] * 3
+    )
     # the reward baselines ignore it
-    np.testing.assert_allclose(alol.sampling_probabilities("wbc", rewards, advantages, True, keep_negative=True),
-                               rewards / rewards.sum())
+    np.testing.assert_allclose(
+        alol.sampling_probabilities("wbc", rewards, advantages, True, keep_negative=True), rewards / rewards.sum()
+    )
 
 
 def test_advantage_pipeline_scales_rewards_and_values_alike():
@@ -149,8 +159,9 @@ def test_dropped_negatives_and_sampling_weights():
         p = alol.sampling_probabilities(algorithm, rewards, advantages, priority=False)
         np.testing.assert_allclose(p, [1 / 3, 0, 1 / 3, 0, 1 / 3])  # uniform over the leftovers
     for algorithm in alol.REWARD_METHODS:
-        np.testing.assert_allclose(alol.sampling_probabilities(algorithm, rewards, advantages, True),
-                                   rewards / rewards.sum())
+        np.testing.assert_allclose(
+            alol.sampling_probabilities(algorithm, rewards, advantages, True), rewards / rewards.sum()
+        )
         np.testing.assert_allclose(alol.sampling_probabilities(algorithm, rewards, advantages, False), [0.2] * 5)
     np.testing.assert_allclose(alol.sampling_probabilities("nll", rewards, advantages, True), [0.2] * 5)
     with pytest.raises(ValueError, match="no training example"):
@@ -199,15 +210,26 @@ def test_value_training_keeps_best_heldout_epoch_and_ends_in_eval_mode():
     targets = torch.sigmoid(2 * (hidden * mask[..., None]).sum(1)[:, 0] / mask.sum(1))  # depends on the prompt
     head = alol.PromptValueHead(hidden_size, num_heads=2, dropout=0.5)
     history = []
-    stats = alol.train_value_head(head, hidden, mask, targets, np.arange(n) // 2, holdout=0.25, epochs=40,
-                                  patience=3, lr=3e-3, batch_size=32, rng=np.random.default_rng(0),
-                                  log=lambda metrics, epoch: history.append(metrics["value/heldout_mse"]))
+    stats = alol.train_value_head(
+        head,
+        hidden,
+        mask,
+        targets,
+        np.arange(n) // 2,
+        holdout=0.25,
+        epochs=40,
+        patience=3,
+        lr=3e-3,
+        batch_size=32,
+        rng=np.random.default_rng(0),
+        log=lambda metrics, epoch: history.append(metrics["value/heldout_mse"]),
+    )
     assert stats["value_epochs"] == len(history) and len(history) >= 2
     assert stats["value_heldout_mse"] == pytest.approx(min(history))  # the best epoch's number is reported
     # ... and its weights are the ones kept: the head's own held-out MSE (the split drawn as train_value_head
     # draws it) is the best epoch's, not the last epoch's, which early stopping makes worse
     assert len(history) < 40 and history[-1] > min(history) + 1e-4, history
-    held_out = np.isin(np.arange(n) // 2, np.random.default_rng(0).permutation(n // 2)[:round(0.25 * n / 2)])
+    held_out = np.isin(np.arange(n) // 2, np.random.default_rng(0).permutation(n // 2)[: round(0.25 * n / 2)])
     with torch.no_grad():
         mse = ((head(hidden[held_out], mask[held_out]) - targets[held_out]) ** 2).mean().item()
     assert mse == pytest.approx(min(history), rel=1e-5), (mse, history)
@@ -243,8 +265,10 @@ def test_first_step_invariants(model_name):
     generator = torch.Generator().manual_seed(0)
     rewards, advantages = torch.rand(6, generator=generator), torch.randn(6, generator=generator)
     assert (advantages > 0).any()
-    losses = {a: alol.sequence_loss(a, logprobs, ref_logprobs, mask, rewards, advantages)[0].item()
-              for a in ("a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl")}
+    losses = {
+        a: alol.sequence_loss(a, logprobs, ref_logprobs, mask, rewards, advantages)[0].item()
+        for a in ("a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl")
+    }
     assert losses["a_lol"] > 0
     assert max(losses.values()) - min(losses.values()) < 1e-3 * losses["a_lol"], losses
 
@@ -255,10 +279,17 @@ def test_first_step_invariants(model_name):
 
 
 def test_help_documents_every_flag_and_variant():
-    out = subprocess.run([sys.executable, "alol.py", "--help"], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "COLUMNS": "200"}, check=True).stdout
-    fields = args_fields(os.path.join(ROOT, "alol.py"), "Args") + \
-        args_fields(os.path.join(ROOT, "common", "utils.py"), "CommonArgs")
+    out = subprocess.run(
+        [sys.executable, "alol.py", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        check=True,
+    ).stdout
+    fields = args_fields(os.path.join(ROOT, "alol.py"), "Args") + args_fields(
+        os.path.join(ROOT, "common", "utils.py"), "CommonArgs"
+    )
     assert len(fields) > 35
     for name, documented in fields:
         assert documented, f"Args.{name} has no docstring (it is the --help text)"
@@ -267,18 +298,21 @@ def test_help_documents_every_flag_and_variant():
         assert algorithm in out
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"clip_eps": 1.0}, "--clip-eps must be in (0, 1)"),
-    ({"value_prompts": 1}, "--value-prompts must be at least 2"),
-    ({"value_holdout": 0.0}, "--value-holdout must be in (0, 1)"),
-    ({"total_steps": 0}, "--total-steps must be positive"),
-    ({"offline_size": -3}, "--offline-size must be positive"),
-    ({"value_heads": 3}, "must divide the hidden size 128"),
-    ({"value_dropout": 1.0}, "--value-dropout must be in [0, 1)"),
-    ({"kl_beta": -0.1}, "--kl-beta must be non-negative"),
-    ({"task": "nope"}, "unknown task"),
-    ({"model_name": "./no/such/dir"}, "does not exist"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"clip_eps": 1.0}, "--clip-eps must be in (0, 1)"),
+        ({"value_prompts": 1}, "--value-prompts must be at least 2"),
+        ({"value_holdout": 0.0}, "--value-holdout must be in (0, 1)"),
+        ({"total_steps": 0}, "--total-steps must be positive"),
+        ({"offline_size": -3}, "--offline-size must be positive"),
+        ({"value_heads": 3}, "must divide the hidden size 128"),
+        ({"value_dropout": 1.0}, "--value-dropout must be in [0, 1)"),
+        ({"kl_beta": -0.1}, "--kl-beta must be non-negative"),
+        ({"task": "nope"}, "unknown task"),
+        ({"model_name": "./no/such/dir"}, "does not exist"),
+    ],
+)
 def test_bad_input_fails_fast(fields, message, tmp_path):
     with pytest.raises(SystemExit) as error:
         alol.main(alol.Args(output_dir=str(tmp_path), **fields))
@@ -287,8 +321,13 @@ def test_bad_input_fails_fast(fields, message, tmp_path):
 
 
 def test_bad_input_on_the_cli_is_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "alol.py", "--output-dir", str(tmp_path), "--clip-eps", "1.5"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "alol.py", "--output-dir", str(tmp_path), "--clip-eps", "1.5"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
     assert "--clip-eps must be in (0, 1)" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -296,8 +335,13 @@ def test_bad_input_on_the_cli_is_one_line(tmp_path):
 
 
 def test_diverging_reference_fine_tuning_stops_with_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "alol.py", *TINY, "--learning-rate", "1e30", "--output-dir", str(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "alol.py", *TINY, "--learning-rate", "1e30", "--output-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: non-finite loss in pi_ref's fine-tuning by update 2 of 64"), result.stderr[-2000:]
@@ -311,13 +355,34 @@ def _scalars(run_dir):
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-TINY = ["--total-steps", "4", "--batch-size", "4", "--offline-size", "256", "--value-prompts", "32",
-        "--value-epochs", "3", "--eval-episodes", "8", "--eval-every", "2", "--log-every", "2"]
+TINY = [
+    "--total-steps",
+    "4",
+    "--batch-size",
+    "4",
+    "--offline-size",
+    "256",
+    "--value-prompts",
+    "32",
+    "--value-epochs",
+    "3",
+    "--eval-episodes",
+    "8",
+    "--eval-every",
+    "2",
+    "--log-every",
+    "2",
+]
 
 
 def test_cli_run_end_to_end(tmp_path):
-    result = subprocess.run([sys.executable, "alol.py", *TINY, "--output-dir", str(tmp_path)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "alol.py", *TINY, "--output-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "step 4/4" in result.stdout and "initial eval/return_mean" in result.stdout
     (run_name,) = os.listdir(tmp_path)
@@ -341,9 +406,19 @@ def test_cli_run_end_to_end(tmp_path):
     ref_nll = scalars["reference/nll"]
     assert [s for s, _ in ref_nll] == list(range(2, 65, 2)) and all(0 < v < 1e3 for _, v in ref_nll)
     assert set(summary["loaded_eval"]) == SENTIMENT_EVAL_KEYS
-    for tag in ("losses/loss", "losses/nll", "losses/clipfrac", "objective/entropy", "objective/scores",
-                "objective/advantage", "charts/learning_rate", "charts/tokens_per_second",
-                "charts/episodes_per_second", "value/heldout_mse", "value/train_mse"):
+    for tag in (
+        "losses/loss",
+        "losses/nll",
+        "losses/clipfrac",
+        "objective/entropy",
+        "objective/scores",
+        "objective/advantage",
+        "charts/learning_rate",
+        "charts/tokens_per_second",
+        "charts/episodes_per_second",
+        "value/heldout_mse",
+        "value/train_mse",
+    ):
         assert tag in scalars and all(math.isfinite(v) for _, v in scalars[tag]), tag
     assert all(v > 0 for _, v in scalars["objective/advantage"]), "A-LoL only ever draws A > 0"
     import transformers
@@ -352,7 +427,7 @@ def test_cli_run_end_to_end(tmp_path):
 
 
 def _tiny_args(tmp_path, **kw):
-    flags = dict(zip(TINY[::2], TINY[1::2]))
+    flags = dict(zip(TINY[::2], TINY[1::2], strict=True))
     fields = {k[2:].replace("-", "_"): int(v) for k, v in flags.items()}
     return alol.Args(**{**fields, "output_dir": str(tmp_path), "save_model": False, **kw})
 
@@ -409,8 +484,9 @@ def test_reference_is_the_loaded_model_fine_tuned_on_the_log(tmp_path):
 
 def test_any_task_without_offline_data_and_seq2seq(tmp_path, monkeypatch):
     """A registry task with no offline dataset gets pi_ref's own samples on its training prompts."""
-    monkeypatch.setitem(tasks.TASKS, "sentiment-no-log",
-                        lambda: dataclasses.replace(tasks.make_sentiment_task(), offline_data=None))
+    monkeypatch.setitem(
+        tasks.TASKS, "sentiment-no-log", lambda: dataclasses.replace(tasks.make_sentiment_task(), offline_data=None)
+    )
     summary = alol.main(_tiny_args(tmp_path, task="sentiment-no-log", offline_size=64, model_name="tiny-t5"))
     assert summary["offline_examples"] == 64 and summary["task"] == "sentiment-no-log"
     scalars = _scalars(tmp_path / os.listdir(tmp_path)[0])
@@ -446,7 +522,9 @@ def test_alol_beats_bc_on_noisy_offline_data(tmp_path):
     print({k: (v["eval/return_mean"], v["eval/grammatical"]) for k, v in final.items()})
     a_lol, bc = final["a_lol"]["eval/return_mean"], final["nll"]["eval/return_mean"]
     standard_error = math.hypot(final["a_lol"]["eval/return_std"], final["nll"]["eval/return_std"]) / math.sqrt(256)
-    assert a_lol >= bc + RETURN_MARGIN, f"A-LoL {a_lol:+.3f} vs BC {bc:+.3f} (s.e. of the difference {standard_error:.3f})"
+    assert a_lol >= bc + RETURN_MARGIN, (
+        f"A-LoL {a_lol:+.3f} vs BC {bc:+.3f} (s.e. of the difference {standard_error:.3f})"
+    )
     grammar = {k: v["eval/grammatical"] for k, v in final.items()}
     assert grammar["a_lol"] >= grammar["nll"] + GRAMMAR_MARGIN, grammar
     # robust to the noise pi_ref learned: A-LoL ends more grammatical than the pi_ref it started from

@@ -53,45 +53,92 @@ def args(**kwargs) -> SimpleNamespace:
 def hub(tmp_path_factory):
     from tokenizers import BertWordPieceTokenizer, ByteLevelBPETokenizer
     from tokenizers.processors import TemplateProcessing
-    from transformers import (DistilBertConfig, DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel,
-                              PreTrainedTokenizerFast)
+    from transformers import (
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+        PreTrainedTokenizerFast,
+    )
 
     root = tmp_path_factory.mktemp("hub")
     torch.manual_seed(0)
 
     # The reward model: a 1-layer DistilBERT with random weights and a word-piece tokenizer.
     wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(TRAIN_TEXTS, vocab_size=200, min_frequency=1, show_progress=False,
-                                  special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    wordpiece.train_from_iterator(
+        TRAIN_TEXTS,
+        vocab_size=200,
+        min_frequency=1,
+        show_progress=False,
+        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+    )
     wordpiece.post_processor = TemplateProcessing(  # [CLS] text [SEP], as BERT tokenizers do
-        single="[CLS] $A [SEP]", special_tokens=[(t, wordpiece.token_to_id(t)) for t in ("[CLS]", "[SEP]")])
-    tok = PreTrainedTokenizerFast(tokenizer_object=wordpiece, unk_token="[UNK]", pad_token="[PAD]",
-                                  cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", model_max_length=64)
-    classifier = DistilBertForSequenceClassification(DistilBertConfig(
-        vocab_size=len(tok), dim=32, n_layers=1, n_heads=2, hidden_dim=64, max_position_embeddings=64,
-        pad_token_id=tok.pad_token_id, initializer_range=0.5, id2label={0: "NEGATIVE", 1: "POSITIVE"},
-        label2id={"NEGATIVE": 0, "POSITIVE": 1}))
+        single="[CLS] $A [SEP]", special_tokens=[(t, wordpiece.token_to_id(t)) for t in ("[CLS]", "[SEP]")]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=wordpiece,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=64,
+    )
+    classifier = DistilBertForSequenceClassification(
+        DistilBertConfig(
+            vocab_size=len(tok),
+            dim=32,
+            n_layers=1,
+            n_heads=2,
+            hidden_dim=64,
+            max_position_embeddings=64,
+            pad_token_id=tok.pad_token_id,
+            initializer_range=0.5,
+            id2label={0: "NEGATIVE", 1: "POSITIVE"},
+            label2id={"NEGATIVE": 0, "POSITIVE": 1},
+        )
+    )
     with torch.no_grad():
         classifier.classifier.weight.mul_(0.2)  # with the wide init: probabilities spread, not saturated
     classifier.save_pretrained(root / "classifier")
     tok.save_pretrained(root / "classifier")
 
     # The dataset: train and test splits with IMDB's columns.
-    data = datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict({"text": TRAIN_TEXTS, "label": [i % 2 for i in range(len(TRAIN_TEXTS))]}),
-        "test": datasets.Dataset.from_dict({"text": TEST_TEXTS, "label": [i % 2 for i in range(len(TEST_TEXTS))]}),
-    })
+    data = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(
+                {"text": TRAIN_TEXTS, "label": [i % 2 for i in range(len(TRAIN_TEXTS))]}
+            ),
+            "test": datasets.Dataset.from_dict({"text": TEST_TEXTS, "label": [i % 2 for i in range(len(TEST_TEXTS))]}),
+        }
+    )
     data.save_to_disk(str(root / "imdb"))
 
     # The policy: a 1-layer GPT-2 with a byte-level BPE tokenizer.
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(TRAIN_TEXTS, vocab_size=300, min_frequency=1, show_progress=False,
-                            special_tokens=["<|endoftext|>", "<pad>"])
-    gpt_tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                      unk_token="<|endoftext|>", pad_token="<pad>")
-    policy = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=256, vocab_size=len(gpt_tok),
-                                        bos_token_id=gpt_tok.eos_token_id, eos_token_id=gpt_tok.eos_token_id,
-                                        pad_token_id=gpt_tok.pad_token_id))
+    bpe.train_from_iterator(
+        TRAIN_TEXTS, vocab_size=300, min_frequency=1, show_progress=False, special_tokens=["<|endoftext|>", "<pad>"]
+    )
+    gpt_tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<pad>",
+    )
+    policy = GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=1,
+            n_embd=32,
+            n_head=2,
+            n_positions=256,
+            vocab_size=len(gpt_tok),
+            bos_token_id=gpt_tok.eos_token_id,
+            eos_token_id=gpt_tok.eos_token_id,
+            pad_token_id=gpt_tok.pad_token_id,
+        )
+    )
     policy.save_pretrained(root / "gpt2")
     gpt_tok.save_pretrained(root / "gpt2")
 
@@ -104,13 +151,15 @@ def hub(tmp_path_factory):
         "    return [float('nan')] * len(responses)\n\n"
         "def strings(prompts, responses):\n"
         "    return ['high'] * len(responses)\n\n"
-        "NOT_CALLABLE = 3\n")
+        "NOT_CALLABLE = 3\n"
+    )
 
     # Prompts: one file with held-out lines marked, one without.
     marked = [{"prompt": f"question {i} :", **({"split": "eval"} if i % 4 == 0 else {})} for i in range(12)]
     (root / "marked.jsonl").write_text("\n".join(json.dumps(r) for r in marked) + "\n\n")
-    (root / "plain.jsonl").write_text("".join(json.dumps({"prompt": f"tell me about film {i}"}) + "\n"
-                                              for i in range(30)))
+    (root / "plain.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"tell me about film {i}"}) + "\n" for i in range(30))
+    )
     return root
 
 
@@ -130,7 +179,7 @@ def hand_probability(model_dir, texts, label=1, window=64) -> np.ndarray:
     out = []
     with torch.no_grad():
         for text in texts:
-            body = tok(text, add_special_tokens=False)["input_ids"][-(window - 2):]
+            body = tok(text, add_special_tokens=False)["input_ids"][-(window - 2) :]
             ids = [tok.cls_token_id, *body, tok.sep_token_id]
             out.append(torch.softmax(model(input_ids=torch.tensor([ids])).logits, -1)[0, label].item())
     return np.array(out)
@@ -138,7 +187,7 @@ def hand_probability(model_dir, texts, label=1, window=64) -> np.ndarray:
 
 def grue_prompt(text: str) -> str:
     words = text.split(" ")
-    return " ".join(words[:int(len(words) * 0.5)])
+    return " ".join(words[: int(len(words) * 0.5)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,7 +211,7 @@ def test_imdb_prompts_are_grue_prefixes(imdb):
     assert duplicate in expected_train  # the review in both splits is dropped from training
     assert imdb.train_prompts == [p for p in expected_train if p != duplicate]
     assert not set(imdb.train_prompts) & set(imdb.eval_prompts)
-    for prompt, text in zip(expected_eval, [TEST_TEXTS[i] for i in test_order]):
+    for prompt, text in zip(expected_eval, [TEST_TEXTS[i] for i in test_order], strict=True):
         assert text.startswith(prompt) and len(prompt.split(" ")) == len(text.split(" ")) // 2
     assert (imdb.max_prompt_tokens, imdb.max_new_tokens, imdb.min_new_tokens) == (64, 48, 48)
     assert imdb.corpus is None and imdb.offline_data is None
@@ -172,7 +221,7 @@ def test_imdb_reward_is_positive_probability_of_prompt_and_continuation(imdb, hu
     prompts = imdb.eval_prompts[:6]
     responses = [" the ending was great .", " awful .", "", " fun fun fun", " the cast was dull . " * 20, " odd"]
     scores = imdb.score(prompts, responses)
-    expected = hand_probability(hub / "classifier", [p + r for p, r in zip(prompts, responses)])
+    expected = hand_probability(hub / "classifier", [p + r for p, r in zip(prompts, responses, strict=True)])
     np.testing.assert_allclose(scores, expected, atol=1e-5)
     assert scores.dtype == np.float64 and np.all((scores > 0) & (scores < 1))
     assert np.ptp(scores) > 0.01  # the scores depend on the text
@@ -207,30 +256,40 @@ def test_jsonl_splits(hub):
     assert train == [f"question {i} :" for i in range(12) if i % 4]
     train, held_out, _ = read_prompts_file(str(hub / "plain.jsonl"))
     assert len(held_out) == round(HOLDOUT_FRACTION * 30) and len(train) == 27
-    assert not set(train) & set(held_out) and set(train) | set(held_out) == {f"tell me about film {i}" for i in range(30)}
+    assert not set(train) & set(held_out) and set(train) | set(held_out) == {
+        f"tell me about film {i}" for i in range(30)
+    }
     assert read_prompts_file(str(hub / "plain.jsonl"))[:2] == (train, held_out)  # seeded: the same every time
 
 
 def test_jsonl_with_reward_model(hub):
-    task = make_task("jsonl", args(prompts_file=str(hub / "marked.jsonl"), reward_model=str(hub / "classifier"),
-                                   reward_label="POSITIVE"))
+    task = make_task(
+        "jsonl",
+        args(prompts_file=str(hub / "marked.jsonl"), reward_model=str(hub / "classifier"), reward_label="POSITIVE"),
+    )
     assert task.name == "jsonl" and len(task.eval_prompts) == 3
     responses = [" the plot was lovely .", " boring", " the music was weak ."]
     scores = task.score(task.eval_prompts, responses)
-    texts = [p + r for p, r in zip(task.eval_prompts, responses)]
+    texts = [p + r for p, r in zip(task.eval_prompts, responses, strict=True)]
     np.testing.assert_allclose(scores, hand_probability(hub / "classifier", texts), atol=1e-5)
     for label, index in (("negative", 0), ("0", 0), ("1", 1)):  # by name (any case) or by index
-        other = make_task("jsonl", args(prompts_file=str(hub / "marked.jsonl"), reward_model=str(hub / "classifier"),
-                                        reward_label=label))
-        np.testing.assert_allclose(other.score(task.eval_prompts, responses),
-                                   hand_probability(hub / "classifier", texts, label=index), atol=1e-5)
+        other = make_task(
+            "jsonl",
+            args(prompts_file=str(hub / "marked.jsonl"), reward_model=str(hub / "classifier"), reward_label=label),
+        )
+        np.testing.assert_allclose(
+            other.score(task.eval_prompts, responses),
+            hand_probability(hub / "classifier", texts, label=index),
+            atol=1e-5,
+        )
 
 
 def test_jsonl_with_reward_fn(hub, reward_module):
     task = make_task("jsonl", args(prompts_file=str(hub / "plain.jsonl"), reward_fn=f"{reward_module}:word_count"))
     np.testing.assert_array_equal(task.score(["a", "b"], [" one two", ""]), [0.2, 0.0])
-    by_file = make_task("jsonl", args(prompts_file=str(hub / "plain.jsonl"),
-                                      reward_fn=f"{hub / 'code' / 'my_rewards.py'}:word_count"))
+    by_file = make_task(
+        "jsonl", args(prompts_file=str(hub / "plain.jsonl"), reward_fn=f"{hub / 'code' / 'my_rewards.py'}:word_count")
+    )
     np.testing.assert_array_equal(by_file.score(["a"], [" x y z"]), [0.3])
 
 
@@ -244,38 +303,99 @@ def error_cases(hub):
     (hub / "one.jsonl").write_text('{"prompt": "a"}\n')
     return [
         ("nope", {}, ValueError, "unknown task 'nope'; known tasks: imdb, jsonl, sentiment, sentiment_grammar, wordle"),
-        ("jsonl", dict(prompts_file=prompts, reward_model=model, reward_fn="my_rewards:word_count"), ValueError, "not both"),
+        (
+            "jsonl",
+            dict(prompts_file=prompts, reward_model=model, reward_fn="my_rewards:word_count"),
+            ValueError,
+            "not both",
+        ),
         ("jsonl", dict(prompts_file=prompts), ValueError, "task jsonl needs a reward"),
         ("jsonl", dict(reward_model=model), ValueError, "needs --prompts-file"),
         ("jsonl", dict(prompts_file=prompts, reward_fn="my_rewards"), ValueError, "expected module:function"),
-        ("jsonl", dict(prompts_file=prompts, reward_fn="no_such_module:f"), ValueError, "cannot import 'no_such_module'"),
+        (
+            "jsonl",
+            dict(prompts_file=prompts, reward_fn="no_such_module:f"),
+            ValueError,
+            "cannot import 'no_such_module'",
+        ),
         ("jsonl", dict(prompts_file=prompts, reward_fn="my_rewards:missing"), ValueError, "has no function 'missing'"),
         ("jsonl", dict(prompts_file=prompts, reward_fn="my_rewards:NOT_CALLABLE"), ValueError, "has no function"),
-        ("jsonl", dict(prompts_file=prompts, reward_fn="nowhere.py:f"), FileNotFoundError, "'nowhere.py' does not exist"),
-        ("jsonl", dict(prompts_file=prompts, reward_model=model, reward_label="NEUTRAL"), ValueError,
-         "--reward-label 'NEUTRAL' is not a label of reward model"),
+        (
+            "jsonl",
+            dict(prompts_file=prompts, reward_fn="nowhere.py:f"),
+            FileNotFoundError,
+            "'nowhere.py' does not exist",
+        ),
+        (
+            "jsonl",
+            dict(prompts_file=prompts, reward_model=model, reward_label="NEUTRAL"),
+            ValueError,
+            "--reward-label 'NEUTRAL' is not a label of reward model",
+        ),
         ("jsonl", dict(prompts_file=prompts, reward_model=model, reward_label="2"), ValueError, "POSITIVE"),
-        ("jsonl", dict(prompts_file=prompts, reward_fn="my_rewards:word_count", reward_label="1"), ValueError,
-         "does not apply to --reward-fn"),
+        (
+            "jsonl",
+            dict(prompts_file=prompts, reward_fn="my_rewards:word_count", reward_label="1"),
+            ValueError,
+            "does not apply to --reward-fn",
+        ),
         ("jsonl", dict(prompts_file=prompts, reward_model="./no/such/dir"), FileNotFoundError, "does not exist"),
-        ("jsonl", dict(prompts_file=str(hub / "missing.jsonl"), reward_fn="my_rewards:word_count"), FileNotFoundError,
-         "prompts file"),
-        ("jsonl", dict(prompts_file=str(hub / "empty.jsonl"), reward_fn="my_rewards:word_count"), ValueError, "has no prompts"),
-        ("jsonl", dict(prompts_file=str(hub / "broken.jsonl"), reward_fn="my_rewards:word_count"), ValueError,
-         "broken.jsonl:2: expected an object with a string \"prompt\" field"),
-        ("jsonl", dict(prompts_file=str(hub / "one.jsonl"), reward_fn="my_rewards:word_count"), ValueError,
-         "at least 2 distinct prompts"),
-        ("jsonl", dict(prompts_file=prompts, reward_fn="my_rewards:not_a_number"), ValueError,
-         "the reward function returned [nan, nan]; expected 2 finite floats"),
+        (
+            "jsonl",
+            dict(prompts_file=str(hub / "missing.jsonl"), reward_fn="my_rewards:word_count"),
+            FileNotFoundError,
+            "prompts file",
+        ),
+        (
+            "jsonl",
+            dict(prompts_file=str(hub / "empty.jsonl"), reward_fn="my_rewards:word_count"),
+            ValueError,
+            "has no prompts",
+        ),
+        (
+            "jsonl",
+            dict(prompts_file=str(hub / "broken.jsonl"), reward_fn="my_rewards:word_count"),
+            ValueError,
+            'broken.jsonl:2: expected an object with a string "prompt" field',
+        ),
+        (
+            "jsonl",
+            dict(prompts_file=str(hub / "one.jsonl"), reward_fn="my_rewards:word_count"),
+            ValueError,
+            "at least 2 distinct prompts",
+        ),
+        (
+            "jsonl",
+            dict(prompts_file=prompts, reward_fn="my_rewards:not_a_number"),
+            ValueError,
+            "the reward function returned [nan, nan]; expected 2 finite floats",
+        ),
         ("jsonl", dict(prompts_file=prompts, reward_fn="my_rewards:strings"), ValueError, "expected 2 finite floats"),
-        ("jsonl", dict(prompts_file=prompts, reward_fn="my_rewards:word_count", dataset="x"), ValueError,
-         "--dataset does not apply to task 'jsonl'"),
-        ("imdb", dict(dataset="./no/such/data", reward_model=model), FileNotFoundError, "dataset path './no/such/data'"),
-        ("imdb", dict(dataset=str(hub / "imdb"), reward_model=model, prompts_file=prompts), ValueError,
-         "--prompts-file does not apply to task 'imdb'"),
+        (
+            "jsonl",
+            dict(prompts_file=prompts, reward_fn="my_rewards:word_count", dataset="x"),
+            ValueError,
+            "--dataset does not apply to task 'jsonl'",
+        ),
+        (
+            "imdb",
+            dict(dataset="./no/such/data", reward_model=model),
+            FileNotFoundError,
+            "dataset path './no/such/data'",
+        ),
+        (
+            "imdb",
+            dict(dataset=str(hub / "imdb"), reward_model=model, prompts_file=prompts),
+            ValueError,
+            "--prompts-file does not apply to task 'imdb'",
+        ),
         ("sentiment", dict(reward_model=model), ValueError, "--reward-model only apply to the hub tasks"),
-        ("imdb", dict(dataset=str(hub / "imdb"), reward_model=model, model_name="tiny-gpt2"), ValueError,
-         "task 'imdb' has no built-in model; pass --model-name"),
+        (
+            "imdb",
+            dict(dataset=str(hub / "imdb"), reward_model=model, model_name="tiny-gpt2"),
+            ValueError,
+            "task 'imdb' has no built-in model; pass --model-name",
+        ),
     ]
 
 
@@ -294,8 +414,9 @@ def test_score_catches_non_finite_rewards_after_the_start():
         calls.append(1)
         return [1.0] * len(responses) if len(calls) == 1 else [float("inf")] * len(responses)
 
-    task = Task(name="jsonl", train_prompts=["a"], eval_prompts=["b"], reward_fn=flaky, max_prompt_tokens=8,
-                max_new_tokens=8)
+    task = Task(
+        name="jsonl", train_prompts=["a"], eval_prompts=["b"], reward_fn=flaky, max_prompt_tokens=8, max_new_tokens=8
+    )
     np.testing.assert_array_equal(task.score(["a"], ["r"]), [1.0])
     with pytest.raises(ValueError, match="expected 1 finite floats"):
         task.score(["a"], ["r"])
@@ -305,22 +426,84 @@ def test_score_catches_non_finite_rewards_after_the_start():
 # End to end: the scripts, offline, in subprocesses (run together: they share 2 cores)
 # ----------------------------------------------------------------------------------------------
 def test_scripts_run_hub_tasks_offline(hub, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(hub / "code"), os.environ.get("PYTHONPATH", "")])}
-    tiny = ["--total-updates", "1", "--rollout-batch-size", "4", "--minibatch-size", "4", "--ppo-epochs", "1",
-            "--eval-episodes", "4", "--eval-every", "1", "--no-save-model", "--no-cuda"]
-    runs = {
-        "jsonl": ["ppo.py", "--task", "jsonl", "--prompts-file", str(hub / "plain.jsonl"), "--reward-fn",
-                  "my_rewards:word_count", "--model-name", str(hub / "gpt2"), *tiny, "--output-dir", str(tmp_path / "a")],
-        "imdb": ["ppo.py", "--task", "imdb", "--dataset", str(hub / "imdb"), "--reward-model", str(hub / "classifier"),
-                 "--model-name", str(hub / "gpt2"), *tiny, "--output-dir", str(tmp_path / "b")],
-        "error": ["ppo.py", "--task", "jsonl", "--prompts-file", str(hub / "plain.jsonl"), "--reward-fn",
-                  "my_rewards:not_a_number", "--model-name", str(hub / "gpt2"), "--output-dir", str(tmp_path / "c")],
-        "no datasets": ["-c", "import sys; from common.tasks import make_task; make_task('wordle'); "
-                              "assert 'datasets' not in sys.modules, 'embedded tasks imported datasets'"],
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(hub / "code"), os.environ.get("PYTHONPATH", "")]),
     }
-    procs = {k: subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True) for k, argv in runs.items()}
+    tiny = [
+        "--total-updates",
+        "1",
+        "--rollout-batch-size",
+        "4",
+        "--minibatch-size",
+        "4",
+        "--ppo-epochs",
+        "1",
+        "--eval-episodes",
+        "4",
+        "--eval-every",
+        "1",
+        "--no-save-model",
+        "--no-cuda",
+    ]
+    runs = {
+        "jsonl": [
+            "ppo.py",
+            "--task",
+            "jsonl",
+            "--prompts-file",
+            str(hub / "plain.jsonl"),
+            "--reward-fn",
+            "my_rewards:word_count",
+            "--model-name",
+            str(hub / "gpt2"),
+            *tiny,
+            "--output-dir",
+            str(tmp_path / "a"),
+        ],
+        "imdb": [
+            "ppo.py",
+            "--task",
+            "imdb",
+            "--dataset",
+            str(hub / "imdb"),
+            "--reward-model",
+            str(hub / "classifier"),
+            "--model-name",
+            str(hub / "gpt2"),
+            *tiny,
+            "--output-dir",
+            str(tmp_path / "b"),
+        ],
+        "error": [
+            "ppo.py",
+            "--task",
+            "jsonl",
+            "--prompts-file",
+            str(hub / "plain.jsonl"),
+            "--reward-fn",
+            "my_rewards:not_a_number",
+            "--model-name",
+            str(hub / "gpt2"),
+            "--output-dir",
+            str(tmp_path / "c"),
+        ],
+        "no datasets": [
+            "-c",
+            "import sys; from common.tasks import make_task; make_task('wordle'); "
+            "assert 'datasets' not in sys.modules, 'embedded tasks imported datasets'",
+        ],
+    }
+    procs = {
+        k: subprocess.Popen(
+            [sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for k, argv in runs.items()
+    }
     results = {k: (p.wait(timeout=300), *p.communicate()) for k, p in procs.items()}
     for name in ("jsonl", "imdb", "no datasets"):
         code, out, err = results[name]
@@ -341,12 +524,40 @@ def test_scripts_run_hub_tasks_offline(hub, tmp_path):
 def test_nlpo_runs_imdb_offline(hub, tmp_path):
     """nlpo.py on the GRUE IMDB task from local copies, as ppo.py above: 48-token responses with EOS forbidden
     throughout (the task's minimum length), the masking policy on a real GPT-2 tokenizer's vocabulary."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1"}
-    argv = ["nlpo.py", "--task", "imdb", "--dataset", str(hub / "imdb"), "--reward-model", str(hub / "classifier"),
-            "--model-name", str(hub / "gpt2"), "--total-updates", "1", "--rollout-batch-size", "4", "--minibatch-size",
-            "4", "--ppo-epochs", "1", "--eval-episodes", "4", "--eval-every", "1", "--no-save-model", "--no-cuda",
-            "--output-dir", str(tmp_path)]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    argv = [
+        "nlpo.py",
+        "--task",
+        "imdb",
+        "--dataset",
+        str(hub / "imdb"),
+        "--reward-model",
+        str(hub / "classifier"),
+        "--model-name",
+        str(hub / "gpt2"),
+        "--total-updates",
+        "1",
+        "--rollout-batch-size",
+        "4",
+        "--minibatch-size",
+        "4",
+        "--ppo-epochs",
+        "1",
+        "--eval-episodes",
+        "4",
+        "--eval-every",
+        "1",
+        "--no-save-model",
+        "--no-cuda",
+        "--output-dir",
+        str(tmp_path),
+    ]
     out = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, f"{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
     (run_dir,) = os.listdir(tmp_path)

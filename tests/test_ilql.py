@@ -16,6 +16,7 @@ import ilql
 from common import wordle
 
 from helpers import SENTIMENT_EVAL_KEYS, args_fields
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -44,13 +45,13 @@ def test_q_loss_hand_values_and_detached_bootstrap():
     q2 = torch.zeros(1, 3, requires_grad=True)
     loss = ilql.q_loss([q1, q2], rewards, v_next, torch.ones(1, 3), gamma=0.9)
     # targets r + 0.9 V' = [0.45, 0.18, -1]; head 1 errors [0.05, -0.18, 0]; head 2 errors [-0.45, -0.18, 1]
-    expected = (0.05 ** 2 + 0.18 ** 2) / 3 + (0.45 ** 2 + 0.18 ** 2 + 1.0) / 3
+    expected = (0.05**2 + 0.18**2) / 3 + (0.45**2 + 0.18**2 + 1.0) / 3
     assert loss.item() == pytest.approx(expected, abs=1e-6)
     loss.backward()
     assert v_next.grad is None, "the bootstrap target V(s') is detached"
     assert torch.allclose(q1.grad, 2 * torch.tensor([[0.05, -0.18, 0.0]]) / 3, atol=1e-6)
     masked = ilql.q_loss([q1], rewards, v_next, torch.tensor([[1.0, 0.0, 0.0]]), gamma=0.9)
-    assert masked.item() == pytest.approx(0.05 ** 2, abs=1e-6)
+    assert masked.item() == pytest.approx(0.05**2, abs=1e-6)
 
 
 def test_expectile_loss_hand_values():
@@ -191,18 +192,23 @@ def test_perturbed_logits_inside_cached_generation(shared_trunk):
     policy = wordle.char_policy(seed=0, n_layer=2, n_embd=32)
     heads = ilql.ValueHeads(policy.hidden_size, len(wordle.VOCAB))
     for p in [*heads.target_q_heads.parameters(), *heads.v_head.parameters()]:  # as mid-training: targets
-        p.data.normal_(0, 0.5)                                                # differ from the heads, V != 0
+        p.data.normal_(0, 0.5)  # differ from the heads, V != 0
     trunk = None if shared_trunk else ilql.frozen_copy(wordle.char_policy(seed=1, n_layer=2, n_embd=32))
     games = [wordle.new_game(w) for w in ("slate", "crane", "pious")]
-    for g, guess in zip(games, ("trace", "trace", "lemon")):
+    for g, guess in zip(games, ("trace", "trace", "lemon"), strict=True):
         g.step(guess)
     context = torch.tensor([[wordle.TOKEN_ID[t] for t in g.tokens()] for g in games])
     mask = torch.ones_like(context)
     seen = []
     with ilql.ILQLLogitsProcessor(policy, heads, trunk, mask, beta=4.0, top_k=20) as processor:
-        record = lambda ids, scores: seen.append(processor(ids, scores)) or seen[-1]
-        ids, _ = policy.generate(context, mask, 6, do_sample=False,
-                                 logits_processor=[wordle.GuessGrammar(context.shape[1]), record])
+
+        def record(ids, scores):
+            seen.append(processor(ids, scores))
+            return seen[-1]
+
+        ids, _ = policy.generate(
+            context, mask, 6, do_sample=False, logits_processor=[wordle.GuessGrammar(context.shape[1]), record]
+        )
     assert len(seen) == 6
     full = torch.cat([context, ids], 1)
     with torch.no_grad():
@@ -211,7 +217,7 @@ def test_perturbed_logits_inside_cached_generation(shared_trunk):
             _, hidden = trunk(full, torch.ones_like(full), context.shape[1], with_logits=False)
         _, v, target_q = heads(hidden)
     for t in range(6):
-        scores = wordle.GuessGrammar(context.shape[1])(full[:, :context.shape[1] + t], pi_logits[:, t])
+        scores = wordle.GuessGrammar(context.shape[1])(full[:, : context.shape[1] + t], pi_logits[:, t])
         expected = ilql.perturbed_logits(scores, target_q[:, t], v[:, t], 4.0, top_k=20)
         finite = torch.isfinite(expected)
         assert torch.equal(finite, torch.isfinite(seen[t]))
@@ -226,37 +232,59 @@ def test_perturbed_logits_inside_cached_generation(shared_trunk):
 
 
 def test_help_documents_every_flag():
-    out = subprocess.run([sys.executable, "ilql.py", "--help"], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}, check=True).stdout
-    fields = args_fields(os.path.join(ROOT, "ilql.py"), "Args") + \
-        args_fields(os.path.join(ROOT, "common", "utils.py"), "CommonArgs")
+    out = subprocess.run(
+        [sys.executable, "ilql.py", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"},
+        check=True,
+    ).stdout
+    fields = args_fields(os.path.join(ROOT, "ilql.py"), "Args") + args_fields(
+        os.path.join(ROOT, "common", "utils.py"), "CommonArgs"
+    )
     assert len(fields) > 30
     for name, documented in fields:
         assert documented, f"Args.{name} has no docstring (it is the --help text)"
         assert "--" + name.replace("_", "-") in out, f"--{name} missing from --help"
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--task", "nope"], "unknown task"),
-    (["--task", "wordle", "--wordle-data", "expert=0.5,oracle=0.5"], "unknown Wordle player"),
-    (["--model-name", "./no/such/dir"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--task", "nope"], "unknown task"),
+        (["--task", "wordle", "--wordle-data", "expert=0.5,oracle=0.5"], "unknown Wordle player"),
+        (["--model-name", "./no/such/dir"], "does not exist"),
+    ],
+)
 def test_bad_input_fails_fast_with_one_line(flags, message, tmp_path):
-    result = subprocess.run([sys.executable, "ilql.py", "--output-dir", str(tmp_path), *flags], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, "ilql.py", "--output-dir", str(tmp_path), *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode != 0
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not os.listdir(tmp_path), "no run directory is created for bad input"
 
 
-@pytest.mark.parametrize("flags, message", [
-    (dict(batch_size=0), "--batch-size must be positive"), (dict(target_update_every=0), "--target-update-every"),
-    (dict(tau=1.0), "--tau must be in"), (dict(polyak_alpha=0.0), "--polyak-alpha must be in"),
-    (dict(top_fraction=1.5), "--top-fraction must be in"), (dict(beta=-1.0), "--beta must be non-negative"),
-    (dict(learning_rate=0.0), "--learning-rate must be positive"),
-    (dict(task="wordle", wordle_vocab=5000), "cannot play on 5000"),
-    (dict(model_name="tiny-t5"), "seq2seq"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (dict(batch_size=0), "--batch-size must be positive"),
+        (dict(target_update_every=0), "--target-update-every"),
+        (dict(tau=1.0), "--tau must be in"),
+        (dict(polyak_alpha=0.0), "--polyak-alpha must be in"),
+        (dict(top_fraction=1.5), "--top-fraction must be in"),
+        (dict(beta=-1.0), "--beta must be non-negative"),
+        (dict(learning_rate=0.0), "--learning-rate must be positive"),
+        (dict(task="wordle", wordle_vocab=5000), "cannot play on 5000"),
+        (dict(model_name="tiny-t5"), "seq2seq"),
+    ],
+)
 def test_bad_arguments_exit_before_any_work(flags, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
         ilql.main(ilql.Args(output_dir=str(tmp_path), **flags))
@@ -271,15 +299,40 @@ def _scalars(run_dir):
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-TINY_WORDLE = ["--task", "wordle", "--wordle-games", "64", "--wordle-width", "32", "--batch-size", "8",
-               "--eval-episodes", "8", "--print-every", "1"]
+TINY_WORDLE = [
+    "--task",
+    "wordle",
+    "--wordle-games",
+    "64",
+    "--wordle-width",
+    "32",
+    "--batch-size",
+    "8",
+    "--eval-episodes",
+    "8",
+    "--print-every",
+    "1",
+]
 
 
 def test_tiny_wordle_run_end_to_end(tmp_path):
-    cmd = [sys.executable, "ilql.py", *TINY_WORDLE, "--total-steps", "3", "--eval-every", "2",
-           "--eval-betas", "16", "0", "--output-dir", str(tmp_path)]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "ilql.py",
+        *TINY_WORDLE,
+        "--total-steps",
+        "3",
+        "--eval-every",
+        "2",
+        "--eval-betas",
+        "16",
+        "0",
+        "--output-dir",
+        str(tmp_path),
+    ]
+    result = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr
     assert "step 3/3" in result.stdout and "initial eval/return_mean" in result.stdout
     (run_name,) = os.listdir(tmp_path)
@@ -291,25 +344,49 @@ def test_tiny_wordle_run_end_to_end(tmp_path):
     assert set(summary["beta_sweep"]) == {"16.0", "0.0"} and summary["beta_sweep"]["16.0"] == summary["final"]
     assert summary["no_repeat_oracle"]["eval/repeat_rate"] == 0.0  # pi_beta with repeats forbidden
     for key in ("initial", "final", "best"):
-        assert set(summary[key]) == {"eval/return_mean", "eval/return_std", "eval/win_rate", "eval/mean_guesses",
-                                     "eval/nonword_rate", "eval/repeat_rate"}
+        assert set(summary[key]) == {
+            "eval/return_mean",
+            "eval/return_std",
+            "eval/win_rate",
+            "eval/mean_guesses",
+            "eval/nonword_rate",
+            "eval/repeat_rate",
+        }
     scalars = _scalars(run_dir)
     assert [s for s, _ in scalars["eval/return_mean"]] == [0, 2, 3]
-    for tag in ("losses/q_loss", "losses/v_loss", "losses/cql_loss", "losses/bc_loss", "values/advantage",
-                "objective/entropy", "charts/learning_rate", "charts/tokens_per_second", "charts/episodes_per_second"):
+    for tag in (
+        "losses/q_loss",
+        "losses/v_loss",
+        "losses/cql_loss",
+        "losses/bc_loss",
+        "values/advantage",
+        "objective/entropy",
+        "charts/learning_rate",
+        "charts/tokens_per_second",
+        "charts/episodes_per_second",
+    ):
         assert tag in scalars and all(math.isfinite(v) for _, v in scalars[tag]), tag
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
     assert model.config.vocab_size == len(wordle.VOCAB)
     assert AutoTokenizer.from_pretrained(run_dir / "model")("crane</a>")["input_ids"] == [
-        wordle.TOKEN_ID[t] for t in [*"crane", "</a>"]]
+        wordle.TOKEN_ID[t] for t in [*"crane", "</a>"]
+    ]
     assert set(torch.load(run_dir / "ilql_heads.pt")) == {"heads", "value_trunk"}
 
 
 def test_tiny_sentiment_run_end_to_end(tmp_path):
-    args = ilql.Args(task="sentiment", total_steps=2, batch_size=8, eval_episodes=8, eval_every=1, print_every=1,
-                     shared_trunk=True, output_dir=str(tmp_path))
+    args = ilql.Args(
+        task="sentiment",
+        total_steps=2,
+        batch_size=8,
+        eval_episodes=8,
+        eval_every=1,
+        print_every=1,
+        shared_trunk=True,
+        output_dir=str(tmp_path),
+    )
     summary = ilql.main(args)
     (run_name,) = os.listdir(tmp_path)
     assert run_name.startswith("sentiment__ilql__1__") and summary["script"] == "ilql.py"
@@ -325,8 +402,16 @@ def test_separate_trunk_pi_beta_is_exactly_bc(tmp_path):
     weight: the BC baseline and ILQL differ only in the values and the perturbed decoding."""
     from transformers import AutoModelForCausalLM
 
-    setting = dict(task="wordle", wordle_games=64, wordle_width=32, batch_size=8, total_steps=3, eval_every=100,
-                   eval_episodes=4, print_every=100)
+    setting = dict(
+        task="wordle",
+        wordle_games=64,
+        wordle_width=32,
+        batch_size=8,
+        total_steps=3,
+        eval_every=100,
+        eval_episodes=4,
+        print_every=100,
+    )
     for name, flags in (("bc", dict(beta=0.0)), ("ilql", {}), ("shared", dict(shared_trunk=True))):
         ilql.main(ilql.Args(exp_name=name, output_dir=str(tmp_path / name), **setting, **flags))
     weights = {}
@@ -334,24 +419,35 @@ def test_separate_trunk_pi_beta_is_exactly_bc(tmp_path):
         (run_dir,) = os.listdir(tmp_path / name)
         weights[name] = AutoModelForCausalLM.from_pretrained(tmp_path / name / run_dir / "model").state_dict()
     assert all(torch.equal(weights["bc"][k], weights["ilql"][k]) for k in weights["bc"])
-    assert not all(torch.equal(weights["bc"][k], weights["shared"][k]) for k in weights["bc"]), \
+    assert not all(torch.equal(weights["bc"][k], weights["shared"][k]) for k in weights["bc"]), (
         "with a shared trunk the value losses also train pi_beta's transformer"
+    )
 
 
 def test_target_heads_sync_at_the_configured_rate(tmp_path):
     """trlX syncs its target heads from a once-per-epoch callback since its 2023 refactor (reference
     notes 9.1), so they barely move. Here: a Polyak step every `target_update_every` gradient steps."""
-    args = ilql.Args(task="wordle", wordle_games=64, wordle_width=32, batch_size=8, eval_episodes=4,
-                     total_steps=6, eval_every=100, target_update_every=3, polyak_alpha=1.0,
-                     print_every=100, output_dir=str(tmp_path))
+    args = ilql.Args(
+        task="wordle",
+        wordle_games=64,
+        wordle_width=32,
+        batch_size=8,
+        eval_episodes=4,
+        total_steps=6,
+        eval_every=100,
+        target_update_every=3,
+        polyak_alpha=1.0,
+        print_every=100,
+        output_dir=str(tmp_path),
+    )
     summary = ilql.main(args)
     assert summary["target_syncs"] == 2
     (run_dir,) = os.listdir(tmp_path)
     syncs = _scalars(tmp_path / run_dir)["charts/target_syncs"]
     assert syncs == [(1, 0.0), (2, 0.0), (3, 1.0), (4, 1.0), (5, 1.0), (6, 2.0)]
     state = torch.load(tmp_path / run_dir / "ilql_heads.pt")["heads"]
-    online = {k[len("q_heads."):]: v for k, v in state.items() if k.startswith("q_heads.")}
-    target = {k[len("target_q_heads."):]: v for k, v in state.items() if k.startswith("target_q_heads.")}
+    online = {k[len("q_heads.") :]: v for k, v in state.items() if k.startswith("q_heads.")}
+    target = {k[len("target_q_heads.") :]: v for k, v in state.items() if k.startswith("target_q_heads.")}
     assert online.keys() == target.keys() and len(online) == 8
     # alpha = 1 at step 6, the last step: the target is an exact copy of the trained online heads
     assert all(torch.equal(online[k], target[k]) for k in online)
@@ -382,23 +478,40 @@ def test_ilql_beats_bc_on_suboptimal_wordle_data(tmp_path):
     from common.models import load_policy
     from common.tasks import make_task
 
-    args = ilql.Args(task="wordle", wordle_vocab=40, wordle_width=32, batch_size=32, learning_rate=3e-3,
-                     polyak_alpha=0.1, total_steps=400, eval_every=10_000, eval_episodes=40, print_every=100,
-                     output_dir=str(tmp_path))
+    args = ilql.Args(
+        task="wordle",
+        wordle_vocab=40,
+        wordle_width=32,
+        batch_size=32,
+        learning_rate=3e-3,
+        polyak_alpha=0.1,
+        total_steps=400,
+        eval_every=10_000,
+        eval_episodes=40,
+        print_every=100,
+        output_dir=str(tmp_path),
+    )
     summary = ilql.main(args)
     (run_dir,) = os.listdir(tmp_path)
     policy = load_policy(str(tmp_path / run_dir / "model"), make_task("wordle"))
 
     def bc_guesses(games):
         context = torch.tensor([[wordle.TOKEN_ID[t] for t in g.tokens()] for g in games])
-        ids, _ = policy.generate(context, torch.ones_like(context), 6, do_sample=False,
-                                 logits_processor=[wordle.GuessGrammar(context.shape[1])])
+        ids, _ = policy.generate(
+            context,
+            torch.ones_like(context),
+            6,
+            do_sample=False,
+            logits_processor=[wordle.GuessGrammar(context.shape[1])],
+        )
         return ["".join(wordle.VOCAB[i] for i in row[:5]) for row in ids.tolist()]
 
     bc = wordle.game_metrics(wordle.play(wordle.eval_answers(40), bc_guesses))
     ilql_final = summary["final"]
-    print(f"BC {bc['eval/return_mean']:+.3f} (win {bc['eval/win_rate']:.2f}), "
-          f"ILQL {ilql_final['eval/return_mean']:+.3f} (win {ilql_final['eval/win_rate']:.2f})")
+    print(
+        f"BC {bc['eval/return_mean']:+.3f} (win {bc['eval/win_rate']:.2f}), "
+        f"ILQL {ilql_final['eval/return_mean']:+.3f} (win {ilql_final['eval/win_rate']:.2f})"
+    )
     assert ilql_final["eval/return_mean"] >= bc["eval/return_mean"] + 0.5, (ilql_final, bc)
     assert ilql_final["eval/win_rate"] > bc["eval/win_rate"]
 
@@ -406,11 +519,24 @@ def test_ilql_beats_bc_on_suboptimal_wordle_data(tmp_path):
 def test_bc_sampling_applies_temperature(tmp_path):
     """With --beta 0 the deployed policy is pi_beta alone, sampled with --temperature (as the ILQL processor
     does for beta > 0): a near-zero temperature must reproduce greedy decoding exactly, temperature 1 must not."""
-    setting = dict(task="sentiment", total_steps=1, batch_size=8, eval_episodes=16, eval_every=100, print_every=1,
-                   beta=0.0, save_model=False)
-    finals = {name: ilql.main(ilql.Args(exp_name=name, output_dir=str(tmp_path / name), **setting, **flags))["final"]
-              for name, flags in (("greedy", dict(greedy=True)), ("cold", dict(greedy=False, temperature=1e-4)),
-                                  ("warm", dict(greedy=False, temperature=1.0)))}
+    setting = dict(
+        task="sentiment",
+        total_steps=1,
+        batch_size=8,
+        eval_episodes=16,
+        eval_every=100,
+        print_every=1,
+        beta=0.0,
+        save_model=False,
+    )
+    finals = {
+        name: ilql.main(ilql.Args(exp_name=name, output_dir=str(tmp_path / name), **setting, **flags))["final"]
+        for name, flags in (
+            ("greedy", dict(greedy=True)),
+            ("cold", dict(greedy=False, temperature=1e-4)),
+            ("warm", dict(greedy=False, temperature=1.0)),
+        )
+    }
     assert finals["cold"] == finals["greedy"]
     assert finals["warm"] != finals["greedy"]
 
@@ -459,8 +585,12 @@ def test_step_loss_weights_each_term_and_bootstraps_from_the_online_v():
     target = torch.tensor([-1.0 + 0.5 * -0.2, 0.0])
     q_taken = [q[0, [0, 1], [2, 0]] for q in q_logits]
     assert losses["q_loss"].item() == pytest.approx(sum(((q - target) ** 2).mean() for q in q_taken).item())
-    assert loss.item() == pytest.approx(losses["q_loss"].item() + losses["v_loss"].item()
-                                        + 0.25 * losses["cql_loss"].item() + 3.0 * losses["bc_loss"].item())
+    assert loss.item() == pytest.approx(
+        losses["q_loss"].item()
+        + losses["v_loss"].item()
+        + 0.25 * losses["cql_loss"].item()
+        + 3.0 * losses["bc_loss"].item()
+    )
     loss.backward()
     assert v.grad is not None and v.grad.abs().sum() > 0  # V learns from its expectile loss only: V' is detached
     v_alone = ilql.expectile_loss(v, target_q_logits.gather(2, actions.unsqueeze(-1)).squeeze(-1), mask, 0.7)

@@ -33,8 +33,9 @@ def make_tokenizer(with_pad: bool = True):
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(SENTENCES, vocab_size=300, min_frequency=1, special_tokens=specials, show_progress=False)
     kwargs = dict(pad_token="<pad>") if with_pad else {}
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   unk_token="<|endoftext|>", **kwargs)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>", **kwargs
+    )
 
 
 def save_tiny_gpt2(out_dir: str, with_pad: bool = True) -> None:
@@ -42,9 +43,18 @@ def save_tiny_gpt2(out_dir: str, with_pad: bool = True) -> None:
 
     tok = make_tokenizer(with_pad)
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tok),
-                                       bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-                                       pad_token_id=tok.pad_token_id))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=1,
+            n_embd=32,
+            n_head=2,
+            n_positions=64,
+            vocab_size=len(tok),
+            bos_token_id=tok.eos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
 
@@ -54,10 +64,19 @@ def save_tiny_t5(out_dir: str) -> None:
 
     tok = make_tokenizer()
     torch.manual_seed(0)
-    model = T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2,
-                                                vocab_size=len(tok), eos_token_id=tok.eos_token_id,
-                                                pad_token_id=tok.pad_token_id,
-                                                decoder_start_token_id=tok.pad_token_id))
+    model = T5ForConditionalGeneration(
+        T5Config(
+            d_model=32,
+            d_ff=64,
+            d_kv=16,
+            num_layers=1,
+            num_heads=2,
+            vocab_size=len(tok),
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            decoder_start_token_id=tok.pad_token_id,
+        )
+    )
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
 
@@ -230,8 +249,9 @@ def test_generate_mask_and_padding_after_eos(policies, arch):
 
     # Row 0 ends with EOS at step 2, row 1 never does.
     torch.manual_seed(0)
-    resp, rmask = policy.generate(ids, mask, max_new_tokens=6, do_sample=True,
-                                  logits_processor=processors(ScriptedEOS(eos, [2, None])))
+    resp, rmask = policy.generate(
+        ids, mask, max_new_tokens=6, do_sample=True, logits_processor=processors(ScriptedEOS(eos, [2, None]))
+    )
     assert resp.shape == rmask.shape == (2, 6)
     assert rmask[0].tolist() == [1, 1, 1, 0, 0, 0]
     assert resp[0, 2] == eos
@@ -241,8 +261,9 @@ def test_generate_mask_and_padding_after_eos(policies, arch):
     assert (resp[1] != eos).all()
 
     # Both rows end early: generation stops, the width stays within max_new_tokens.
-    resp, rmask = policy.generate(ids, mask, max_new_tokens=6, do_sample=False,
-                                  logits_processor=processors(ScriptedEOS(eos, [0, 2])))
+    resp, rmask = policy.generate(
+        ids, mask, max_new_tokens=6, do_sample=False, logits_processor=processors(ScriptedEOS(eos, [0, 2]))
+    )
     assert resp.shape[1] <= 6
     assert rmask.tolist() == [[1, 0, 0], [1, 1, 1]]
     assert resp[0].tolist() == [eos, pad, pad]
@@ -252,7 +273,7 @@ def test_generate_mask_and_padding_after_eos(policies, arch):
     for n in (1, 4, 9):
         resp, rmask = policy.generate(ids, mask, max_new_tokens=n, do_sample=True)
         assert resp.shape[0] == 2 and 1 <= resp.shape[1] <= n
-        for row, m in zip(resp.tolist(), rmask.tolist()):
+        for row, m in zip(resp.tolist(), rmask.tolist(), strict=True):
             first = row.index(eos) if eos in row else len(row)
             assert m == [1] * min(first + 1, len(row)) + [0] * (len(row) - first - 1)
 
@@ -263,12 +284,14 @@ def test_generate_min_new_tokens(policies, arch):
     eos = policy.tokenizer.eos_token_id
     ids, mask = policy.encode_prompts(["the movie was", "the ending"], max_tokens=16, device="cpu")
 
-    resp, rmask = policy.generate(ids, mask, max_new_tokens=8, do_sample=True,
-                                  logits_processor=processors(BoostEOS(eos)))
+    resp, rmask = policy.generate(
+        ids, mask, max_new_tokens=8, do_sample=True, logits_processor=processors(BoostEOS(eos))
+    )
     assert resp.tolist() == [[eos], [eos]]  # without a minimum, the boosted EOS comes first
 
-    resp, rmask = policy.generate(ids, mask, max_new_tokens=8, min_new_tokens=4, do_sample=True,
-                                  logits_processor=processors(BoostEOS(eos)))
+    resp, rmask = policy.generate(
+        ids, mask, max_new_tokens=8, min_new_tokens=4, do_sample=True, logits_processor=processors(BoostEOS(eos))
+    )
     assert resp.shape == (2, 5)
     assert (resp[:, :4] != eos).all()
     assert (resp[:, 4] == eos).all()
@@ -282,15 +305,23 @@ def test_generate_min_new_tokens(policies, arch):
 def test_forward_matches_generate_scores(policies, arch):
     policy = policies[arch]
     tok = policy.tokenizer
-    prompt_ids, prompt_mask = policy.encode_prompts(["the movie was great . the plot", "the ending"],
-                                                    max_tokens=32, device="cpu")
+    prompt_ids, prompt_mask = policy.encode_prompts(
+        ["the movie was great . the plot", "the ending"], max_tokens=32, device="cpu"
+    )
     assert (prompt_mask[1] == 0).any()  # the batch really is left-padded
     policy.model.eval()
-    out = policy.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False,
-                                output_logits=True, return_dict_in_generate=True, max_new_tokens=5,
-                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    out = policy.model.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        max_new_tokens=5,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     gen_logits = torch.stack(out.logits, 1).float()  # [B, R, V]
-    response = out.sequences[:, 1:] if policy.is_seq2seq else out.sequences[:, prompt_ids.shape[1]:]
+    response = out.sequences[:, 1:] if policy.is_seq2seq else out.sequences[:, prompt_ids.shape[1] :]
     assert response.shape[1] == gen_logits.shape[1] == 5
     assert torch.equal(response, gen_logits.argmax(-1))  # greedy: the scores generate used
     rmask = response_mask_from(response, tok.eos_token_id)
@@ -339,7 +370,7 @@ def test_text_nll_matches_the_models_own_loss(policies, arch):
     tok, model = policy.tokenizer, policy.model
     prompts, continuations = ["the movie was great .", "the plot was"], [" the ending was dull .", " fun ."]
     nll, count = policy.text_nll(prompts + ["the film"], continuations + [""], max_prompt_tokens=16, batch_size=2)
-    for i, (prompt, continuation) in enumerate(zip(prompts, continuations)):
+    for i, (prompt, continuation) in enumerate(zip(prompts, continuations, strict=True)):
         prompt_ids = tok(prompt, add_special_tokens=policy.is_seq2seq, return_tensors="pt")["input_ids"]
         target = tok(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
         with torch.no_grad():
@@ -347,20 +378,26 @@ def test_text_nll_matches_the_models_own_loss(policies, arch):
                 start = torch.full_like(target[:, :1], model.config.decoder_start_token_id)
                 logits = model(input_ids=prompt_ids, decoder_input_ids=torch.cat([start, target[:, :-1]], 1)).logits
             else:
-                logits = model(input_ids=torch.cat([prompt_ids, target], 1)).logits[:, prompt_ids.shape[1] - 1:-1]
+                logits = model(input_ids=torch.cat([prompt_ids, target], 1)).logits[:, prompt_ids.shape[1] - 1 : -1]
         expected = F.cross_entropy(logits[0], target[0], reduction="sum")
         assert count[i] == target.shape[1]
         assert nll[i] == pytest.approx(expected.item(), rel=1e-4)
     assert count[2] == 0 and nll[2] == 0
     # another distribution over the same batch (ilql.py's deployed policy): uniform logits cost log V per token
     vocab = model.get_output_embeddings().weight.shape[0]
-    uniform = lambda ids, mask, start: torch.zeros(len(ids), ids.shape[1] - start, vocab)  # noqa: E731
+
+    def uniform(ids, mask, start):
+        return torch.zeros(len(ids), ids.shape[1] - start, vocab)
+
     nll, count = policy.text_nll(prompts, continuations, max_prompt_tokens=16, logits_fn=uniform)
     assert nll == pytest.approx(count * math.log(vocab))
     # a distribution that cannot produce a token (top-k): infinite NLL there, and padding stays 0
     banned = tok(" fun", add_special_tokens=False)["input_ids"][0]
-    top_k = lambda ids, mask, start: torch.zeros(len(ids), ids.shape[1] - start, vocab).index_fill_(  # noqa: E731
-        2, torch.tensor([banned, tok.pad_token_id]), float("-inf"))
+
+    def top_k(ids, mask, start):
+        logits = torch.zeros(len(ids), ids.shape[1] - start, vocab)
+        return logits.index_fill_(2, torch.tensor([banned, tok.pad_token_id]), float("-inf"))
+
     nll, _ = policy.text_nll(prompts, continuations, max_prompt_tokens=16, logits_fn=top_k)
     assert math.isfinite(nll[0]) and nll[1] == math.inf
 
@@ -370,12 +407,14 @@ def test_text_nll_matches_the_models_own_loss(policies, arch):
 # ----------------------------------------------------------------------------------------------
 def test_response_mask_from():
     eos = 7
-    ids = torch.tensor([
-        [3, 4, 7, 5, 7],  # EOS in the middle: everything after it is 0, including a second EOS
-        [3, 4, 5, 6, 2],  # no EOS: all 1
-        [7, 1, 1, 1, 1],  # EOS first
-        [1, 2, 3, 4, 7],  # EOS last
-    ])
+    ids = torch.tensor(
+        [
+            [3, 4, 7, 5, 7],  # EOS in the middle: everything after it is 0, including a second EOS
+            [3, 4, 5, 6, 2],  # no EOS: all 1
+            [7, 1, 1, 1, 1],  # EOS first
+            [1, 2, 3, 4, 7],  # EOS last
+        ]
+    )
     assert response_mask_from(ids, eos).tolist() == [
         [1, 1, 1, 0, 0],
         [1, 1, 1, 1, 1],
@@ -416,7 +455,7 @@ def test_frozen_copy():
         for p in net.parameters():
             p.add_(1.0)
     assert not torch.allclose(ref(x), net(x))
-    assert not any(torch.equal(a, b) for a, b in zip(ref.parameters(), net.parameters()))
+    assert not any(torch.equal(a, b) for a, b in zip(ref.parameters(), net.parameters(), strict=True))
 
 
 def test_value_head():
@@ -439,8 +478,15 @@ def test_generate_ignores_saved_generation_config(model_dirs, tmp_path):
     policy = load_policy(path, task=None)
     eos = policy.tokenizer.eos_token_id
     # A saved generation config with processors that Policy.forward does not apply.
-    GenerationConfig(repetition_penalty=3.0, no_repeat_ngram_size=1, num_beams=3, min_length=40,
-                     bos_token_id=eos, eos_token_id=eos, pad_token_id=policy.tokenizer.pad_token_id).save_pretrained(path)
+    GenerationConfig(
+        repetition_penalty=3.0,
+        no_repeat_ngram_size=1,
+        num_beams=3,
+        min_length=40,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=policy.tokenizer.pad_token_id,
+    ).save_pretrained(path)
     policy = load_policy(path, task=None)
     ids, mask = policy.encode_prompts(["the movie was", "the ending"], max_tokens=16, device="cpu")
     # Greedy rollouts must be the argmax of the logits that PPO scores them with.

@@ -35,7 +35,10 @@ def task():
 def test_top_p_keep_mask_hand_computed():
     # probabilities 0.15, 0.5, 0.05, 0.3 (deliberately unsorted): ranked 1, 3, 0, 2 with masses 0.5, 0.8, 0.95, 1
     logits = torch.tensor([0.15, 0.5, 0.05, 0.3]).log()
-    keep = lambda *a, **k: nlpo.top_p_keep_mask(logits, *a, **k).tolist()  # noqa: E731
+
+    def keep(*a, **k):
+        return nlpo.top_p_keep_mask(logits, *a, **k).tolist()
+
     assert keep(0.5) == [False, True, False, False]  # token 1 alone reaches 0.5
     assert keep(0.6) == [False, True, False, True]  # token 3 crosses 0.6 and is kept
     assert keep(0.85) == [True, True, False, True]
@@ -88,8 +91,12 @@ def masked_distribution(logits, keep, temperature=1.0):
     """The whole distribution forward_logprobs scores tokens under, for one position's logits [V]: every token as
     the response token of its own row."""
     vocab = len(logits)
-    logprobs, _ = masked_logprobs(logits.expand(vocab, 1, vocab), torch.arange(vocab)[:, None],
-                                  None if keep is None else keep.expand(vocab, 1, vocab), temperature)
+    logprobs, _ = masked_logprobs(
+        logits.expand(vocab, 1, vocab),
+        torch.arange(vocab)[:, None],
+        None if keep is None else keep.expand(vocab, 1, vocab),
+        temperature,
+    )
     return logprobs[:, 0].exp()
 
 
@@ -112,8 +119,9 @@ def test_masked_distribution_sums_to_one_over_kept_and_is_zero_elsewhere():
     logits = torch.randn(4, 6, 40, requires_grad=True)
     keep = torch.rand(4, 6, 40) < 0.3
     keep[..., 0] = True  # never empty
-    probs = torch.stack([torch.stack([masked_distribution(logits[b, t].detach(), keep[b, t]) for t in range(6)])
-                         for b in range(4)])
+    probs = torch.stack(
+        [torch.stack([masked_distribution(logits[b, t].detach(), keep[b, t]) for t in range(6)]) for b in range(4)]
+    )
     torch.testing.assert_close(probs.sum(-1), torch.ones(4, 6))
     assert (probs[~keep] == 0).all()
     # and it is the policy renormalised over the kept set: pi(a) / sum_K pi
@@ -144,7 +152,10 @@ def test_masked_policy_loss_hand_computed():
     torch.testing.assert_close(stats["clipfrac"], torch.tensor(1.0))
     approx_kl = ((0.5 - math.log(1.5)) + (-0.375 - math.log(0.625))) / 2
     torch.testing.assert_close(stats["approx_kl"], torch.tensor(approx_kl))
-    h = lambda ps: -sum(p * math.log(p) for p in ps)  # noqa: E731
+
+    def h(ps):
+        return -sum(p * math.log(p) for p in ps)
+
     torch.testing.assert_close(entropy[0, :2], torch.tensor([h([0.25, 0.75]), h([0.25, 0.25, 0.5])]))
 
 
@@ -178,16 +189,25 @@ def test_p1_loss_equals_ppo_loss_on_the_same_batch():
     assert not nlpo.ppo_policy_loss(logprobs, old, advantages, mask, 0.2)[0].isclose(ppo_loss)
 
 
-@pytest.mark.parametrize("decoding", [{}, {"min_response_length": 6},
-                                      {"min_response_length": 6, "top_k": 40, "top_p": 0.9}],
-                         ids=["plain", "min-length", "min-length-top-k-top-p"])
+@pytest.mark.parametrize(
+    "decoding",
+    [{}, {"min_response_length": 6}, {"min_response_length": 6, "top_k": 40, "top_p": 0.9}],
+    ids=["plain", "min-length", "min-length-top-k-top-p"],
+)
 def test_p1_run_equals_ppo_run(tmp_path, decoding):
     """A whole NLPO run with --top-mask 1 is a PPO run: same samples, rewards, KL, losses and evaluations on the
     same seed (the mask processor and the masking policy change nothing and draw no random numbers). Also with a
     minimum length (both take the KL from EOS-suppressed log-probs) and with --top-k/--top-p (both cut the policy
     and the reference by the rollout's recorded masks)."""
-    budget = dict(total_updates=2, rollout_batch_size=8, minibatch_size=4, eval_episodes=8, eval_every=1,
-                  save_model=False, **decoding)
+    budget = dict(
+        total_updates=2,
+        rollout_batch_size=8,
+        minibatch_size=4,
+        eval_episodes=8,
+        eval_every=1,
+        save_model=False,
+        **decoding,
+    )
     ppo_summary = ppo.main(ppo.Args(output_dir=str(tmp_path / "ppo"), **budget))
     nlpo_summary = nlpo.main(nlpo.Args(output_dir=str(tmp_path / "nlpo"), top_mask=1.0, **budget))
     assert nlpo_summary["initial"] == ppo_summary["initial"]
@@ -217,17 +237,28 @@ def test_the_stored_masks_reach_the_ratio(tmp_path, monkeypatch):
 
     real_forward_logprobs = nlpo.forward_logprobs
 
-    def spy_forward_logprobs(policy, input_ids, attention_mask, start, temperature, min_length=0, keep=None,
-                             entropy_grad=True):
+    def spy_forward_logprobs(
+        policy, input_ids, attention_mask, start, temperature, min_length=0, keep=None, entropy_grad=True
+    ):
         training = torch.is_grad_enabled()  # the scoring pass after the rollout runs without gradients
         calls.append((input_ids[:, start:].clone(), None if keep is None else keep.clone(), training))
-        return real_forward_logprobs(policy, input_ids, attention_mask, start, temperature, min_length, keep,
-                                     entropy_grad)
+        return real_forward_logprobs(
+            policy, input_ids, attention_mask, start, temperature, min_length, keep, entropy_grad
+        )
 
     monkeypatch.setattr(nlpo, "NLPOLogitsProcessor", Spy)
     monkeypatch.setattr(nlpo, "forward_logprobs", spy_forward_logprobs)
-    nlpo.main(nlpo.Args(output_dir=str(tmp_path), total_updates=1, rollout_batch_size=4, minibatch_size=2,
-                        ppo_epochs=1, eval_episodes=4, save_model=False))
+    nlpo.main(
+        nlpo.Args(
+            output_dir=str(tmp_path),
+            total_updates=1,
+            rollout_batch_size=4,
+            minibatch_size=2,
+            ppo_epochs=1,
+            eval_episodes=4,
+            save_model=False,
+        )
+    )
     rollout = maskers[1]  # 0: the step-0 evaluation, 1: the rollout of update 1, 2: the final evaluation
     stored = torch.stack(rollout.masks, 1)
     first_tokens = calls[0][0]  # the rollout's response tokens, in rollout order
@@ -250,12 +281,18 @@ def test_the_stored_masks_reach_the_ratio(tmp_path, monkeypatch):
 
 
 def test_help_documents_every_nlpo_flag():
-    out = subprocess.run([sys.executable, "nlpo.py", "--help"], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "COLUMNS": "200"}, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "nlpo.py", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        check=True,
+    ).stdout
     for name in nlpo.Args.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in out, name
     for flag, words in [("--top-mask", "nucleus"), ("--min-tokens-to-keep", "50257"), ("--mask-update-every", "mu")]:
-        line = out[out.index(flag):out.index(flag) + 400]
+        line = out[out.index(flag) : out.index(flag) + 400]
         assert words in line, flag
 
 
@@ -285,7 +322,9 @@ def test_masking_copy_changes_only_at_refresh(task):
         optimizer.step()
         changed = nlpo.refresh_mask_policy(mask_policy, policy, update, every=3)
         same_as_snapshot = all(torch.equal(v, snapshot[k]) for k, v in mask_policy.named_parameters())
-        same_as_policy = all(torch.equal(v, p) for v, p in zip(mask_policy.parameters(), policy.parameters()))
+        same_as_policy = all(
+            torch.equal(v, p) for v, p in zip(mask_policy.parameters(), policy.parameters(), strict=True)
+        )
         if changed:
             refreshed_at.append(update)
             assert same_as_policy and not same_as_snapshot
@@ -318,8 +357,9 @@ def test_generation_uses_the_refreshed_mask_and_never_samples_a_masked_token(tas
     masker = nlpo.NLPOLogitsProcessor(mask_policy, ids, attention, 0.9, 2, special)
     assert nlpo.refresh_mask_policy(mask_policy, policy, update=5, every=5)
     torch.manual_seed(0)
-    response, response_mask = policy.generate(ids, attention, 24, top_k=0, top_p=1.0,
-                                              logits_processor=LogitsProcessorList([masker]))
+    response, response_mask = policy.generate(
+        ids, attention, 24, top_k=0, top_p=1.0, logits_processor=LogitsProcessorList([masker])
+    )
     keep = torch.stack(masker.masks, 1)
     assert keep.shape == (*response.shape, policy.model.config.vocab_size)
     full, full_mask = torch.cat([ids, response], 1), torch.cat([attention, response_mask], 1)
@@ -342,11 +382,13 @@ def test_sampling_has_no_hidden_top_k(task):
         policy.model.transformer.ln_f.weight.zero_()
         policy.model.transformer.ln_f.bias.zero_()  # every logit is 0
     ids, attention = policy.encode_prompts(task.eval_prompts[:32], task.max_prompt_tokens, "cpu")
-    masker = nlpo.NLPOLogitsProcessor(frozen_copy(policy), ids, attention, 0.9, 2,
-                                      torch.tensor(policy.tokenizer.all_special_ids))
+    masker = nlpo.NLPOLogitsProcessor(
+        frozen_copy(policy), ids, attention, 0.9, 2, torch.tensor(policy.tokenizer.all_special_ids)
+    )
     torch.manual_seed(0)
-    response, response_mask = policy.generate(ids, attention, 24, top_k=0, top_p=1.0,
-                                              logits_processor=LogitsProcessorList([masker]))
+    response, response_mask = policy.generate(
+        ids, attention, 24, top_k=0, top_p=1.0, logits_processor=LogitsProcessorList([masker])
+    )
     keep = torch.stack(masker.masks, 1)
     assert (keep.sum(-1) == 600).all()
     sampled = response[response_mask.bool()]
@@ -384,22 +426,34 @@ def test_rollouts_sample_the_distribution_the_ratio_uses(task):
         ids, attention = policy.encode_prompts([prompt] * n, task.max_prompt_tokens, "cpu")
         masker = nlpo.NLPOLogitsProcessor(mask_policy, ids, attention, 0.9, 2, special)
         torch.manual_seed(1)
-        response, response_mask = policy.generate(ids, attention, 1, temperature=temperature, top_k=0, top_p=1.0,
-                                                  logits_processor=LogitsProcessorList([masker]))
+        response, response_mask = policy.generate(
+            ids,
+            attention,
+            1,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            logits_processor=LogitsProcessorList([masker]),
+        )
         with torch.no_grad():
-            logits = policy(torch.cat([ids[:1], response[:1]], 1), torch.cat([attention[:1], response_mask[:1]], 1),
-                            ids.shape[1])[0][0, 0]
+            logits = policy(
+                torch.cat([ids[:1], response[:1]], 1), torch.cat([attention[:1], response_mask[:1]], 1), ids.shape[1]
+            )[0][0, 0]
         keep = masker.masks[0][0]
         counts = torch.bincount(response[:, 0], minlength=len(logits))
-        candidates = {"pi_K": masked_distribution(logits, keep, temperature),  # what the ratio scores under
-                      "no temperature": masked_distribution(logits, keep),
-                      "no mask": masked_distribution(logits, None, temperature)}
+        candidates = {
+            "pi_K": masked_distribution(logits, keep, temperature),  # what the ratio scores under
+            "no temperature": masked_distribution(logits, keep),
+            "no mask": masked_distribution(logits, None, temperature),
+        }
         for name, probs in candidates.items():
             stat, dof, _ = chi_square_pvalue(counts, probs)
             pooled[name][0] += stat
             pooled[name][1] += dof
-    pvalue = {name: torch.special.gammaincc(torch.tensor(dof / 2.0), torch.tensor(stat / 2.0)).item()
-              for name, (stat, dof) in pooled.items()}
+    pvalue = {
+        name: torch.special.gammaincc(torch.tensor(dof / 2.0), torch.tensor(stat / 2.0)).item()
+        for name, (stat, dof) in pooled.items()
+    }
     assert pvalue["pi_K"] > 1e-3, pooled
     assert pvalue["no temperature"] < 1e-9 and pvalue["no mask"] < 1e-9, pooled
 
@@ -408,8 +462,20 @@ def test_rollouts_sample_the_distribution_the_ratio_uses(task):
 # The real CLI, and learning
 # ----------------------------------------------------------------------------------------------
 def test_cli_tiny_budget(tmp_path):
-    cmd = [sys.executable, "nlpo.py", "--total-updates", "2", "--rollout-batch-size", "8", "--minibatch-size", "4",
-           "--eval-episodes", "8", "--output-dir", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "nlpo.py",
+        "--total-updates",
+        "2",
+        "--rollout-batch-size",
+        "8",
+        "--minibatch-size",
+        "4",
+        "--eval-episodes",
+        "8",
+        "--output-dir",
+        str(tmp_path),
+    ]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     (run_dir,) = glob.glob(str(tmp_path / "sentiment__nlpo__1__*"))
@@ -431,8 +497,11 @@ def test_learning_beats_the_starting_policy(tmp_path):
     does not learn, or learns at under half the rate, fails; the evaluation's standard error is about 0.04.
     The same run must show the mask at work: generation-time masks equal the teacher-forced recompute at every
     update, the masking policy is refreshed every 5 updates, and the mask keeps a small part of the 666 tokens."""
-    summary = nlpo.main(nlpo.Args(output_dir=str(tmp_path), seed=1, total_updates=20, eval_every=1000,
-                                  eval_episodes=128, save_model=False))
+    summary = nlpo.main(
+        nlpo.Args(
+            output_dir=str(tmp_path), seed=1, total_updates=20, eval_every=1000, eval_episodes=128, save_model=False
+        )
+    )
     initial, final = summary["initial"]["eval/return_mean"], summary["final"]["eval/return_mean"]
     assert final > initial + 0.3, (initial, final)
     logged = scalars(str(tmp_path))

@@ -15,6 +15,7 @@ from common.models import entropy_of, frozen_copy, load_policy, logprobs_of, res
 from common.tasks import make_task
 
 from helpers import SENTIMENT_EVAL_KEYS, args_fields
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -27,10 +28,10 @@ def gae_plain_loop(rewards, values, gamma, lam):
     advantages = np.zeros(T)
     for t in range(T):
         total = 0.0
-        for l in range(t, T):
-            next_value = values[l + 1] if l + 1 < T else 0.0
-            delta = rewards[l] + gamma * next_value - values[l]
-            total += (gamma * lam) ** (l - t) * delta
+        for k in range(t, T):
+            next_value = values[k + 1] if k + 1 < T else 0.0
+            delta = rewards[k] + gamma * next_value - values[k]
+            total += (gamma * lam) ** (k - t) * delta
         advantages[t] = total
     return advantages
 
@@ -51,8 +52,9 @@ def test_gae_matches_plain_loop_with_variable_lengths():
 
 def test_gae_hand_values():
     # rewards [0, 1], values [0.5, 0.2], gamma 1, lambda 1: A_1 = 1 - 0.2 = 0.8; A_0 = 0 + 0.2 - 0.5 + 0.8 = 0.5
-    advantages, returns = ppo.compute_gae(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.2]]),
-                                          torch.ones(1, 2), gamma=1.0, lam=1.0)
+    advantages, returns = ppo.compute_gae(
+        torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.2]]), torch.ones(1, 2), gamma=1.0, lam=1.0
+    )
     assert torch.allclose(advantages, torch.tensor([[0.5, 0.8]]))
     assert torch.allclose(returns, torch.tensor([[1.0, 1.0]]))
 
@@ -78,7 +80,10 @@ def test_policy_loss_hand_values():
     assert loss.item() == pytest.approx((-1.0 - 2.4 + 0.8) / 3, abs=1e-6)
     assert stats["ratio"].item() == pytest.approx((1 + r1 + r2) / 3, abs=1e-6)
     assert stats["clipfrac"].item() == pytest.approx(2 / 3, abs=1e-6)
-    k3 = lambda lr: math.exp(lr) - 1 - lr
+
+    def k3(lr):
+        return math.exp(lr) - 1 - lr
+
     assert stats["approx_kl"].item() == pytest.approx((k3(0.5) + k3(-0.5)) / 3, abs=1e-6)
 
 
@@ -92,8 +97,9 @@ def test_value_loss_hand_values():
     assert clipped.item() == pytest.approx(1.0)
     assert stats["value_clipfrac"].item() == 0.0
     # a prediction that moved past the clip toward a far return pays the clipped (larger) loss
-    clipped, stats = ppo.ppo_value_loss(torch.tensor([[2.0]]), torch.tensor([[0.0]]), torch.tensor([[3.0]]),
-                                        torch.ones(1, 1), 0.5)
+    clipped, stats = ppo.ppo_value_loss(
+        torch.tensor([[2.0]]), torch.tensor([[0.0]]), torch.tensor([[3.0]]), torch.ones(1, 1), 0.5
+    )
     assert clipped.item() == pytest.approx((0.5 - 3.0) ** 2)
     assert stats["value_clipfrac"].item() == 1.0
 
@@ -147,10 +153,17 @@ def test_first_update_invariants(model_name):
 
 
 def test_help_documents_every_flag():
-    out = subprocess.run([sys.executable, "ppo.py", "--help"], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "COLUMNS": "200"}, check=True).stdout
-    fields = args_fields(os.path.join(ROOT, "ppo.py"), "Args") + \
-        args_fields(os.path.join(ROOT, "common", "utils.py"), "CommonArgs")
+    out = subprocess.run(
+        [sys.executable, "ppo.py", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        check=True,
+    ).stdout
+    fields = args_fields(os.path.join(ROOT, "ppo.py"), "Args") + args_fields(
+        os.path.join(ROOT, "common", "utils.py"), "CommonArgs"
+    )
     assert len(fields) > 30
     for name, documented in fields:
         assert documented, f"Args.{name} has no docstring (it is the --help text)"
@@ -158,12 +171,15 @@ def test_help_documents_every_flag():
         assert flag in out, f"{flag} missing from --help"
 
 
-@pytest.mark.parametrize("fields, message", [  # tests/test_scaling.py checks the flags every script shares
-    ({"minibatch_size": 10}, "not divisible"),
-    ({"response_length": 0}, "response length"),
-    ({"min_response_length": 30}, "response length"),
-    ({"total_updates": -1}, "--total-updates must be positive"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [  # tests/test_scaling.py checks the flags every script shares
+        ({"minibatch_size": 10}, "not divisible"),
+        ({"response_length": 0}, "response length"),
+        ({"min_response_length": 30}, "response length"),
+        ({"total_updates": -1}, "--total-updates must be positive"),
+    ],
+)
 def test_bad_input_fails_fast_with_one_line(fields, message, tmp_path):
     with pytest.raises(SystemExit) as error:
         ppo.main(ppo.Args(output_dir=str(tmp_path), **fields))
@@ -173,10 +189,17 @@ def test_bad_input_fails_fast_with_one_line(fields, message, tmp_path):
 
 
 def test_bad_input_on_the_cli_is_one_line_on_stderr(tmp_path):
-    result = subprocess.run([sys.executable, "ppo.py", "--output-dir", str(tmp_path), "--minibatch-size", "10"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "ppo.py", "--output-dir", str(tmp_path), "--minibatch-size", "10"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines() == ["error: --rollout-batch-size / --minibatch-size: 64 is not divisible by 10"]
+    assert result.stderr.strip().splitlines() == [
+        "error: --rollout-batch-size / --minibatch-size: 64 is not divisible by 10"
+    ]
 
 
 def _scalars(run_dir):
@@ -187,12 +210,30 @@ def _scalars(run_dir):
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-@pytest.mark.parametrize("model_name, auto_class", [("tiny-gpt2", "AutoModelForCausalLM"),
-                                                    ("tiny-t5", "AutoModelForSeq2SeqLM")])
+@pytest.mark.parametrize(
+    "model_name, auto_class", [("tiny-gpt2", "AutoModelForCausalLM"), ("tiny-t5", "AutoModelForSeq2SeqLM")]
+)
 def test_tiny_run_end_to_end(model_name, auto_class, tmp_path):
-    cmd = [sys.executable, "ppo.py", "--model-name", model_name, "--total-updates", "2", "--rollout-batch-size", "8",
-           "--minibatch-size", "4", "--ppo-epochs", "1", "--eval-episodes", "8", "--eval-every", "1",
-           "--output-dir", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "ppo.py",
+        "--model-name",
+        model_name,
+        "--total-updates",
+        "2",
+        "--rollout-batch-size",
+        "8",
+        "--minibatch-size",
+        "4",
+        "--ppo-epochs",
+        "1",
+        "--eval-episodes",
+        "8",
+        "--eval-every",
+        "1",
+        "--output-dir",
+        str(tmp_path),
+    ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "update 2/2" in result.stdout and "initial eval/return_mean" in result.stdout
@@ -208,8 +249,15 @@ def test_tiny_run_end_to_end(model_name, auto_class, tmp_path):
     scalars = _scalars(str(run_dir))
     assert [s for s, _ in scalars["eval/return_mean"]] == [0, 1, 2]
     assert scalars["objective/kl"][0] == (1, 0.0), "KL to the reference is 0 at the first rollout"
-    for tag in ("objective/scores", "objective/entropy", "losses/policy_loss", "losses/value_loss",
-                "charts/learning_rate", "charts/tokens_per_second", "charts/episodes_per_second"):
+    for tag in (
+        "objective/scores",
+        "objective/entropy",
+        "losses/policy_loss",
+        "losses/value_loss",
+        "charts/learning_rate",
+        "charts/tokens_per_second",
+        "charts/episodes_per_second",
+    ):
         assert tag in scalars and all(math.isfinite(v) for _, v in scalars[tag])
     import transformers
 
@@ -272,8 +320,9 @@ def test_forward_logprobs_one_log_softmax_and_entropy_out_of_the_graph_without_b
     logits, _ = policy(input_ids, attention_mask, start)
     expected_logprobs, expected_entropy = logprobs_of(logits / 0.7, response_ids), entropy_of(logits / 0.7)
     for entropy_grad in (True, False):
-        logprobs, entropy = ppo.forward_logprobs(policy, input_ids, attention_mask, start, 0.7,
-                                                 entropy_grad=entropy_grad)
+        logprobs, entropy = ppo.forward_logprobs(
+            policy, input_ids, attention_mask, start, 0.7, entropy_grad=entropy_grad
+        )
         torch.testing.assert_close(logprobs, expected_logprobs)
         torch.testing.assert_close(entropy, expected_entropy)
         assert logprobs.requires_grad and entropy.requires_grad == entropy_grad
@@ -285,7 +334,10 @@ def test_forward_logprobs_one_log_softmax_and_entropy_out_of_the_graph_without_b
 def test_top_k_top_p_keep_hand_computed():
     # probabilities 0.1, 0.4, 0.2, 0.3 (unsorted): ranked 1, 3, 2, 0 with masses 0.4, 0.7, 0.9, 1.0
     logits = torch.tensor([0.1, 0.4, 0.2, 0.3]).log()
-    keep = lambda *a: top_k_top_p_keep(logits, *a).tolist()  # noqa: E731
+
+    def keep(*a):
+        return top_k_top_p_keep(logits, *a).tolist()
+
     assert keep(0, 1.0) == [True, True, True, True]  # both off
     assert keep(2, 1.0) == [False, True, False, True]
     assert keep(0, 0.4) == [False, True, False, False]  # token 1 alone reaches 0.4
@@ -360,8 +412,18 @@ def test_truncated_rollouts_first_update_ratio_one_and_rollout_logprobs_equal_sc
 
     monkeypatch.setattr(ppo, "TopKTopPProcessor", Spy)
     monkeypatch.setattr(ppo, "forward_logprobs", spy_forward_logprobs)
-    budget = dict(total_updates=1, rollout_batch_size=8, minibatch_size=8, ppo_epochs=1, eval_episodes=8,
-                  save_model=False, top_k=20, top_p=0.9, temperature=0.8, output_dir=str(tmp_path))
+    budget = dict(
+        total_updates=1,
+        rollout_batch_size=8,
+        minibatch_size=8,
+        ppo_epochs=1,
+        eval_episodes=8,
+        save_model=False,
+        top_k=20,
+        top_p=0.9,
+        temperature=0.8,
+        output_dir=str(tmp_path),
+    )
     ppo.main(ppo.Args(**budget))
     first_score = next(i for i, e in enumerate(events) if e[0] == "score")
     _, response_ids, scored = events[first_score]

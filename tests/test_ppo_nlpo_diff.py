@@ -12,7 +12,7 @@ PPO, NLPO = (ROOT / "ppo.py").read_text(), (ROOT / "nlpo.py").read_text()
 # Top-level definitions both files have that may differ, each with the reason.
 DIFFERENT_ON_PURPOSE = {
     "main": "the training loop: NLPO samples through its mask, scores the ratio under it and refreshes the masking "
-            "policy (the rest of main is ppo.py's, which the line budget below holds)",
+    "policy (the rest of main is ppo.py's, which the line budget below holds)",
     "Args": "NLPO's own fields come after the shared ones (the shared fields are compared one by one below)",
     "LIMITS": "NLPO's own flags are added (the shared entries are compared below)",
 }
@@ -42,19 +42,38 @@ def args_fields(source: str) -> list[tuple[str, str, str, str]]:
         if isinstance(node, ast.AnnAssign):
             doc = cls.body[i + 1] if i + 1 < len(cls.body) else None
             doc = doc.value.value if isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) else None
-            fields.append((node.target.id, ast.get_source_segment(source, node.annotation),
-                           ast.get_source_segment(source, node.value), doc))
+            fields.append(
+                (
+                    node.target.id,
+                    ast.get_source_segment(source, node.annotation),
+                    ast.get_source_segment(source, node.value),
+                    doc,
+                )
+            )
     return fields
 
 
 def test_every_shared_definition_is_identical():
     ppo, nlpo = top_level(PPO), top_level(NLPO)
     shared = sorted(set(ppo) & set(nlpo))
-    assert {"shaped_rewards", "compute_gae", "ppo_policy_loss", "ppo_value_loss", "AdaptiveKLController",
-            "FixedKLController", "forward_logprobs", "TopKTopPProcessor", "Critic"} <= set(shared)
+    assert {
+        "shaped_rewards",
+        "compute_gae",
+        "ppo_policy_loss",
+        "ppo_value_loss",
+        "AdaptiveKLController",
+        "FixedKLController",
+        "forward_logprobs",
+        "TopKTopPProcessor",
+        "Critic",
+    } <= set(shared)
     assert set(DIFFERENT_ON_PURPOSE) <= set(shared), "an exception names something the files do not share"
-    differ = [name for name in shared if name not in DIFFERENT_ON_PURPOSE
-              and ast.get_source_segment(PPO, ppo[name]) != ast.get_source_segment(NLPO, nlpo[name])]
+    differ = [
+        name
+        for name in shared
+        if name not in DIFFERENT_ON_PURPOSE
+        and ast.get_source_segment(PPO, ppo[name]) != ast.get_source_segment(NLPO, nlpo[name])
+    ]
     assert not differ, f"nlpo.py's copies of these differ from ppo.py's: {differ}"
     # everything ppo.py defines, nlpo.py has too (NLPO adds, it does not take away)
     assert set(ppo) <= set(nlpo), set(ppo) - set(nlpo)
@@ -66,24 +85,35 @@ def test_shared_definitions_come_in_ppo_order():
 
 
 def test_shared_imports_are_ppo_imports():
-    imports = lambda source: [ast.get_source_segment(source, n) for n in ast.parse(source).body  # noqa: E731
-                              if isinstance(n, (ast.Import, ast.ImportFrom))]
+    def imports(source):
+        return [
+            ast.get_source_segment(source, n)
+            for n in ast.parse(source).body
+            if isinstance(n, (ast.Import, ast.ImportFrom))
+        ]
+
     assert [line for line in imports(NLPO) if line != "import math"] == imports(PPO)
 
 
 def test_shared_args_fields_have_the_same_order_defaults_and_docstrings():
     ppo, nlpo = args_fields(PPO), args_fields(NLPO)
     assert all(doc and len(doc.split()) >= 2 for *_, doc in nlpo), "every field has a docstring (its --help text)"
-    assert nlpo[:len(ppo)] == ppo, [(a, b) for a, b in zip(ppo, nlpo) if a != b]
-    assert [name for name, *_ in nlpo[len(ppo):]] == ["top_mask", "min_tokens_to_keep", "mask_update_every"]
+    # nlpo has more fields (its own, after ppo's): the message pairs up ppo's fields only
+    assert nlpo[: len(ppo)] == ppo, [(a, b) for a, b in zip(ppo, nlpo, strict=False) if a != b]
+    assert [name for name, *_ in nlpo[len(ppo) :]] == ["top_mask", "min_tokens_to_keep", "mask_update_every"]
 
 
 def test_shared_limits_are_identical():
-    limits = lambda source: ast.literal_eval(top_level(source)["LIMITS"].value)  # noqa: E731
+    def limits(source):
+        return ast.literal_eval(top_level(source)["LIMITS"].value)
+
     ppo, nlpo = limits(PPO), limits(NLPO)
     assert {k: nlpo[k] for k in ppo} == ppo
-    assert list(nlpo)[:len(ppo)] == list(ppo) and set(nlpo) - set(ppo) == {"top_mask", "min_tokens_to_keep",
-                                                                            "mask_update_every"}
+    assert list(nlpo)[: len(ppo)] == list(ppo) and set(nlpo) - set(ppo) == {
+        "top_mask",
+        "min_tokens_to_keep",
+        "mask_update_every",
+    }
 
 
 def test_nlpo_changes_few_ppo_lines():

@@ -25,8 +25,16 @@ from common.tasks import (
 )
 
 POSITIVE = "the acting was truly wonderful ."
-DIVERSITY = {"eval/distinct_1", "eval/distinct_2", "eval/unique_1", "eval/unique_2", "eval/msttr", "eval/entropy_1",
-             "eval/entropy_2", "eval/response_length"}
+DIVERSITY = {
+    "eval/distinct_1",
+    "eval/distinct_2",
+    "eval/unique_1",
+    "eval/unique_2",
+    "eval/msttr",
+    "eval/entropy_1",
+    "eval/entropy_2",
+    "eval/response_length",
+}
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +114,14 @@ def test_sentiment_corpus_is_mixed():
 
 def test_score_rejects_bad_rewards():
     def make(reward_fn):
-        return Task(name="bad", train_prompts=["a"], eval_prompts=["b"], reward_fn=reward_fn,
-                    max_prompt_tokens=8, max_new_tokens=8)
+        return Task(
+            name="bad",
+            train_prompts=["a"],
+            eval_prompts=["b"],
+            reward_fn=reward_fn,
+            max_prompt_tokens=8,
+            max_new_tokens=8,
+        )
 
     good = make(lambda prompts, responses: [0.5] * len(responses))
     np.testing.assert_array_equal(good.score(["x", "y"], ["r", "s"]), [0.5, 0.5])
@@ -142,7 +156,7 @@ def test_evaluate(task):
     # np.std of identical float64 values can be ~1e-16 rather than exactly 0 (rounding in the mean).
     assert metrics["eval/return_std"] == pytest.approx(0.0, abs=1e-12)
     assert len(samples) == 10
-    for (prompt, response, reward), expected_prompt in zip(samples, task.eval_prompts[:10]):
+    for (prompt, response, reward), expected_prompt in zip(samples, task.eval_prompts[:10], strict=True):
         assert prompt == expected_prompt
         assert response == POSITIVE
         assert reward == pytest.approx(metrics["eval/return_mean"])
@@ -150,8 +164,9 @@ def test_evaluate(task):
 
 def test_evaluate_mixed_rewards(task):
     texts = [POSITIVE, "i hated the ending ."]
-    metrics, samples = evaluate(task, lambda prompts, _: [texts[i % 2] for i in range(len(prompts))],
-                                n_prompts=4, batch_size=4)
+    metrics, samples = evaluate(
+        task, lambda prompts, _: [texts[i % 2] for i in range(len(prompts))], n_prompts=4, batch_size=4
+    )
     expected = vader_compound(texts * 2)
     assert metrics["eval/return_mean"] == pytest.approx(expected.mean())
     assert metrics["eval/return_std"] == pytest.approx(expected.std())
@@ -161,8 +176,11 @@ def test_evaluate_mixed_rewards(task):
 # ----------------------------------------------------------------------------------------------
 # The built-in model cache (training replaced by a fast fake)
 # ----------------------------------------------------------------------------------------------
-SENTENCES = [f"the {n} was {a} ." for n in ["movie", "plot", "ending", "cast", "music"]
-             for a in ["great", "bad", "long", "dull", "fun", "lovely", "weak", "short", "good", "odd"]]
+SENTENCES = [
+    f"the {n} was {a} ."
+    for n in ["movie", "plot", "ending", "cast", "music"]
+    for a in ["great", "bad", "long", "dull", "fun", "lovely", "weak", "short", "good", "odd"]
+]
 
 
 def write_tiny_gpt2(out_dir: str) -> None:
@@ -170,13 +188,28 @@ def write_tiny_gpt2(out_dir: str) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(SENTENCES, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>", "<pad>"],
-                            show_progress=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                  unk_token="<|endoftext|>", pad_token="<pad>")
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tok),
-                                       bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-                                       pad_token_id=tok.pad_token_id))
+    bpe.train_from_iterator(
+        SENTENCES, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>", "<pad>"], show_progress=False
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<pad>",
+    )
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=1,
+            n_embd=32,
+            n_head=2,
+            n_positions=64,
+            vocab_size=len(tok),
+            bos_token_id=tok.eos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
 
@@ -289,16 +322,20 @@ def test_grammar_accepts_what_it_writes():
     assert is_review(GOOD_REVIEW.rsplit(" overall", 1)[0])  # 3 sentences are a review too
 
 
-@pytest.mark.parametrize("text", [
-    "plot the was very dull . i loved it twice . the camera work made me happy . overall a so fun drama .",  # shuffled
-    "the plot was very dull dull . i loved it twice . the camera work made me happy .",  # a repeated adjective
-    "great loved the twice drama happy film . very the .",  # a bag of grammar words
-    "the plot was very dull . i loved it twice .",  # 2 sentences: not a review
-    GOOD_REVIEW + " it is a fun film .",  # 5 sentences: not a review
-    "the plot and the plot were dull . i loved it twice . the camera work made me happy .",  # one noun twice
-    "the plot was very dull . i loved it twice . the camera work made me happy . overall a so",  # stopped early
-    "the plot was very great movie . i loved it twice . the camera work made me happy .",  # not a template
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        # shuffled
+        "plot the was very dull . i loved it twice . the camera work made me happy . overall a so fun drama .",
+        "the plot was very dull dull . i loved it twice . the camera work made me happy .",  # a repeated adjective
+        "great loved the twice drama happy film . very the .",  # a bag of grammar words
+        "the plot was very dull . i loved it twice .",  # 2 sentences: not a review
+        GOOD_REVIEW + " it is a fun film .",  # 5 sentences: not a review
+        "the plot and the plot were dull . i loved it twice . the camera work made me happy .",  # one noun twice
+        "the plot was very dull . i loved it twice . the camera work made me happy . overall a so",  # stopped early
+        "the plot was very great movie . i loved it twice . the camera work made me happy .",  # not a template
+    ],
+)
 def test_grammar_rejects(text):
     assert not is_review(text) and not is_review(text.replace(" .", "") + " .")
 
@@ -329,8 +366,15 @@ class FakeNLL:
 def test_evaluate_fluency_by_hand(task):
     policy, start = FakeNLL(), FakeNLL()
     responses = ["the film was dull .", "great"]
-    metrics, _ = evaluate(task, lambda prompts, _: [responses[i % 2] for i in range(len(prompts))], n_prompts=4,
-                          batch_size=4, policy=policy, start_model=start, response_length=5)
+    metrics, _ = evaluate(
+        task,
+        lambda prompts, _: [responses[i % 2] for i in range(len(prompts))],
+        n_prompts=4,
+        batch_size=4,
+        policy=policy,
+        start_model=start,
+        response_length=5,
+    )
     # perplexity: the references under the policy; NLL 1 or 2 nats per word, alternating
     refs = task.eval_references[:4]
     assert policy.calls == [refs]
@@ -341,8 +385,10 @@ def test_evaluate_fluency_by_hand(task):
     assert metrics["eval/ref_nll"] == pytest.approx(14 / 12)
     assert metrics["eval/response_length"] == 3.0
     # grammatical: "great" after half a review is no review; but 5 tokens (the limit) make the first cut off
-    assert metrics["eval/grammatical"] == pytest.approx(np.mean([is_review(p + r, r.count(" ") >= 4)
-                                                                 for p, r in zip(task.eval_prompts, responses * 2)]))
+    # (the 4 evaluated prompts: zip stops at the 4 responses)
+    assert metrics["eval/grammatical"] == pytest.approx(
+        np.mean([is_review(p + r, r.count(" ") >= 4) for p, r in zip(task.eval_prompts, responses * 2, strict=False)])
+    )
 
 
 def test_evaluate_without_references_omits_perplexity(task):
@@ -350,14 +396,15 @@ def test_evaluate_without_references_omits_perplexity(task):
     metrics, _ = evaluate(plain, lambda prompts, _: ["ok"] * len(prompts), n_prompts=2, batch_size=2, policy=FakeNLL())
     assert "eval/perplexity" not in metrics and "eval/grammatical" not in metrics
     none_given = dataclasses.replace(task, eval_references=[None] * len(task.eval_prompts))
-    metrics, _ = evaluate(none_given, lambda prompts, _: ["ok"] * len(prompts), n_prompts=2, batch_size=2,
-                          policy=FakeNLL())
+    metrics, _ = evaluate(
+        none_given, lambda prompts, _: ["ok"] * len(prompts), n_prompts=2, batch_size=2, policy=FakeNLL()
+    )
     assert "eval/perplexity" not in metrics  # omitted, not faked
 
 
 def test_sentiment_references_are_the_reviews_second_halves(task):
     assert len(task.eval_references) == len(task.eval_prompts)
-    for prompt, reference in zip(task.eval_prompts[:50], task.eval_references[:50]):
+    for prompt, reference in zip(task.eval_prompts[:50], task.eval_references[:50], strict=True):
         assert reference.startswith(" ") and is_review(prompt + reference)
 
 
@@ -398,8 +445,9 @@ def test_sentiment_grammar_log_holds_good_and_bad_answers_to_the_same_prompts():
     assert len(set(prompts)) > 1000 and not set(prompts) & set(task.eval_prompts)  # rarely, two reviews share one
     fluent = np.array([is_review(d["prompt"] + d["response"]) for d in data])
     assert 0.70 < fluent.mean() < 0.80  # a quarter corrupted (a shuffle is rarely grammatical by chance)
-    np.testing.assert_allclose([d["reward"] for d in data],
-                               vader_compound([d["response"] for d in data]) - (1.0 - fluent))
+    np.testing.assert_allclose(
+        [d["reward"] for d in data], vader_compound([d["response"] for d in data]) - (1.0 - fluent)
+    )
     # most prompts have a fluent and a corrupted answer, so the reward separates them within a prompt
-    mixed = sum(0 < fluent[i:i + 4].sum() < 4 for i in range(0, len(data), 4))
+    mixed = sum(0 < fluent[i : i + 4].sum() < 4 for i in range(0, len(data), 4))
     assert mixed > 0.6 * 1024

@@ -14,13 +14,21 @@ import numpy as np
 import pytest
 import torch
 
-from common.utils import (CommonArgs, Run, exact_div, masked_mean, masked_var, masked_whiten, refill_order,
-                          seed_everything, validate_args, write_atomically)
+from common.utils import (
+    CommonArgs,
+    Run,
+    exact_div,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    refill_order,
+    seed_everything,
+    validate_args,
+    write_atomically,
+)
 
-VALUES = torch.tensor([[1.0, 2.0, 100.0, 4.0],
-                       [-3.0, 50.0, 0.5, 7.0]], dtype=torch.float64)
-MASK = torch.tensor([[1, 1, 0, 1],
-                     [1, 0, 1, 1]])
+VALUES = torch.tensor([[1.0, 2.0, 100.0, 4.0], [-3.0, 50.0, 0.5, 7.0]], dtype=torch.float64)
+MASK = torch.tensor([[1, 1, 0, 1], [1, 0, 1, 1]])
 KEPT = np.array([1.0, 2.0, 4.0, -3.0, 0.5, 7.0])  # VALUES where MASK is 1, by hand
 
 
@@ -139,7 +147,7 @@ def test_refill_order_keeps_one_permutation_and_wraps_a_short_set():
     rng = np.random.default_rng(0)
     order, cursor = refill_order(rng, 3, np.zeros(0, int), 0, 8)  # 8 from 3 items: 3 permutations back to back
     assert cursor == 0 and len(order) == 9 and np.bincount(order).tolist() == [3, 3, 3]
-    assert all(sorted(order[i:i + 3]) == [0, 1, 2] for i in (0, 3, 6))
+    assert all(sorted(order[i : i + 3]) == [0, 1, 2] for i in (0, 3, 6))
 
 
 def test_write_atomically_keeps_the_old_file_when_a_write_fails(tmp_path):
@@ -215,8 +223,18 @@ def test_run_dir_tensorboard_and_summary(tmp_path):
     with open(os.path.join(run.dir, "summary.json")) as f:
         on_disk = json.load(f)
     assert on_disk == summary
-    assert set(on_disk) == {"script", "task", "seed", "args", "world_size", "initial", "final", "best",
-                            "wall_seconds", "tokens_per_second"}
+    assert set(on_disk) == {
+        "script",
+        "task",
+        "seed",
+        "args",
+        "world_size",
+        "initial",
+        "final",
+        "best",
+        "wall_seconds",
+        "tokens_per_second",
+    }
     assert on_disk["script"] == "ppo.py"
     assert on_disk["task"] == "sentiment"
     assert on_disk["seed"] == 3
@@ -224,8 +242,12 @@ def test_run_dir_tensorboard_and_summary(tmp_path):
     assert on_disk["initial"] == evals[0]
     assert on_disk["final"] == evals[-1]
     # each metric's own best over the evaluations: lowest std and perplexity, highest return and grammar
-    assert on_disk["best"] == {"eval/return_mean": 0.5, "eval/return_std": 0.2, "eval/perplexity": 4.0,
-                               "eval/grammatical": 0.9}
+    assert on_disk["best"] == {
+        "eval/return_mean": 0.5,
+        "eval/return_std": 0.2,
+        "eval/perplexity": 4.0,
+        "eval/grammatical": 0.9,
+    }
     assert on_disk["wall_seconds"] > 0
     assert on_disk["tokens_per_second"] == pytest.approx(1000 / on_disk["wall_seconds"])
 
@@ -278,9 +300,15 @@ def _distributed_worker(rank: int, init_file: str, results) -> None:
         used_by_rank0.grad = torch.full((3,), 4.0)  # rank 1 did not use it: counts as zeros, average 2
     sync_gradients([used, used_by_rank0, unused], bucket_numel=2)  # buckets smaller than one tensor still work
     values, mask = torch.tensor([1.0, 2.0, 3.0]) * (rank + 1), torch.tensor([1.0, 1.0, rank * 1.0])
-    results[rank] = (used.grad.tolist(), used_by_rank0.grad.tolist(), unused.grad,
-                     masked_mean(values, mask, across_ranks=True).item(), all_reduce(torch.tensor(3.0), "mean").item(),
-                     all_gather_objects(f"rank{rank}"), (rank_share(5), rank_share(1)))
+    results[rank] = (
+        used.grad.tolist(),
+        used_by_rank0.grad.tolist(),
+        unused.grad,
+        masked_mean(values, mask, across_ranks=True).item(),
+        all_reduce(torch.tensor(3.0), "mean").item(),
+        all_gather_objects(f"rank{rank}"),
+        (rank_share(5), rank_share(1)),
+    )
     dist.destroy_process_group()
 
 
@@ -299,8 +327,9 @@ def test_sync_gradients_and_statistics_across_two_processes(tmp_path):
 
 
 def _closing_worker(rank: int, port: int, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2"
+    )
     from common.utils import all_gather_objects, close_distributed, init_distributed
 
     init_distributed(use_cuda=False)
@@ -308,8 +337,9 @@ def _closing_worker(rank: int, port: int, results) -> None:
     all_gather_objects(rank)
     close_distributed()
     tasks = f"/proc/{os.getpid()}/task"
-    results[rank] = [name for name in (open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks))
-                     if "gloo" in name]
+    results[rank] = [
+        name for name in (open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks)) if "gloo" in name
+    ]
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc to list a process's threads")

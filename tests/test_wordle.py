@@ -27,18 +27,21 @@ def _full_word_list():
 # ----------------------------------------------------------------------------------------------
 # Rules
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("guess, answer, colours", [
-    ("crane", "slate", (B, B, G, B, G)),
-    ("slate", "slate", (G, G, G, G, G)),
-    ("plate", "slate", (B, G, G, G, G)),
-    # repeated letters, official rule: greens first, then yellows while unmatched copies remain
-    ("speed", "abide", (B, B, Y, B, Y)),  # one 'e' in the answer: only the first 'e' is yellow
-    ("eerie", "elder", (G, Y, Y, B, B)),  # the answer's second 'e' is matched once; the last 'e' is black
-    ("level", "hello", (Y, G, B, B, Y)),  # two 'l's in the answer, both off-place: both yellow
-    ("llama", "hello", (Y, Y, B, B, B)),
-    ("array", "rarer", (Y, Y, G, B, B)),  # the green 'r' is matched first; the second 'a' finds no copy
-    ("geese", "eerie", (B, G, Y, B, G)),  # greens consume copies before yellows
-])
+@pytest.mark.parametrize(
+    "guess, answer, colours",
+    [
+        ("crane", "slate", (B, B, G, B, G)),
+        ("slate", "slate", (G, G, G, G, G)),
+        ("plate", "slate", (B, G, G, G, G)),
+        # repeated letters, official rule: greens first, then yellows while unmatched copies remain
+        ("speed", "abide", (B, B, Y, B, Y)),  # one 'e' in the answer: only the first 'e' is yellow
+        ("eerie", "elder", (G, Y, Y, B, B)),  # the answer's second 'e' is matched once; the last 'e' is black
+        ("level", "hello", (Y, G, B, B, Y)),  # two 'l's in the answer, both off-place: both yellow
+        ("llama", "hello", (Y, Y, B, B, B)),
+        ("array", "rarer", (Y, Y, G, B, B)),  # the green 'r' is matched first; the second 'a' finds no copy
+        ("geese", "eerie", (B, G, Y, B, G)),  # greens consume copies before yellows
+    ],
+)
 def test_feedback_hand_values(guess, answer, colours):
     assert wordle.feedback(guess, answer) == colours
 
@@ -98,8 +101,9 @@ def test_layout_of_one_game_by_hand():
     game = wordle.new_game("slate")
     for guess in ["crane", "plate", "slate"]:
         game.step(guess)
-    assert game.text() == ("<a>crane</a><b><b><g><b><g></s>plate</a><b><g><g><g><g></s>"
-                           "slate</a><g><g><g><g><g></s></eod>")
+    assert game.text() == (
+        "<a>crane</a><b><b><g><b><g></s>plate</a><b><g><g><g><g></s>slate</a><g><g><g><g><g></s></eod>"
+    )
     layout = game.layout()
     assert len(layout["input_ids"]) == 38
     action_positions = [i for i, a in enumerate(layout["action_mask"]) if a]
@@ -126,8 +130,29 @@ def test_char_tokenizer_round_trip(tmp_path):
     tok = wordle.char_tokenizer()
     text = "<a>crane</a><b><b><g><b><g></s>plate</a><y><g><g><g><g></s></eod>"
     ids = tok(text)["input_ids"]
-    assert ids == [wordle.TOKEN_ID[t] for t in ["<a>", *"crane", "</a>", "<b>", "<b>", "<g>", "<b>", "<g>", "</s>",
-                                                *"plate", "</a>", "<y>", "<g>", "<g>", "<g>", "<g>", "</s>", "</eod>"]]
+    assert ids == [
+        wordle.TOKEN_ID[t]
+        for t in [
+            "<a>",
+            *"crane",
+            "</a>",
+            "<b>",
+            "<b>",
+            "<g>",
+            "<b>",
+            "<g>",
+            "</s>",
+            *"plate",
+            "</a>",
+            "<y>",
+            "<g>",
+            "<g>",
+            "<g>",
+            "<g>",
+            "</s>",
+            "</eod>",
+        ]
+    ]
     assert tok.decode(ids) == text and len(tok) == len(wordle.VOCAB) == 35
     tok.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
@@ -154,7 +179,10 @@ def _play(player, n):
 def test_expert_beats_random_players():
     n = 300
     expert, consistent, rand = _play(wordle.expert, n), _play(wordle.random_consistent, n), _play(wordle.random_word, n)
-    se = lambda m: m["eval/return_std"] / np.sqrt(n)
+
+    def se(m):
+        return m["eval/return_std"] / np.sqrt(n)
+
     # the expert wins every game in about 3.2 guesses; random guessing almost never wins
     assert expert["eval/win_rate"] == 1.0 and expert["eval/return_mean"] > -2.4
     assert expert["eval/return_mean"] > consistent["eval/return_mean"] + 4 * (se(expert) + se(consistent))
@@ -186,7 +214,10 @@ def test_offline_datasets_are_fast_reproducible_and_controllable():
     assert all(g.done for g in games) and len(games) == 2000
     again = wordle.offline_games("expert=0.5,repeat=0.5", 2000, seed=3)
     assert [g.text() for g in games] == [g.text() for g in again]
-    mean = lambda gs: np.mean([g.ret for g in gs])
+
+    def mean(gs):
+        return np.mean([g.ret for g in gs])
+
     expert = wordle.offline_games("expert", 500, seed=3)
     worse = wordle.offline_games("expert=0.2,repeat=0.8", 500, seed=3)
     assert mean(expert) > mean(games) + 1.0 > mean(worse) + 1.5, "quality follows the mixture weights"
@@ -198,8 +229,9 @@ def test_offline_datasets_are_fast_reproducible_and_controllable():
 def test_branch_dataset_branches_off_expert_games():
     games = wordle.offline_games("branch", 60, seed=0)
     rng = random.Random(0)
-    main_games = [g for g in games
-                  if all(wordle.expert(_prefix(g, k), rng) == g.guesses[k] for k in range(len(g.guesses)))]
+    main_games = [
+        g for g in games if all(wordle.expert(_prefix(g, k), rng) == g.guesses[k] for k in range(len(g.guesses)))
+    ]
     assert main_games, "some games are pure expert games"
     off_moves = []
     for game in games:  # every game is an expert game except for at most one move
@@ -215,8 +247,10 @@ def test_per_game_dataset_gives_each_game_one_player():
     rng = random.Random(0)
     is_expert = [all(wordle.expert(_prefix(g, k), rng) == g.guesses[k] for k in range(len(g.guesses))) for g in games]
     repeats = [any(w in g.guesses[:i] for i, w in enumerate(g.guesses)) for g in games]
-    assert all(e != r for e, r in zip(is_expert, repeats)), "a game is all expert moves or a repeat player's game"
-    assert 70 < sum(is_expert) < 130 and all(g.solved for g, e in zip(games, is_expert) if e)
+    assert all(e != r for e, r in zip(is_expert, repeats, strict=True)), (
+        "a game is all expert moves or a repeat player's game"
+    )
+    assert 70 < sum(is_expert) < 130 and all(g.solved for g, e in zip(games, is_expert, strict=True) if e)
 
 
 def _prefix(game, k):
@@ -226,9 +260,15 @@ def _prefix(game, k):
     return prefix
 
 
-@pytest.mark.parametrize("spec, message", [("expert=0.5,oracle=0.5", "unknown Wordle player"),
-                                           ("expert=x", "bad weight"), ("expert=0", "sum to zero"),
-                                           ("branch:oracle", "bad Wordle dataset")])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("expert=0.5,oracle=0.5", "unknown Wordle player"),
+        ("expert=x", "bad weight"),
+        ("expert=0", "sum to zero"),
+        ("branch:oracle", "bad Wordle dataset"),
+    ],
+)
 def test_bad_dataset_specs(spec, message):
     with pytest.raises(ValueError, match=message):
         wordle.offline_games(spec, 1, seed=0)
