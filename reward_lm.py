@@ -21,6 +21,7 @@ for the whole population. Agents differ only in which response they query.
 Run:  python reward_lm.py                 # ts, greedy, passive on seeds 101-120
       python reward_lm.py --help          # every flag
 """
+
 import copy
 import csv
 import datetime
@@ -39,9 +40,22 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 from common.models import load_causal_lm
-from common.utils import (CommonArgs, Run, ScalarRecorder, all_gather_objects, close_distributed, error_line,
-                          init_distributed, map_in_waves, resume_args, seed_everything, stop_on_sigterm, validate_args,
-                          write_atomically, writing_dir)
+from common.utils import (
+    CommonArgs,
+    Run,
+    ScalarRecorder,
+    all_gather_objects,
+    close_distributed,
+    error_line,
+    init_distributed,
+    map_in_waves,
+    resume_args,
+    seed_everything,
+    stop_on_sigterm,
+    validate_args,
+    write_atomically,
+    writing_dir,
+)
 
 AGENTS = ("ts", "greedy", "passive", "boltzmann", "infomax", "ts_rm")
 
@@ -151,16 +165,36 @@ class Args(CommonArgs):
 # The allowed values of the numeric flags, checked before any work (common/utils.py `validate_args`: "(0, inf)" is
 # positive, a bound "inf]" admits infinity; float flags not named here must be finite).
 LIMITS = {
-    "eval_episodes": "[0, inf)", "n_prompts": "(0, inf)", "n_answer_tokens": "(0, inf)",
-    "inclusive_majority_approval": "[0, 1]", "inclusive_pretrain_mass": "(0, 1)", "pretrain_size": "(0, inf)",
-    "n_embd": "(0, inf)", "n_layer": "(0, inf)", "n_head": "(0, inf)", "pretrain_epochs": "[0, inf)",
-    "pretrain_batch_size": "(0, inf)", "pretrain_lr": "(0, inf)", "ensemble_size": "(0, inf)",
-    "prior_scale": "(0, inf)", "num_seeds": "(0, inf)", "queries": "(0, inf)", "queries_per_round": "(0, inf)",
-    "max_fit_steps": "(0, inf)", "fit_tol": "[0, inf)", "learning_rate": "(0, inf)", "replay_batch_size": "(0, inf)",
+    "eval_episodes": "[0, inf)",
+    "n_prompts": "(0, inf)",
+    "n_answer_tokens": "(0, inf)",
+    "inclusive_majority_approval": "[0, 1]",
+    "inclusive_pretrain_mass": "(0, 1)",
+    "pretrain_size": "(0, inf)",
+    "n_embd": "(0, inf)",
+    "n_layer": "(0, inf)",
+    "n_head": "(0, inf)",
+    "pretrain_epochs": "[0, inf)",
+    "pretrain_batch_size": "(0, inf)",
+    "pretrain_lr": "(0, inf)",
+    "ensemble_size": "(0, inf)",
+    "prior_scale": "(0, inf)",
+    "num_seeds": "(0, inf)",
+    "queries": "(0, inf)",
+    "queries_per_round": "(0, inf)",
+    "max_fit_steps": "(0, inf)",
+    "fit_tol": "[0, inf)",
+    "learning_rate": "(0, inf)",
+    "replay_batch_size": "(0, inf)",
     "buffer_size": "(0, inf)",
-    "replay_coef": "[0, inf)", "beta": "[0, inf]", "boltzmann_temperature": "(0, inf)", "target_fraction": "(0, 1]",
-    "progress_every": "(0, inf)", "threads": "(0, inf)",
+    "replay_coef": "[0, inf)",
+    "beta": "[0, inf]",
+    "boltzmann_temperature": "(0, inf)",
+    "target_fraction": "(0, 1]",
+    "progress_every": "(0, inf)",
+    "threads": "(0, inf)",
 }
+
 
 # ---- The didactic data-generating process: rater groups, historical vs deployed mix ----
 class InclusivePopulationEnv:
@@ -172,8 +206,16 @@ class InclusivePopulationEnv:
     Historically only the majority rated and the logs rarely hit `inc`: the pretrained LM learns
     inc < fav_0, while for today's mix inc is the best response."""
 
-    def __init__(self, seed: int, n_prompts: int, n_answers: int, deployed_mix, historical_mix,
-                 inclusive_majority_approval: float, inclusive_pretrain_mass: float):
+    def __init__(
+        self,
+        seed: int,
+        n_prompts: int,
+        n_answers: int,
+        deployed_mix,
+        historical_mix,
+        inclusive_majority_approval: float,
+        inclusive_pretrain_mass: float,
+    ):
         rng = np.random.default_rng([seed, 0])
         G, K = len(deployed_mix), n_answers
         self.P, self.K, self.R, self.G = n_prompts, K, K * K, G
@@ -192,8 +234,9 @@ class InclusivePopulationEnv:
             uses_word = [r for r in range(self.R) if K - 1 in divmod(r, K) and r != special[G]]
             self.approval[1:, x, uses_word] = rng.uniform(0.5, 0.8, size=(G - 1, len(uses_word)))
             # the majority's favourite dominates the logs; inc is almost never written
-            others = rng.permutation([r for r in range(self.R)
-                                      if r not in special and r % K != K - 1 and r // K != K - 1])
+            others = rng.permutation(
+                [r for r in range(self.R) if r not in special and r % K != K - 1 and r // K != K - 1]
+            )
             self.pi0[x, special] = [0.40] + [0.05] * (G - 1) + [inclusive_pretrain_mass]
             zipf = 1.0 / np.arange(1, len(others) + 1)
             self.pi0[x, others] = (1.0 - self.pi0[x].sum()) * zipf / zipf.sum()
@@ -204,8 +247,15 @@ class InclusivePopulationEnv:
 
     @classmethod
     def from_args(cls, seed: int, args: "Args") -> "InclusivePopulationEnv":
-        return cls(seed, args.n_prompts, args.n_answer_tokens, args.deployed_mix, args.historical_mix,
-                   args.inclusive_majority_approval, args.inclusive_pretrain_mass)
+        return cls(
+            seed,
+            args.n_prompts,
+            args.n_answer_tokens,
+            args.deployed_mix,
+            args.historical_mix,
+            args.inclusive_majority_approval,
+            args.inclusive_pretrain_mass,
+        )
 
     def feedback(self, x: np.ndarray, r: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One rater from today's population per query: 1 (<+>) with that group's approval."""
@@ -230,8 +280,9 @@ def conditioned_policy(log_pi_ref: torch.Tensor, p_approve: torch.Tensor, beta: 
     return torch.softmax(log_pi_ref + beta * torch.log(p_approve.clamp_min(1e-12)), -1)
 
 
-def select_queries(agent: str, ell_z: torch.Tensor, log_pi_ref: torch.Tensor, x: torch.Tensor,
-                   gen: torch.Generator, temperature: float) -> torch.Tensor:
+def select_queries(
+    agent: str, ell_z: torch.Tensor, log_pi_ref: torch.Tensor, x: torch.Tensor, gen: torch.Generator, temperature: float
+) -> torch.Tensor:
     """The only thing agents differ in: which response to query for each prompt in `x`.
     ell_z: [M, P, R] approval logits of the M heads; log_pi_ref: [P, R]."""
     probs = torch.sigmoid(ell_z)
@@ -261,8 +312,9 @@ def cell_counts(x: torch.Tensor, r: torch.Tensor, f: torch.Tensor, w: torch.Tens
     return n, k, n_z, k_z
 
 
-def feedback_loss(ell0: torch.Tensor, ell_prior: torch.Tensor, n: torch.Tensor, k: torch.Tensor,
-                  prior_scale: float) -> torch.Tensor:
+def feedback_loss(
+    ell0: torch.Tensor, ell_prior: torch.Tensor, n: torch.Tensor, k: torch.Tensor, prior_scale: float
+) -> torch.Tensor:
     """The LM's approval logits' negative log-posterior per label, over every cell:
     [sum_c n_c BCE(ell0_c, k_c / n_c) + sum_c (ell0_c - ell_prior_c)^2 / (2 alpha^2)] / sum_c n_c.
     The first sum is the buffer's mean BCE (reward learning = fine-tuning the transition on feedback tokens);
@@ -270,17 +322,24 @@ def feedback_loss(ell0: torch.Tensor, ell_prior: torch.Tensor, n: torch.Tensor, 
     response nobody has asked about where the pretraining put it instead of where the other responses' labels
     drag the shared network (without it, fitting the buffer sends the unqueried inclusive response to ~0.02)."""
     bce = F.binary_cross_entropy_with_logits(ell0, k / n.clamp_min(1), weight=n, reduction="sum")
-    return (bce + (ell0 - ell_prior).pow(2).sum() / (2 * prior_scale ** 2)) / n.sum().clamp_min(1)
+    return (bce + (ell0 - ell_prior).pow(2).sum() / (2 * prior_scale**2)) / n.sum().clamp_min(1)
 
 
-def fit_head_offsets(ell0: torch.Tensor, prior: torch.Tensor, n_z: torch.Tensor, k_z: torch.Tensor,
-                     prior_scale: float, offsets: torch.Tensor, newton_steps: int = 25) -> torch.Tensor:
+def fit_head_offsets(
+    ell0: torch.Tensor,
+    prior: torch.Tensor,
+    n_z: torch.Tensor,
+    k_z: torch.Tensor,
+    prior_scale: float,
+    offsets: torch.Tensor,
+    newton_steps: int = 25,
+) -> torch.Tensor:
     """Each head's offset per cell, exactly: head z's approval logit is ell_z = ell0 + prior_z + offset_z, and
     offset_z = argmin_o n_z BCE(ell0 + prior_z + o, k_z / n_z) + o^2 / (2 alpha^2), the MAP of its bootstrapped
     labels under a prior centred on its own prior sample (randomized prior functions, Osband et al. 2018).
     Each cell's problem is one-dimensional and convex: Newton's method from the last round's offsets.
     All tensors [M, C] except ell0 [C]."""
-    precision = 1.0 / prior_scale ** 2
+    precision = 1.0 / prior_scale**2
     target = k_z / n_z.clamp_min(1)
     for _ in range(newton_steps):
         p = torch.sigmoid(ell0 + prior + offsets)
@@ -372,8 +431,9 @@ def pretrain_step(model: RewardLM, optimizer, x, r, f) -> float:
     return loss.item()
 
 
-def fit_feedback(model: RewardLM, optimizer, n, k, ell_prior, corpus, replay_coef: float, args: Args,
-                 gen: torch.Generator) -> dict:
+def fit_feedback(
+    model: RewardLM, optimizer, n, k, ell_prior, corpus, replay_coef: float, args: Args, gen: torch.Generator
+) -> dict:
     """Reward learning after a round: full-batch AdamW steps on the buffer's loss over every cell
     (`feedback_loss`) plus kappa * next-token NLL on replayed historical sequences with their feedback token
     masked (historical raters are not today's, but the policy should stay the LM's), until the buffer's loss stops
@@ -382,7 +442,7 @@ def fit_feedback(model: RewardLM, optimizer, n, k, ell_prior, corpus, replay_coe
     x_cells, r_cells = model.cells(*ell_prior.shape)
     ell_prior, C, history = ell_prior.flatten(), len(x_cells), []
     replay_nll = torch.zeros(())
-    for step in range(args.max_fit_steps):
+    for _ in range(args.max_fit_steps):
         c = torch.randint(len(corpus[0]), (args.replay_batch_size if replay_coef > 0 else 0,), generator=gen)
         c = c.to(x_cells.device)
         _, ell0, logits, ids = model(torch.cat([x_cells, corpus[0][c]]), torch.cat([r_cells, corpus[1][c]]))
@@ -399,36 +459,58 @@ def fit_feedback(model: RewardLM, optimizer, n, k, ell_prior, corpus, replay_coe
         history.append(buffer_loss.item())
         if len(history) > 5 and min(history[-5:]) > min(history[:-5]) - args.fit_tol:
             break  # no new lowest loss, by fit_tol, in the last 5 steps
-    return {"buffer_loss": history[-1], "replay_nll": replay_nll.item(), "fit_steps": step + 1}
+    return {"buffer_loss": history[-1], "replay_nll": replay_nll.item(), "fit_steps": len(history)}
 
 
 # ---- Building and pretraining the LM (the "pretrained language model" of the didactic task) ----
 def task_tokens(args: Args) -> list[str]:
-    return (["<pad>", "<unk>", "<bos>", "<+>", "<->"] + [f"q{i}" for i in range(args.n_prompts)]
-            + [f"a{k}" for k in range(args.n_answer_tokens)])
+    return (
+        ["<pad>", "<unk>", "<bos>", "<+>", "<->"]
+        + [f"q{i}" for i in range(args.n_prompts)]
+        + [f"a{k}" for k in range(args.n_answer_tokens)]
+    )
 
 
 def build_lm(args: Args, base=None):
     """(GPT-2, tokenizer, token ids): a fresh tiny GPT-2 with a word-level tokenizer trained by
     `tokenizers`, or a loaded (model, tokenizer) with any missing task tokens added."""
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
     if base is None:
         from tokenizers import Tokenizer, models, pre_tokenizers
+
         vocab = {t: i for i, t in enumerate(task_tokens(args))}
         word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
         word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="<bos>", eos_token="<pad>",
-                                            pad_token="<pad>", unk_token="<unk>")
-        lm = GPT2LMHeadModel(GPT2Config(
-            vocab_size=len(vocab), n_positions=8, n_embd=args.n_embd, n_layer=args.n_layer, n_head=args.n_head,
-            n_inner=2 * args.n_embd, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=vocab["<bos>"],
-            eos_token_id=vocab["<pad>"], pad_token_id=vocab["<pad>"]))
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=word_level, bos_token="<bos>", eos_token="<pad>", pad_token="<pad>", unk_token="<unk>"
+        )
+        lm = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=len(vocab),
+                n_positions=8,
+                n_embd=args.n_embd,
+                n_layer=args.n_layer,
+                n_head=args.n_head,
+                n_inner=2 * args.n_embd,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                bos_token_id=vocab["<bos>"],
+                eos_token_id=vocab["<pad>"],
+                pad_token_id=vocab["<pad>"],
+            )
+        )
     else:
         lm, tokenizer = copy.deepcopy(base[0]), base[1]
     vocab = tokenizer.get_vocab()
-    ids = {"bos": vocab["<bos>"], "plus": vocab["<+>"], "minus": vocab["<->"],
-           "prompts": [vocab[f"q{i}"] for i in range(args.n_prompts)],
-           "answers": [vocab[f"a{k}"] for k in range(args.n_answer_tokens)]}
+    ids = {
+        "bos": vocab["<bos>"],
+        "plus": vocab["<+>"],
+        "minus": vocab["<->"],
+        "prompts": [vocab[f"q{i}"] for i in range(args.n_prompts)],
+        "answers": [vocab[f"a{k}"] for k in range(args.n_answer_tokens)],
+    }
     return lm, tokenizer, ids
 
 
@@ -451,8 +533,14 @@ def pretrain(model: RewardLM, env: InclusivePopulationEnv, args: Args, seed: int
 
 
 # ---- Metrics: everything is exact, because the task enumerates every (prompt, response) ----
-def evaluate(model: RewardLM, env: InclusivePopulationEnv, log_pi_ref: torch.Tensor, args: Args, labels: torch.Tensor,
-             policy_is_model: bool = True):
+def evaluate(
+    model: RewardLM,
+    env: InclusivePopulationEnv,
+    log_pi_ref: torch.Tensor,
+    args: Args,
+    labels: torch.Tensor,
+    policy_is_model: bool = True,
+):
     """eval/* metrics of the exploit policy read off the model, plus the per-head logits agents select from.
     labels [2, P, R]: how many labels each cell has received so far, and how many of them were <+>."""
     log_pi, ell0, ell_z = model.table(env.P, env.R)
@@ -463,21 +551,34 @@ def evaluate(model: RewardLM, env: InclusivePopulationEnv, log_pi_ref: torch.Ten
     per_prompt = (exploit * theta).sum(1)
     best, rows = torch.as_tensor(env.best, device=p_mean.device), torch.arange(env.P, device=p_mean.device)
     metrics = {
-        "eval/return_mean": per_prompt.mean().item(), "eval/return_std": per_prompt.std(unbiased=False).item(),
+        "eval/return_mean": per_prompt.mean().item(),
+        "eval/return_std": per_prompt.std(unbiased=False).item(),
         "eval/regret": env.opt_value - per_prompt.mean().item(),
         "eval/value_beta1": (beta1 * theta).sum(1).mean().item(),
         "eval/frac_optimal": (p_mean.argmax(1) == best).float().mean().item(),
         "eval/kl_beta1_ref": (beta1 * (beta1.clamp_min(1e-30).log() - log_pi_ref)).sum(1).mean().item(),
         "eval/policy_drift_kl": (log_pi_ref.exp() * (log_pi_ref - log_pi)).sum(1).mean().item(),
-        "eval/reward_err": (p_mean - theta).abs().mean().item(), "eval/std_best": p_std[rows, best].mean().item(),
+        "eval/reward_err": (p_mean - theta).abs().mean().item(),
+        "eval/std_best": p_std[rows, best].mean().item(),
         "eval/exploit_err": (p_mean - theta).abs()[rows, p_mean.argmax(1)].mean().item(),
-        "eval/favourite_approval": p_mean[rows, torch.as_tensor(env.special[:, 0], device=p_mean.device)].mean().item()}
+        "eval/favourite_approval": p_mean[rows, torch.as_tensor(env.special[:, 0], device=p_mean.device)].mean().item(),
+    }
     metrics["eval/fit_error"], metrics["eval/fit_error_max"] = fit_error(p_mean.cpu(), labels[0], labels[1])
     return metrics, ell_z.cpu(), " ".join(str(int(y)) for y in p_mean.argmax(1))
 
 
-def run_agent(agent: str, model: RewardLM, env: InclusivePopulationEnv, log_pi_ref: torch.Tensor, corpus,
-              args: Args, seed: int, writer: ScalarRecorder, device, run: Run) -> list[dict]:
+def run_agent(
+    agent: str,
+    model: RewardLM,
+    env: InclusivePopulationEnv,
+    log_pi_ref: torch.Tensor,
+    corpus,
+    args: Args,
+    seed: int,
+    writer: ScalarRecorder,
+    device,
+    run: Run,
+) -> list[dict]:
     """One agent's online phase: query, receive feedback, update the one LM jointly; evaluate every round.
     Returns one row per round: the evaluation before the round's update and what the round queried."""
     gen = torch.Generator().manual_seed(seed)
@@ -497,8 +598,10 @@ def run_agent(agent: str, model: RewardLM, env: InclusivePopulationEnv, log_pi_r
         n_queries = rnd * args.queries_per_round
         metrics, ell_z, exploit = evaluate(model, env, log_pi_ref, args, labels, policy_is_model=one_lm)
         curve.append({"n_queries": n_queries, **metrics, "exploit": exploit})
-        for k, v in metrics.items(): writer.add_scalar(k, v, n_queries)
-        if rnd == n_rounds: break
+        for k, v in metrics.items():
+            writer.add_scalar(k, v, n_queries)
+        if rnd == n_rounds:
+            break
         # ALGO LOGIC: 1. pick the responses to query (the only difference between agents)
         x = torch.as_tensor(prompt_rng.integers(env.P, size=args.queries_per_round))
         r = select_queries(agent, ell_z, log_pi_ref.cpu(), x, gen, args.boltzmann_temperature)
@@ -508,7 +611,7 @@ def run_agent(agent: str, model: RewardLM, env: InclusivePopulationEnv, log_pi_r
         labels.index_put_((torch.ones_like(x), x, r), f.to(labels.dtype), accumulate=True)
         w = 2.0 * (torch.rand(len(x), args.ensemble_size, generator=gen) < 0.5).float()
         for k, v in (("x", x), ("r", r), ("f", f), ("w", w if args.bootstrap else torch.ones_like(w))):
-            buffer[k] = torch.cat([buffer[k].to(v.dtype), v.to(device)])[-args.buffer_size:]
+            buffer[k] = torch.cat([buffer[k].to(v.dtype), v.to(device)])[-args.buffer_size :]
         # ALGO LOGIC: 3. reward learning = fine-tuning the one LM on the feedback tokens, until the buffer's loss
         # stops falling; then each head's offsets, exactly, around the LM's new belief
         n, k, n_z, k_z = cell_counts(buffer["x"], buffer["r"], buffer["f"], buffer["w"], env.P * env.R, env.R)
@@ -518,27 +621,38 @@ def run_agent(agent: str, model: RewardLM, env: InclusivePopulationEnv, log_pi_r
             raise FloatingPointError(f"{error} at update {rnd + 1} (seed {seed}, agent {agent})") from None
         with torch.no_grad():
             ell0 = model.table(env.P, env.R)[1].flatten()
-            model.heads.offsets = fit_head_offsets(ell0, model.heads.prior, n_z, k_z, args.prior_scale,
-                                                   model.heads.offsets)
+            model.heads.offsets = fit_head_offsets(
+                ell0, model.heads.prior, n_z, k_z, args.prior_scale, model.heads.offsets
+            )
         n_seen = n_queries + args.queries_per_round
         run.tokens += 4 * stats["fit_steps"] * (env.P * env.R + (args.replay_batch_size if replay_coef > 0 else 0))
         # TRY NOT TO MODIFY: what this round queried, and the cost of exploring (regret of the queries)
         inst_regret = float((env.theta.max(1)[x.numpy()] - env.theta[x.numpy(), r.numpy()]).mean())
         cum_regret += inst_regret * len(x)
         std_chosen = torch.sigmoid(ell_z).std(0)[x, r].mean().item()
-        objective = {"objective/inst_regret": inst_regret, "objective/cum_regret": cum_regret,
-                     "objective/approval_rate": f.mean().item(), "objective/std_chosen": std_chosen,
-                     "objective/frac_queried_best": float((r.numpy() == env.best[x.numpy()]).mean())}
+        objective = {
+            "objective/inst_regret": inst_regret,
+            "objective/cum_regret": cum_regret,
+            "objective/approval_rate": f.mean().item(),
+            "objective/std_chosen": std_chosen,
+            "objective/frac_queried_best": float((r.numpy() == env.best[x.numpy()]).mean()),
+        }
         curve[-1].update(objective)
-        for k, v in {**objective, **{f"losses/{k}": v for k, v in stats.items()},
-                     "charts/seconds": time.time() - start}.items():
+        for k, v in {
+            **objective,
+            **{f"losses/{k}": v for k, v in stats.items()},
+            "charts/seconds": time.time() - start,
+        }.items():
             writer.add_scalar(k, v, n_seen)
         if (rnd + 1) % args.progress_every == 0 or rnd + 1 == n_rounds:
             value = metrics["eval/return_mean"]
-            print(f"  seed {seed} {agent:9s} | queries {n_seen:5d}/{args.queries} | exploit value {value:.3f} "
-                  f"({value / env.opt_value:.0%} of opt) | optimal on {metrics['eval/frac_optimal']:.0%} of prompts | "
-                  f"std chosen {std_chosen:.3f} best {metrics['eval/std_best']:.3f} | cum regret {cum_regret:.1f} | "
-                  f"{time.time() - start:.0f}s", flush=True)
+            print(
+                f"  seed {seed} {agent:9s} | queries {n_seen:5d}/{args.queries} | exploit value {value:.3f} "
+                f"({value / env.opt_value:.0%} of opt) | optimal on {metrics['eval/frac_optimal']:.0%} of prompts | "
+                f"std chosen {std_chosen:.3f} best {metrics['eval/std_best']:.3f} | cum regret {cum_regret:.1f} | "
+                f"{time.time() - start:.0f}s",
+                flush=True,
+            )
     return curve
 
 
@@ -546,16 +660,22 @@ def summarise(curves: dict, opt_values: dict, args: Args) -> dict:
     """Per agent: queries to target on each seed (inf if never), median and range, final value and regret."""
     out, value = {}, lambda curve, key="eval/return_mean": np.array([c[key] for c in curve])
     for agent, by_seed in curves.items():
-        q = {s: queries_to_target(value(c, "n_queries"), value(c), args.target_fraction * opt_values[s])
-             for s, c in by_seed.items()}
+        q = {
+            s: queries_to_target(value(c, "n_queries"), value(c), args.target_fraction * opt_values[s])
+            for s, c in by_seed.items()
+        }
         out[agent] = {
             "queries_to_target": {str(s): (v if math.isfinite(v) else None) for s, v in q.items()},
-            "median": float(np.median(list(q.values()))), "min": min(q.values()), "max": max(q.values()),
-            "seeds_reached": sum(math.isfinite(v) for v in q.values()), "num_seeds": len(q),
+            "median": float(np.median(list(q.values()))),
+            "min": min(q.values()),
+            "max": max(q.values()),
+            "seeds_reached": sum(math.isfinite(v) for v in q.values()),
+            "num_seeds": len(q),
             "final_value": float(np.mean([value(c)[-1] for c in by_seed.values()])),
             "final_value_beta1": float(np.mean([value(c, "eval/value_beta1")[-1] for c in by_seed.values()])),
             "final_cum_regret": float(np.mean([c[-2]["objective/cum_regret"] for c in by_seed.values()])),
-            "value_auc": float(np.mean([value(c).mean() for c in by_seed.values()]))}
+            "value_auc": float(np.mean([value(c).mean() for c in by_seed.values()])),
+        }
     return out
 
 
@@ -563,14 +683,27 @@ def format_table(summary: dict, opt_value: float, queries: int, target: float) -
     """The end-of-run table. The final values are true approvals: `beta=inf` of the exploit policy (the headline:
     per prompt, the response with the highest posterior-mean approval among all enumerated ones), `beta=1` of the
     LM's own policy conditioned on approval, pi_ref * p_mean / Z."""
-    fmt = lambda v: f"{v:.0f}" if math.isfinite(v) else f">{queries}"
-    share = lambda v: f"{v:.3f} ({v / opt_value:.0%})"
-    return "\n".join([f"queries until the exploit policy stays >= {target:.0%} of the optimum ({opt_value:.3f}):",
-                      f"{'agent':10s} | {'median':>7s} | {'range over seeds':>16s} | reached | final value, beta=inf | "
-                      f"{'beta=1':12s} | cum regret", "-" * 103] + [
-        f"{agent:10s} | {fmt(s['median']):>7s} | {fmt(s['min']) + ' - ' + fmt(s['max']):>16s} | {s['seeds_reached']}/"
-        f"{s['num_seeds']:<5d} | {share(s['final_value']):21s} | {share(s['final_value_beta1']):12s} | "
-        f"{s['final_cum_regret']:.1f}" for agent, s in summary.items()])
+
+    def fmt(v: float) -> str:
+        return f"{v:.0f}" if math.isfinite(v) else f">{queries}"
+
+    def share(v: float) -> str:
+        return f"{v:.3f} ({v / opt_value:.0%})"
+
+    return "\n".join(
+        [
+            f"queries until the exploit policy stays >= {target:.0%} of the optimum ({opt_value:.3f}):",
+            f"{'agent':10s} | {'median':>7s} | {'range over seeds':>16s} | reached | final value, beta=inf | "
+            f"{'beta=1':12s} | cum regret",
+            "-" * 103,
+        ]
+        + [
+            f"{agent:10s} | {fmt(s['median']):>7s} | {fmt(s['min']) + ' - ' + fmt(s['max']):>16s} | "
+            f"{s['seeds_reached']}/{s['num_seeds']:<5d} | {share(s['final_value']):21s} | "
+            f"{share(s['final_value_beta1']):12s} | {s['final_cum_regret']:.1f}"
+            for agent, s in summary.items()
+        ]
+    )
 
 
 def main(args: Args) -> dict:
@@ -583,24 +716,27 @@ def main(args: Args) -> dict:
         if args.n_embd % args.n_head:
             raise ValueError(f"--n-head {args.n_head} must divide --n-embd {args.n_embd}")
         if args.queries % args.queries_per_round:
-            raise ValueError(f"--queries / --queries-per-round: {args.queries} is not divisible by "
-                             f"{args.queries_per_round}")
+            raise ValueError(
+                f"--queries / --queries-per-round: {args.queries} is not divisible by {args.queries_per_round}"
+            )
         if unknown := [a for a in args.agents if a not in AGENTS]:
             raise ValueError(f"unknown agent(s) {unknown}; choose from {', '.join(AGENTS)}")
         mixes = (args.deployed_mix, args.historical_mix)
         if len(mixes[0]) != len(mixes[1]) or not all(abs(sum(m) - 1) < 1e-6 and min(m) >= 0 for m in mixes):
             raise ValueError("--deployed-mix and --historical-mix must be distributions over the same groups")
         if 2 * len(args.deployed_mix) + 2 > args.n_answer_tokens:
-            raise ValueError(f"--n-answer-tokens must be >= {2 * len(args.deployed_mix) + 2} for disjoint special "
-                             "responses")
+            raise ValueError(
+                f"--n-answer-tokens must be >= {2 * len(args.deployed_mix) + 2} for disjoint special responses"
+            )
         # ranks with fewer simulations wait in all_gather for the longest one: at hub scale, hours
         device = init_distributed(args.cuda, timeout=datetime.timedelta(hours=24))[2]
         # any other causal LM gets the task's words as new tokens, learned in pretraining
         base = None if args.model_name == "tiny-gpt2" else load_causal_lm(args.model_name, task_tokens(args), device)
         run = Run(args, "reward_lm.py", checkpoint)
     except (ValueError, OSError) as error:
-        raise SystemExit(error_line(error))
+        raise SystemExit(error_line(error)) from error
     from transformers.utils import logging as hf_logging
+
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the run's output
     seed_everything(args.seed, args.torch_deterministic)
     threads_before = torch.get_num_threads()
@@ -613,7 +749,7 @@ def main(args: Args) -> dict:
         env, out = envs[seed], {"curves": {}, "scalars": {}}
         torch.manual_seed(seed)
         lm, tokenizer, ids = build_lm(args, base)
-        prior_gen = torch.Generator().manual_seed(int(np.random.default_rng([seed, 4]).integers(2 ** 62)))
+        prior_gen = torch.Generator().manual_seed(int(np.random.default_rng([seed, 4]).integers(2**62)))
         heads = EpistemicHeads(args.ensemble_size, env.P * env.R, args.prior_scale, prior_gen)
         model = RewardLM(lm, ids, heads).to(device)
         print(f"seed {seed}: pretraining on {args.pretrain_size} historical sequences (optimum {env.opt_value:.3f})")
@@ -623,12 +759,14 @@ def main(args: Args) -> dict:
         for agent in args.agents:
             writer = ScalarRecorder()  # written to TensorBoard by rank 0 once the wave is checkpointed
             agent_model = copy.deepcopy(model)
-            out["curves"][agent] = run_agent(agent, agent_model, env, log_pi_ref, corpus, args, seed, writer, device,
-                                             run)
+            out["curves"][agent] = run_agent(
+                agent, agent_model, env, log_pi_ref, corpus, args, seed, writer, device, run
+            )
             out["scalars"][agent] = writer.scalars
             if args.save_model and seed == seeds[0] and agent == args.agents[0]:  # rank 0's; from_pretrained loads it
                 with writing_dir(os.path.join(run.dir, "model")) as path:  # whole or not at all
-                    for part in (agent_model.lm, tokenizer): part.save_pretrained(path)
+                    for part in (agent_model.lm, tokenizer):
+                        part.save_pretrained(path)
                     torch.save(agent_model.heads.state_dict(), os.path.join(path, "epistemic_heads.pt"))
         return out
 
@@ -639,23 +777,26 @@ def main(args: Args) -> dict:
         for seed, result in results.items() if run.is_main else []:
             for agent, scalars in result["scalars"].items():
                 with SummaryWriter(os.path.join(run.dir, f"{agent}__seed{seed}"), purge_step=0) as writer:
-                    for tag, value, step in scalars: writer.add_scalar(tag, value, step)
+                    for tag, value, step in scalars:
+                        writer.add_scalar(tag, value, step)
 
     stop_on_sigterm()
     try:
         done = map_in_waves(simulate, seeds, run, checkpoint, write_wave)
     except KeyboardInterrupt:
-        raise SystemExit(f"interrupted; the finished seeds are kept: python reward_lm.py --resume {run.dir}")
+        raise SystemExit(f"interrupted; the finished seeds are kept: python reward_lm.py --resume {run.dir}") from None
     except (FloatingPointError, OSError) as error:  # a diverged loss or the disk: one line, the last checkpoint kept
-        raise run.fault(error)
+        raise run.fault(error) from error
     curves = {agent: {seed: done[seed]["curves"][agent] for seed in seeds} for agent in args.agents}
     rows = [{"seed": seed, "agent": agent, **c} for seed in seeds for agent in args.agents for c in curves[agent][seed]]
     # TRY NOT TO MODIFY: the method's seed-mean curve goes to eval/*, every row to curves.csv, the table last
     method, env = args.agents[0], envs[seeds[0]]
     for i, point in enumerate(curves[method][seeds[0]]):
         mean = {k: float(np.mean([curves[method][s][i][k] for s in seeds])) for k in point if k.startswith("eval/")}
-        samples = [(f"q{x} (seed {seeds[0]})", f"response {y} (best {env.best[x]})", float(env.theta[x, int(y)]))
-                   for x, y in enumerate(point["exploit"].split())]
+        samples = [
+            (f"q{x} (seed {seeds[0]})", f"response {y} (best {env.best[x]})", float(env.theta[x, int(y)]))
+            for x, y in enumerate(point["exploit"].split())
+        ]
         run.log_eval(mean, samples, point["n_queries"])
     run.tokens = sum(all_gather_objects(run.tokens))
     per_agent = summarise(curves, {s: e.opt_value for s, e in envs.items()}, args)
@@ -669,7 +810,7 @@ def main(args: Args) -> dict:
             write_atomically(os.path.join(run.dir, "curves.csv"), lambda file: file.write(table.getvalue().encode()))
         summary = run.write_summary({"seeds": seeds, "opt_value": opt_value, "agents": per_agent})
     except OSError as error:
-        raise run.fault(error)
+        raise run.fault(error) from error
     run.close()
     close_distributed()
     print(format_table(per_agent, opt_value, args.queries, args.target_fraction))

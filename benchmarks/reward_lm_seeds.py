@@ -30,17 +30,35 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from resumable import add_queue_arguments, load, mean_se, run_queue, save, summary_of, write_region  # noqa: E402
 
 AGENTS = ("ts", "greedy", "passive", "ts_rm")
-NAMES = {"ts": "`ts` (Thompson sampling, the method)", "greedy": "`greedy` (no exploration)",
-         "passive": "`passive` (queries sampled from the pretrained LM)",
-         "ts_rm": "`ts_rm` (TS, a separate reward model)"}
+NAMES = {
+    "ts": "`ts` (Thompson sampling, the method)",
+    "greedy": "`greedy` (no exploration)",
+    "passive": "`passive` (queries sampled from the pretrained LM)",
+    "ts_rm": "`ts_rm` (TS, a separate reward model)",
+}
 DOC = os.path.join(ROOT, "docs", "reward_lm.md")
 START, END = "<!-- reward_lm table: start -->", "<!-- reward_lm table: end -->"
 
 
 def command(seed: int, opts) -> list[str]:
-    return [sys.executable, os.path.join(ROOT, "reward_lm.py"), "--seed", str(seed), "--num-seeds", "1",
-            "--agents", *opts.agents, "--exp-name", f"seed{seed}", "--no-save-model", "--progress-every", "1000",
-            "--output-dir", os.path.join(opts.output_dir, f"seed{seed}"), *opts.extra]
+    return [
+        sys.executable,
+        os.path.join(ROOT, "reward_lm.py"),
+        "--seed",
+        str(seed),
+        "--num-seeds",
+        "1",
+        "--agents",
+        *opts.agents,
+        "--exp-name",
+        f"seed{seed}",
+        "--no-save-model",
+        "--progress-every",
+        "1000",
+        "--output-dir",
+        os.path.join(opts.output_dir, f"seed{seed}"),
+        *opts.extra,
+    ]
 
 
 def record_run(seed: int, opts, seconds: float) -> dict:
@@ -55,13 +73,27 @@ def record_run(seed: int, opts, seconds: float) -> dict:
     for agent, s in summary["agents"].items():
         curve = [r for r in rows if r["agent"] == agent]
         fit = float(curve[-1]["eval/fit_error"])
-        agents[agent] = {"queries_to_target": s["queries_to_target"][str(seed)], "final_value": s["final_value"],
-                         "final_value_beta1": s["final_value_beta1"], "cum_regret": s["final_cum_regret"],
-                         "fit_error": None if math.isnan(fit) else fit,
-                         "best_queries": round(sum(float(r["objective/frac_queried_best"]) * opts.per_round
-                                                   for r in curve if r["objective/frac_queried_best"]))}
-    return {"seed": seed, "flags": opts.extra, "seconds": round(seconds), "opt_value": summary["opt_value"],
-            "agents": agents}
+        agents[agent] = {
+            "queries_to_target": s["queries_to_target"][str(seed)],
+            "final_value": s["final_value"],
+            "final_value_beta1": s["final_value_beta1"],
+            "cum_regret": s["final_cum_regret"],
+            "fit_error": None if math.isnan(fit) else fit,
+            "best_queries": round(
+                sum(
+                    float(r["objective/frac_queried_best"]) * opts.per_round
+                    for r in curve
+                    if r["objective/frac_queried_best"]
+                )
+            ),
+        }
+    return {
+        "seed": seed,
+        "flags": opts.extra,
+        "seconds": round(seconds),
+        "opt_value": summary["opt_value"],
+        "agents": agents,
+    }
 
 
 def aggregate(results: dict, agents: list[str], seeds: list[int], budget: int) -> tuple[list[dict], list[dict]]:
@@ -74,9 +106,16 @@ def aggregate(results: dict, agents: list[str], seeds: list[int], budget: int) -
     for agent in agents:
         per_seed = [r["agents"][agent] for r in runs]
         q = [p["queries_to_target"] if p["queries_to_target"] is not None else math.inf for p in per_seed]
-        record = {"agent": agent, "seeds": complete, "seeds_reached": sum(math.isfinite(v) for v in q),
-                  "queries_median": float(np.median(q)), "queries_min": min(q), "queries_max": max(q),
-                  "queries_per_seed": [None if math.isinf(v) else v for v in q], "budget": budget}
+        record = {
+            "agent": agent,
+            "seeds": complete,
+            "seeds_reached": sum(math.isfinite(v) for v in q),
+            "queries_median": float(np.median(q)),
+            "queries_min": min(q),
+            "queries_max": max(q),
+            "queries_per_seed": [None if math.isinf(v) else v for v in q],
+            "budget": budget,
+        }
         for key in ("final_value", "final_value_beta1", "cum_regret", "best_queries"):
             record[f"{key}_mean"], record[f"{key}_se"] = mean_se([p[key] for p in per_seed])
         fits = [p["fit_error"] for p in per_seed if p["fit_error"] is not None]
@@ -87,39 +126,60 @@ def aggregate(results: dict, agents: list[str], seeds: list[int], budget: int) -
 
     def paired(a: str, b: str, metric: str = "final_value") -> dict:
         mean, se = mean_se([r["agents"][a][metric] - r["agents"][b][metric] for r in runs])
-        return {"a": a, "b": b, "metric": metric, "difference_mean": mean, "difference_se": se,
-                "a_wins": sum(r["agents"][a][metric] > r["agents"][b][metric] for r in runs),
-                "ties": sum(r["agents"][a][metric] == r["agents"][b][metric] for r in runs), "seeds": complete}
+        return {
+            "a": a,
+            "b": b,
+            "metric": metric,
+            "difference_mean": mean,
+            "difference_se": se,
+            "a_wins": sum(r["agents"][a][metric] > r["agents"][b][metric] for r in runs),
+            "ties": sum(r["agents"][a][metric] == r["agents"][b][metric] for r in runs),
+            "seeds": complete,
+        }
 
-    wanted = [("TS ends above greedy", "ts", "greedy"), ("TS ends above passive", "ts", "passive"),
-              ("one LM in all three roles vs a separate reward model", "ts", "ts_rm")]
+    wanted = [
+        ("TS ends above greedy", "ts", "greedy"),
+        ("TS ends above passive", "ts", "passive"),
+        ("one LM in all three roles vs a separate reward model", "ts", "ts_rm"),
+    ]
     claims = [{"claim": c, **paired(a, b)} for c, a, b in wanted if a in agents and b in agents]
     return records, claims
 
 
 def table(records: list[dict], opt_value: float) -> str:
-    fmt = lambda v, budget: f"{v:.0f}" if v is not None else f"> {budget}"
-    lines = ["| agent | seeds reaching 95% | queries to 95%: median [min, max] | final value, beta = inf | "
-             "beta = 1 (the LM's own policy) | cumulative regret | queries to the best response | fit error |",
-             "|---|---|---|---|---|---|---|---|"]
+
+    def fmt(v, budget: int) -> str:
+        return f"{v:.0f}" if v is not None else f"> {budget}"
+
+    lines = [
+        "| agent | seeds reaching 95% | queries to 95%: median [min, max] | final value, beta = inf | "
+        "beta = 1 (the LM's own policy) | cumulative regret | queries to the best response | fit error |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in records:
         b = r["budget"]
         fit = f"{r['fit_error_mean']:.2f}" if r["fit_error_mean"] is not None else "-"
-        lines.append(f"| {NAMES.get(r['agent'], r['agent'])} | {r['seeds_reached']}/{len(r['seeds'])} | "
-                     f"{fmt(r['queries_median'], b)} [{fmt(r['queries_min'], b)}, {fmt(r['queries_max'], b)}] | "
-                     f"{r['final_value_mean']:.3f} ± {r['final_value_se']:.3f} "
-                     f"({r['final_value_mean'] / opt_value:.0%}) | {r['final_value_beta1_mean']:.3f} ± "
-                     f"{r['final_value_beta1_se']:.3f} | {r['cum_regret_mean']:.0f} ± {r['cum_regret_se']:.0f} | "
-                     f"{r['best_queries_mean']:.0f} | {fit} |")
+        lines.append(
+            f"| {NAMES.get(r['agent'], r['agent'])} | {r['seeds_reached']}/{len(r['seeds'])} | "
+            f"{fmt(r['queries_median'], b)} [{fmt(r['queries_min'], b)}, {fmt(r['queries_max'], b)}] | "
+            f"{r['final_value_mean']:.3f} ± {r['final_value_se']:.3f} "
+            f"({r['final_value_mean'] / opt_value:.0%}) | {r['final_value_beta1_mean']:.3f} ± "
+            f"{r['final_value_beta1_se']:.3f} | {r['cum_regret_mean']:.0f} ± {r['cum_regret_se']:.0f} | "
+            f"{r['best_queries_mean']:.0f} | {fit} |"
+        )
     return "\n".join(lines)
 
 
 def claims_table(claims: list[dict]) -> str:
-    lines = ["| comparison | final value difference (mean ± s.e. over seeds) | seeds where the first is higher (ties) |",
-             "|---|---|---|"]
+    lines = [
+        "| comparison | final value difference (mean ± s.e. over seeds) | seeds where the first is higher (ties) |",
+        "|---|---|---|",
+    ]
     for c in claims:
-        lines.append(f"| {c['claim']} | {c['difference_mean']:+.3f} ± {c['difference_se']:.3f} | "
-                     f"{c['a_wins']}/{len(c['seeds'])} ({c['ties']}) |")
+        lines.append(
+            f"| {c['claim']} | {c['difference_mean']:+.3f} ± {c['difference_se']:.3f} | "
+            f"{c['a_wins']}/{len(c['seeds'])} ({c['ties']}) |"
+        )
     return "\n".join(lines)
 
 
@@ -129,8 +189,14 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=list(range(101, 121)))
     parser.add_argument("--queries", type=int, default=4096, help="the budget (reward_lm.py --queries)")
     parser.add_argument("--per-round", type=int, default=64, help="queries per round (reward_lm.py default)")
-    add_queue_arguments(parser, "reward_lm.py", os.path.join(ROOT, "runs", "reward_lm_seeds"),
-                        os.path.join(ROOT, "benchmarks", "results", "reward_lm.json"), DOC, ROOT)
+    add_queue_arguments(
+        parser,
+        "reward_lm.py",
+        os.path.join(ROOT, "runs", "reward_lm_seeds"),
+        os.path.join(ROOT, "benchmarks", "results", "reward_lm.json"),
+        DOC,
+        ROOT,
+    )
     return parser.parse_args(argv)
 
 
@@ -139,14 +205,25 @@ def main() -> None:
     results = load(opts.results)
     if not opts.table_only:
         todo = [(str(s), command(s, opts)) for s in opts.seeds]
-        run_queue(todo, lambda key, log, seconds: record_run(int(key), opts, seconds), results, opts.results,
-                  opts.output_dir, ROOT, opts.jobs, opts.threads)
+        run_queue(
+            todo,
+            lambda key, log, seconds: record_run(int(key), opts, seconds),
+            results,
+            opts.results,
+            opts.output_dir,
+            ROOT,
+            opts.jobs,
+            opts.threads,
+        )
     records, claims = aggregate(results, opts.agents, opts.seeds, opts.queries)
     results["records"], results["claims"] = records, claims
     save(opts.results, results)
     opt_values = [r["opt_value"] for r in results["runs"].values()]
-    text = (table(records, float(np.mean(opt_values))) + "\n\n" + claims_table(claims) if records
-            else "(no seed has finished yet)")
+    text = (
+        table(records, float(np.mean(opt_values))) + "\n\n" + claims_table(claims)
+        if records
+        else "(no seed has finished yet)"
+    )
     print(text)
     if opts.page:
         write_region(opts.page, text, START, END)

@@ -28,7 +28,7 @@ def run_one(argv: list[str]) -> dict:
             if isinstance(exit_.code, str):
                 print(exit_.code, file=sys.stderr)
             code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
-        except BaseException:  # noqa: BLE001 - an uncaught exception is exit code 1, as in the interpreter
+        except BaseException:
             traceback.print_exc()
             code = 1
     sys.argv = saved_argv

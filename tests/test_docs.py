@@ -17,7 +17,8 @@ A documented program with no tiny budget here (TINY, OTHER, MODULES) fails the t
 saying where to add one: a new command in the docs needs a tiny budget to be covered.
 
 `benchmarks/run.py` commands run for real, restricted to one tiny `ppo.py` run (`--only ppo.py
---seeds 1`) writing to a temporary directory, without touching README.md or docs/results.md. matplotlib is optional there.
+--seeds 1`) writing to a temporary directory, without touching README.md or docs/results.md. matplotlib is
+optional there.
 
 Commands run two at a time with one intra-op thread each (the machine has 2 cores). The method scripts'
 commands run in two batches, one interpreter each (tests/docs_runner.py), so that torch and transformers are
@@ -51,20 +52,67 @@ METHOD_COMMON = ["--no-save-model"]
 OTHER = {
     "benchmarks/ppo_step.py": lambda tmp: ["--steps", "1", "--repeats", "1"],
     "benchmarks/reward_lm_tabular.py": lambda tmp: ["--seeds", "1", "--budgets", "64:16"],
-    "benchmarks/ilql_wordle.py": lambda tmp: ["--seeds", "1", "--datasets", "per_move", "--methods", "bc", "ilql",
-                                              "--steps", "2", "--eval-every", "2", "--eval-episodes", "8",
-                                              "--output-dir", os.path.join(tmp, "ilql_wordle"),
-                                              "--results", os.path.join(tmp, "ilql_wordle.json"),
-                                              "--page", os.path.join(tmp, "ilql.md"), "--",
-                                              "--batch-size", "4", "--wordle-games", "64"],
+    "benchmarks/ilql_wordle.py": lambda tmp: [
+        "--seeds",
+        "1",
+        "--datasets",
+        "per_move",
+        "--methods",
+        "bc",
+        "ilql",
+        "--steps",
+        "2",
+        "--eval-every",
+        "2",
+        "--eval-episodes",
+        "8",
+        "--output-dir",
+        os.path.join(tmp, "ilql_wordle"),
+        "--results",
+        os.path.join(tmp, "ilql_wordle.json"),
+        "--page",
+        os.path.join(tmp, "ilql.md"),
+        "--",
+        "--batch-size",
+        "4",
+        "--wordle-games",
+        "64",
+    ],
 }
 OTHER["benchmarks/alol_variants.py"] = lambda tmp: [
-    "--seeds", "1", "--variants", "a_lol", "--output-dir", os.path.join(tmp, "alol_variants"),
-    "--results", os.path.join(tmp, "alol.json"), "--page", os.path.join(tmp, "alol.md"), "--", *TINY["alol.py"]]
+    "--seeds",
+    "1",
+    "--variants",
+    "a_lol",
+    "--output-dir",
+    os.path.join(tmp, "alol_variants"),
+    "--results",
+    os.path.join(tmp, "alol.json"),
+    "--page",
+    os.path.join(tmp, "alol.md"),
+    "--",
+    *TINY["alol.py"],
+]
 OTHER["benchmarks/reward_lm_seeds.py"] = lambda tmp: [
-    "--seeds", "101", "--agents", "ts", "--queries", "32", "--per-round", "16",
-    "--output-dir", os.path.join(tmp, "reward_lm_seeds"), "--results", os.path.join(tmp, "reward_lm.json"),
-    "--page", os.path.join(tmp, "reward_lm.md"), "--", *TINY["reward_lm.py"], "--queries", "32"]
+    "--seeds",
+    "101",
+    "--agents",
+    "ts",
+    "--queries",
+    "32",
+    "--per-round",
+    "16",
+    "--output-dir",
+    os.path.join(tmp, "reward_lm_seeds"),
+    "--results",
+    os.path.join(tmp, "reward_lm.json"),
+    "--page",
+    os.path.join(tmp, "reward_lm.md"),
+    "--",
+    *TINY["reward_lm.py"],
+    "--queries",
+    "32",
+]
 MODULES = {"common.wordle": ["20", "200"]}  # `python -m common.wordle [games] [words]`: positional, replaced
 BUILTIN_MODELS = ("tiny-gpt2", "tiny-t5")
 NETWORK_TASKS = ("imdb", "jsonl")  # jsonl: the documented prompts file and reward are the reader's own
@@ -113,11 +161,18 @@ def plan(command: str, tmp: str) -> tuple[str, list[str]]:
     argv = shlex.split(command)
     if argv[0] == "torchrun":
         at = next(i for i, a in enumerate(argv) if a.endswith(".py"))
-        script, flags = argv[at], argv[at + 1:]
+        script, flags = argv[at], argv[at + 1 :]
         if needs_network(flags) or "--nnodes" in argv or "--resume" in flags:
             return "parse", [script, *flags]
-        return "run", [*TORCHRUN_2, script, *flags, *TINY[script], *METHOD_COMMON,
-                       "--output-dir", os.path.join(tmp, "runs")]
+        return "run", [
+            *TORCHRUN_2,
+            script,
+            *flags,
+            *TINY[script],
+            *METHOD_COMMON,
+            "--output-dir",
+            os.path.join(tmp, "runs"),
+        ]
     argv = argv[1:]  # drop "python"
     if argv[0] == "-m":
         if argv[1] not in MODULES:
@@ -130,8 +185,20 @@ def plan(command: str, tmp: str) -> tuple[str, list[str]]:
         return "parse", argv
     if script == "benchmarks/run.py":
         extra = " ".join(TINY["ppo.py"] + METHOD_COMMON)
-        return "run", [script, *flags, "--only", "ppo.py", "--seeds", "1", "--no-readme", "--results-dir",
-                       os.path.join(tmp, "bench"), "--page", os.path.join(tmp, "results.md"), f"--extra={extra}"]
+        return "run", [
+            script,
+            *flags,
+            "--only",
+            "ppo.py",
+            "--seeds",
+            "1",
+            "--no-readme",
+            "--results-dir",
+            os.path.join(tmp, "bench"),
+            "--page",
+            os.path.join(tmp, "results.md"),
+            f"--extra={extra}",
+        ]
     if script in OTHER:
         return "run", [script, *flags, *OTHER[script](tmp)]
     if script not in TINY:
@@ -181,14 +248,23 @@ def results(tmp_path_factory):
     batches = [in_batch[0::2], in_batch[1::2]]
 
     def run_batch(commands):
-        done = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "docs_runner.py")], cwd=ROOT,
-                              input=json.dumps([jobs[c] for c in commands]), capture_output=True, text=True,
-                              timeout=1200, env=env)
+        done = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "tests", "docs_runner.py")],
+            cwd=ROOT,
+            input=json.dumps([jobs[c] for c in commands]),
+            capture_output=True,
+            text=True,
+            timeout=1200,
+            env=env,
+        )
         if done.returncode != 0:  # the interpreter itself died: every command of the batch failed with it
-            return {c: subprocess.CompletedProcess(jobs[c], done.returncode, done.stdout, done.stderr)
-                    for c in commands}
-        return {c: subprocess.CompletedProcess(jobs[c], r["returncode"], r["stdout"], r["stderr"])
-                for c, r in zip(commands, json.loads(done.stdout), strict=True)}
+            return {
+                c: subprocess.CompletedProcess(jobs[c], done.returncode, done.stdout, done.stderr) for c in commands
+            }
+        return {
+            c: subprocess.CompletedProcess(jobs[c], r["returncode"], r["stdout"], r["stderr"])
+            for c, r in zip(commands, json.loads(done.stdout), strict=True)
+        }
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         batch_futures = [pool.submit(run_batch, batch) for batch in batches if batch]
@@ -212,8 +288,10 @@ def test_documented_command(source, command, results, tmp_path):
         parse_only(argv)
         return
     argv, result = results[command]
-    assert result.returncode == 0, (f"{source}: `{command}` failed as `python {shlex.join(argv)}`:\n"
-                                    f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+    assert result.returncode == 0, (
+        f"{source}: `{command}` failed as `python {shlex.join(argv)}`:\n"
+        f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    )
 
 
 def test_plan_overrides_budget_and_spots_network_commands(tmp_path):

@@ -17,6 +17,7 @@ import reward_lm
 from common import utils
 from common.models import FP32OutputLayer, ValueHead, load_policy
 from common.tasks import make_task
+
 from helpers import scalars
 
 META = torch.device("meta")
@@ -35,8 +36,12 @@ def tensors_in(out):
 
 
 def meta_inputs(b=2, t=5, v=7):
-    return {"bt": torch.randn(b, t, device=META), "btv": torch.randn(b, t, v, device=META),
-            "b": torch.randn(b, device=META), "tokens": torch.zeros(b, t, dtype=torch.long, device=META)}
+    return {
+        "bt": torch.randn(b, t, device=META),
+        "btv": torch.randn(b, t, v, device=META),
+        "b": torch.randn(b, device=META),
+        "tokens": torch.zeros(b, t, dtype=torch.long, device=META),
+    }
 
 
 def loss_calls():
@@ -68,8 +73,9 @@ def loss_calls():
         "reward_lm.fit_head_offsets": lambda: reward_lm.fit_head_offsets(bt[0], bt, bt, bt, 0.67, bt, 2),
     }
     for algorithm in alol.ALGORITHMS:
-        calls[f"alol.sequence_loss({algorithm})"] = (
-            lambda algorithm=algorithm: alol.sequence_loss(algorithm, bt, bt, bt, b, b))
+        calls[f"alol.sequence_loss({algorithm})"] = lambda algorithm=algorithm: alol.sequence_loss(
+            algorithm, bt, bt, bt, b, b
+        )
     return list(calls.items())
 
 
@@ -172,8 +178,16 @@ def test_process_group_timeout_and_tf32(monkeypatch):
 
 
 # LMRL_TEST_CUDA=1 runs these updates on the GPU instead (benchmarks/gpu_check.sh); CI runs them on the CPU.
-BF16_BUDGET = dict(total_updates=1, rollout_batch_size=8, minibatch_size=8, eval_episodes=8, save_model=False,
-                   bf16="on", cuda=os.environ.get("LMRL_TEST_CUDA") == "1", clip_range_value=None)
+BF16_BUDGET = dict(
+    total_updates=1,
+    rollout_batch_size=8,
+    minibatch_size=8,
+    eval_episodes=8,
+    save_model=False,
+    bf16="on",
+    cuda=os.environ.get("LMRL_TEST_CUDA") == "1",
+    clip_range_value=None,
+)
 
 
 @pytest.mark.parametrize("script", [ppo, nlpo], ids=["ppo", "nlpo"])

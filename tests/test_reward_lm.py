@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import reward_lm as R
 
 from helpers import TORCHRUN_2, args_fields
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -28,8 +29,12 @@ def make_model(seed=0, **kw):
     args = R.Args(**kw)
     torch.manual_seed(seed)
     lm, tokenizer, ids = R.build_lm(args)
-    heads = R.EpistemicHeads(args.ensemble_size, args.n_prompts * args.n_answer_tokens ** 2, args.prior_scale,
-                             torch.Generator().manual_seed(seed))
+    heads = R.EpistemicHeads(
+        args.ensemble_size,
+        args.n_prompts * args.n_answer_tokens**2,
+        args.prior_scale,
+        torch.Generator().manual_seed(seed),
+    )
     return R.RewardLM(lm, ids, heads), tokenizer, args
 
 
@@ -74,7 +79,7 @@ def test_feedback_and_corpus_frequencies():
     assert env.feedback(x, np.full(40000, fav0), rng).mean() == pytest.approx(0.58, abs=0.01)
     assert env.feedback(x, np.full(40000, inc), rng).mean() == pytest.approx(0.68, abs=0.01)
     cx, cr, cf = env.pretrain_corpus(40000, rng)
-    on_fav0 = (cr == env.special[cx, 0])
+    on_fav0 = cr == env.special[cx, 0]
     assert on_fav0.mean() == pytest.approx(0.40, abs=0.01)
     assert cf[on_fav0].mean() == pytest.approx(0.9, abs=0.015)  # historical raters: majority only
     assert (cr == env.special[cx, 3]).mean() == pytest.approx(0.005, abs=0.0015)
@@ -105,7 +110,7 @@ def test_conditioned_policy_formula():
     p = torch.rand(3, 6)
     by_hand = log_pi.exp() * p / (log_pi.exp() * p).sum(-1, keepdim=True)
     assert torch.allclose(R.conditioned_policy(log_pi, p, 1.0), by_hand, atol=1e-6)
-    sq = log_pi.exp() * p ** 2
+    sq = log_pi.exp() * p**2
     assert torch.allclose(R.conditioned_policy(log_pi, p, 2.0), sq / sq.sum(-1, keepdim=True), atol=1e-6)
     assert torch.allclose(R.conditioned_policy(log_pi, p, 0.0), log_pi.exp(), atol=1e-6)
     greedy = R.conditioned_policy(log_pi, p, math.inf)
@@ -157,13 +162,16 @@ def test_passive_and_boltzmann_sample_their_distributions():
     gen, n = torch.Generator().manual_seed(0), 20000
     p = torch.tensor([[0.1, 0.3, 0.5, 0.7, 0.9, 0.5], [0.9, 0.7, 0.5, 0.3, 0.1, 0.2]])
     ell_z = torch.logit(p).expand(4, -1, -1)  # every head says p: p_mean = p
-    log_pi_ref = torch.log_softmax(torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0, -2.0], [-2.0, -1.0, 0.0, 1.0, 2.0, 3.0]]),
-                                   -1)
+    log_pi_ref = torch.log_softmax(
+        torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0, -2.0], [-2.0, -1.0, 0.0, 1.0, 2.0, 3.0]]), -1
+    )
     x = torch.tensor([0, 1] * n)
     temperature = 0.2
-    expected = {"passive": log_pi_ref.exp(),
-                # by hand: exp(p / 0.2) = exp(0.5), exp(1.5), ... normalised per prompt
-                "boltzmann": torch.exp(p / temperature) / torch.exp(p / temperature).sum(-1, keepdim=True)}
+    expected = {
+        "passive": log_pi_ref.exp(),
+        # by hand: exp(p / 0.2) = exp(0.5), exp(1.5), ... normalised per prompt
+        "boltzmann": torch.exp(p / temperature) / torch.exp(p / temperature).sum(-1, keepdim=True),
+    }
     for agent, probs in expected.items():
         y = R.select_queries(agent, ell_z, log_pi_ref, x, gen, temperature)
         for prompt in (0, 1):
@@ -191,16 +199,19 @@ def test_feedback_loss_is_the_buffer_mean_bce_plus_a_prior_per_response():
     ell0 = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)
     prior = torch.tensor([0.0, -0.5, 1.0])
     n, k = torch.tensor([3.0, 1.0, 0.0]), torch.tensor([2.0, 0.0, 0.0])
-    bce1, bce0 = lambda l: math.log1p(math.exp(-l)), lambda l: math.log1p(math.exp(l))
-    labels = 2 * bce1(0.5) + bce0(0.5) + bce0(-1.0)  # cell 0: 2 approvals, 1 not; cell 1: one disapproval
+
+    def bce(logit: float, label: int) -> float:  # BCE(l, 1) = log(1 + e^-l), BCE(l, 0) = log(1 + e^l)
+        return math.log1p(math.exp(-logit if label else logit))
+
+    labels = 2 * bce(0.5, 1) + bce(0.5, 0) + bce(-1.0, 0)  # cell 0: 2 approvals, 1 not; cell 1: one disapproval
     alpha = 0.5
-    by_hand = (labels + (0.5 ** 2 + 0.5 ** 2 + 1.0 ** 2) / (2 * alpha ** 2)) / 4
+    by_hand = (labels + (0.5**2 + 0.5**2 + 1.0**2) / (2 * alpha**2)) / 4
     loss = R.feedback_loss(ell0, prior, n, k, alpha)
     assert loss.item() == pytest.approx(by_hand, rel=1e-6)
     per_label = F.binary_cross_entropy_with_logits(ell0.detach()[[0, 0, 0, 1]], torch.tensor([1.0, 1.0, 0.0, 0.0]))
     assert R.feedback_loss(ell0.detach(), ell0.detach(), n, k, alpha).item() == pytest.approx(per_label.item())
     loss.backward()
-    assert ell0.grad[2].item() == pytest.approx((2.0 - 1.0) / alpha ** 2 / 4, rel=1e-6)  # the prior's pull alone
+    assert ell0.grad[2].item() == pytest.approx((2.0 - 1.0) / alpha**2 / 4, rel=1e-6)  # the prior's pull alone
 
 
 def test_fit_head_offsets_is_each_heads_map_by_hand():
@@ -210,7 +221,10 @@ def test_fit_head_offsets_is_each_heads_map_by_hand():
     counts were dropped, or Newton stopped far from the minimum."""
     ell0 = torch.tensor([0.3, -0.4, 1.0])
     prior = torch.tensor([[0.5, -0.7, 0.2], [-0.5, 0.7, -0.2]])
-    n_z, k_z = torch.tensor([[4.0, 0.0, 2000.0], [2.0, 6.0, 2000.0]]), torch.tensor([[1.0, 0.0, 500.0], [2.0, 1.0, 500.0]])
+    n_z, k_z = (
+        torch.tensor([[4.0, 0.0, 2000.0], [2.0, 6.0, 2000.0]]),
+        torch.tensor([[1.0, 0.0, 500.0], [2.0, 1.0, 500.0]]),
+    )
     alpha = 0.67
     offsets = R.fit_head_offsets(ell0, prior, n_z, k_z, alpha, torch.zeros(2, 3))
     grid = torch.linspace(-6, 6, 120001)
@@ -218,8 +232,9 @@ def test_fit_head_offsets_is_each_heads_map_by_hand():
         for c in range(2):
             logit = ell0[c] + prior[z, c] + grid
             t = k_z[z, c] / n_z[z, c] if n_z[z, c] > 0 else 0.0
-            objective = n_z[z, c] * F.binary_cross_entropy_with_logits(logit, torch.full_like(grid, float(t)),
-                                                                       reduction="none") + grid ** 2 / (2 * alpha ** 2)
+            objective = n_z[z, c] * F.binary_cross_entropy_with_logits(
+                logit, torch.full_like(grid, float(t)), reduction="none"
+            ) + grid**2 / (2 * alpha**2)
             assert offsets[z, c].item() == pytest.approx(grid[objective.argmin()].item(), abs=2e-4), (z, c)
     assert offsets[0, 1].item() == 0.0  # head 0 has no label on cell 1
     p = torch.sigmoid(ell0[2] + prior[:, 2] + offsets[:, 2])
@@ -257,18 +272,30 @@ def test_fit_feedback_step_is_the_documented_objective():
     xc, rc = hand.cells(P, Rn)
     _, ell0, logits, ids = hand(torch.cat([xc, corpus[0][replay]]), torch.cat([rc, corpus[1][replay]]))
     C = P * Rn
-    bce = lambda logit, target: -(target * F.logsigmoid(logit) + (1 - target) * F.logsigmoid(-logit))
-    labels = sum(bce(ell0[int(xi) * Rn + int(ri)], fi) for xi, ri, fi in zip(x, r, f))
-    prior = (ell0[:C] - ell_prior.flatten()).pow(2).sum() / (2 * args.prior_scale ** 2)
+
+    def bce(logit, target):
+        return -(target * F.logsigmoid(logit) + (1 - target) * F.logsigmoid(-logit))
+
+    labels = sum(bce(ell0[int(xi) * Rn + int(ri)], fi) for xi, ri, fi in zip(x, r, f, strict=True))
+    prior = (ell0[:C] - ell_prior.flatten()).pow(2).sum() / (2 * args.prior_scale**2)
     replay_nll = -logits[C:, :3].log_softmax(-1).gather(-1, ids[C:, 1:, None]).mean()  # x, a_i, a_j: no f
     ((labels + prior) / 6 + 0.5 * replay_nll).backward()
 
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    stats = R.fit_feedback(model, torch.optim.SGD(model.parameters(), lr=1.0), n, k, ell_prior, corpus, 0.5, args,
-                           torch.Generator().manual_seed(7))
+    stats = R.fit_feedback(
+        model,
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        n,
+        k,
+        ell_prior,
+        corpus,
+        0.5,
+        args,
+        torch.Generator().manual_seed(7),
+    )
     assert stats["fit_steps"] == 1
     moved = 0
-    for (name, param), hand_param in zip(model.named_parameters(), hand.parameters()):
+    for (name, param), hand_param in zip(model.named_parameters(), hand.parameters(), strict=True):
         expected = -hand_param.grad if hand_param.grad is not None else torch.zeros_like(param)
         assert torch.allclose(param.detach() - before[name], expected, atol=1e-5), name
         moved += int(expected.abs().max() > 1e-3)
@@ -294,13 +321,15 @@ def test_fit_follows_the_labels_and_unqueried_responses_keep_belief_and_spread()
         ell_prior = model.table(P, Rn)[1]
     spread_before = model.table(P, Rn)[2].std(0)
     optimizer = torch.optim.AdamW(model.lm.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    stats = R.fit_feedback(model, optimizer, n, k, ell_prior, (x[:1], r[:1]), 0.0, args,
-                           torch.Generator().manual_seed(1))
+    stats = R.fit_feedback(
+        model, optimizer, n, k, ell_prior, (x[:1], r[:1]), 0.0, args, torch.Generator().manual_seed(1)
+    )
     assert 3 < stats["fit_steps"] < args.max_fit_steps  # it stopped because the loss stopped falling
     with torch.no_grad():
         ell0 = model.table(P, Rn)[1]
-        model.heads.offsets = R.fit_head_offsets(ell0.flatten(), model.heads.prior, n_z, k_z, args.prior_scale,
-                                                 model.heads.offsets)
+        model.heads.offsets = R.fit_head_offsets(
+            ell0.flatten(), model.heads.prior, n_z, k_z, args.prior_scale, model.heads.offsets
+        )
     _, ell0, ell_z = model.table(P, Rn)
     queried = torch.zeros(P, Rn, dtype=torch.bool)
     queried[cells] = True
@@ -327,8 +356,14 @@ def test_help_lists_the_flags_the_script_uses_each_documented():
 
     import tyro
 
-    out = subprocess.run([sys.executable, "reward_lm.py", "--help"], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "COLUMNS": "200"}, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "reward_lm.py", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        check=True,
+    ).stdout
     for name, documented in args_fields(os.path.join(ROOT, "reward_lm.py"), "Args"):
         assert documented, f"Args.{name} has no docstring (it is the --help text)"
     source = open(os.path.join(ROOT, "reward_lm.py")).read() + open(os.path.join(ROOT, "common", "utils.py")).read()
@@ -343,14 +378,17 @@ def test_help_lists_the_flags_the_script_uses_each_documented():
     assert shown >= 40
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"queries_per_round": 10}, "not divisible"),
-    ({"task": "sentiment"}, "unknown task"),
-    ({"agents": ("ts", "oracle")}, "unknown agent"),
-    ({"model_name": "./no/such/dir"}, "does not exist"),
-    ({"deployed_mix": (0.5, 0.6, 0.1)}, "distributions"),
-    ({"num_seeds": 0}, "--num-seeds must be positive"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"queries_per_round": 10}, "not divisible"),
+        ({"task": "sentiment"}, "unknown task"),
+        ({"agents": ("ts", "oracle")}, "unknown agent"),
+        ({"model_name": "./no/such/dir"}, "does not exist"),
+        ({"deployed_mix": (0.5, 0.6, 0.1)}, "distributions"),
+        ({"num_seeds": 0}, "--num-seeds must be positive"),
+    ],
+)
 def test_bad_input_fails_fast(kwargs, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
         R.main(R.Args(output_dir=str(tmp_path), **kwargs))
@@ -358,18 +396,45 @@ def test_bad_input_fails_fast(kwargs, message, tmp_path):
 
 
 def test_bad_input_on_the_cli_is_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "reward_lm.py", "--output-dir", str(tmp_path), "--agents", "ts", "oracle"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "reward_lm.py", "--output-dir", str(tmp_path), "--agents", "ts", "oracle"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0
     assert "unknown agent" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_tiny_run_end_to_end_and_saved_model_reloads(tmp_path):
-    tiny = ["--num-seeds", "1", "--queries", "32", "--queries-per-round", "16", "--max-fit-steps", "2",
-            "--pretrain-size", "512", "--pretrain-epochs", "1",
-            "--agents", "ts", "greedy", "passive", "boltzmann", "infomax"]
-    result = subprocess.run([sys.executable, "reward_lm.py", *tiny, "--output-dir", str(tmp_path / "a")], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    tiny = [
+        "--num-seeds",
+        "1",
+        "--queries",
+        "32",
+        "--queries-per-round",
+        "16",
+        "--max-fit-steps",
+        "2",
+        "--pretrain-size",
+        "512",
+        "--pretrain-epochs",
+        "1",
+        "--agents",
+        "ts",
+        "greedy",
+        "passive",
+        "boltzmann",
+        "infomax",
+    ]
+    result = subprocess.run(
+        [sys.executable, "reward_lm.py", *tiny, "--output-dir", str(tmp_path / "a")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "queries until the exploit policy stays >= 95%" in result.stdout
     assert "final value, beta=inf | beta=1" in result.stdout  # the LM's own policy beside the headline
@@ -378,8 +443,15 @@ def test_tiny_run_end_to_end_and_saved_model_reloads(tmp_path):
     run_dir = tmp_path / "a" / run_name
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["script"] == "reward_lm.py" and summary["seeds"] == [101]
-    for key in ("eval/return_mean", "eval/regret", "eval/frac_optimal", "eval/std_best", "eval/value_beta1",
-                "eval/fit_error", "eval/fit_error_max"):
+    for key in (
+        "eval/return_mean",
+        "eval/regret",
+        "eval/frac_optimal",
+        "eval/std_best",
+        "eval/value_beta1",
+        "eval/fit_error",
+        "eval/fit_error_max",
+    ):
         assert key in summary["initial"] and key in summary["final"]
     assert math.isnan(summary["initial"]["eval/fit_error"])  # no labels yet; 32 queries give no cell 50 labels
     # the table's beta=1 column is the seed mean of the final eval/value_beta1 (one seed: the method's own)
@@ -394,9 +466,24 @@ def test_tiny_run_end_to_end_and_saved_model_reloads(tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "model")
     assert model.config.vocab_size == 17
     # the saved GPT-2 serves as --model-name (pretraining skipped: it already knows the task)
-    again = subprocess.run([sys.executable, "reward_lm.py", *tiny[:-5], "ts", "--pretrain-epochs", "0",
-                            "--model-name", str(run_dir / "model"), "--output-dir", str(tmp_path / "b")],
-                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [
+            sys.executable,
+            "reward_lm.py",
+            *tiny[:-5],
+            "ts",
+            "--pretrain-epochs",
+            "0",
+            "--model-name",
+            str(run_dir / "model"),
+            "--output-dir",
+            str(tmp_path / "b"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr
     (name_b,) = os.listdir(tmp_path / "b")
     summary_b = json.loads((tmp_path / "b" / name_b / "summary.json").read_text())
@@ -416,7 +503,10 @@ def test_tabular_control_priors_match_the_population_model():
         assert a == pytest.approx([4.0]) and b == pytest.approx([4.0])
     # h = 9/10: population mean (0.9 + 0.5) / 2 = 0.7, variance (1/12 + 0.16) / 3 - 0.16 / 4 = 37/900,
     # concentration 0.21 * 900/37 - 1 = 152/37; centred: mean 0.9, variance 1/36
-    beta_var = lambda a, b: a * b / ((a + b) ** 2 * (a + b + 1))
+
+    def beta_var(a, b):
+        return a * b / ((a + b) ** 2 * (a + b + 1))
+
     a, b = T.beta_prior(np.array([8.0]), np.array([8.0]), "population")
     assert a == pytest.approx([0.7 * 152 / 37]) and b == pytest.approx([0.3 * 152 / 37])
     a, b = T.beta_prior(np.array([8.0]), np.array([8.0]), "centred")
@@ -451,11 +541,29 @@ def short_run(tmp_path_factory):
     # on a loaded 2-core machine: 246 s for seeds 101-104 against 222 s for the old seeds 1-3, about 10% more.
     # Under ATEN_CPU_CAPABILITY=default (nothing vectorized) the fixture took 382 s there.
     agents = ("ts", "greedy")
-    result = subprocess.run([sys.executable, *TORCHRUN_2, "reward_lm.py", "--agents", *agents, "--seed", str(SEEDS[0]),
-                             "--num-seeds", str(SEEDS[1]), "--no-save-model", "--progress-every", "1000",
-                             "--output-dir", str(out)],
-                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                            timeout=900)
+    result = subprocess.run(
+        [
+            sys.executable,
+            *TORCHRUN_2,
+            "reward_lm.py",
+            "--agents",
+            *agents,
+            "--seed",
+            str(SEEDS[0]),
+            "--num-seeds",
+            str(SEEDS[1]),
+            "--no-save-model",
+            "--progress-every",
+            "1000",
+            "--output-dir",
+            str(out),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     import csv
 
@@ -463,8 +571,10 @@ def short_run(tmp_path_factory):
     summary = json.loads((out / run_name / "summary.json").read_text())
     assert summary["seeds"] == list(range(SEEDS[0], SEEDS[0] + SEEDS[1]))
     rows = list(csv.DictReader(open(out / run_name / "curves.csv")))
-    per_agent = {agent: {seed: [r for r in rows if r["agent"] == agent and int(r["seed"]) == seed]
-                         for seed in summary["seeds"]} for agent in agents}
+    per_agent = {
+        agent: {seed: [r for r in rows if r["agent"] == agent and int(r["seed"]) == seed] for seed in summary["seeds"]}
+        for agent in agents
+    }
     return summary, per_agent
 
 
@@ -511,9 +621,11 @@ def test_thompson_sampling_escapes_the_trap_greedy_mostly_stays_in(short_run):
     fails the first two asserts (the paired difference would be 0; greedy queries inc on all 4 seeds in about
     1% of draws at its measured rate of 1 seed in 3)."""
     summary, per_agent = short_run
-    ts, greedy = per_agent["ts"], per_agent["greedy"]
-    final = {agent: {seed: float(curve[-1]["eval/return_mean"]) for seed, curve in curves.items()}
-             for agent, curves in per_agent.items()}
+    ts = per_agent["ts"]
+    final = {
+        agent: {seed: float(curve[-1]["eval/return_mean"]) for seed, curve in curves.items()}
+        for agent, curves in per_agent.items()
+    }
     # TS explores: it asks about inc, and keeps asking once it has found it, on every seed
     assert all(_queried_best(curve) >= 256 for curve in ts.values()), {s: _queried_best(c) for s, c in ts.items()}
     # TS ends above greedy on the same seeds: by 0.064 per seed on average in the runs above (std 0.024; 0.012 for

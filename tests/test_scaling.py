@@ -33,40 +33,140 @@ DISTRIBUTED_RTOL = 1e-4
 # same number of tokens, the loss metrics to compare, and flags that make the loss diverge after one update.
 SCRIPTS = {
     "alol.py": dict(  # progress lines count gradient steps ("step N/6"); the loss is a mean over equal shares
-        tiny=["--total-steps", "6", "--batch-size", "4", "--offline-size", "64", "--value-prompts", "32",
-              "--value-epochs", "3", "--eval-every", "3", "--eval-episodes", "16", "--log-every", "1",
-              "--forward-batch-size", "8", "--checkpoint-every", "2"],
-        losses=["losses/loss", "losses/nll", "losses/importance_weight", "objective/kl", "objective/scores",
-                "eval/return_mean"],
+        tiny=[
+            "--total-steps",
+            "6",
+            "--batch-size",
+            "4",
+            "--offline-size",
+            "64",
+            "--value-prompts",
+            "32",
+            "--value-epochs",
+            "3",
+            "--eval-every",
+            "3",
+            "--eval-episodes",
+            "16",
+            "--log-every",
+            "1",
+            "--forward-batch-size",
+            "8",
+            "--checkpoint-every",
+            "2",
+        ],
+        losses=[
+            "losses/loss",
+            "losses/nll",
+            "losses/importance_weight",
+            "objective/kl",
+            "objective/scores",
+            "eval/return_mean",
+        ],
         diverge=["--learning-rate", "1e30", "--checkpoint-every", "1", "--ref-epochs", "0"],  # diverge in training
         marker="step 5/",
     ),
     "ilql.py": dict(  # Wordle games differ in length: each rank's token means are rescaled to exact global means
-        tiny=["--task", "wordle", "--wordle-games", "64", "--wordle-width", "32", "--batch-size", "8",
-              "--total-steps", "6", "--eval-every", "3", "--eval-episodes", "16", "--print-every", "1",
-              "--checkpoint-every", "2"],
-        losses=["losses/q_loss", "losses/v_loss", "losses/cql_loss", "losses/bc_loss", "values/advantage",
-                "objective/entropy", "eval/return_mean"],
+        tiny=[
+            "--task",
+            "wordle",
+            "--wordle-games",
+            "64",
+            "--wordle-width",
+            "32",
+            "--batch-size",
+            "8",
+            "--total-steps",
+            "6",
+            "--eval-every",
+            "3",
+            "--eval-episodes",
+            "16",
+            "--print-every",
+            "1",
+            "--checkpoint-every",
+            "2",
+        ],
+        losses=[
+            "losses/q_loss",
+            "losses/v_loss",
+            "losses/cql_loss",
+            "losses/bc_loss",
+            "values/advantage",
+            "objective/entropy",
+            "eval/return_mean",
+        ],
         diverge=["--learning-rate", "1e30", "--checkpoint-every", "1"],
         marker="step 5/",
     ),
     "reward_lm.py": dict(  # the batch is the set of simulations: one seed per rank per wave, checkpoint per wave
-        tiny=["--seed", "1", "--num-seeds", "2", "--queries", "32", "--queries-per-round", "16", "--pretrain-size",
-              "512", "--pretrain-epochs", "1", "--max-fit-steps", "2", "--ensemble-size", "2", "--progress-every", "1"],
+        tiny=[
+            "--seed",
+            "1",
+            "--num-seeds",
+            "2",
+            "--queries",
+            "32",
+            "--queries-per-round",
+            "16",
+            "--pretrain-size",
+            "512",
+            "--pretrain-epochs",
+            "1",
+            "--max-fit-steps",
+            "2",
+            "--ensemble-size",
+            "2",
+            "--progress-every",
+            "1",
+        ],
         losses=["eval/return_mean", "eval/frac_optimal", "eval/reward_err", "eval/std_best"],
         diverge=["--learning-rate", "1e30"],
         marker="seed 2: pretraining",
     ),
     "ppo.py": dict(
-        tiny=["--total-updates", "6", "--rollout-batch-size", "8", "--minibatch-size", "8", "--ppo-epochs", "2",
-              "--min-response-length", "24", "--eval-every", "3", "--eval-episodes", "16", "--checkpoint-every", "2"],
+        tiny=[
+            "--total-updates",
+            "6",
+            "--rollout-batch-size",
+            "8",
+            "--minibatch-size",
+            "8",
+            "--ppo-epochs",
+            "2",
+            "--min-response-length",
+            "24",
+            "--eval-every",
+            "3",
+            "--eval-episodes",
+            "16",
+            "--checkpoint-every",
+            "2",
+        ],
         losses=["losses/policy_loss", "losses/value_loss", "objective/kl", "objective/scores", "eval/return_mean"],
         diverge=["--learning-rate", "1e30", "--ppo-epochs", "1", "--checkpoint-every", "1"],
     ),
     "nlpo.py": dict(
-        tiny=["--total-updates", "6", "--rollout-batch-size", "8", "--minibatch-size", "8", "--ppo-epochs", "2",
-              "--min-response-length", "24", "--eval-every", "3", "--eval-episodes", "16", "--checkpoint-every", "2",
-              "--mask-update-every", "2"],
+        tiny=[
+            "--total-updates",
+            "6",
+            "--rollout-batch-size",
+            "8",
+            "--minibatch-size",
+            "8",
+            "--ppo-epochs",
+            "2",
+            "--min-response-length",
+            "24",
+            "--eval-every",
+            "3",
+            "--eval-episodes",
+            "16",
+            "--checkpoint-every",
+            "2",
+            "--mask-update-every",
+            "2",
+        ],
         losses=["losses/policy_loss", "losses/value_loss", "objective/kl", "objective/mask_tokens", "eval/return_mean"],
         diverge=["--learning-rate", "1e30", "--ppo-epochs", "1", "--checkpoint-every", "1"],
     ),
@@ -75,8 +175,15 @@ _straight_runs: dict[str, str] = {}
 
 
 def run(cmd, tmp_path, *extra, check=True, **kwargs):
-    result = subprocess.run(cmd + ["--output-dir", str(tmp_path), *extra], cwd=ROOT, env=ENV, capture_output=True,
-                            text=True, timeout=600, **kwargs)
+    result = subprocess.run(
+        cmd + ["--output-dir", str(tmp_path), *extra],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -122,16 +229,26 @@ def test_torchrun_two_processes_log_the_losses_of_one(script, tmp_path, tmp_path
     run_dir = only_run_dir(tmp_path)
     assert '"world_size": 2' in open(os.path.join(run_dir, "summary.json")).read()
     assert len(glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))) == 1  # only rank 0 writes
-    assert_same_scalars(scalars(straight_run(script, tmp_path_factory)), scalars(run_dir), SCRIPTS[script]["losses"],
-                        DISTRIBUTED_RTOL, result.stdout[-2000:])
+    assert_same_scalars(
+        scalars(straight_run(script, tmp_path_factory)),
+        scalars(run_dir),
+        SCRIPTS[script]["losses"],
+        DISTRIBUTED_RTOL,
+        result.stdout[-2000:],
+    )
 
 
 @pytest.mark.parametrize("script", list(SCRIPTS))
 def test_killed_run_resumes_to_the_same_metrics(script, tmp_path, tmp_path_factory):
     out_dir, log_path = tmp_path / "killed", tmp_path / "killed.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, script, *SCRIPTS[script]["tiny"], "--no-save-model",
-                                 "--output-dir", str(out_dir)], cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, script, *SCRIPTS[script]["tiny"], "--no-save-model", "--output-dir", str(out_dir)],
+            cwd=ROOT,
+            env=ENV,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.time() + 300
         # the checkpoint of update 4 is written before update 5 prints; kill during update 5 or 6
         while time.time() < deadline and SCRIPTS[script].get("marker", "update 5/") not in log_path.read_text():
@@ -162,15 +279,18 @@ def test_non_finite_loss_stops_naming_the_update_and_keeps_the_checkpoint(script
 
 
 @pytest.mark.parametrize("script", list(SCRIPTS))
-@pytest.mark.parametrize("fields, message", [
-    ({"task": "no-such-task"}, "unknown task"),
-    ({"model_name": "./no/such/dir"}, "does not exist"),
-    ({"eval_episodes": 0}, "must be positive"),
-    ({"checkpoint_every": -1}, "must be positive"),
-    ({"resume": "/no/such/run"}, "no checkpoint"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"task": "no-such-task"}, "unknown task"),
+        ({"model_name": "./no/such/dir"}, "does not exist"),
+        ({"eval_episodes": 0}, "must be positive"),
+        ({"checkpoint_every": -1}, "must be positive"),
+        ({"resume": "/no/such/run"}, "no checkpoint"),
+    ],
+)
 def test_bad_input_fails_fast_with_one_line(script, fields, message, tmp_path):
-    module = importlib.import_module(script[:-len(".py")])
+    module = importlib.import_module(script[: -len(".py")])
     if all(getattr(module.Args(), k) == v for k, v in fields.items()):
         pytest.skip(f"{fields} is {script}'s default (the flag is unused there)")
     with pytest.raises(SystemExit) as error:
@@ -187,16 +307,48 @@ def test_reward_turning_non_finite_mid_run_stops_with_one_line(script, tmp_path)
 
     (tmp_path / "flaky_reward.py").write_text(
         "calls = 0\n\n\ndef score(prompts, responses):  # finite for 3 calls (the check, eval, update 1), then NaN\n"
-        "    global calls\n    calls += 1\n    return [float('nan') if calls > 3 else 0.5 for _ in responses]\n")
+        "    global calls\n    calls += 1\n    return [float('nan') if calls > 3 else 0.5 for _ in responses]\n"
+    )
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"the film was {i} times", "split": "eval" if i < 8 else "train"})
-                               + "\n" for i in range(40)))
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": f"the film was {i} times", "split": "eval" if i < 8 else "train"}) + "\n"
+            for i in range(40)
+        )
+    )
     model_dir = ensure_builtin_model(make_task("sentiment"), "tiny-gpt2")
-    flags = ["--task", "jsonl", "--prompts-file", str(prompts), "--reward-fn", "flaky_reward:score",
-             "--model-name", model_dir, "--total-updates", "4", "--rollout-batch-size", "8", "--minibatch-size", "8",
-             "--ppo-epochs", "1", "--eval-episodes", "8", "--checkpoint-every", "1", "--response-length", "8"]
-    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags, "--output-dir", str(tmp_path / "runs")],
-                            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    flags = [
+        "--task",
+        "jsonl",
+        "--prompts-file",
+        str(prompts),
+        "--reward-fn",
+        "flaky_reward:score",
+        "--model-name",
+        model_dir,
+        "--total-updates",
+        "4",
+        "--rollout-batch-size",
+        "8",
+        "--minibatch-size",
+        "8",
+        "--ppo-epochs",
+        "1",
+        "--eval-episodes",
+        "8",
+        "--checkpoint-every",
+        "1",
+        "--response-length",
+        "8",
+    ]
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *flags, "--output-dir", str(tmp_path / "runs")],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: task 'jsonl': the reward function returned") and "checkpoint" in last, result.stderr
