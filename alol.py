@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import tyro
 
+from common.batches import prompt_then_response, right_pad_with_mask
 from common.models import Policy, entropy_of, frozen_copy, load_policy, logprobs_of
 from common.tasks import RewardError, Task, eval_line, evaluate, make_task
 from common.utils import (
@@ -446,18 +447,8 @@ def load_offline_data(task: Task, policy: Policy, args: Args, max_new: int, min_
 def make_batch(policy: Policy, prompts: list[str], responses: list[list[int]], max_prompt_tokens: int, device):
     """Prompt (left-padded) + response tokens (right-padded) -> (input_ids, attention_mask, start, response_mask)."""
     prompt_ids, prompt_mask = policy.encode_prompts(prompts, max_prompt_tokens, device)
-    width = max(len(r) for r in responses)
-    response_ids = torch.full((len(responses), width), policy.tokenizer.pad_token_id, dtype=torch.long)
-    response_mask = torch.zeros((len(responses), width), dtype=torch.long)
-    for i, r in enumerate(responses):
-        response_ids[i, : len(r)], response_mask[i, : len(r)] = torch.tensor(r), 1
-    response_ids, response_mask = response_ids.to(device), response_mask.to(device)
-    return (
-        torch.cat([prompt_ids, response_ids], 1),
-        torch.cat([prompt_mask, response_mask], 1),
-        prompt_ids.shape[1],
-        response_mask,
-    )
+    response_ids, response_mask = (t.to(device) for t in right_pad_with_mask(responses, policy.tokenizer.pad_token_id))
+    return (*prompt_then_response(prompt_ids, prompt_mask, response_ids, response_mask), response_mask)
 
 
 def finetune_reference(

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 import tyro
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from common.batches import prompt_then_response
 from common.models import Policy, ValueHead, frozen_copy, load_policy, top_k_top_p_keep
 from common.tasks import RewardError, eval_line, evaluate, make_task
 from common.utils import (
@@ -521,9 +522,7 @@ def main(args: Args) -> dict:
         truncation_keep = torch.stack(truncation[0].masks, 1) if truncation else None
         keep = torch.stack(masker.masks, 1)
         return (
-            torch.cat([prompt_ids, response_ids], 1),
-            torch.cat([prompt_mask, response_mask], 1),
-            prompt_ids.shape[1],
+            *prompt_then_response(prompt_ids, prompt_mask, response_ids, response_mask),
             response_mask,
             truncation_keep,
             keep,

@@ -1,7 +1,7 @@
 """Policies behind one interface: causal LMs (GPT-2) and seq2seq LMs (T5).
 
-Every method sees the same layout: a batch of token ids `[B, T]` whose first `response_start`
-columns are the prompt (left-padded) and whose remaining columns are the response (right-padded).
+Every method sees the same layout (built by common/batches.py): a batch of token ids `[B, T]` whose first
+`response_start` columns are the prompt (left-padded) and whose remaining columns are the response (right-padded).
 `Policy.forward` returns, for each response column t, the logits of the distribution that produced
 token t and the hidden state that produced them, so `logits[:, j]` scores `input_ids[:, start + j]`.
 
@@ -42,6 +42,8 @@ from transformers import (
 )
 from transformers import logging as hf_logging
 
+from common.batches import left_pad_with_mask, prompt_then_response, right_pad, right_pad_with_mask
+
 BUILTIN_MODELS = ("tiny-gpt2", "tiny-t5")
 # Bump when the built-in models' recipe changes; cached models from another version are rebuilt.
 BUILTIN_VERSION = 1
@@ -79,14 +81,6 @@ def entropy_of(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of softmax(logits) at each position: [B, T, V] -> [B, T]."""
     logp = F.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
-
-
-def right_pad(rows: list[list[int]], value: int, min_width: int = 0) -> torch.Tensor:
-    """Token-id rows as one right-padded `[N, max(longest row, min_width)]` long tensor."""
-    out = torch.full((len(rows), max([min_width, *map(len, rows)])), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
 
 
 class SayOnce:
@@ -209,13 +203,7 @@ class Policy(nn.Module):
                 f"note: prompts longer than {max_tokens} tokens keep their last {max_tokens}"
                 f"{self.cut_reason}; said once"
             )
-        rows = [r[-max_tokens:] or [tok.eos_token_id] for r in rows]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = 1
+        ids, mask = left_pad_with_mask([r[-max_tokens:] or [tok.eos_token_id] for r in rows], tok.pad_token_id)
         if torch.device(device).type == "cuda":  # page-locked host memory: the copy runs without a host sync
             return ids.pin_memory().to(device, non_blocking=True), mask.pin_memory().to(device, non_blocking=True)
         return ids.to(device), mask.to(device)
@@ -272,9 +260,8 @@ class Policy(nn.Module):
             rows = [tok(c, add_special_tokens=False)["input_ids"] for c in continuations[i : i + batch_size]]
             if context is not None:
                 rows = [r[: max(context - prompt_ids.shape[1], 0)] for r in rows]
-            ids = right_pad(rows, tok.pad_token_id, min_width=1).to(device)
-            mask = right_pad([[1] * len(r) for r in rows], 0, min_width=1).to(device)
-            batch = (torch.cat([prompt_ids, ids], 1), torch.cat([prompt_mask, mask], 1), prompt_ids.shape[1])
+            ids, mask = (t.to(device) for t in right_pad_with_mask(rows, tok.pad_token_id, min_width=1))
+            batch = prompt_then_response(prompt_ids, prompt_mask, ids, mask)
             logits = logits_fn(*batch) if logits_fn is not None else self(*batch)[0]
             token_nll = torch.where(mask.bool(), -logprobs_of(logits, ids), 0.0)  # padding may be -inf under top-k
             nll[i : i + len(rows)] = token_nll.sum(1).double().cpu().numpy()

@@ -1,0 +1,42 @@
+"""Token batches, built in one place: the layout every `Policy` method reads, and the padding it is made of.
+
+A batch is token ids `[B, T]` and their attention mask: the first `response_start` columns are the prompt, padded
+on the left (so every prompt ends where the response begins), and the remaining columns are the response, padded on
+the right. `Policy.encode_prompts` makes the prompt part (`left_pad_with_mask`), the response part is
+`Policy.generate`'s output or a method's token rows (`right_pad_with_mask`), and `prompt_then_response` joins them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def right_pad(rows: list[list[int]], value: int, min_width: int = 0) -> torch.Tensor:
+    """Token-id rows as one right-padded `[N, max(longest row, min_width)]` long tensor."""
+    out = torch.full((len(rows), max([min_width, *map(len, rows)])), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def right_pad_with_mask(rows: list[list[int]], pad_id: int, min_width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Response rows right-padded with `pad_id`, and their mask (1 on each row's own tokens): the response part."""
+    return right_pad(rows, pad_id, min_width), right_pad([[1] * len(r) for r in rows], 0, min_width)
+
+
+def left_pad_with_mask(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt rows left-padded with `pad_id` to the longest, and their mask: the prompt part."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def prompt_then_response(
+    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(input_ids, attention_mask, response_start): the prompt columns, then the response columns."""
+    return torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1), prompt_ids.shape[1]
