@@ -558,7 +558,8 @@ class ClassifierReward:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         from transformers import logging as hf_logging
 
-        from common.models import BUILTIN_MODELS, resolve_model_path
+        from common.builtin_models import BUILTIN_MODELS
+        from common.models import resolve_model_path
 
         if name in BUILTIN_MODELS:
             raise ValueError(f"--reward-model {name!r} is a built-in policy, not a sequence classifier")
@@ -851,7 +852,7 @@ def make_task(name: str, args=None) -> Task:
     stray = [f for f in given if f not in TASK_FLAGS[name]]
     if stray:
         raise ValueError(f"{', '.join(map(_flag, stray))} does not apply to task {name!r}")
-    from common.models import BUILTIN_MODELS
+    from common.builtin_models import BUILTIN_MODELS
 
     if getattr(args, "model_name", None) in BUILTIN_MODELS:  # said now, before any download
         raise ValueError(

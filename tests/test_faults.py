@@ -303,7 +303,7 @@ if os.geteuid() != 0:  # root may write anywhere
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """The files the cases read: prompts, reward modules, damaged and foreign checkpoints, a plain file."""
-    from common.models import ensure_builtin_model
+    from common.builtin_models import ensure_builtin_model
     from common.tasks import make_task
 
     d = tmp_path_factory.mktemp("data")

@@ -302,7 +302,7 @@ def test_bad_input_fails_fast_with_one_line(script, fields, message, tmp_path):
 
 @pytest.mark.parametrize("script", ["ppo.py", "nlpo.py"])
 def test_reward_turning_non_finite_mid_run_stops_with_one_line(script, tmp_path):
-    from common.models import ensure_builtin_model
+    from common.builtin_models import ensure_builtin_model
     from common.tasks import make_task
 
     (tmp_path / "flaky_reward.py").write_text(

@@ -1,4 +1,5 @@
-"""Tests for common/tasks.py (the sentiment task, rewards, evaluation) and the built-in model cache."""
+"""Tests for common/tasks.py (the sentiment task, rewards, evaluation) and the built-in model cache
+(common/builtin_models.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import common.builtin_models as builtin_models
 import common.models as models
 from common.tasks import (
     Task,
@@ -225,42 +227,42 @@ def fake_builder(tmp_path, monkeypatch):
         torch.rand(5)  # consumes the global RNG: the build must not shift the caller's stream
         write_tiny_gpt2(out_dir)
 
-    monkeypatch.setattr(models, "_train_builtin", fake_train_builtin)
+    monkeypatch.setattr(builtin_models, "_train_builtin", fake_train_builtin)
     return str(cache), calls
 
 
 def test_builtin_model_cache(task, fake_builder):
     cache, calls = fake_builder
-    target = models.ensure_builtin_model(task, "tiny-gpt2")
+    target = builtin_models.ensure_builtin_model(task, "tiny-gpt2")
     assert len(calls) == 1 and calls[0][:2] == ("sentiment", "tiny-gpt2")
     assert target == os.path.join(cache, "sentiment-tiny-gpt2")
     info_path = os.path.join(target, "build_info.json")
     with open(info_path) as f:
         info = json.load(f)
-    assert info["builtin_version"] == models.BUILTIN_VERSION
+    assert info["builtin_version"] == builtin_models.BUILTIN_VERSION
     assert info["task"] == "sentiment" and info["arch"] == "tiny-gpt2"
     assert info["grammar_version"] == task.extra["grammar_version"]
     assert os.path.isfile(os.path.join(target, "config.json"))
     assert sorted(os.listdir(cache)) == ["sentiment-tiny-gpt2", "sentiment-tiny-gpt2.lock"]  # no temp dir left
 
-    assert models.ensure_builtin_model(task, "tiny-gpt2") == target  # cached: reused
+    assert builtin_models.ensure_builtin_model(task, "tiny-gpt2") == target  # cached: reused
     assert len(calls) == 1
 
-    info["builtin_version"] = models.BUILTIN_VERSION + 1
+    info["builtin_version"] = builtin_models.BUILTIN_VERSION + 1
     with open(info_path, "w") as f:
         json.dump(info, f)
-    assert models.ensure_builtin_model(task, "tiny-gpt2") == target  # stale: rebuilt
+    assert builtin_models.ensure_builtin_model(task, "tiny-gpt2") == target  # stale: rebuilt
     assert len(calls) == 2
     with open(info_path) as f:
-        assert json.load(f)["builtin_version"] == models.BUILTIN_VERSION
+        assert json.load(f)["builtin_version"] == builtin_models.BUILTIN_VERSION
 
     shutil.rmtree(target)
-    assert models.ensure_builtin_model(task, "tiny-gpt2") == target  # missing: rebuilt
+    assert builtin_models.ensure_builtin_model(task, "tiny-gpt2") == target  # missing: rebuilt
     assert len(calls) == 3
     assert sorted(os.listdir(cache)) == ["sentiment-tiny-gpt2", "sentiment-tiny-gpt2.lock"]
 
     newer_grammar = dataclasses.replace(task, extra={"grammar_version": task.extra["grammar_version"] + 1})
-    models.ensure_builtin_model(newer_grammar, "tiny-gpt2")  # the corpus changed: rebuilt
+    builtin_models.ensure_builtin_model(newer_grammar, "tiny-gpt2")  # the corpus changed: rebuilt
     assert len(calls) == 4
 
     # load_policy goes through the same cache.
@@ -270,14 +272,14 @@ def test_builtin_model_cache(task, fake_builder):
 
     calls.clear()  # sentiment_grammar shares sentiment's corpus, so it uses sentiment's models: nothing is built
     grammar_task = dataclasses.replace(make_task("sentiment_grammar"), extra=newer_grammar.extra)  # as cached now
-    assert models.ensure_builtin_model(grammar_task, "tiny-gpt2") == target and not calls
+    assert builtin_models.ensure_builtin_model(grammar_task, "tiny-gpt2") == target and not calls
 
 
 def test_builtin_build_leaves_rng_untouched(task, fake_builder):
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    models.ensure_builtin_model(task, "tiny-gpt2")
+    builtin_models.ensure_builtin_model(task, "tiny-gpt2")
     assert len(fake_builder[1]) == 1
     torch.testing.assert_close(torch.rand(3), expected, atol=0, rtol=0)
 
@@ -285,7 +287,7 @@ def test_builtin_build_leaves_rng_untouched(task, fake_builder):
 def test_builtin_model_needs_a_corpus(task, fake_builder):
     no_corpus = dataclasses.replace(task, corpus=None, pretrain_pairs=None)
     with pytest.raises(ValueError):
-        models.ensure_builtin_model(no_corpus, "tiny-gpt2")
+        builtin_models.ensure_builtin_model(no_corpus, "tiny-gpt2")
     with pytest.raises(ValueError):
         models.resolve_model_path("tiny-t5", no_corpus)
     assert fake_builder[1] == []
