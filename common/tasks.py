@@ -504,10 +504,27 @@ def make_sentiment_grammar_task() -> Task:
 
 
 def make_wordle_task() -> Task:
-    """The multi-turn Wordle game (ILQL's benchmark); it lives in common/wordle.py."""
+    """The multi-turn Wordle game (ILQL's benchmark), from common/wordle.py's pieces. It is multi-turn
+    (`extra["multi_turn"]`): there are no prompts to continue and no text reward; methods play games with
+    `wordle.play` and read offline games with `wordle.offline_games`."""
     from common import wordle  # imported on use: single-turn scripts never load the word list
 
-    return wordle.make_task()
+    def no_text_reward(prompts, responses):
+        raise ValueError("wordle is multi-turn: it is played with common.wordle.play, not scored per response")
+
+    return Task(
+        name="wordle",
+        train_prompts=[],
+        eval_prompts=[],
+        reward_fn=no_text_reward,
+        max_prompt_tokens=1 + 12 * (wordle.MAX_GUESSES - 1),
+        max_new_tokens=6,
+        offline_data=lambda seed, n=4096: [
+            {"answer": g.answer, "guesses": g.guesses, "text": g.text(), "reward": g.ret}
+            for g in wordle.offline_games(wordle.DEFAULT_DATA, n, seed)
+        ],
+        extra={"multi_turn": True, "words": wordle.words_digest()},
+    )
 
 
 TASKS: dict[str, Callable[[], Task]] = {

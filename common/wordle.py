@@ -505,32 +505,9 @@ class NoRepeat:
 
 
 # ----------------------------------------------------------------------------------------------
-# The task entry (common/tasks.py registers it as "wordle")
+# The offline data of the `wordle` task (common/tasks.py builds the Task from this module's pieces)
 # ----------------------------------------------------------------------------------------------
 DEFAULT_DATA = "expert=0.5,repeat=0.5"
-
-
-def make_task():
-    """The `wordle` Task. It is multi-turn (`extra["multi_turn"]`): there are no prompts to continue and
-    no text reward; methods play games with `play` and read offline games with `offline_games`."""
-    from common.tasks import Task
-
-    def no_text_reward(prompts, responses):
-        raise ValueError("wordle is multi-turn: it is played with common.wordle.play, not scored per response")
-
-    return Task(
-        name="wordle",
-        train_prompts=[],
-        eval_prompts=[],
-        reward_fn=no_text_reward,
-        max_prompt_tokens=1 + 12 * (MAX_GUESSES - 1),
-        max_new_tokens=6,
-        offline_data=lambda seed, n=4096: [
-            {"answer": g.answer, "guesses": g.guesses, "text": g.text(), "reward": g.ret}
-            for g in offline_games(DEFAULT_DATA, n, seed)
-        ],
-        extra={"multi_turn": True, "words": words_digest()},
-    )
 
 
 def main(n_games: int = 1029, n_words: Optional[int] = None) -> None:
