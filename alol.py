@@ -39,8 +39,10 @@ from common.batches import prompt_then_response, right_pad_with_mask
 from common.models import Policy, entropy_of, frozen_copy, load_policy, logprobs_of
 from common.tasks import RewardError, Task, eval_line, evaluate, make_task
 from common.utils import (
-    CommonArgs,
     Run,
+    RunArgs,
+    TaskArgs,
+    TrainArgs,
     all_gather_objects,
     all_reduce,
     bf16_autocast,
@@ -67,7 +69,7 @@ REWARD_METHODS = ("wbc", "r_gold", "r_lol")
 
 
 @dataclass
-class Args(CommonArgs):
+class Args(TrainArgs, TaskArgs, RunArgs):
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     eval_every: int = 100

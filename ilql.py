@@ -45,8 +45,10 @@ from common import wordle
 from common.models import Policy, entropy_of, frozen_copy, load_policy
 from common.tasks import RewardError, eval_line, evaluate, make_task
 from common.utils import (
-    CommonArgs,
     Run,
+    RunArgs,
+    TaskArgs,
+    TrainArgs,
     all_gather_objects,
     all_reduce,
     bf16_autocast,
@@ -70,7 +72,7 @@ from common.utils import (
 
 
 @dataclass
-class Args(CommonArgs):
+class Args(TrainArgs, TaskArgs, RunArgs):
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     eval_every: int = 1000

@@ -36,8 +36,10 @@ from common.batches import prompt_then_response
 from common.models import Policy, ValueHead, frozen_copy, load_policy, top_k_top_p_keep
 from common.tasks import RewardError, eval_line, evaluate, make_task
 from common.utils import (
-    CommonArgs,
     Run,
+    RunArgs,
+    TaskArgs,
+    TrainArgs,
     all_reduce,
     bf16_autocast,
     close_distributed,
@@ -59,7 +61,7 @@ from common.utils import (
 
 
 @dataclass
-class Args(CommonArgs):
+class Args(TrainArgs, TaskArgs, RunArgs):
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
 

@@ -30,7 +30,6 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -41,8 +40,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from common.models import load_causal_lm
 from common.utils import (
-    CommonArgs,
     Run,
+    RunArgs,
     ScalarRecorder,
     all_gather_objects,
     close_distributed,
@@ -61,7 +60,7 @@ AGENTS = ("ts", "greedy", "passive", "boltzmann", "infomax", "ts_rm")
 
 
 @dataclass
-class Args(CommonArgs):
+class Args(RunArgs):
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     task: str = "inclusive"
@@ -141,31 +140,10 @@ class Args(CommonArgs):
     threads: int = 1
     """torch CPU threads (this tiny model gains nothing from more)"""
 
-    # Flags of the other scripts that mean nothing here, hidden from --help (they keep these values)
-    eval_every: tyro.conf.Suppress[int] = 1
-    """unused here: the exploit policy is evaluated exactly after every round"""
-    eval_episodes: tyro.conf.Suppress[int] = 0
-    """unused here: evaluation is exact, over every prompt and every response"""
-    checkpoint_every: tyro.conf.Suppress[int] = 1
-    """unused here: the checkpoint is rewritten after every wave of simulations"""
-    bf16: tyro.conf.Suppress[str] = "auto"
-    """unused here: the script runs in fp32 (its LMs are small)"""
-    prompts_file: tyro.conf.Suppress[Optional[str]] = None
-    """unused here: hub and jsonl tasks only"""
-    dataset: tyro.conf.Suppress[Optional[str]] = None
-    """unused here: hub tasks only"""
-    reward_model: tyro.conf.Suppress[Optional[str]] = None
-    """unused here: hub tasks only"""
-    reward_label: tyro.conf.Suppress[Optional[str]] = None
-    """unused here: hub tasks only"""
-    reward_fn: tyro.conf.Suppress[Optional[str]] = None
-    """unused here: hub tasks only"""
-
 
 # The allowed values of the numeric flags, checked before any work (common/utils.py `validate_args`: "(0, inf)" is
 # positive, a bound "inf]" admits infinity; float flags not named here must be finite).
 LIMITS = {
-    "eval_episodes": "[0, inf)",
     "n_prompts": "(0, inf)",
     "n_answer_tokens": "(0, inf)",
     "inclusive_majority_approval": "[0, 1]",

@@ -1,4 +1,4 @@
-"""Plumbing every script shares and that is not the algorithm: the common `Args` block and the checks of
+"""Plumbing every script shares and that is not the algorithm: the shared `Args` blocks and the checks of
 every flag, seeding, the run directory with its TensorBoard writer and `summary.json`, masked statistics,
 exact_div, torch.distributed helpers (torchrun), checkpoints for `--resume`, and the one-line stop on a fault."""
 
@@ -24,8 +24,14 @@ import torch
 import torch.distributed as dist
 
 
+# The flags the scripts share, in three blocks; each script's `Args` inherits the blocks it reads and nothing else,
+# so its --help lists only flags it uses. The text-task scripts write `Args(TrainArgs, TaskArgs, RunArgs)`: a
+# dataclass lists inherited fields from the last base to the first, so --help shows run, task, then training flags.
 @dataclass
-class CommonArgs:
+class RunArgs:
+    """Every script's: the run's name and seed, device, W&B, the model, where the run is written and resumed.
+    `Run` also reads `task` (the run directory's name): `TaskArgs` has it, reward_lm.py declares its own."""
+
     exp_name: str = "run"
     """the name of this experiment (each script sets it to its own file name)"""
     seed: int = 1
@@ -34,14 +40,28 @@ class CommonArgs:
     """if toggled, torch uses deterministic algorithms where it has them (`torch.use_deterministic_algorithms`)"""
     cuda: bool = True
     """if toggled, use CUDA when it is available; CPU otherwise"""
-    bf16: Literal["auto", "on", "off"] = "auto"
-    """bf16 autocast for the transformer passes (logits, log-probs, values stay fp32); auto: on with CUDA, off on CPU"""
     track: bool = False
     """if toggled, also log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "lmrl"
     """the W&B project name"""
     wandb_entity: Optional[str] = None
     """the W&B entity (team)"""
+    model_name: str = "tiny-gpt2"
+    """the policy: `tiny-gpt2`/`tiny-t5` (built-in, pretrained on the task's corpus on first use), a hub id such as
+    `gpt2`, or a local `save_pretrained` directory"""
+    output_dir: str = "runs"
+    """where run directories are created"""
+    save_model: bool = True
+    """if toggled, save the trained policy to `<run dir>/model` with `save_pretrained`"""
+    resume: Optional[str] = None
+    """a run directory to continue from its last checkpoint (the run keeps the arguments it was started with)"""
+
+
+@dataclass
+class TaskArgs:
+    """The text tasks' (common/tasks.py `make_task` reads these): which task, its data and reward, and how many
+    held-out prompts an evaluation scores."""
+
     task: str = "sentiment"
     """the task: `sentiment`/`wordle` (embedded, offline), `imdb` (GRUE, from the hub) or `jsonl` (your
     `--prompts-file`)"""
@@ -60,19 +80,20 @@ class CommonArgs:
     reward_fn: Optional[str] = None
     """hub tasks: a Python reward `module:function` or `file.py:function`, called as fn(prompts, responses) -> floats,
     instead of --reward-model"""
-    model_name: str = "tiny-gpt2"
-    """the policy: `tiny-gpt2`/`tiny-t5` (built-in, pretrained on the task's corpus on first use), a hub id such as
-    `gpt2`, or a local `save_pretrained` directory"""
-    output_dir: str = "runs"
-    """where run directories are created"""
-    save_model: bool = True
-    """if toggled, save the trained policy to `<run dir>/model` with `save_pretrained`"""
-    eval_every: int = 10
-    """evaluate on held-out prompts every this many updates (and before the first and after the last)"""
     eval_episodes: int = 256
     """number of held-out prompts per evaluation"""
-    resume: Optional[str] = None
-    """a run directory to continue from its last checkpoint (the run keeps the arguments it was started with)"""
+
+
+@dataclass
+class TrainArgs:
+    """The update loop of the scripts that fine-tune a policy on a task (ppo, nlpo, ilql, alol): bf16 autocast, and
+    how often the loop evaluates and checkpoints. reward_lm.py runs in fp32, evaluates after every round and
+    checkpoints after every wave of simulations: it has none of these."""
+
+    bf16: Literal["auto", "on", "off"] = "auto"
+    """bf16 autocast for the transformer passes (logits, log-probs, values stay fp32); auto: on with CUDA, off on CPU"""
+    eval_every: int = 10
+    """evaluate on held-out prompts every this many updates (and before the first and after the last)"""
     checkpoint_every: int = 10
     """save `<run dir>/checkpoint` (weights, optimizer, data position, RNG states) every this many updates"""
 
@@ -88,8 +109,9 @@ def exact_div(a: int, b: int, what: str = "") -> int:
 
 
 # Every numeric flag's allowed values, as an interval: "(0, inf)" is positive, "[0, 1)" a fraction, "[2, inf)" at
-# least 2; a bound written "inf]" admits infinity itself. Each script passes its own table to `validate_args`;
-# a float flag no table names must be finite.
+# least 2; a bound written "inf]" admits infinity itself. This table covers the shared blocks' flags (a rule applies
+# where a script's Args has the flag); each script passes its own table to `validate_args`; a float flag no table
+# names must be finite.
 COMMON_LIMITS = {
     "seed": "[0, 4294967295]",
     "eval_every": "(0, inf)",
@@ -125,8 +147,8 @@ def validate_args(args, limits: dict[str, str]) -> None:
     flag: every numeric flag against `COMMON_LIMITS` and the script's `limits` (None, a flag's "unset", passes;
     NaN never does), then the output location, which must be a directory this process can write into. Rules that
     tie flags together (sizes that must divide) stay next to the call in each script."""
-    rules = {**COMMON_LIMITS, **limits}
     names = {f.name for f in fields(args)}
+    rules = {**{name: rule for name, rule in COMMON_LIMITS.items() if name in names}, **limits}
     assert set(rules) <= names, f"limits for unknown flags: {sorted(set(rules) - names)}"
     for name in sorted(names):
         value = getattr(args, name)
@@ -563,7 +585,10 @@ def resume_args(args, cls, script: str):
     checkpoint = load_checkpoint(args.resume)
     names = {f.name for f in fields(cls)}
     written_by = checkpoint.get("script")
-    if written_by is None and set(checkpoint["args"]) - names:  # written before checkpoints named their script
+    # A checkpoint written before checkpoints named their script is told by flags this script lacks; the shared
+    # blocks' flags do not count (every script's Args had all of them before the blocks were split).
+    shared = {f.name for block in (RunArgs, TaskArgs, TrainArgs) for f in fields(block)}
+    if written_by is None and set(checkpoint["args"]) - names - shared:
         written_by = "another script"
     if written_by not in (None, script):
         raise ValueError(f"--resume {args.resume}: the checkpoint was written by {written_by}, not {script}")

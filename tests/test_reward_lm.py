@@ -347,9 +347,9 @@ def test_fit_follows_the_labels_and_unqueried_responses_keep_belief_and_spread()
 
 def test_help_lists_the_flags_the_script_uses_each_documented():
     """--help shows exactly the flags that reward_lm.py or common/utils.py (Run, validate_args) read as
-    `args.<flag>`, each with a docstring; the other scripts' flags that mean nothing here are hidden
-    (tyro.conf.Suppress). Fails if a flag nobody reads is shown (a removed option left in Args), or a used one is
-    hidden or undocumented."""
+    `args.<flag>`, each with a docstring; the other scripts' flags that mean nothing here are not in its Args (it
+    inherits common/utils.py's RunArgs only) or, were one ever needed, hidden with tyro.conf.Suppress. Fails if a
+    flag nobody reads is shown (a removed option left in Args), or a used one is hidden or undocumented."""
     import dataclasses
     import re
     import typing

@@ -15,13 +15,16 @@ import pytest
 import torch
 
 from common.utils import (
-    CommonArgs,
     Run,
+    RunArgs,
+    TaskArgs,
+    TrainArgs,
     exact_div,
     masked_mean,
     masked_var,
     masked_whiten,
     refill_order,
+    resume_args,
     seed_everything,
     validate_args,
     write_atomically,
@@ -109,7 +112,12 @@ def test_exact_div():
 # Flag checks, data order, atomic writes
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class FlagArgs(CommonArgs):
+class ScriptArgs(TrainArgs, TaskArgs, RunArgs):
+    """The shared blocks as the text-task scripts (ppo, nlpo, ilql, alol) inherit them."""
+
+
+@dataclasses.dataclass
+class FlagArgs(ScriptArgs):
     learning_rate: float = 1e-3
     top_p: float = 1.0
     beta: float = float("inf")
@@ -148,6 +156,27 @@ def test_refill_order_keeps_one_permutation_and_wraps_a_short_set():
     order, cursor = refill_order(rng, 3, np.zeros(0, int), 0, 8)  # 8 from 3 items: 3 permutations back to back
     assert cursor == 0 and len(order) == 9 and np.bincount(order).tolist() == [3, 3, 3]
     assert all(sorted(order[i : i + 3]) == [0, 1, 2] for i in (0, 3, 6))
+
+
+def test_resume_args_takes_an_older_checkpoint_carrying_every_shared_flag(tmp_path):
+    """Checkpoints written before they named their script are told apart by a flag the resuming script lacks. Until
+    the shared flags were split into blocks every script's Args had all of them, so those flags do not count: an
+    older reward_lm.py checkpoint (with --eval-every, --bf16, ...) still resumes, another script's does not."""
+
+    @dataclasses.dataclass
+    class RunOnlyArgs(RunArgs):
+        task: str = "inclusive"
+
+    saved = {**dataclasses.asdict(ScriptArgs()), "task": "inclusive", "seed": 7}
+    os.makedirs(tmp_path / "checkpoint")
+    torch.save({"step": 3, "args": saved, "run": {}, "rng": []}, tmp_path / "checkpoint" / "state.pt")
+    args, checkpoint = resume_args(RunOnlyArgs(resume=str(tmp_path)), RunOnlyArgs, "reward_lm.py")
+    assert args == RunOnlyArgs(seed=7, resume=str(tmp_path)) and checkpoint["step"] == 3
+    torch.save(
+        {"step": 3, "args": {**saved, "algorithm": "a_lol"}, "run": {}, "rng": []}, tmp_path / "checkpoint" / "state.pt"
+    )
+    with pytest.raises(ValueError, match="written by another script, not reward_lm.py"):
+        resume_args(RunOnlyArgs(resume=str(tmp_path)), RunOnlyArgs, "reward_lm.py")
 
 
 def test_write_atomically_keeps_the_old_file_when_a_write_fails(tmp_path):
@@ -195,7 +224,7 @@ def test_seed_everything(restore_determinism):
 # Run: directory, TensorBoard, summary.json
 # ----------------------------------------------------------------------------------------------
 def test_run_dir_tensorboard_and_summary(tmp_path):
-    args = dataclasses.replace(CommonArgs(), output_dir=str(tmp_path), exp_name="t", seed=3, task="sentiment")
+    args = dataclasses.replace(ScriptArgs(), output_dir=str(tmp_path), exp_name="t", seed=3, task="sentiment")
     run = Run(args, script="ppo.py")
     assert os.path.dirname(run.dir) == str(tmp_path)
     assert re.fullmatch(r"sentiment__t__3__\d+", os.path.basename(run.dir))
@@ -255,7 +284,7 @@ def test_run_dir_tensorboard_and_summary(tmp_path):
 def test_summary_best_skips_metrics_not_yet_measurable(tmp_path):
     """reward_lm's eval/fit_error is NaN until a cell has 50 labels, and lower is better: its best is the lowest
     measured value, not NaN (max or min over a list starting with NaN returns NaN)."""
-    args = dataclasses.replace(CommonArgs(), output_dir=str(tmp_path), exp_name="t", seed=1, task="sentiment")
+    args = dataclasses.replace(ScriptArgs(), output_dir=str(tmp_path), exp_name="t", seed=1, task="sentiment")
     run = Run(args, script="reward_lm.py")
     for step, (fit, worst) in enumerate([(float("nan"), float("nan")), (2.0, 5.0), (1.5, 6.0)]):
         run.log_eval({"eval/return_mean": 0.5, "eval/fit_error": fit, "eval/fit_error_max": worst}, [], step)
@@ -265,7 +294,7 @@ def test_summary_best_skips_metrics_not_yet_measurable(tmp_path):
 
 
 def test_summary_extra_and_no_evals(tmp_path):
-    args = dataclasses.replace(CommonArgs(), output_dir=str(tmp_path), exp_name="x", seed=1)
+    args = dataclasses.replace(ScriptArgs(), output_dir=str(tmp_path), exp_name="x", seed=1)
     run = Run(args, script="s.py")
     summary = run.write_summary(extra={"note": "hi"})
     run.close()
@@ -274,7 +303,7 @@ def test_summary_extra_and_no_evals(tmp_path):
 
 
 def test_close_flushes_tensorboard(tmp_path):
-    args = dataclasses.replace(CommonArgs(), output_dir=str(tmp_path), exp_name="flush", seed=2)
+    args = dataclasses.replace(ScriptArgs(), output_dir=str(tmp_path), exp_name="flush", seed=2)
     run = Run(args, script="s.py")
     run.log({"train/only_metric": 1.5}, 0)  # one event: stays queued in the writer until close()
     run.close()
