@@ -544,7 +544,7 @@ IMDB_REWARD_MODEL = "lvwerra/distilbert-imdb"
 GRUE_SEED = 42  # RL4LMs' IMDB datapool seed (PR #50): shuffles the train split (80/20) and the test split
 GRUE_TEST_SIZE = 5000  # RL4LMs evaluates on the first 5,000 reviews of the shuffled test split
 HOLDOUT_FRACTION = 0.1  # jsonl without "split": "eval" lines: this share of distinct prompts is held out
-HUB_FLAGS = ("dataset", "prompts_file", "reward_model", "reward_label", "reward_fn")  # CommonArgs fields
+HUB_FLAGS = ("dataset", "prompts_file", "reward_model", "reward_label", "reward_fn")  # TaskArgs fields
 TASK_FLAGS = {
     "imdb": ("dataset", "reward_model", "reward_label", "reward_fn"),
     "jsonl": ("prompts_file", "reward_model", "reward_label", "reward_fn"),
