@@ -29,7 +29,7 @@ import torch.distributed as dist
 # dataclass lists inherited fields from the last base to the first, so --help shows run, task, then training flags.
 @dataclass
 class RunArgs:
-    """Every script's: the run's name and seed, device, W&B, the model, where the run is written and resumed.
+    """Every script's flags: the run's name and seed, device, W&B, the model, where the run is written and resumed.
     `Run` also reads `task` (the run directory's name): `TaskArgs` has it, reward_lm.py declares its own."""
 
     exp_name: str = "run"
@@ -59,8 +59,8 @@ class RunArgs:
 
 @dataclass
 class TaskArgs:
-    """The text tasks' (common/tasks.py `make_task` reads these): which task, its data and reward, and how many
-    held-out prompts an evaluation scores."""
+    """The text tasks' flags: which task, its data and reward (common/tasks.py `make_task` reads these), and how
+    many held-out prompts an evaluation scores."""
 
     task: str = "sentiment"
     """the task: `sentiment`/`wordle` (embedded, offline), `imdb` (GRUE, from the hub) or `jsonl` (your
