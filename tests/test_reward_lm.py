@@ -523,23 +523,19 @@ def test_tabular_control_priors_match_the_population_model():
 # ----------------------------------------------------------------------------------------------
 # Learning: one paired run (same seeds, same pretrained LM) at the default budget, shared by the two tests below
 # ----------------------------------------------------------------------------------------------
-# Seeds 101-104: none of them was used to choose a setting (the defaults were set on seeds 1-20); the margins
-# below come from runs of seeds 101-108 and 1-3, these seeds included. A seed's
-# trajectory depends on float rounding, which differs between CPUs (AVX2, AVX-512, or ATEN_CPU_CAPABILITY=default
-# for no vectorized kernels): the pretrained LM comes out slightly different, and greedy sometimes stumbles onto
-# the inclusive response (docs/reward_lm.md, "Results on other CPUs"). So the tests assert rates and paired
-# differences over the 4 seeds, with margins taken from 15 measured (seed, CPU) runs, and no "exactly 0".
+# Seeds 101-104: settings were chosen on seeds 21-31 and never on 101-120, whose 20-seed table is in
+# docs/reward_lm.md. A seed's trajectory depends on float rounding, which differs between CPUs (AVX2, AVX-512, or
+# ATEN_CPU_CAPABILITY=default for no vectorized kernels): on seeds 102-104 the two capabilities measured here gave
+# different runs. So the tests assert rates and paired differences over the 4 seeds, with margins from both.
 SEEDS = (101, 4)
 
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("learning")
-    # The default budget (4096 queries in rounds of 64) on 4 fresh seeds, ts and greedy only. Two torchrun
+    # The default budget (4096 queries in rounds of 64) on seeds 101-104, ts and greedy only. Two torchrun
     # processes run the seeds two at a time (a simulation is one seed, so they log exactly what one process logs,
-    # tests/test_scaling.py): 4 seeds are 2 waves, as 3 seeds were (121 s on 2 idle cores). Measured back to back
-    # on a loaded 2-core machine: 246 s for seeds 101-104 against 222 s for the old seeds 1-3, about 10% more.
-    # Under ATEN_CPU_CAPABILITY=default (nothing vectorized) the fixture took 382 s there.
+    # tests/test_scaling.py).
     agents = ("ts", "greedy")
     result = subprocess.run(
         [
@@ -592,46 +588,46 @@ def test_one_lm_learns_todays_approval(short_run):
     """Reward learning is fine-tuning the LM's transition: on the historical majority's favourite fav_0
     (approved 90% of the time by the historical raters, 0.58 by today's), the LM's predicted approval must move
     from the historical value to today's, for both agents on every seed; and on the responses each agent
-    deploys at the end, its predicted approval must match today's. Measured on 15 (seed, CPU) runs x 2 agents
-    (seeds 101-108 with AVX2; seeds 1-3 and 101-104 under ATEN_CPU_CAPABILITY=default): fav_0 starts at
-    0.77-0.92 and ends (mean over the last 512 queries) at 0.51-0.62; the deployed responses end 0.03-0.07 off.
-    Without reward learning fav_0 would stay near its start, 0.2-0.3 above today's value."""
+    deploys at the end, its predicted approval must match today's. Measured on seeds 101-104 with AVX2 and under
+    ATEN_CPU_CAPABILITY=default, both agents: fav_0 starts at 0.88-0.89 and ends (mean over the last 512 queries)
+    at 0.51-0.60; the deployed responses end 0.006-0.019 off. Without reward learning fav_0 would stay near its
+    start, 0.3 above today's value."""
     summary, per_agent = short_run
     for agent, curves in per_agent.items():
         for seed, curve in curves.items():
             first, last = float(curve[0]["eval/favourite_approval"]), _last(curve, "eval/favourite_approval")
             assert first >= 0.58 + 0.15 and abs(last - 0.58) <= 0.1, (agent, seed, first, last)
-            assert _last(curve, "eval/exploit_err") <= 0.1, (agent, seed)
+            assert _last(curve, "eval/exploit_err") <= 0.05, (agent, seed)
 
 
 def test_thompson_sampling_escapes_the_trap_greedy_mostly_stays_in(short_run):
-    """The method's claim on a paired run (same seeds, same pretrained LM): Thompson sampling on the LM's
-    epistemic heads queries the inclusive response (0.68) on every seed and moves the exploit policy to it
-    on most prompts; greedy, with the same LM, mostly stays on fav_0 (0.58).
+    """The method's claim on a paired run (same seeds, same pretrained LM): Thompson sampling on the heads asks
+    about the inclusive response (0.68) on every seed and moves the exploit policy to it on most prompts; greedy,
+    with the same LM, mostly stays on fav_0 (0.58).
 
-    Greedy is not trapped on every seed: the LM's fine-tuning first overshoots, pushing fav_0's predicted
-    approval well below 0.58 (to 0.2-0.4 on some prompts after 256-448 queries), and greedy then deploys whatever
-    is next, which is sometimes inc (docs/reward_lm.md). Which seeds this happens on depends on float rounding.
-    So the assertions are rates and paired differences. Measured on 15 (seed, CPU) runs (seeds 101-108 with
-    AVX2; seeds 1-3 and 101-104 under ATEN_CPU_CAPABILITY=default): TS queried inc 749-2180 times on every seed;
-    greedy 0 times on 10 of 15 and 901-2385 times on 5; TS's final value is above greedy's on all 15, by
-    0.025-0.100 (mean 0.064, std 0.024), and greedy's final value is 0.580-0.655 (mean 0.592). Seeds 101-104
-    gave TS 3 of 4 seeds at 95% and greedy 0 of 4 on both capabilities (greedy queried inc on seed 102 on
-    both), but reaching 95% is not asserted: over seeds 1-20 TS reaches it on 7 only. Replacing TS by greedy
-    fails the first two asserts (the paired difference would be 0; greedy queries inc on all 4 seeds in about
-    1% of draws at its measured rate of 1 seed in 3)."""
+    Measured on seeds 101-104, with AVX2 and under ATEN_CPU_CAPABILITY=default: TS asked about inc 998-3603 times
+    per seed; it reached 95% of the optimum on 3 of the 4 seeds with either capability (not the same 3); greedy on
+    none; TS ended above greedy by 0.0625 on average with either (per seed +0.025 to +0.100); greedy's mean final
+    value was 0.5925 with either. Over the 20 seeds 101-120 (AVX2) TS reached 95% on 16, greedy on 3, and TS
+    ended above greedy by 0.059 +- 0.009 (per-seed std 0.04), and greedy's final value was 0.602 (std 0.027).
+    The margins are the claim, not the measurement, sized so that a CPU whose runs all come out different still
+    passes: TS reaches 95% on at least 2 of 4 seeds (at its rate of 16 in 20, fewer has a probability of 3%); TS
+    ends above greedy by at least 0.02 on average (2 standard errors of a 4-seed mean below 0.059: about 2.5%);
+    greedy's mean final value is at most 0.63 (2 standard errors above 0.602: about 2.5%). A run is deterministic
+    on a given CPU, so these are chances per CPU, not per run. Replacing TS by greedy fails the first three."""
     summary, per_agent = short_run
     ts = per_agent["ts"]
     final = {
         agent: {seed: float(curve[-1]["eval/return_mean"]) for seed, curve in curves.items()}
         for agent, curves in per_agent.items()
     }
+    reached = {
+        agent: sum(v is not None for v in s["queries_to_target"].values()) for agent, s in summary["agents"].items()
+    }
     # TS explores: it asks about inc, and keeps asking once it has found it, on every seed
     assert all(_queried_best(curve) >= 256 for curve in ts.values()), {s: _queried_best(c) for s, c in ts.items()}
-    # TS ends above greedy on the same seeds: by 0.064 per seed on average in the runs above (std 0.024; 0.012 for
-    # a mean over 4 seeds), so 0.02 is 3.6 standard errors below it. 0.02 = inc on 3 more of the 16 prompts.
+    assert reached["ts"] >= 2, summary["agents"]["ts"]["queries_to_target"]
     diff = np.mean([final["ts"][s] - final["greedy"][s] for s in ts])
     assert diff >= 0.02, (final, summary["agents"])
-    # the trap: greedy's exploit policy ends on fav_0 (0.58) on most prompts: 0.63 = inc on at most half of them
-    # (measured: a mean of 0.592 per seed, std 0.023; 0.012 for a mean over 4 seeds)
+    # the trap: greedy's exploit policy ends on fav_0 (0.58) on most prompts
     assert np.mean(list(final["greedy"].values())) <= 0.63, final["greedy"]
