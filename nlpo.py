@@ -100,15 +100,11 @@ class Args(TrainArgs, TaskArgs, RunArgs):
     min_response_length: Optional[int] = None
     """EOS is forbidden before this many tokens; None takes the task's (GRUE IMDB: 48)"""
     temperature: float = 1.0
-    """sampling temperature; the ratio uses the same scaled softmax (and the same --top-k/--top-p cut), so rollouts
-    come from the distribution the ratio measures"""
+    """sampling temperature, also in the ratio and the KL (docs/ppo.md, detail 2)"""
     top_k: int = 0
-    """sample from the k most probable tokens only, in rollouts and evaluation (0: off); the old log-probs, the ratio
-    and the KL use the same truncated, renormalised distribution. GRUE's published numbers sample with
-    transformers' default top-k 50 (RL4LMs' IMDB configs set none)"""
+    """sample from the k most probable tokens only, also in the ratio and the KL (0: off; docs/ppo.md, detail 2)"""
     top_p: float = 1.0
-    """sample from the nucleus of this probability only, after --top-k, in rollouts and evaluation (1.0: off); the old
-    log-probs, the ratio and the KL use the same truncated, renormalised distribution"""
+    """sample from the nucleus of this probability only, after --top-k (1.0: off; docs/ppo.md, detail 2)"""
     gamma: float = 0.99
     """discount over response tokens (RL4LMs: 0.99; lm-human-preferences: 1.0)"""
     gae_lambda: float = 0.95
@@ -132,8 +128,7 @@ class Args(TrainArgs, TaskArgs, RunArgs):
     target_kl: float = 0.1
     """target of the mean per-token KL to the reference (RL4LMs IMDB: 0.1)"""
     kl_horizon: int = 640
-    """adaptive-KL horizon in episodes (Ziegler et al.): beta moves at most 0.2 * rollout_batch_size / kl_horizon
-    per update"""
+    """adaptive-KL horizon in episodes (docs/ppo.md, detail 7)"""
     non_eos_penalty: bool = False
     """replace the score of responses that never emit EOS by `penalty_reward_value` (lm-human-preferences)"""
     penalty_reward_value: float = -1.0
@@ -141,14 +136,11 @@ class Args(TrainArgs, TaskArgs, RunArgs):
 
     # NLPO's own arguments
     top_mask: float = 0.9
-    """p of the masking policy's nucleus: keep the fewest tokens whose probability under the masking policy
-    reaches p (RL4LMs `top_mask`, 0.9 in every config but IWSLT's 0.5); 1.0 keeps every token (NLPO == PPO)"""
+    """p of the masking policy's nucleus (1.0 keeps every token: NLPO is PPO; docs/nlpo.md, detail 2)"""
     min_tokens_to_keep: Optional[int] = None
-    """the mask keeps at least this many tokens; None scales RL4LMs' 100 (of GPT-2's 50257) to the vocabulary,
-    ceil(100 * V / 50257): 100 for gpt2, 2 for the built-in tiny models"""
+    """the mask keeps at least this many tokens (None: RL4LMs' 100 scaled to the vocabulary; docs/nlpo.md, detail 3)"""
     mask_update_every: int = 5
-    """mu: copy the policy into the masking policy after every this many updates (RL4LMs
-    `target_update_iterations`: 5 on IMDB, 20 elsewhere)"""
+    """mu: refresh the masking policy from the policy every this many updates (docs/nlpo.md, detail 13)"""
 
 
 # The allowed values of the numeric flags, checked before any work (common/utils.py `validate_args`: "(0, inf)" is

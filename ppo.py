@@ -85,15 +85,11 @@ class Args(TrainArgs, TaskArgs, RunArgs):
     min_response_length: Optional[int] = None
     """EOS is forbidden before this many tokens; None takes the task's (GRUE IMDB: 48)"""
     temperature: float = 1.0
-    """sampling temperature; the ratio uses the same scaled softmax (and the same --top-k/--top-p cut), so rollouts
-    come from the distribution the ratio measures"""
+    """sampling temperature, also in the ratio and the KL (docs/ppo.md, detail 2)"""
     top_k: int = 0
-    """sample from the k most probable tokens only, in rollouts and evaluation (0: off); the old log-probs, the ratio
-    and the KL use the same truncated, renormalised distribution. GRUE's published numbers sample with
-    transformers' default top-k 50 (RL4LMs' IMDB configs set none)"""
+    """sample from the k most probable tokens only, also in the ratio and the KL (0: off; docs/ppo.md, detail 2)"""
     top_p: float = 1.0
-    """sample from the nucleus of this probability only, after --top-k, in rollouts and evaluation (1.0: off); the old
-    log-probs, the ratio and the KL use the same truncated, renormalised distribution"""
+    """sample from the nucleus of this probability only, after --top-k (1.0: off; docs/ppo.md, detail 2)"""
     gamma: float = 0.99
     """discount over response tokens (RL4LMs: 0.99; lm-human-preferences: 1.0)"""
     gae_lambda: float = 0.95
@@ -117,8 +113,7 @@ class Args(TrainArgs, TaskArgs, RunArgs):
     target_kl: float = 0.1
     """target of the mean per-token KL to the reference (RL4LMs IMDB: 0.1)"""
     kl_horizon: int = 640
-    """adaptive-KL horizon in episodes (Ziegler et al.): beta moves at most 0.2 * rollout_batch_size / kl_horizon
-    per update"""
+    """adaptive-KL horizon in episodes (docs/ppo.md, detail 7)"""
     non_eos_penalty: bool = False
     """replace the score of responses that never emit EOS by `penalty_reward_value` (lm-human-preferences)"""
     penalty_reward_value: float = -1.0
