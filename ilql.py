@@ -86,8 +86,7 @@ class Args(TrainArgs, TaskArgs, RunArgs):
     batch_size: int = 32
     """episodes per gradient step (original Wordle: 64 x 16 accumulation; trlX: 128)"""
     learning_rate: Optional[float] = None
-    """AdamW learning rate of every network; None: 3e-3 for Wordle's from-scratch model, 5e-4 to fine-tune a pretrained
-    LM (original: 1e-5 for GPT-2 small)"""
+    """AdamW learning rate of every network; None: the task's (docs/ilql.md, Hyperparameters)"""
     weight_decay: float = 0.0
     """AdamW weight decay (original: 0.0)"""
     gamma: float = 0.99
@@ -99,50 +98,39 @@ class Args(TrainArgs, TaskArgs, RunArgs):
     bc_weight: float = 1.0
     """weight of the pi_beta language-model (BC/AWAC) term (original `awac_weight`: 1.0)"""
     awac_beta: float = 0.0
-    """training-time AWAC weights exp(awac_beta * (Q - V)) on the BC term; 0 is plain BC (every original config and
-    trlX)"""
+    """training-time AWAC weights exp(awac_beta * (Q - V)) on the BC term; 0: plain BC (docs/ilql.md, detail 8)"""
     shared_trunk: bool = False
-    """put the Q and V heads on pi_beta's own transformer (trlX); by default they get their own copy of it (the
-    original), so pi_beta is exactly the BC model"""
+    """put the Q and V heads on pi_beta's own transformer (trlX) instead of a copy (docs/ilql.md, detail 3)"""
     polyak_alpha: float = 0.1
-    """target Q heads <- alpha * online + (1 - alpha) * target (original: 0.005 every step; trlX: 0.001 every 5; faster
-    here for short runs)"""
+    """target Q heads <- alpha * online + (1 - alpha) * target (docs/ilql.md, detail 4)"""
     target_update_every: int = 1
     """Polyak-update the target every this many gradient steps (trlX `steps_for_target_q_sync`)"""
     beta: float = 16.0
-    """inference weight of the advantage in the decoding logits; 0 decodes pi_beta alone (BC) (original Wordle: 16;
-    trlX: 1)"""
+    """inference weight of the advantage in the decoding logits; 0 decodes pi_beta alone (BC)"""
     top_k: int = 0
-    """keep only the k most likely tokens of pi_beta before adding the advantage; 0 keeps all (original Wordle: none;
-    trlX: 20)"""
+    """keep only the k most likely tokens of pi_beta before adding the advantage (0: all)"""
     eval_betas: tuple[float, ...] = ()
-    """after training, evaluate the same trained networks at each of these inference betas too (no retraining); in
-    summary.json `beta_sweep`"""
+    """after training, also evaluate the same networks at each of these inference betas (summary.json `beta_sweep`)"""
     adv_clip: Optional[float] = None
-    """clip beta * advantage from above at this value; None: the task's choice (Wordle 0.0, the original's: the
-    advantage only vetoes tokens; elsewhere no clip, `inf`)"""
+    """clip beta * advantage from above at this value; None: the task's (docs/ilql.md, detail 10)"""
     greedy: Optional[bool] = None
-    """greedy decoding instead of sampling; None: the task's choice (Wordle greedy as the original; sentiment
-    samples)"""
+    """greedy decoding instead of sampling; None: the task's (docs/ilql.md, detail 10)"""
     temperature: float = 1.0
     """temperature on pi_beta's logits before the advantage is added, when sampling"""
     top_fraction: float = 1.0
     """train on the best fraction of episodes by return only; with --beta 0 this is %BC"""
     wordle_data: str = wordle.DEFAULT_DATA
-    """Wordle offline games: a per-move mixture of scripted players `name=weight,...` (expert, random_consistent,
-    random, wrong, repeat), a per-game one `game:name=weight,...`, or `branch[:player]`"""
+    """Wordle offline games: per move `name=weight,...`, per game `game:name=weight,...` or `branch[:player]`"""
     wordle_games: int = 4096
     """number of offline Wordle games"""
     wordle_vocab: int = 200
-    """play on a fixed subset of this many words of the shipped list (original experiments: 200); 0 plays on all
-    1,029"""
+    """play on a fixed subset of this many words of the shipped list (0: all 1,029)"""
     wordle_layers: int = 2
     """layers of the from-scratch character GPT-2 that `--model-name tiny-gpt2` gives on Wordle"""
     wordle_width: int = 32
     """hidden size of that character GPT-2"""
     print_every: int = 100
-    """print a progress line every this many steps; step statistics reach the host (one sync, where a non-finite loss is
-    caught) once per such interval"""
+    """print a progress line, and check the losses are finite, every this many steps"""
 
 
 # The allowed values of the numeric flags, checked before any work (common/utils.py `validate_args`: "(0, inf)" is
