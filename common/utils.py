@@ -47,8 +47,7 @@ class RunArgs:
     wandb_entity: Optional[str] = None
     """the W&B entity (team)"""
     model_name: str = "tiny-gpt2"
-    """the policy: `tiny-gpt2`/`tiny-t5` (built-in, pretrained on the task's corpus on first use), a hub id such as
-    `gpt2`, or a local `save_pretrained` directory"""
+    """the policy: `tiny-gpt2`/`tiny-t5` (built here on first use), a hub id, or a local `save_pretrained` directory"""
     output_dir: str = "runs"
     """where run directories are created"""
     save_model: bool = True
@@ -66,20 +65,15 @@ class TaskArgs:
     """the task: `sentiment`/`wordle` (embedded, offline), `imdb` (GRUE, from the hub) or `jsonl` (your
     `--prompts-file`)"""
     prompts_file: Optional[str] = None
-    """task jsonl: one JSON object per line, {"prompt": ...} plus an optional "split": "eval" for held-out prompts
-    (without any, 10% are held out, seed 42)"""
+    """task jsonl: one {"prompt": ...} object per line (docs/running.md, Hub tasks)"""
     dataset: Optional[str] = None
-    """task imdb: a hub dataset id (None: stanfordnlp/imdb), a `save_to_disk` directory, or a local data directory with
-    train/test files"""
+    """task imdb: a hub dataset id, a `save_to_disk` directory or local train/test files (docs/running.md, Hub tasks)"""
     reward_model: Optional[str] = None
-    """hub tasks: a sequence classifier (hub id or local directory) scoring prompt + response; imdb defaults to
-    lvwerra/distilbert-imdb"""
+    """hub tasks: a sequence classifier (hub id or local directory) that scores prompt + response"""
     reward_label: Optional[str] = None
-    """the reward model's label whose softmax probability is the reward, by name (POSITIVE) or index; None: index 1 of a
-    2-label model"""
+    """the reward model's label whose probability is the reward, by name or index (None: index 1 of 2 labels)"""
     reward_fn: Optional[str] = None
-    """hub tasks: a Python reward `module:function` or `file.py:function`, called as fn(prompts, responses) -> floats,
-    instead of --reward-model"""
+    """hub tasks: a Python reward `module:function` or `file.py:function`, instead of --reward-model"""
     eval_episodes: int = 256
     """number of held-out prompts per evaluation"""
 
