@@ -24,6 +24,7 @@ Run:  python alol.py                              # A-LoL on the embedded sentim
       python alol.py --help                       # every flag and every variant
 """
 
+import functools
 import math
 import os
 import time
@@ -37,7 +38,20 @@ import tyro
 
 from common.batches import prompt_then_response, right_pad_with_mask
 from common.models import Policy, entropy_of, frozen_copy, load_policy, logprobs_of
-from common.tasks import RewardError, Task, eval_line, evaluate, make_task
+from common.tasks import Task, eval_line, evaluate, make_task
+from common.training import (
+    finish_run,
+    guard_training,
+    log_throughput,
+    record_eval,
+    reduce_steps,
+    response_lengths,
+    restore_training_state,
+    sample_and_score,
+    sample_responses,
+    stop_on_fault,
+    training_state,
+)
 from common.utils import (
     Run,
     RunArgs,
@@ -46,18 +60,16 @@ from common.utils import (
     all_gather_objects,
     all_reduce,
     bf16_autocast,
-    close_distributed,
     episode_seeds,
     error_line,
     exact_div,
     init_distributed,
     masked_mean,
     rank_share,
-    restore_rng_states,
+    rank_slice,
     resume_args,
     save_checkpoint,
     seed_everything,
-    stop_on_sigterm,
     sync_gradients,
     validate_args,
     world,
@@ -294,6 +306,69 @@ def advantages_of(rewards: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
+# ALGO LOGIC: pi_ref, the paper's first step: the loaded model fine-tuned by NLL on the whole log
+# ----------------------------------------------------------------------------------------------
+def finetune_reference(
+    policy: Policy,
+    prompts: list[str],
+    responses: list[list[int]],
+    args: Args,
+    rng: np.random.Generator,
+    max_prompt_tokens: int,
+    device,
+    autocast,
+    log=None,
+) -> None:
+    """The paper's first step (section 2, "we first fine-tune the reference policy on the training set"):
+    NLL on every logged response, noisy ones included, for `ref_epochs` shuffled passes. Every rank draws the
+    same global batches and takes its slice, as in the main loop; the incomplete last batch of a pass is
+    dropped (the next pass is shuffled anew)."""
+    per_epoch = len(prompts) // args.batch_size
+    if per_epoch == 0:
+        raise ValueError(
+            f"--ref-epochs: the offline log ({len(prompts)} examples) is smaller than one batch "
+            f"({args.batch_size}); pass --ref-epochs 0 or a smaller --batch-size"
+        )
+    total = args.ref_epochs * per_epoch
+    parameters = list(policy.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total)
+    policy.train()
+    step, since, window = 0, time.time(), []
+    for _ in range(args.ref_epochs):
+        order = rng.permutation(len(prompts))
+        for start in range(0, per_epoch * args.batch_size, args.batch_size):
+            mine = rank_slice(order[start : start + args.batch_size])
+            input_ids, attention_mask, offset, response_mask = make_batch(
+                policy, [prompts[i] for i in mine], [responses[i] for i in mine], max_prompt_tokens, device
+            )
+            with autocast:
+                logits, _ = policy(input_ids, attention_mask, offset)
+            logprobs = logprobs_of(logits, input_ids[:, offset:])
+            zeros = torch.zeros(len(mine), device=device)
+            loss, _ = sequence_loss("nll", logprobs, logprobs, response_mask, zeros, zeros)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            sync_gradients(parameters)
+            nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            window.append(loss.detach())
+            if step % args.log_every == 0 or step == total:
+                nll = all_reduce(torch.stack(window).mean(), "mean").item()  # the same on every rank: all stop
+                if not math.isfinite(nll):
+                    raise FloatingPointError(
+                        f"non-finite loss in pi_ref's fine-tuning by update {step} of {total} "
+                        f"(mean NLL {nll}); lower --learning-rate"
+                    )
+                if log is not None:
+                    log({"reference/nll": nll}, step)
+                print(f"pi_ref fine-tuning {step}/{total} | nll {nll:.2f} | {time.time() - since:.0f}s", flush=True)
+                window = []
+
+
+# ----------------------------------------------------------------------------------------------
 # ALGO LOGIC: the value head V_ref(x) on the frozen reference's prompt representation
 # ----------------------------------------------------------------------------------------------
 class PromptValueHead(nn.Module):
@@ -330,6 +405,16 @@ def prompt_hidden_states(policy: Policy, prompt_ids: torch.Tensor, prompt_mask: 
     return policy.model.base_model(
         input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
+
+
+def prompt_features(ref_policy: Policy, texts: list[str], task: Task, batch_size: int, device):
+    """pi_ref's prompt hidden states for many prompts, left-padded to one width (padding is masked)."""
+    ids, mask = ref_policy.encode_prompts(texts, task.max_prompt_tokens, device)
+    hidden = [
+        prompt_hidden_states(ref_policy, ids[i : i + batch_size], mask[i : i + batch_size]).float()
+        for i in range(0, len(texts), batch_size)
+    ]
+    return torch.cat(hidden), mask
 
 
 def train_value_head(
@@ -391,43 +476,72 @@ def train_value_head(
     return {"value_heldout_mse": best, "value_constant_mse": constant_mse, "value_epochs": len(history)}
 
 
-# ----------------------------------------------------------------------------------------------
-# Plumbing: offline data, batches, sampling from the policy
-# ----------------------------------------------------------------------------------------------
-def sample_responses(
-    policy: Policy, prompts: list[str], seeds: list[int], task: Task, max_new: int, min_new: int, device
-) -> list[str]:
-    """pi's sampled responses to one batch (full softmax, temperature 1: the deployed decoding of every
-    variant); each response is drawn from its own seed, so it does not depend on the batch or the process."""
-    ids, mask = policy.encode_prompts(prompts, task.max_prompt_tokens, device)
-    response_ids, response_mask = policy.generate(ids, mask, max_new, min_new, seeds=seeds)
-    return policy.decode(response_ids, response_mask)
-
-
-def sample_and_score(
-    policy: Policy,
-    prompts: list[str],
-    seeds: list[int],
+def fit_value_head(
+    ref_policy: Policy,
     task: Task,
+    args: Args,
+    rng: np.random.Generator,
+    low: float,
+    high: float,
     max_new: int,
     min_new: int,
-    batch_size: int,
     device,
-) -> tuple[list[str], np.ndarray]:
-    """Responses to every prompt and their rewards. Under torchrun each rank samples and scores its
-    contiguous share (`shard`) and every rank receives all of them: the same result on 1 or N processes."""
-    mine = rank_share(len(prompts))
-    responses = []
-    for i in range(mine.start, mine.stop, batch_size):
-        batch = range(i, min(i + batch_size, mine.stop))
-        responses += sample_responses(
-            policy, [prompts[j] for j in batch], [seeds[j] for j in batch], task, max_new, min_new, device
+    autocast,
+    log=None,
+) -> tuple[PromptValueHead, dict]:
+    """V_ref on `value_prompts` training prompts: pi_ref's own samples (`value_samples_per_prompt` each), scored
+    by the task and mapped like the data's rewards (`scale_rewards` by the data's `low` and `high`), then
+    `train_value_head` on pi_ref's prompt features. Under torchrun the ranks share the sampling and scoring; the
+    small head is then fit by every rank alike on all of it (same seed, same data: the same V everywhere, with no
+    dropout masks that depend on the number of processes)."""
+    value_order = rng.permutation(len(task.train_prompts))[: args.value_prompts]
+    value_prompts = [task.train_prompts[i] for i in value_order for _ in range(args.value_samples_per_prompt)]
+    seeds = episode_seeds(args.seed, 2, 0, range(len(value_prompts)))  # stream 2: V's data
+    with autocast:
+        _, value_rewards = sample_and_score(
+            ref_policy, value_prompts, seeds, task, max_new, min_new, args.forward_batch_size, device
         )
-    scores = task.score([prompts[j] for j in mine], responses).tolist() if responses else []
-    parts = all_gather_objects((responses, scores))
-    return [r for part, _ in parts for r in part], np.array([s for _, part in parts for s in part])
+    value_rewards = scale_rewards(value_rewards, low, high)
+    value_hidden, value_mask = prompt_features(ref_policy, value_prompts, task, args.forward_batch_size, device)
+    head = PromptValueHead(ref_policy.hidden_size, args.value_heads, args.value_dropout).to(device)
+    stats = train_value_head(
+        head,
+        value_hidden,
+        value_mask,
+        torch.tensor(value_rewards, dtype=torch.float32, device=device).clamp(0, 1),
+        np.repeat(np.arange(len(value_order)), args.value_samples_per_prompt),
+        args.value_holdout,
+        args.value_epochs,
+        args.value_patience,
+        args.value_learning_rate,
+        args.value_batch_size,
+        rng,
+        log=log,
+    )
+    return head, stats
 
 
+@torch.no_grad()
+def prompt_values(
+    head: PromptValueHead, ref_policy: Policy, prompts: list[str], task: Task, batch_size: int, device
+) -> np.ndarray:
+    """V_ref(x) of every example's prompt, computed once per distinct prompt: each rank computes V for its share
+    of the distinct prompts, and every rank receives all of them."""
+    unique_prompts = sorted(set(prompts))
+    mine = [unique_prompts[i] for i in rank_share(len(unique_prompts))]
+    hidden, mask = prompt_features(ref_policy, mine, task, batch_size, device) if mine else (None, None)
+    values_mine = [
+        v
+        for i in range(0, len(mine), batch_size)
+        for v in head(hidden[i : i + batch_size], mask[i : i + batch_size]).tolist()
+    ]
+    value_of = dict(zip(unique_prompts, [v for part in all_gather_objects(values_mine) for v in part], strict=True))
+    return np.array([value_of[p] for p in prompts])
+
+
+# ----------------------------------------------------------------------------------------------
+# Plumbing: offline data, batches, evaluation, the statistics of a logging interval
+# ----------------------------------------------------------------------------------------------
 def load_offline_data(task: Task, policy: Policy, args: Args, max_new: int, min_new: int, device) -> list[dict]:
     """The task's logged dataset; a task without one gets pi_ref's own samples on its training prompts,
     scored by the task's reward (then importance weights start at exactly 1 and A-LoL is filtered BC)."""
@@ -453,66 +567,89 @@ def make_batch(policy: Policy, prompts: list[str], responses: list[list[int]], m
     return (*prompt_then_response(prompt_ids, prompt_mask, response_ids, response_mask), response_mask)
 
 
-def finetune_reference(
-    policy: Policy,
-    prompts: list[str],
-    responses: list[list[int]],
-    args: Args,
-    rng: np.random.Generator,
-    max_prompt_tokens: int,
-    device,
-    autocast,
-    log=None,
-) -> None:
-    """The paper's first step (section 2, "we first fine-tune the reference policy on the training set"):
-    NLL on every logged response, noisy ones included, for `ref_epochs` shuffled passes. Every rank draws the
-    same global batches and takes its slice, as in the main loop; the incomplete last batch of a pass is
-    dropped (the next pass is shuffled anew)."""
-    rank, world_size = world()
-    local_batch = args.batch_size // world_size
-    per_epoch = len(prompts) // args.batch_size
-    if per_epoch == 0:
-        raise ValueError(
-            f"--ref-epochs: the offline log ({len(prompts)} examples) is smaller than one batch "
-            f"({args.batch_size}); pass --ref-epochs 0 or a smaller --batch-size"
-        )
-    total = args.ref_epochs * per_epoch
-    parameters = list(policy.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total)
-    policy.train()
-    step, since, window = 0, time.time(), []
-    for _ in range(args.ref_epochs):
-        order = rng.permutation(len(prompts))
-        for start in range(0, per_epoch * args.batch_size, args.batch_size):
-            mine = order[start : start + args.batch_size][rank * local_batch : (rank + 1) * local_batch]
-            input_ids, attention_mask, offset, response_mask = make_batch(
-                policy, [prompts[i] for i in mine], [responses[i] for i in mine], max_prompt_tokens, device
+def evaluate_policy(
+    model: Policy, start_policy: Policy, task: Task, args: Args, max_new: int, min_new: int, device, autocast
+) -> tuple[dict, list]:
+    """Held-out prompts, sampled as deployed, each from the same seed at every evaluation (comparable
+    evaluations, the same on 1 or N processes); `evaluate` shares the prompts out over the ranks. Fluency
+    beside the reward: perplexity of the references under the model, and the sampled responses' NLL under
+    the --model-name model as loaded (`start_policy`: before pi_ref's fine-tuning, so every variant has one
+    yardstick)."""
+
+    def generate_fn(prompts, indices):
+        with autocast:
+            seeds = episode_seeds(args.seed, 1, 0, indices)
+            return sample_responses(model, prompts, seeds, task, max_new, min_new, device)
+
+    return evaluate(
+        task,
+        generate_fn,
+        args.eval_episodes,
+        args.forward_batch_size,
+        policy=model,
+        start_model=start_policy,
+        response_length=max_new,
+    )
+
+
+@torch.no_grad()
+def step_statistics(loss, stats, logprobs, ref_logprobs, logits, response_mask, grad_norm) -> dict:
+    """One step's statistics, kept on the device (`flush` syncs them once per logging interval): the loss, the
+    summed NLL, the gradient norm, the method's own (`sequence_loss`), and sums over this rank's response tokens
+    of the KL to pi_ref and of the entropy, with the number of those tokens."""
+    mask = response_mask.float()
+    return {
+        "loss": loss.detach(),
+        "nll": (-(logprobs * mask).sum(1)).mean(),
+        "grad_norm": grad_norm,
+        **{k: v.detach() for k, v in stats.items()},
+        "kl_sum": ((logprobs - ref_logprobs) * mask).sum(),
+        "entropy_sum": (entropy_of(logits.detach()) * mask).sum(),
+        "tokens": mask.sum(),
+    }
+
+
+def flush(
+    run: Run, pending: list, args: Args, raw_rewards: np.ndarray, advantages: np.ndarray, seconds: float
+) -> tuple[list[dict], float]:
+    """The one host sync of a logging interval: sum each pending (step, lr, batch, statistics) over the ranks,
+    stop on a non-finite loss (every rank sees the same sums, so all stop together), log each step's metrics
+    and the interval's throughput. Returns the logged metrics and the tokens per second."""
+    world_size = world()[1]
+    totals = reduce_steps([stats for *_, stats in pending])
+    for (step, *_), total in zip(pending, totals, strict=True):
+        if not math.isfinite(total["loss"]):
+            raise FloatingPointError(
+                f"non-finite loss at update {step} of {args.total_steps} (an update is "
+                f"a gradient step): {total['loss'] / world_size}"
             )
-            with autocast:
-                logits, _ = policy(input_ids, attention_mask, offset)
-            logprobs = logprobs_of(logits, input_ids[:, offset:])
-            zeros = torch.zeros(len(mine), device=device)
-            loss, _ = sequence_loss("nll", logprobs, logprobs, response_mask, zeros, zeros)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            sync_gradients(parameters)
-            nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            window.append(loss.detach())
-            if step % args.log_every == 0 or step == total:
-                nll = all_reduce(torch.stack(window).mean(), "mean").item()  # the same on every rank: all stop
-                if not math.isfinite(nll):
-                    raise FloatingPointError(
-                        f"non-finite loss in pi_ref's fine-tuning by update {step} of {total} "
-                        f"(mean NLL {nll}); lower --learning-rate"
-                    )
-                if log is not None:
-                    log({"reference/nll": nll}, step)
-                print(f"pi_ref fine-tuning {step}/{total} | nll {nll:.2f} | {time.time() - since:.0f}s", flush=True)
-                window = []
+    logged, n_tokens = [], 0
+    for (step, lr, idx, _), total in zip(pending, totals, strict=True):
+        tokens, kl, entropy = total.pop("tokens"), total.pop("kl_sum"), total.pop("entropy_sum")
+        metrics = {
+            **{f"losses/{k}": v / world_size for k, v in total.items()},  # means of equal shares
+            "objective/kl": kl / tokens,
+            "objective/entropy": entropy / tokens,  # per token, all ranks
+            "objective/scores": float(raw_rewards[idx].mean()),
+            "charts/learning_rate": lr,
+        }
+        if args.algorithm in ADVANTAGE_METHODS:
+            metrics["objective/advantage"] = float(advantages[idx].mean())
+        run.log(metrics, step)
+        logged.append(metrics)
+        n_tokens += int(tokens)
+    return logged, log_throughput(run, n_tokens, len(pending) * args.batch_size, seconds, pending[-1][0])
+
+
+def progress_line(step: int, total_steps: int, window: list[dict], speed: float) -> str:
+    """The progress line: the means of the steps logged since the last one."""
+    mean = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+    weight = f" | w {mean['losses/importance_weight']:.3f}" if "losses/importance_weight" in mean else ""
+    return (
+        f"step {step}/{total_steps} | loss {mean['losses/loss']:.3f} | nll {mean['losses/nll']:.2f} "
+        f"| kl {mean['objective/kl']:+.4f}{weight} | data score {mean['objective/scores']:+.3f} "
+        f"| {speed:.0f} tok/s"
+    )
 
 
 def main(args: Args) -> dict:
@@ -520,17 +657,11 @@ def main(args: Args) -> dict:
     try:
         args, checkpoint = resume_args(args, Args, "alol.py")
         validate_args(args, LIMITS)
-        rank, world_size, device = init_distributed(args.cuda)
-        local_batch = exact_div(args.batch_size, world_size, "--batch-size / number of processes")
+        _, world_size, device = init_distributed(args.cuda)
+        exact_div(args.batch_size, world_size, "--batch-size / number of processes")
         seed_everything(args.seed, args.torch_deterministic)  # the same seed on every rank (see init_distributed)
         task = make_task(args.task, args)
-        response_length = task.max_new_tokens if args.response_length is None else args.response_length
-        min_response_length = task.min_new_tokens if args.min_response_length is None else args.min_response_length
-        if response_length <= 0 or not 0 <= min_response_length <= response_length:
-            raise ValueError(
-                f"need 0 < response length ({response_length}) and 0 <= min response length "
-                f"({min_response_length}) <= response length"
-            )
+        response_length, min_response_length = response_lengths(task, args.response_length, args.min_response_length)
         policy = load_policy(args.model_name, task, device)
         if policy.hidden_size % args.value_heads != 0:
             raise ValueError(f"--value-heads {args.value_heads} must divide the hidden size {policy.hidden_size}")
@@ -542,45 +673,23 @@ def main(args: Args) -> dict:
     autocast = bf16_autocast(device, args.bf16)  # a no-op on CPU unless --bf16
     rng = np.random.default_rng(args.seed)  # the same draws on every rank: V's split, then the global batches
     start_policy = frozen_copy(policy)  # the model as loaded: the yardstick of eval/ref_nll for every variant
-    tokenizer = policy.tokenizer
-
-    def evaluate_model(model: Policy) -> tuple[dict, list]:
-        """Held-out prompts, sampled as deployed, each from the same seed at every evaluation (comparable
-        evaluations, the same on 1 or N processes); `evaluate` shares the prompts out over the ranks. Fluency
-        beside the reward: perplexity of the references under the model, and the sampled responses' NLL under
-        the --model-name model as loaded (before pi_ref's fine-tuning, so every variant has one yardstick)."""
-
-        def generate_fn(prompts, indices):
-            with autocast:
-                return sample_responses(
-                    model,
-                    prompts,
-                    episode_seeds(args.seed, 1, 0, indices),
-                    task,
-                    response_length,
-                    min_response_length,
-                    device,
-                )
-
-        return evaluate(
-            task,
-            generate_fn,
-            args.eval_episodes,
-            args.forward_batch_size,
-            policy=model,
-            start_model=start_policy,
-            response_length=response_length,
-        )
+    evaluate_model = functools.partial(  # evaluate_model(model) -> (metrics, samples)
+        evaluate_policy,
+        start_policy=start_policy,
+        task=task,
+        args=args,
+        max_new=response_length,
+        min_new=min_response_length,
+        device=device,
+        autocast=autocast,
+    )
 
     def run_eval(step: int) -> dict:
-        metrics, samples = evaluate_model(policy)
-        run.log_eval(metrics, samples, step)
-        print(f"eval @ step {step}: {eval_line(metrics)}", flush=True)
-        return metrics
+        return record_eval(run, *evaluate_model(policy), step, "step")
 
     # 1. the offline dataset, with rewards mapped to [0, 1] by the data's min and max (`scale_rewards`).
     # A log sampled from the loaded model is kept in the checkpoint, so --resume does not sample it again.
-    try:
+    with stop_on_fault(run, 0, "step"):
         if checkpoint is not None and checkpoint["data"] is not None:
             data = checkpoint["data"]
         else:
@@ -590,11 +699,6 @@ def main(args: Args) -> dict:
         low, high = float(raw_rewards.min()), float(raw_rewards.max())
         if not high > low:
             raise ValueError(f"every offline reward equals {low}: there is nothing to learn from")
-    except (RewardError, OSError) as error:  # the user's reward on pi_ref's samples
-        raise run.fault(error, 0, "step") from error
-    except ValueError as error:
-        run.close()
-        raise SystemExit(error_line(error)) from error
     rewards = scale_rewards(raw_rewards, low, high)
     print(
         f"offline data: {len(data)} examples, reward {raw_rewards.mean():+.3f} in [{low:+.3f}, {high:+.3f}], "
@@ -602,6 +706,7 @@ def main(args: Args) -> dict:
         flush=True,
     )
     prompts = [d["prompt"] for d in data]
+    tokenizer = policy.tokenizer
     responses = [
         (tokenizer(d["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:response_length]
         for d in data
@@ -615,13 +720,15 @@ def main(args: Args) -> dict:
     # ALGO LOGIC: 2. pi_ref, the paper's first step: the loaded model fine-tuned by NLL on the whole log. pi_theta
     # starts from it (a fresh optimizer) and every weight and advantage is measured against it. Its own rng
     # stream, so --ref-epochs 0 leaves V's split and the batches as they were.
-    ref_history: list[tuple[int, dict]] = checkpoint.get("ref_history", []) if checkpoint is not None else []
-    if checkpoint is not None and checkpoint.get("ref_policy") is not None:  # --resume: its weights, not its fit
-        ref_policy = frozen_copy(policy)
-        ref_policy.load_state_dict(checkpoint["ref_policy"])
-    elif checkpoint is None and args.ref_epochs > 0 and task.offline_data is not None:  # a log sampled from the
-        # loaded model is already its own distribution: there is nothing to fine-tune pi_ref towards
-        try:
+    ref_policy, ref_history = start_policy, []  # --ref-epochs 0: pi_ref is the model as loaded
+    if checkpoint is not None:  # --resume: pi_ref's weights and curve, not its fit
+        ref_history = checkpoint.get("ref_history", [])
+        if checkpoint.get("ref_policy") is not None:
+            ref_policy = frozen_copy(policy)
+            ref_policy.load_state_dict(checkpoint["ref_policy"])
+    elif args.ref_epochs > 0 and task.offline_data is not None:  # a log sampled from the loaded model is already
+        # its own distribution: there is nothing to fine-tune pi_ref towards
+        with stop_on_fault(run, 0, "step"):
             data_stats["loaded_eval"], _ = evaluate_model(start_policy)  # the table's "model as loaded" row
             print(f"eval of the model as loaded: {eval_line(data_stats['loaded_eval'])}", flush=True)
             finetune_reference(
@@ -635,95 +742,41 @@ def main(args: Args) -> dict:
                 autocast,
                 log=lambda metrics, step: (ref_history.append((step, metrics)), run.log(metrics, step)),
             )
-        except (RewardError, OSError, FloatingPointError) as error:
-            raise run.fault(error, 0, "step") from error
-        except ValueError as error:
-            run.close()
-            raise SystemExit(error_line(error)) from error
         ref_policy = frozen_copy(policy)
-    else:
-        ref_policy = start_policy  # --ref-epochs 0: pi_ref is the model as loaded
-
-    def encode_hidden(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """pi_ref's prompt hidden states for many prompts, left-padded to one width (padding is masked)."""
-        ids, mask = ref_policy.encode_prompts(texts, task.max_prompt_tokens, device)
-        hidden = [
-            prompt_hidden_states(
-                ref_policy, ids[i : i + args.forward_batch_size], mask[i : i + args.forward_batch_size]
-            ).float()
-            for i in range(0, len(texts), args.forward_batch_size)
-        ]
-        return torch.cat(hidden), mask
 
     # ALGO LOGIC: 3. V_ref(x), for the advantage methods only (as in H L500): fit first, to pi_ref's own sampled
     # responses on training prompts, scored by the task and mapped like the data's rewards (reference: pi_ref's
-    # outputs on the validation prompts; ours never sees the held-out evaluation prompts). Under torchrun the
-    # ranks share the sampling and scoring; the small head is then fit by every rank alike on all of it (same
-    # seed, same data: the same V everywhere, with no dropout masks that depend on the number of processes).
-    advantages = np.zeros(len(data))
-    value_history: list[tuple[int, dict]] = []
-    if args.algorithm in ADVANTAGE_METHODS and checkpoint is not None:  # --resume: V's result, not its fit
-        advantages = checkpoint["advantages"]
-        value_history = [
-            h if isinstance(h, tuple) else (epoch, h)  # a checkpoint from before the steps were kept
-            for epoch, h in enumerate(checkpoint["value_history"], 1)
-        ]
-    if checkpoint is not None:  # TensorBoard dropped the points of pi_ref's and V's curves after the checkpoint's
-        for x, metrics in ref_history + value_history:  # step (`purge_step`): write those again
-            if x > checkpoint["step"]:
+    # outputs on the validation prompts; ours never sees the held-out evaluation prompts).
+    advantages, value_history = np.zeros(len(data)), []
+    if checkpoint is not None:  # --resume: V's result, not its fit
+        if args.algorithm in ADVANTAGE_METHODS:
+            advantages = checkpoint["advantages"]
+            value_history = [
+                h if isinstance(h, tuple) else (epoch, h)  # a checkpoint from before the steps were kept
+                for epoch, h in enumerate(checkpoint["value_history"], 1)
+            ]
+        for x, metrics in ref_history + value_history:  # TensorBoard dropped the points of pi_ref's and V's curves
+            if x > checkpoint["step"]:  # after the checkpoint's step (`purge_step`): write those again
                 run.log(metrics, x)
     elif args.algorithm in ADVANTAGE_METHODS:
-        value_order = rng.permutation(len(task.train_prompts))[: args.value_prompts]
-        value_prompts = [task.train_prompts[i] for i in value_order for _ in range(args.value_samples_per_prompt)]
-        seeds = episode_seeds(args.seed, 2, 0, range(len(value_prompts)))  # stream 2: V's data
-        try:
-            with autocast:
-                _, value_rewards = sample_and_score(
-                    ref_policy,
-                    value_prompts,
-                    seeds,
-                    task,
-                    response_length,
-                    min_response_length,
-                    args.forward_batch_size,
-                    device,
-                )
-        except RewardError as error:  # the user's reward on pi_ref's samples
-            raise run.fault(error, 0, "step") from error
-        value_rewards = scale_rewards(value_rewards, low, high)
-        value_hidden, value_mask = encode_hidden(value_prompts)
-        head = PromptValueHead(policy.hidden_size, args.value_heads, args.value_dropout).to(device)
-        value_stats = train_value_head(
-            head,
-            value_hidden,
-            value_mask,
-            torch.tensor(value_rewards, dtype=torch.float32, device=device).clamp(0, 1),
-            np.repeat(np.arange(len(value_order)), args.value_samples_per_prompt),
-            args.value_holdout,
-            args.value_epochs,
-            args.value_patience,
-            args.value_learning_rate,
-            args.value_batch_size,
-            rng,
-            log=lambda metrics, epoch: (value_history.append((epoch, metrics)), run.log(metrics, epoch)),
-        )
-
-        # ALGO LOGIC: 4. advantages of the whole dataset, once: V is frozen and in eval mode, so recomputing it
-        # every step (as the reference does, with dropout still on in H) would give the same numbers. Each rank
-        # computes V for its share of the distinct prompts, and every rank receives all of them.
-        with torch.no_grad():
-            unique_prompts = sorted(set(prompts))
-            mine = [unique_prompts[i] for i in rank_share(len(unique_prompts))]
-            hidden, mask = encode_hidden(mine) if mine else (None, None)
-            values_mine = [
-                v
-                for i in range(0, len(mine), args.forward_batch_size)
-                for v in head(hidden[i : i + args.forward_batch_size], mask[i : i + args.forward_batch_size]).tolist()
-            ]
-            value_of = dict(
-                zip(unique_prompts, [v for part in all_gather_objects(values_mine) for v in part], strict=True)
+        with stop_on_fault(run, 0, "step"):
+            head, value_stats = fit_value_head(
+                ref_policy,
+                task,
+                args,
+                rng,
+                low,
+                high,
+                response_length,
+                min_response_length,
+                device,
+                autocast,
+                log=lambda metrics, epoch: (value_history.append((epoch, metrics)), run.log(metrics, epoch)),
             )
-        values = np.array([value_of[p] for p in prompts])
+
+        # ALGO LOGIC: 4. advantages A = R - V_ref(x) of the whole dataset, once: V is frozen and in eval mode, so
+        # recomputing it every step (as the reference does, with dropout still on in H) would give the same numbers.
+        values = prompt_values(head, ref_policy, prompts, task, args.forward_batch_size, device)
         advantages = advantages_of(rewards, values)
         data_stats.update(
             positive_fraction=float((advantages > 0).mean()), value_mean=float(values.mean()), **value_stats
@@ -734,12 +787,10 @@ def main(args: Args) -> dict:
             f"{values.mean():.3f} | A > 0 for {100 * data_stats['positive_fraction']:.1f}% of the data",
             flush=True,
         )
-    try:
+    with stop_on_fault(run, 0, "step"):
         probabilities = sampling_probabilities(
             args.algorithm, rewards, advantages, args.priority_sampling, args.keep_negative
         )
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from error
     print(
         f"sampling: {args.algorithm} draws from {int((probabilities > 0).sum())} of the {len(data)} examples "
         f"({'priority' if args.priority_sampling and args.algorithm != 'nll' else 'uniform'})",
@@ -752,70 +803,30 @@ def main(args: Args) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 1.0 - step / args.total_steps if args.anneal_lr else 1.0
     )
-    first_step = checkpoint["step"] + 1 if checkpoint is not None else 1
+    first_step = 1
     if checkpoint is not None:  # --resume: weights, optimizer, schedule, data position, RNG states
-        policy.load_state_dict(checkpoint["policy"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        rng.bit_generator.state = checkpoint["data_rng"]
-        restore_rng_states(checkpoint["rng"][rank])
-        print(f"resumed {run.dir} after step {checkpoint['step']}", flush=True)
-
-    def checkpoint_state(step: int) -> dict:
-        return {
-            "step": step,
-            "policy": policy.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "data_rng": rng.bit_generator.state,
-            "data": data if task.offline_data is None else None,
-            "advantages": advantages,
-            "data_stats": data_stats,
-            "value_history": value_history,
-            "ref_history": ref_history,
-            "ref_policy": ref_policy.state_dict() if ref_policy is not start_policy else None,
-        }
-
-    def flush(pending: list[tuple[int, float, np.ndarray, dict]], elapsed: float) -> tuple[list[dict], float]:
-        """The one host sync of a logging interval: sum each step's statistics over the ranks, stop on a
-        non-finite loss (every rank sees the same sums, so all stop together), log each step's metrics."""
-        sums = all_reduce(torch.stack([torch.stack([v.float() for v in s.values()]) for *_, s in pending])).tolist()
-        totals = [dict(zip(pending[0][3], row, strict=True)) for row in sums]
-        for (step, *_), total in zip(pending, totals, strict=True):
-            if not math.isfinite(total["loss"]):
-                raise FloatingPointError(
-                    f"non-finite loss at update {step} of {args.total_steps} (an update is "
-                    f"a gradient step): {total['loss'] / world_size}"
-                )
-        logged, n_tokens = [], 0
-        for (step, lr, idx, _), total in zip(pending, totals, strict=True):
-            tokens, kl, entropy = total.pop("tokens"), total.pop("kl_sum"), total.pop("entropy_sum")
-            metrics = {
-                **{f"losses/{k}": v / world_size for k, v in total.items()},  # means of equal shares
-                "objective/kl": kl / tokens,
-                "objective/entropy": entropy / tokens,  # per token, all ranks
-                "objective/scores": float(raw_rewards[idx].mean()),
-                "charts/learning_rate": lr,
-            }
-            if args.algorithm in ADVANTAGE_METHODS:
-                metrics["objective/advantage"] = float(advantages[idx].mean())
-            run.log(metrics, step)
-            logged.append(metrics)
-            n_tokens += int(tokens)
-        run.tokens += n_tokens
-        run.log(
-            {
-                "charts/tokens_per_second": n_tokens / elapsed,
-                "charts/episodes_per_second": len(pending) * args.batch_size / elapsed,
-            },
-            pending[-1][0],
+        first_step = restore_training_state(
+            checkpoint, run, "step", policy=policy, optimizer=optimizer, scheduler=scheduler, data_rng=rng
         )
-        return logged, n_tokens / elapsed
+
+    def checkpoint_state(step: int) -> dict:  # the loop's state, and what --resume must not redo (steps 1-4)
+        return training_state(
+            step,
+            policy=policy,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            data_rng=rng,
+            data=data if task.offline_data is None else None,
+            advantages=advantages,
+            data_stats=data_stats,
+            value_history=value_history,
+            ref_history=ref_history,
+            ref_policy=ref_policy if ref_policy is not start_policy else None,
+        )
 
     policy.train()
-    stop_on_sigterm()
     step, pending, window, since = first_step - 1, [], [], time.time()
-    try:
+    with guard_training(run, "step", lambda: step):  # Ctrl-C, SIGTERM: on to the final evaluation; a fault: one line
         if checkpoint is None:
             run_eval(0)
             save_checkpoint(run, checkpoint_state(0))  # V's fit and the advantages are never redone
@@ -823,7 +834,7 @@ def main(args: Args) -> dict:
             # ALGO LOGIC: 6. draw a batch (with replacement, as the reference's sampler effectively does): every
             # rank draws the same global batch and takes its contiguous slice, so 1 and N processes see the same
             idx = rng.choice(len(data), size=args.batch_size, p=probabilities)
-            mine = idx[rank * local_batch : (rank + 1) * local_batch]
+            mine = rank_slice(idx)
             input_ids, attention_mask, start, response_mask = make_batch(
                 policy, [prompts[i] for i in mine], [responses[i] for i in mine], task.max_prompt_tokens, device
             )
@@ -860,71 +871,27 @@ def main(args: Args) -> dict:
             scheduler.step()
 
             # TRY NOT TO MODIFY: keep the step's statistics on the device; sync once per logging interval
-            with torch.no_grad():
-                mask = response_mask.float()
-                pending.append(
-                    (
-                        step,
-                        lr,
-                        idx,
-                        {
-                            "loss": loss.detach(),
-                            "nll": (-(logprobs * mask).sum(1)).mean(),
-                            "grad_norm": grad_norm,
-                            **{k: v.detach() for k, v in stats.items()},
-                            "kl_sum": ((logprobs - ref_logprobs) * mask).sum(),
-                            "entropy_sum": (entropy_of(logits.detach()) * mask).sum(),
-                            "tokens": mask.sum(),
-                        },
-                    )
-                )
+            statistics = step_statistics(loss, stats, logprobs, ref_logprobs, logits, response_mask, grad_norm)
+            pending.append((step, lr, idx, statistics))
             if not (
                 step == args.total_steps
                 or any(step % every == 0 for every in (args.log_every, args.eval_every, args.checkpoint_every))
             ):
                 continue
-            logged, speed = flush(pending, time.time() - since)
+            logged, speed = flush(run, pending, args, raw_rewards, advantages, time.time() - since)
             window, pending = window + logged, []
             if step % args.log_every == 0 or step == args.total_steps:
-                mean = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-                weight = f" | w {mean['losses/importance_weight']:.3f}" if "losses/importance_weight" in mean else ""
-                print(
-                    f"step {step}/{args.total_steps} | loss {mean['losses/loss']:.3f} | nll {mean['losses/nll']:.2f} "
-                    f"| kl {mean['objective/kl']:+.4f}{weight} | data score {mean['objective/scores']:+.3f} "
-                    f"| {speed:.0f} tok/s",
-                    flush=True,
-                )
+                print(progress_line(step, args.total_steps, window, speed), flush=True)
                 window = []
             if step % args.eval_every == 0 and step != args.total_steps:
                 run_eval(step)
             if step % args.checkpoint_every == 0 and step != args.total_steps:
                 save_checkpoint(run, checkpoint_state(step))
             since = time.time()
-    except KeyboardInterrupt:  # keep what was learned: evaluate, save and summarise below
-        print(f"interrupted during step {step}; the last checkpoint is kept", flush=True)
-        if world_size > 1:  # the ranks stopped at different points: no collective evaluation is safe now
-            raise SystemExit(130) from None
-        print("evaluating and saving what was trained so far", flush=True)
-    except (FloatingPointError, RewardError, OSError) as error:  # the reward, the disk or a diverged loss: one line,
-        raise run.fault(error, step, "step") from error  # the last checkpoint kept, nothing new saved
 
     # TRY NOT TO MODIFY: final evaluation, model, summary
-    try:
-        run_eval(step)
-        if args.save_model:
-            run.save_policy(policy)
-        summary = run.write_summary({"steps": step, "algorithm": args.algorithm, **data_stats})
-    except (RewardError, OSError) as error:
-        raise run.fault(error, step, "step") from error
-    run.close()
-    close_distributed()
-    print(
-        f"{args.algorithm}: initial eval/return_mean {summary['initial']['eval/return_mean']:+.3f} -> final "
-        f"{summary['final']['eval/return_mean']:+.3f}; {summary['wall_seconds']:.0f}s, "
-        f"{summary['tokens_per_second']:.0f} tok/s; run dir {run.dir}",
-        flush=True,
-    )
-    return summary
+    extra = {"steps": step, "algorithm": args.algorithm, **data_stats}
+    return finish_run(run, policy, run_eval, step, extra, "step", label=f"{args.algorithm}: ")
 
 
 if __name__ == "__main__":

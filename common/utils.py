@@ -324,6 +324,14 @@ def rank_share(n: int) -> range:
     return range(min(rank * share, n), min((rank + 1) * share, n))
 
 
+def rank_slice(batch):
+    """This rank's equal contiguous slice of a global batch (a list or an array) whose size the number of processes
+    divides: every rank draws the same global batch and trains on its slice; the whole batch without torchrun."""
+    rank, world_size = world()
+    share = len(batch) // world_size
+    return batch[rank * share : (rank + 1) * share]
+
+
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """Sum (or "mean", "max") of a tensor over all ranks, as a new tensor; the tensor itself without torchrun."""
     if not dist.is_initialized():

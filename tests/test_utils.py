@@ -319,7 +319,7 @@ def test_close_flushes_tensorboard(tmp_path):
 def _distributed_worker(rank: int, init_file: str, results) -> None:
     import torch.distributed as dist
 
-    from common.utils import all_gather_objects, all_reduce, masked_mean, rank_share, sync_gradients
+    from common.utils import all_gather_objects, all_reduce, masked_mean, rank_share, rank_slice, sync_gradients
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
@@ -337,6 +337,7 @@ def _distributed_worker(rank: int, init_file: str, results) -> None:
         all_reduce(torch.tensor(3.0), "mean").item(),
         all_gather_objects(f"rank{rank}"),
         (rank_share(5), rank_share(1)),
+        rank_slice([10, 11, 12, 13]),
     )
     dist.destroy_process_group()
 
@@ -347,12 +348,13 @@ def test_sync_gradients_and_statistics_across_two_processes(tmp_path):
     results = mp.Manager().dict()
     mp.spawn(_distributed_worker, args=(str(tmp_path / "init"), results), nprocs=2, join=True)
     for rank in (0, 1):
-        used, used_by_rank0, unused, mean, reduced, gathered, shares = results[rank]
+        used, used_by_rank0, unused, mean, reduced, gathered, shares, sliced = results[rank]
         assert used == [1.5] * 3 and used_by_rank0 == [2.0] * 3
         assert unused is None  # no rank used it: the optimizer skips it, as with one process
         assert mean == pytest.approx((1 + 2 + 2 + 4 + 6) / 5)  # every unmasked value of both ranks
         assert reduced == 3.0 and gathered == ["rank0", "rank1"]
         assert shares == [(range(0, 3), range(0, 1)), (range(3, 5), range(1, 1))][rank]  # the last rank may get fewer
+        assert sliced == [[10, 11], [12, 13]][rank]  # an equal contiguous slice of the global batch
 
 
 def _closing_worker(rank: int, port: int, results) -> None:
