@@ -215,7 +215,10 @@ def claims(records: list[dict], results: dict) -> list[dict]:
                 **dict(zip(("paired_difference", "paired_se"), mean_se(diffs), strict=True)),
                 "ilql_wins": int((diffs > 0).sum()),
                 "seeds": seeds,
-                "gap_closed": (ilql["return_mean"] - bc["return_mean"]) / (expert - bc["return_mean"]),
+                # None when BC already plays at the expert's level: there is no gap to close
+                "gap_closed": (ilql["return_mean"] - bc["return_mean"]) / (expert - bc["return_mean"])
+                if bc["return_mean"] < expert
+                else None,
             }
         )
     return out
@@ -228,10 +231,11 @@ def claims_table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for c in rows:
+        gap = "none: BC is at the expert" if c["gap_closed"] is None else f"{100 * c['gap_closed']:.0f}%"
         lines.append(
             f"| {c['dataset']} | {c['difference']:+.3f} (vs {c['best_pct_bc']}) | {c['combined_se']:.3f} | "
             f"{c['paired_difference']:+.3f} +- {c['paired_se']:.3f} | {c['ilql_wins']}/{len(c['seeds'])} "
-            f"seeds | {100 * c['gap_closed']:.0f}% |"
+            f"seeds | {gap} |"
         )
     return "\n".join(lines)
 

@@ -297,6 +297,11 @@ def test_ilql_wordle_claim_against_the_best_filtering():
     assert claim["combined_se"] == pytest.approx(0.05)  # hypot(0.03, 0.04)
     assert claim["paired_difference"] == pytest.approx(0.3) and claim["ilql_wins"] == 2
     assert claim["gap_closed"] == pytest.approx(0.8)  # (-1.9 + 3.5) / (-1.5 + 3.5)
+    # BC already at the expert's level (the per-game data, seed 1): no gap to close, and the table says so
+    records[1] = record("bc", -1.5, 0.0)
+    (claim,) = iw.claims(records, {"runs": runs})
+    assert claim["gap_closed"] is None
+    assert "none: BC is at the expert" in iw.claims_table([claim])
 
 
 def test_ilql_wordle_reads_the_curve_beta_sweep_and_oracle_from_a_log():
