@@ -87,22 +87,17 @@ class Args(TrainArgs, TaskArgs, RunArgs):
     eval_every: int = 100
     """evaluate on held-out prompts every this many gradient steps (and before the first and after the last)"""
     task: str = "sentiment_grammar"
-    """the task; the default is `sentiment` with a reward that also sees fluency (VADER minus 1 for text the grammar
-    rejects) and a log of good and corrupted answers to the same prompts (docs/alol.md); any task of
-    `--task` works, one without a logged dataset gets pi_ref's samples"""
+    """the task; default `sentiment_grammar`, a noisy log of good and corrupted answers (docs/alol.md, detail 20)"""
 
     # Algorithm specific arguments
     algorithm: Literal["a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl", "nll", "wbc", "r_gold", "r_lol"] = "a_lol"
-    """a_lol: A+ * clip(pi/pi_ref) * NLL; a_lol_ref_free: A+ * NLL; a_lol_seq: A+ * sum_t clip(pi_t/pi_ref_t) * NLL_t;
-    a_lol_kl: A+ * NLL + kl_beta * (log pi - log pi_ref); baselines: nll (BC), wbc (R * NLL), r_gold, r_lol"""
+    """the loss: a_lol, a_lol_ref_free, a_lol_seq, a_lol_kl, or a baseline nll, wbc, r_gold, r_lol (docs/alol.md)"""
     data_seed: int = 0
     """seed of the offline dataset, fixed apart from `seed` so every run and variant learns from the same log"""
     offline_size: Optional[int] = None
     """use only the first this many offline examples; None uses all (sentiment, sentiment_grammar: 4096)"""
     ref_epochs: int = 1
-    """the paper's first step: pi_ref = the loaded model fine-tuned by NLL on the whole offline log for this many
-    epochs (shuffled passes in batches of `batch_size`, `learning_rate` decayed linearly); every method starts
-    from pi_ref and weighs against it. 0, or a task without a logged dataset: pi_ref is the model as loaded"""
+    """epochs of NLL fine-tuning that make pi_ref from the loaded model (0: as loaded; docs/alol.md, detail 23)"""
     offline_samples_per_prompt: int = 1
     """tasks without an offline dataset get one sampled from pi_ref: this many responses per training prompt"""
     total_steps: int = 400
@@ -124,11 +119,9 @@ class Args(TrainArgs, TaskArgs, RunArgs):
     gold_min_prob: float = 0.1
     """R-GOLD's floor u on the detached token probability, max(u, pi) (reference: 0.1)"""
     priority_sampling: bool = True
-    """draw training examples with p proportional to A+ (A-LoL family) or to R (wbc, r_gold, r_lol), with
-    replacement; off: uniform (A-LoL family still drops A <= 0). nll always samples uniformly"""
+    """draw examples with p ~ A+ (A-LoL) or R (wbc, r_gold, r_lol); off: uniform (docs/alol.md, detail 8)"""
     keep_negative: bool = False
-    """ablation of the "leftover lunch" (A-LoL family): keep the examples with A <= 0 and weigh every example by A
-    itself instead of A+, so that worse-than-V responses are pushed down (priority sampling then draws p ~ |A|)"""
+    """ablation: keep A <= 0 and weigh by A instead of A+ (docs/alol.md, detail 24)"""
     response_length: Optional[int] = None
     """maximum response tokens (offline responses are truncated to it, eval generates it); None: the task's"""
     min_response_length: Optional[int] = None
@@ -136,8 +129,7 @@ class Args(TrainArgs, TaskArgs, RunArgs):
     forward_batch_size: int = 64
     """prompts per batch for generation and for pi_ref's forward passes (value data, advantages, evaluation)"""
     log_every: int = 10
-    """print a progress line every this many steps (TensorBoard gets every step; statistics reach the host only
-    at these lines, evaluations and checkpoints)"""
+    """print a progress line, and bring the statistics to the host, every this many steps"""
     checkpoint_every: int = 100
     """save `<run dir>/checkpoint` (weights, optimizer, data position, RNG states, advantages) every this many steps"""
 

@@ -138,7 +138,7 @@ class Args(TrainArgs, TaskArgs, RunArgs):
     top_mask: float = 0.9
     """p of the masking policy's nucleus (1.0 keeps every token: NLPO is PPO; docs/nlpo.md, detail 2)"""
     min_tokens_to_keep: Optional[int] = None
-    """the mask keeps at least this many tokens (None: RL4LMs' 100 scaled to the vocabulary; docs/nlpo.md, detail 3)"""
+    """the mask keeps at least this many tokens (None: ceil(100 * V / 50257); docs/nlpo.md, detail 3)"""
     mask_update_every: int = 5
     """mu: refresh the masking policy from the policy every this many updates (docs/nlpo.md, detail 13)"""
 
