@@ -36,22 +36,6 @@ TINY_FLAGS = {
         "--eval-every",
         "1",
     ],
-    "nlpo.py": [
-        "--total-updates",
-        "1",
-        "--rollout-batch-size",
-        "4",
-        "--minibatch-size",
-        "2",
-        "--ppo-epochs",
-        "1",
-        "--eval-episodes",
-        "4",
-        "--eval-every",
-        "1",
-        "--mask-update-every",
-        "1",
-    ],
     "ilql.py": [
         "--total-steps",
         "2",
@@ -103,6 +87,8 @@ TINY_FLAGS = {
         "1",
     ],
 }
+# nlpo.py is ppo.py plus the masking policy: the same budget, its mask refreshed every update
+TINY_FLAGS["nlpo.py"] = [*TINY_FLAGS["ppo.py"], "--mask-update-every", "1"]
 
 # `python` + these = torchrun with 2 CPU processes (gloo); --standalone picks a free port for the rendezvous
 TORCHRUN_2 = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

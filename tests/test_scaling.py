@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from helpers import TORCHRUN_2
+from helpers import TINY_FLAGS, TORCHRUN_2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -100,26 +100,7 @@ SCRIPTS = {
         marker="step 5/",
     ),
     "reward_lm.py": dict(  # the batch is the set of simulations: one seed per rank per wave, checkpoint per wave
-        tiny=[
-            "--seed",
-            "1",
-            "--num-seeds",
-            "2",
-            "--queries",
-            "32",
-            "--queries-per-round",
-            "16",
-            "--pretrain-size",
-            "512",
-            "--pretrain-epochs",
-            "1",
-            "--max-fit-steps",
-            "2",
-            "--ensemble-size",
-            "2",
-            "--progress-every",
-            "1",
-        ],
+        tiny=[*TINY_FLAGS["reward_lm.py"], "--seed", "1", "--num-seeds", "2"],  # two seeds: two ranks, two waves
         losses=["eval/return_mean", "eval/frac_optimal", "eval/reward_err", "eval/std_best"],
         diverge=["--learning-rate", "1e30"],
         marker="seed 2: pretraining",
