@@ -52,6 +52,17 @@ METHOD_COMMON = ["--no-save-model"]
 OTHER = {
     "benchmarks/ppo_step.py": lambda tmp: ["--steps", "1", "--repeats", "1"],
     "benchmarks/reward_lm_tabular.py": lambda tmp: ["--seeds", "1", "--budgets", "64:16"],
+    # the GPT-2-small-shaped model's commands run on a 1-layer, 64-wide model of a 2,000-token vocabulary
+    "benchmarks/gpt2_small.py": lambda tmp: [
+        *("--out", os.path.join(tmp, "gpt2-small-shape"), "--layers", "1", "--width", "64", "--vocab", "2000")
+    ],
+    "benchmarks/ppo_phases.py": lambda tmp: [
+        *("--model-name", "tiny-gpt2", "--updates", "1", "--rollout-batch-size", "8", "--minibatch-size", "8"),
+        *("--response-length", "8", "--ppo-epochs", "1", "--output-dir", os.path.join(tmp, "runs")),
+    ],
+    "benchmarks/generation.py": lambda tmp: [
+        *("--model-name", "tiny-gpt2", "--batch", "4", "--length", "4", "--repeats", "1")
+    ],
     "benchmarks/ilql_wordle.py": lambda tmp: [
         "--seeds",
         "1",
