@@ -1,7 +1,8 @@
 """Side by side with TRL: TRL's GRPO, RLOO and PPO trainers and our ppo.py on the same work.
 
-The work, identical for every trainer:
-- policy: the built-in tiny GPT-2 of the sentiment task (fp32, CPU, dropout off, no gradient checkpointing);
+The work, identical for every trainer (the defaults; the flags below change it for all alike):
+- policy: the built-in tiny GPT-2 of the sentiment task (fp32, CPU, dropout off, no gradient checkpointing),
+  or `--model DIR`, e.g. the GPT-2-small-shaped model `benchmarks/gpt2_small.py` writes;
 - prompts: `make_task("sentiment").train_prompts`; reward: `vader_compound` of the response text;
 - each update samples 64 responses of at most 24 new tokens (temperature 1, no top-k/top-p), then
   takes 16 AdamW steps of 16 responses each (4 passes over 4 minibatches), learning rate 1e-4
@@ -21,6 +22,8 @@ ours (evaluation is excluded from both).
 Usage (TRL and its dependencies are in requirements-bench.txt; `pip install --no-deps -r requirements-bench.txt`):
     python benchmarks/trl_compare.py   # all four, seed 1; also rewrites benchmarks/README.md's table
     python benchmarks/trl_compare.py --seeds 3 --trainers ppo.py,grpo
+    python benchmarks/trl_compare.py --model runs/gpt2-small-shape --trainers ppo.py,trl-ppo --batch 16 --minibatch 4 \
+        --updates 2 --response-length 24 --eval-episodes 32 --no-readme   # GPT-2-small shape
     python benchmarks/trl_compare.py --help
 
 TRL 1.12.0 is pinned because it is the last release with PPOTrainer (trl.experimental.ppo); its
@@ -51,8 +54,25 @@ OFFLINE = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 
-# The shared work (see the docstring).
-BATCH, MINIBATCH, EPOCHS, RESPONSE_LENGTH, LR, TEMPERATURE, EVAL_EPISODES = 64, 16, 4, 24, 1e-4, 1.0, 256
+# The shared work (see the docstring); `--model`, `--batch`, `--minibatch`, `--epochs`, `--response-length` and
+# `--eval-episodes` change it for every trainer alike (`configure`).
+MODEL, BATCH, MINIBATCH, EPOCHS, RESPONSE_LENGTH, LR, TEMPERATURE, EVAL_EPISODES = (
+    "tiny-gpt2",
+    64,
+    16,
+    4,
+    24,
+    1e-4,
+    1.0,
+    256,
+)
+
+
+def configure(args) -> None:
+    """Set the shared work from the flags, in the parent and in every worker (they get the same flags)."""
+    global MODEL, BATCH, MINIBATCH, EPOCHS, RESPONSE_LENGTH, EVAL_EPISODES
+    MODEL, BATCH, MINIBATCH, EPOCHS = args.model, args.batch, args.minibatch, args.epochs
+    RESPONSE_LENGTH, EVAL_EPISODES = args.response_length, args.eval_episodes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,12 +85,12 @@ def vader_reward(prompts, completions, **kwargs) -> list[float]:
     return vader_compound(completions).tolist()
 
 
-def load_tiny(task):
+def load_model(task):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from common.models import disable_dropout, resolve_model_path
 
-    path = resolve_model_path("tiny-gpt2", task)
+    path = resolve_model_path(MODEL, task)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -86,7 +106,7 @@ def heldout_eval(model, tokenizer, task, seed: int) -> dict:
     from common.utils import episode_seeds
 
     policy = Policy(model.cpu().eval(), tokenizer)
-    _, start_model, start_tokenizer = load_tiny(task)
+    _, start_model, start_tokenizer = load_model(task)
     start = Policy(start_model.eval(), start_tokenizer)
 
     def generate_fn(prompts, indices):
@@ -137,7 +157,7 @@ def trl_group(name: str, updates: int, seed: int, out_dir: str):
     from common.tasks import make_task
 
     task = make_task("sentiment")
-    _, model, tokenizer = load_tiny(task)
+    _, model, tokenizer = load_model(task)
     dataset = Dataset.from_list([{"prompt": p} for p in task.train_prompts])
     Config, Trainer = (GRPOConfig, GRPOTrainer) if name == "grpo" else (RLOOConfig, RLOOTrainer)
     config = Config(
@@ -171,7 +191,7 @@ def trl_ppo(updates: int, seed: int, out_dir: str):
     from common.tasks import make_task, vader_compound
 
     task = make_task("sentiment")
-    path, model, tokenizer = load_tiny(task)
+    path, model, tokenizer = load_model(task)
     value_model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
 
     class PythonReward(torch.nn.Module):
@@ -284,6 +304,8 @@ def ours(bench, updates: int, seed: int, run_root: str, log: str, env: dict) -> 
         str(TEMPERATURE),
         "--eval-episodes",
         str(EVAL_EPISODES),
+        "--model-name",
+        MODEL,
         "--no-save-model",
         "--output-dir",
         out_dir,
@@ -372,10 +394,25 @@ def comparison_table(results: list[dict], initial: float | None) -> str:
     return "\n".join(lines)
 
 
+def work_flags(args) -> list[str]:
+    """The flags that set the shared work, for a worker."""
+    return [
+        *("--model", args.model, "--batch", str(args.batch), "--minibatch", str(args.minibatch)),
+        *("--epochs", str(args.epochs), "--response-length", str(args.response_length)),
+        *("--eval-episodes", str(args.eval_episodes)),
+    ]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trainers", default=",".join(TRAINERS), help=f"comma-separated subset of {', '.join(TRAINERS)}")
-    p.add_argument("--updates", type=int, default=40, help="updates (rollouts of 64 responses) per trainer")
+    p.add_argument("--updates", type=int, default=40, help="updates (rollouts of --batch responses) per trainer")
+    p.add_argument("--model", default=MODEL, help="tiny-gpt2 (built-in) or a causal LM directory (gpt2_small.py)")
+    p.add_argument("--batch", type=int, default=BATCH, help="responses per rollout")
+    p.add_argument("--minibatch", type=int, default=MINIBATCH, help="responses per optimizer step")
+    p.add_argument("--epochs", type=int, default=EPOCHS, help="passes over each rollout")
+    p.add_argument("--response-length", type=int, default=RESPONSE_LENGTH, help="new tokens per response at most")
+    p.add_argument("--eval-episodes", type=int, default=EVAL_EPISODES, help="held-out prompts scored afterwards")
     p.add_argument("--seeds", type=int, default=1, help="run seeds 1..SEEDS for every trainer")
     p.add_argument("--results-dir", default=os.path.join(HERE, "results"), help="where trl_compare.md/.json go")
     p.add_argument(
@@ -393,6 +430,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    configure(args)
     if args.worker:
         worker(args.worker, args.updates, args.seed, args.out)
         return 0
@@ -400,10 +438,11 @@ def main(argv=None) -> int:
 
     trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
     unknown = set(trainers) - set(TRAINERS)
-    if unknown or args.updates <= 0 or args.seeds <= 0:
+    sizes = (args.updates, args.seeds, args.batch, args.minibatch, args.epochs, args.response_length)
+    if unknown or min(sizes) <= 0 or args.batch % args.minibatch:
         raise SystemExit(
-            f"error: unknown trainers {sorted(unknown)} (known: {', '.join(TRAINERS)}), or "
-            f"non-positive --updates/--seeds"
+            f"error: unknown trainers {sorted(unknown)} (known: {', '.join(TRAINERS)}), a non-positive "
+            f"--updates/--seeds/--batch/--minibatch/--epochs/--response-length, or --minibatch not dividing --batch"
         )
     if any(t != "ppo.py" for t in trainers):
         try:
@@ -444,6 +483,7 @@ def main(argv=None) -> int:
                     str(seed),
                     "--out",
                     out,
+                    *work_flags(args),
                 ]
                 r = bench.run_child(cmd, log, env=env)
                 if r["returncode"] == 0 and os.path.exists(out):
@@ -473,7 +513,8 @@ def main(argv=None) -> int:
             f"TRL {versions.get('trl', '?')}, transformers {versions.get('transformers', '?')}; "
             f"{bench.threads_text(args.threads)}; "
             f"load before/after: {machine_before.split('load ')[-1]} / {machine_after.split('load ')[-1]}; "
-            f"seeds 1-{args.seeds}, {args.updates} updates of {BATCH} responses):",
+            f"seeds 1-{args.seeds}, {args.updates} updates of {BATCH} responses of at most {RESPONSE_LENGTH} tokens, "
+            f"model {MODEL}):",
             table,
             (f"Every policy starts at held-out return {initial:+.3f}. " if initial is not None else "")
             + "Ratios are trainer / `ppo.py`: above 1 means more samples per second, more gain in held-out return, "
