@@ -34,7 +34,17 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from common.batches import prompt_then_response
 from common.models import Policy, ValueHead, frozen_copy, load_policy, top_k_top_p_keep
-from common.tasks import RewardError, eval_line, evaluate, make_task
+from common.tasks import evaluate, make_task
+from common.training import (
+    finish_run,
+    guard_training,
+    log_throughput,
+    record_eval,
+    reduce_steps,
+    response_lengths,
+    restore_training_state,
+    training_state,
+)
 from common.utils import (
     Run,
     RunArgs,
@@ -42,7 +52,6 @@ from common.utils import (
     TrainArgs,
     all_reduce,
     bf16_autocast,
-    close_distributed,
     episode_seeds,
     error_line,
     exact_div,
@@ -50,11 +59,9 @@ from common.utils import (
     masked_mean,
     masked_whiten,
     refill_order,
-    restore_rng_states,
     resume_args,
     save_checkpoint,
     seed_everything,
-    stop_on_sigterm,
     sync_gradients,
     validate_args,
 )
@@ -320,13 +327,7 @@ def main(args: Args) -> dict:
             raise ValueError(
                 f"task {task.name!r} is multi-turn; this script runs single-turn tasks (try ilql.py --task {task.name})"
             )
-        response_length = task.max_new_tokens if args.response_length is None else args.response_length
-        min_response_length = task.min_new_tokens if args.min_response_length is None else args.min_response_length
-        if response_length <= 0 or not 0 <= min_response_length <= response_length:
-            raise ValueError(
-                f"need 0 < response length ({response_length}) and 0 <= min response length "
-                f"({min_response_length}) <= response length"
-            )
+        response_length, min_response_length = response_lengths(task, args.response_length, args.min_response_length)
         policy = load_policy(args.model_name, task, device)
         # prompts keep what fits the model's context beside the response (a long line in a --prompts-file)
         task.max_prompt_tokens = policy.prompt_budget(task.max_prompt_tokens, response_length)
@@ -352,14 +353,11 @@ def main(args: Args) -> dict:
     )
     first_update = 1
     if checkpoint is not None:  # --resume: weights, optimizer, KL coefficient, data position, RNG states
-        policy.load_state_dict(checkpoint["policy"])
-        critic.load_state_dict(checkpoint["critic"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        kl_ctl.value, rng.bit_generator.state = checkpoint["kl_coef"], checkpoint["data_rng"]
+        first_update = restore_training_state(
+            checkpoint, run, policy=policy, critic=critic, optimizer=optimizer, data_rng=rng
+        )
+        kl_ctl.value = checkpoint["kl_coef"]
         prompt_order, prompt_cursor = checkpoint["prompt_order"], checkpoint["prompt_cursor"]
-        restore_rng_states(checkpoint["rng"][rank])
-        first_update = checkpoint["step"] + 1
-        print(f"resumed {run.dir} after update {checkpoint['step']}", flush=True)
 
     def sample(
         prompts: list[str], seeds: list[int]
@@ -406,25 +404,24 @@ def main(args: Args) -> dict:
             start_model=ref_policy,
             response_length=response_length,
         )
-        run.log_eval(metrics, samples, step)
-        print(f"eval @ update {step}: {eval_line(metrics)}", flush=True)
-        return metrics
+        return record_eval(run, metrics, samples, step)
 
     def checkpoint_state(step: int) -> dict:
-        return {
-            "step": step,
-            "policy": policy.state_dict(),
-            "critic": critic.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "kl_coef": kl_ctl.value,
-            "data_rng": rng.bit_generator.state,
-            "prompt_order": prompt_order,
-            "prompt_cursor": prompt_cursor,
-        }
+        return training_state(
+            step,
+            policy=policy,
+            critic=critic,
+            optimizer=optimizer,
+            kl_coef=kl_ctl.value,
+            data_rng=rng,
+            prompt_order=prompt_order,
+            prompt_cursor=prompt_cursor,
+        )
 
-    stop_on_sigterm()
     update = first_update - 1
-    try:
+    # Ctrl-C, SIGTERM: on to the final evaluation; the reward, the disk or a diverged loss: one line, the last
+    # checkpoint kept, nothing new saved
+    with guard_training(run, "update", lambda: update):
         if checkpoint is None:
             run_eval(0)
         for update in range(first_update, args.total_updates + 1):
@@ -514,13 +511,7 @@ def main(args: Args) -> dict:
             losses = torch.stack(stats.pop("loss"))
             if all_reduce((~torch.isfinite(losses)).any().float(), "max").item():
                 raise FloatingPointError(f"non-finite loss at update {update} (per-step losses {losses.tolist()})")
-            mean = dict(
-                zip(
-                    stats,
-                    all_reduce(torch.stack([torch.stack(v).mean() for v in stats.values()]), "mean").tolist(),
-                    strict=True,
-                )
-            )
+            (mean,) = reduce_steps([{key: torch.stack(values).mean() for key, values in stats.items()}], "mean")
 
             # ALGO LOGIC: 5. adapt beta to the KL this rollout actually had (mean per token over all ranks, RL4LMs)
             mean_kl = masked_mean(kl, mask, across_ranks=True).item()
@@ -528,8 +519,7 @@ def main(args: Args) -> dict:
 
             # TRY NOT TO MODIFY: record metrics
             n_tokens = int(all_reduce(mask.sum()))
-            run.tokens += n_tokens
-            elapsed = time.time() - update_start
+            speed = log_throughput(run, n_tokens, args.rollout_batch_size, time.time() - update_start, update)
             mean_score = all_reduce(scores.mean(), "mean").item()
             run.log(
                 {
@@ -551,46 +541,22 @@ def main(args: Args) -> dict:
                     "charts/learning_rate": optimizer.param_groups[0]["lr"],
                     "charts/response_length": all_reduce(mask.sum(1).mean(), "mean").item(),
                     "charts/eos_fraction": all_reduce(ends_with_eos.float().mean(), "mean").item(),
-                    "charts/tokens_per_second": n_tokens / elapsed,
-                    "charts/episodes_per_second": args.rollout_batch_size / elapsed,
                 },
                 update,
             )
             print(
                 f"update {update}/{args.total_updates} | score {mean_score:+.3f} | kl {mean_kl:.4f} "
                 f"| beta {kl_ctl.value:.4f} | approx_kl {mean['approx_kl']:.4f} | clipfrac {mean['clipfrac']:.3f} "
-                f"| {n_tokens / elapsed:.0f} tok/s",
+                f"| {speed:.0f} tok/s",
                 flush=True,
             )
             if update % args.eval_every == 0 and update != args.total_updates:
                 run_eval(update)
             if update % args.checkpoint_every == 0 and update != args.total_updates:
                 save_checkpoint(run, checkpoint_state(update))
-    except KeyboardInterrupt:  # keep what was learned: evaluate, save and summarise below
-        print(f"interrupted during update {update}; the last checkpoint is kept", flush=True)
-        if world_size > 1:  # the ranks stopped at different points: no collective evaluation is safe now
-            raise SystemExit(130) from None
-        print("evaluating and saving what was trained so far", flush=True)
-    except (FloatingPointError, RewardError, OSError) as error:  # the reward, the disk or a diverged loss: one line,
-        raise run.fault(error, update) from error  # the last checkpoint kept, nothing new saved
 
     # TRY NOT TO MODIFY: final evaluation, model, summary
-    try:
-        run_eval(update)
-        if args.save_model:
-            run.save_policy(policy)
-        summary = run.write_summary({"updates": update})
-    except (RewardError, OSError) as error:
-        raise run.fault(error, update) from error
-    run.close()
-    close_distributed()
-    print(
-        f"initial eval/return_mean {summary['initial']['eval/return_mean']:+.3f} -> final "
-        f"{summary['final']['eval/return_mean']:+.3f}; {summary['wall_seconds']:.0f}s, "
-        f"{summary['tokens_per_second']:.0f} tok/s; run dir {run.dir}",
-        flush=True,
-    )
-    return summary
+    return finish_run(run, policy, run_eval, update, {"updates": update})
 
 
 if __name__ == "__main__":
