@@ -3,6 +3,7 @@
     python benchmarks/ilql_wordle.py                                  # every dataset, method and seed
     python benchmarks/ilql_wordle.py --datasets per_move --jobs 2    # two runs at a time, one thread each
     python benchmarks/ilql_wordle.py --table-only --page             # the table from the JSON, into docs/ilql.md
+    python benchmarks/ilql_wordle.py --openers                       # who opens the datasets' games (no training)
 
 Each (dataset, method, seed) is one `ilql.py --task wordle` run in a subprocess. A finished run is recorded in
 `--results` (benchmarks/results/ilql_wordle.json) the moment it ends, with its final metrics and its evaluation
@@ -23,6 +24,7 @@ import os
 import random
 import re
 import sys
+from collections import Counter
 
 import numpy as np
 
@@ -266,6 +268,24 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def openers(opts) -> None:
+    """Per dataset and seed: the share of games that open with the most common first guess, the next most common
+    first guess's count, and how many of the games with that opener repeat a guess (the repeat player's move). On
+    `per_game` data the expert's deterministic opener starts half the games and the repeat player's random first
+    guess almost never matches it, so the states after it hold expert moves only (docs/ilql.md)."""
+    wordle.use_words(opts.vocab or None)
+    for dataset in opts.datasets:
+        for seed in opts.seeds:
+            games = wordle.offline_games(DATASETS[dataset], 4096, seed)
+            (opener, count), (_, runner_up) = Counter(g.guesses[0] for g in games).most_common(2)
+            opened = [g for g in games if g.guesses[0] == opener]
+            repeats = sum(any(w in g.guesses[:i] for i, w in enumerate(g.guesses)) for g in opened)
+            print(
+                f"{dataset} seed {seed}: {opener!r} opens {count}/{len(games)} games ({count / len(games):.1%}), the "
+                f"next most common first guess {runner_up}; {repeats}/{len(opened)} games it opens hold a repeat"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
@@ -275,6 +295,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=1000, help="steps between evaluations (the curves)")
     parser.add_argument("--eval-episodes", type=int, default=200, help="evaluation games: each word in play once")
     parser.add_argument("--vocab", type=int, default=200, help="words in play (ilql.py --wordle-vocab)")
+    parser.add_argument("--openers", action="store_true", help="train nothing: who opens the datasets' games")
     add_queue_arguments(
         parser,
         "ilql.py",
@@ -284,6 +305,8 @@ def main() -> None:
         ROOT,
     )
     opts = parser.parse_args()
+    if opts.openers:
+        return openers(opts)
 
     results = load(opts.results)
     if not opts.table_only:
