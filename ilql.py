@@ -42,6 +42,7 @@ import tyro
 from transformers import LogitsProcessor
 
 from common import wordle
+from common.batches import right_pad, right_pad_with_mask
 from common.models import Policy, entropy_of, frozen_copy, load_policy
 from common.tasks import eval_line, evaluate, make_task
 from common.training import (
@@ -58,14 +59,12 @@ from common.utils import (
     RunArgs,
     TaskArgs,
     TrainArgs,
-    all_gather_objects,
     bf16_autocast,
     episode_seeds,
     error_line,
     exact_div,
     init_distributed,
     masked_mean,
-    rank_share,
     refill_order,
     resume_args,
     save_checkpoint,
@@ -390,20 +389,14 @@ def sentiment_layout(policy: Policy, prompt: str, response: str, reward: float, 
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad layouts into `[N, T]` tensors."""
-    width = max(len(r["input_ids"]) for r in rows)
-    out = {
-        "input_ids": torch.full((len(rows), width), pad_id),
-        "attention_mask": torch.zeros(len(rows), width).long(),
-        "action_mask": torch.zeros(len(rows), width).long(),
-        "rewards": torch.zeros(len(rows), width),
-        "dones": torch.zeros(len(rows), width).long(),
+    ids, attention = right_pad_with_mask([r["input_ids"] for r in rows], pad_id)
+    return {
+        "input_ids": ids,
+        "attention_mask": attention,
+        "action_mask": right_pad([r["action_mask"] for r in rows], 0),
+        "rewards": right_pad([r["rewards"] for r in rows], 0.0, dtype=torch.float32),
+        "dones": right_pad([r["dones"] for r in rows], 0),
     }
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        out["attention_mask"][i, :n] = 1
-        for key in ("input_ids", "action_mask", "rewards", "dones"):
-            out[key][i, :n] = torch.tensor(r[key], dtype=out[key].dtype)
-    return out
 
 
 def best_fraction(returns: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -450,26 +443,15 @@ def generate(net: Deployed, context, mask, max_new: int, min_new: int, extra: li
     """pi_beta's cached generation; with beta > 0 its logits go through the ILQL processor. When
     sampling, each row draws from its own seed, so the text does not depend on batch or process."""
     args = net.args
+    decode = functools.partial(net.policy.generate, context, mask, max_new, min_new, do_sample=not net.greedy)
     if beta == 0:  # pi_beta alone, with the same temperature and top-k the ILQL processor applies
         with net.autocast:
-            return net.policy.generate(
-                context,
-                mask,
-                max_new,
-                min_new,
-                do_sample=not net.greedy,
-                logits_processor=extra,
-                temperature=args.temperature,
-                top_k=args.top_k,
-                seeds=seeds,
-            )
+            return decode(logits_processor=extra, temperature=args.temperature, top_k=args.top_k, seeds=seeds)
     ilql = ILQLLogitsProcessor(
         net.policy, net.heads, net.value_trunk, mask, beta, args.top_k, net.adv_clip, args.temperature
     )
     with ilql, net.autocast:
-        return net.policy.generate(
-            context, mask, max_new, min_new, do_sample=not net.greedy, logits_processor=extra + [ilql], seeds=seeds
-        )
+        return decode(logits_processor=extra + [ilql], seeds=seeds)
 
 
 def deployed_logits(net: Deployed, input_ids, attention_mask, start: int, beta: float) -> torch.Tensor:
@@ -485,11 +467,11 @@ def deployed_logits(net: Deployed, input_ids, attention_mask, start: int, beta: 
     return perturbed_logits(logits, target_q, v, beta, 0, net.adv_clip, 1.0)
 
 
-def wordle_guesses(net: Deployed, games: list, index: dict, beta: float, no_repeat: bool) -> list[str]:
+def wordle_guesses(net: Deployed, games: list, indices: list[int], beta: float, no_repeat: bool) -> list[str]:
     """One guess per unfinished game, batched: every context has the same length (same turn)."""
     context = torch.tensor([[wordle.TOKEN_ID[t] for t in g.tokens()] for g in games], device=net.device)
     mask = torch.ones_like(context)
-    seeds = episode_seeds(net.args.seed, 1, len(games[0].guesses), [index[id(g)] for g in games])
+    seeds = episode_seeds(net.args.seed, 1, len(games[0].guesses), indices)
     rules = [wordle.GuessGrammar(context.shape[1])]
     rules += [wordle.NoRepeat(context.shape[1], [g.guesses for g in games])] if no_repeat else []
     ids, _ = generate(net, context, mask, 6, 0, rules, seeds, beta)
@@ -497,19 +479,12 @@ def wordle_guesses(net: Deployed, games: list, index: dict, beta: float, no_repe
 
 
 def play_eval_games(net: Deployed, beta: float, no_repeat: bool = False) -> list:
-    """The evaluation games, each rank playing its share; every rank gets all of them back."""
-    answers = wordle.eval_answers(net.args.eval_episodes)
-    mine = rank_share(len(answers))
-    first = mine.start
-    index: dict[int, int] = {}  # game -> its position among all evaluation games (its sampling seed)
-
-    def guess_fn(active):
-        if not index:  # the first turn: every game is still active, in order
-            index.update({id(g): first + i for i, g in enumerate(active)})
-        return wordle_guesses(net, active, index, beta, no_repeat)
-
-    games = wordle.play(answers[mine.start : mine.stop], guess_fn)
-    return [g for part in all_gather_objects(games) for g in part]
+    """The evaluation games, each rank playing its share; every rank gets all of them back. A game's sampling seed
+    is its position among all evaluation games."""
+    return wordle.play_shared(
+        wordle.eval_answers(net.args.eval_episodes),
+        lambda games, indices: wordle_guesses(net, games, indices, beta, no_repeat),
+    )
 
 
 def deployed_eval(net: Deployed, beta: float) -> tuple[dict, list]:
@@ -644,15 +619,8 @@ def main(args: Args) -> dict:
     heads = ValueHeads(policy.hidden_size, vocab).to(device) if learn_values else None
     value_trunk = frozen_copy(policy).requires_grad_(True).train() if learn_values and not args.shared_trunk else None
     start_model = None if is_wordle else frozen_copy(policy)  # the model as loaded, for eval/ref_nll
-    params = [
-        p
-        for p in [
-            *policy.parameters(),
-            *(heads.parameters() if heads else []),
-            *(value_trunk.parameters() if value_trunk else []),
-        ]
-        if p.requires_grad
-    ]
+    nets = {"policy": policy, "heads": heads, "value_trunk": value_trunk}  # heads, value trunk: None for BC
+    params = [p for m in nets.values() if m is not None for p in m.parameters() if p.requires_grad]
     from_scratch = is_wordle and args.model_name == "tiny-gpt2"
     lr = args.learning_rate if args.learning_rate is not None else (3e-3 if from_scratch else 5e-4)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
@@ -661,16 +629,7 @@ def main(args: Args) -> dict:
     rng = np.random.default_rng(args.seed)
     order, cursor, syncs, first_step = None, 0, 0, 1
     if checkpoint is not None:  # --resume: weights, targets, optimizer, data position, RNG states
-        first_step = restore_training_state(
-            checkpoint,
-            run,
-            "step",
-            policy=policy,
-            heads=heads,
-            value_trunk=value_trunk,
-            optimizer=optimizer,
-            data_rng=rng,
-        )
+        first_step = restore_training_state(checkpoint, run, "step", **nets, optimizer=optimizer, data_rng=rng)
         order, cursor, syncs = checkpoint["order"], checkpoint["cursor"], checkpoint["target_syncs"]
     net = Deployed(policy, heads, value_trunk, args, task, greedy, adv_clip, autocast, device, start_model)
 
@@ -752,15 +711,7 @@ def main(args: Args) -> dict:
                 run_eval(step)
             if step % args.checkpoint_every == 0 and step != args.total_steps:
                 state = training_state(
-                    step,
-                    policy=policy,
-                    heads=heads,
-                    value_trunk=value_trunk,
-                    optimizer=optimizer,
-                    target_syncs=syncs,
-                    data_rng=rng,
-                    order=order,
-                    cursor=cursor,
+                    step, **nets, optimizer=optimizer, target_syncs=syncs, data_rng=rng, order=order, cursor=cursor
                 )
                 save_checkpoint(run, state)
             since = time.time()
