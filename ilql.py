@@ -44,7 +44,7 @@ from transformers import LogitsProcessor
 from common import wordle
 from common.batches import right_pad, right_pad_with_mask
 from common.models import Policy, entropy_of, frozen_copy, load_policy
-from common.tasks import eval_line, evaluate, make_task
+from common.tasks import Task, eval_line, evaluate, make_task
 from common.training import (
     finish_run,
     guard_training,
@@ -406,7 +406,7 @@ def best_fraction(returns: np.ndarray, fraction: float, seed: int) -> np.ndarray
     return np.sort(order[: max(1, int(np.ceil(fraction * len(returns))))])
 
 
-def offline_episodes(task, policy: Policy, args: Args) -> tuple[list[dict], np.ndarray]:
+def offline_episodes(task: Task, policy: Policy, args: Args) -> tuple[list[dict], np.ndarray]:
     """Every offline episode in the one layout, with its return: the Wordle games, or the task's reviews."""
     if task.name == "wordle":
         games = wordle.offline_games(args.wordle_data, args.wordle_games, args.seed)
@@ -431,7 +431,7 @@ class Deployed:
     heads: Optional[ValueHeads]
     value_trunk: Optional[Policy]
     args: Args
-    task: Any
+    task: Task
     greedy: bool
     adv_clip: Optional[float]
     autocast: Any
@@ -543,9 +543,8 @@ def flush(run: Run, pending: list, since: float, optimizer, args: Args, learn_va
     then log every step and print the progress line. Nothing pending: nothing to do."""
     if not pending:
         return
-    for (step, _, step_syncs, _), stats in zip(
-        pending, reduce_steps([row for _, row, _, _ in pending], "mean"), strict=True
-    ):
+    averages = reduce_steps([row for _, row, _, _ in pending], "mean")
+    for (step, _, step_syncs, _), stats in zip(pending, averages, strict=True):
         losses = {k[len("losses/") :]: v for k, v in stats.items() if k.startswith("losses/")}
         if not math.isfinite(losses["total_loss"]):
             raise FloatingPointError(
