@@ -32,7 +32,7 @@ import os
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -42,29 +42,33 @@ import tyro
 from transformers import LogitsProcessor
 
 from common import wordle
+from common.batches import right_pad, right_pad_with_mask
 from common.models import Policy, entropy_of, frozen_copy, load_policy
-from common.tasks import RewardError, eval_line, evaluate, make_task
+from common.tasks import Task, eval_line, evaluate, make_task
+from common.training import (
+    finish_run,
+    guard_training,
+    log_throughput,
+    record_eval,
+    reduce_steps,
+    restore_training_state,
+    training_state,
+)
 from common.utils import (
     Run,
     RunArgs,
     TaskArgs,
     TrainArgs,
-    all_gather_objects,
-    all_reduce,
     bf16_autocast,
-    close_distributed,
     episode_seeds,
     error_line,
     exact_div,
     init_distributed,
     masked_mean,
-    rank_share,
     refill_order,
-    restore_rng_states,
     resume_args,
     save_checkpoint,
     seed_everything,
-    stop_on_sigterm,
     sync_gradients,
     validate_args,
     write_atomically,
@@ -385,20 +389,14 @@ def sentiment_layout(policy: Policy, prompt: str, response: str, reward: float, 
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad layouts into `[N, T]` tensors."""
-    width = max(len(r["input_ids"]) for r in rows)
-    out = {
-        "input_ids": torch.full((len(rows), width), pad_id),
-        "attention_mask": torch.zeros(len(rows), width).long(),
-        "action_mask": torch.zeros(len(rows), width).long(),
-        "rewards": torch.zeros(len(rows), width),
-        "dones": torch.zeros(len(rows), width).long(),
+    ids, attention = right_pad_with_mask([r["input_ids"] for r in rows], pad_id)
+    return {
+        "input_ids": ids,
+        "attention_mask": attention,
+        "action_mask": right_pad([r["action_mask"] for r in rows], 0),
+        "rewards": right_pad([r["rewards"] for r in rows], 0.0, dtype=torch.float32),
+        "dones": right_pad([r["dones"] for r in rows], 0),
     }
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        out["attention_mask"][i, :n] = 1
-        for key in ("input_ids", "action_mask", "rewards", "dones"):
-            out[key][i, :n] = torch.tensor(r[key], dtype=out[key].dtype)
-    return out
 
 
 def best_fraction(returns: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -406,6 +404,166 @@ def best_fraction(returns: np.ndarray, fraction: float, seed: int) -> np.ndarray
     order = np.random.default_rng(seed).permutation(len(returns))
     order = order[np.argsort(-returns[order], kind="stable")]
     return np.sort(order[: max(1, int(np.ceil(fraction * len(returns))))])
+
+
+def offline_episodes(task: Task, policy: Policy, args: Args) -> tuple[list[dict], np.ndarray]:
+    """Every offline episode in the one layout, with its return: the Wordle games, or the task's reviews."""
+    if task.name == "wordle":
+        games = wordle.offline_games(args.wordle_data, args.wordle_games, args.seed)
+        return [g.layout() for g in games], np.array([g.ret for g in games])
+    episodes = task.offline_data(args.seed)
+    rows = [
+        sentiment_layout(policy, e["prompt"], e["response"], e["reward"], task.max_prompt_tokens, task.max_new_tokens)
+        for e in episodes
+    ]
+    return rows, np.array([e["reward"] for e in episodes])
+
+
+# ----------------------------------------------------------------------------------------------
+# The deployed policy: decoding, its teacher-forced logits, and the evaluations
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Deployed:
+    """The ILQL policy as deployed (pi_beta, the heads and value trunk, None for BC), its decoding settings and
+    what it is evaluated on (`start_model`: the model as loaded, for eval/ref_nll; None on Wordle)."""
+
+    policy: Policy
+    heads: Optional[ValueHeads]
+    value_trunk: Optional[Policy]
+    args: Args
+    task: Task
+    greedy: bool
+    adv_clip: Optional[float]
+    autocast: Any
+    device: Any
+    start_model: Optional[Policy]
+
+
+def generate(net: Deployed, context, mask, max_new: int, min_new: int, extra: list, seeds: list[int], beta: float):
+    """pi_beta's cached generation; with beta > 0 its logits go through the ILQL processor. When
+    sampling, each row draws from its own seed, so the text does not depend on batch or process."""
+    args = net.args
+    decode = functools.partial(net.policy.generate, context, mask, max_new, min_new, do_sample=not net.greedy)
+    if beta == 0:  # pi_beta alone, with the same temperature and top-k the ILQL processor applies
+        with net.autocast:
+            return decode(logits_processor=extra, temperature=args.temperature, top_k=args.top_k, seeds=seeds)
+    ilql = ILQLLogitsProcessor(
+        net.policy, net.heads, net.value_trunk, mask, beta, args.top_k, net.adv_clip, args.temperature
+    )
+    with ilql, net.autocast:
+        return decode(logits_processor=extra + [ilql], seeds=seeds)
+
+
+def deployed_logits(net: Deployed, input_ids, attention_mask, start: int, beta: float) -> torch.Tensor:
+    """The ILQL policy's logits teacher-forced over a whole batch, for eval/perplexity: log pi_beta +
+    beta * (Q_target - V), clipped as at decoding. Like every script's perplexity it is the model's
+    distribution at temperature 1 without top-k (GRUE scores the model, not the decoding settings)."""
+    logits, hidden = net.policy(input_ids, attention_mask, start)
+    if net.heads is None or beta == 0:  # BC, %BC: pi_beta itself
+        return logits
+    if net.value_trunk is not None:
+        _, hidden = net.value_trunk(input_ids, attention_mask, start, with_logits=False)
+    _, v, target_q = net.heads(hidden)
+    return perturbed_logits(logits, target_q, v, beta, 0, net.adv_clip, 1.0)
+
+
+def wordle_guesses(net: Deployed, games: list, indices: list[int], beta: float, no_repeat: bool) -> list[str]:
+    """One guess per unfinished game, batched: every context has the same length (same turn)."""
+    context = torch.tensor([[wordle.TOKEN_ID[t] for t in g.tokens()] for g in games], device=net.device)
+    mask = torch.ones_like(context)
+    seeds = episode_seeds(net.args.seed, 1, len(games[0].guesses), indices)
+    rules = [wordle.GuessGrammar(context.shape[1])]
+    rules += [wordle.NoRepeat(context.shape[1], [g.guesses for g in games])] if no_repeat else []
+    ids, _ = generate(net, context, mask, 6, 0, rules, seeds, beta)
+    return ["".join(wordle.VOCAB[i] for i in row[:5]) for row in ids.tolist()]
+
+
+def play_eval_games(net: Deployed, beta: float, no_repeat: bool = False) -> list:
+    """The evaluation games, each rank playing its share; every rank gets all of them back. A game's sampling seed
+    is its position among all evaluation games."""
+    return wordle.play_shared(
+        wordle.eval_answers(net.args.eval_episodes),
+        lambda games, indices: wordle_guesses(net, games, indices, beta, no_repeat),
+    )
+
+
+def deployed_eval(net: Deployed, beta: float) -> tuple[dict, list]:
+    """Metrics and samples of the decoding at `beta` on held-out prompts or on the evaluation games,
+    shared among the ranks; sampling (if any) uses the same per-episode seeds at every evaluation."""
+    task, policy = net.task, net.policy
+    if task.name == "wordle":
+        games = play_eval_games(net, beta)
+        return wordle.game_metrics(games), [(g.answer, g.text(), g.ret) for g in games]
+
+    def generate_fn(prompts, indices):
+        ids, mask = policy.encode_prompts(prompts, task.max_prompt_tokens, net.device)
+        seeds = episode_seeds(net.args.seed, 1, 0, indices)
+        return policy.decode(*generate(net, ids, mask, task.max_new_tokens, task.min_new_tokens, [], seeds, beta))
+
+    # perplexity under the policy deployed (pi_beta perturbed by the heads), ref_nll of its samples
+    # under the --model-name model as loaded
+    logits_fn = functools.partial(deployed_logits, net, beta=beta)
+    deployed = SimpleNamespace(
+        tokenizer=policy.tokenizer, text_nll=functools.partial(policy.text_nll, logits_fn=logits_fn)
+    )
+    return evaluate(
+        task,
+        generate_fn,
+        net.args.eval_episodes,
+        net.args.batch_size,
+        policy=deployed,
+        start_model=net.start_model,
+        response_length=task.max_new_tokens,
+    )
+
+
+def final_eval(net: Deployed, run_eval: Callable[[int], dict], step: int, extra: dict) -> dict:
+    """The last evaluation at --beta; then, into `extra` (summary.json), the same networks decoded at each
+    --eval-betas and, on Wordle, pi_beta with repeats forbidden."""
+    metrics = run_eval(step)
+    for beta in net.args.eval_betas if net.heads is not None else []:  # the trained networks at other betas
+        extra["beta_sweep"][str(beta)] = beta_metrics = deployed_eval(net, beta)[0]
+        print(f"beta {beta:g}: {eval_line(beta_metrics)}", flush=True)
+    if net.task.name == "wordle":  # diagnosis: pi_beta with repeats forbidden, the ceiling of vetoing pi_beta's repeats
+        extra["no_repeat_oracle"] = wordle.game_metrics(play_eval_games(net, 0.0, no_repeat=True))
+        print(f"pi_beta without repeats (oracle): {eval_line(extra['no_repeat_oracle'])}", flush=True)
+    return metrics
+
+
+def save_heads(run: Run, heads: Optional[ValueHeads], value_trunk: Optional[Policy]) -> None:
+    """`<run dir>/ilql_heads.pt`: the heads (and value trunk), to decode with beta > 0; rank 0, when trained."""
+    if run.is_main and heads is not None:
+        state = {"heads": heads.state_dict(), "value_trunk": value_trunk.state_dict() if value_trunk else None}
+        write_atomically(os.path.join(run.dir, "ilql_heads.pt"), lambda file: torch.save(state, file))
+
+
+def flush(run: Run, pending: list, since: float, optimizer, args: Args, learn_values: bool) -> None:
+    """The one host sync of a logging interval: average the pending steps' statistics over the ranks,
+    stop at the first non-finite loss (every rank reads the same averages, so all stop together),
+    then log every step and print the progress line. Nothing pending: nothing to do."""
+    if not pending:
+        return
+    averages = reduce_steps([row for _, row, _, _ in pending], "mean")
+    for (step, _, step_syncs, _), stats in zip(pending, averages, strict=True):
+        losses = {k[len("losses/") :]: v for k, v in stats.items() if k.startswith("losses/")}
+        if not math.isfinite(losses["total_loss"]):
+            raise FloatingPointError(
+                f"non-finite loss at update {step} (gradient step {step}/{args.total_steps}): "
+                + ", ".join(f"{k} {v}" for k, v in losses.items())
+            )
+        run.log(
+            {**stats, "charts/target_syncs": step_syncs, "charts/learning_rate": optimizer.param_groups[0]["lr"]}, step
+        )
+    n_tokens = sum(n for *_, n in pending)
+    speed = log_throughput(run, n_tokens, len(pending) * args.batch_size, time.time() - since, step)
+    if step % args.print_every == 0 or step == args.total_steps:
+        print(
+            f"step {step}/{args.total_steps} | "
+            + " | ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "total_loss")
+            + (f" | advantage {stats['values/advantage']:+.3f}" if learn_values else "")
+            + f" | {speed:.0f} tok/s",
+            flush=True,
+        )
 
 
 def main(args: Args) -> dict:
@@ -442,20 +600,9 @@ def main(args: Args) -> dict:
     # beta = 0 and no AWAC weights: Q and V cannot change the deployed policy, so the BC baseline skips them
     learn_values = args.beta > 0 or args.awac_beta != 0
 
-    # Data: every offline episode in the one layout, filtered to the best fraction for %BC. Every rank
-    # holds all of it (on the device: no copy per step); token counts stay on the host for bookkeeping.
-    if is_wordle:
-        games = wordle.offline_games(args.wordle_data, args.wordle_games, args.seed)
-        rows, returns = [g.layout() for g in games], np.array([g.ret for g in games])
-    else:
-        episodes = task.offline_data(args.seed)
-        rows = [
-            sentiment_layout(
-                policy, e["prompt"], e["response"], e["reward"], task.max_prompt_tokens, task.max_new_tokens
-            )
-            for e in episodes
-        ]
-        returns = np.array([e["reward"] for e in episodes])
+    # ALGO LOGIC: 1. the data: every offline episode in the one layout, filtered to the best fraction for %BC. Every
+    # rank holds all of it (on the device: no copy per step); token counts stay on the host for bookkeeping.
+    rows, returns = offline_episodes(task, policy, args)
     keep = best_fraction(returns, args.top_fraction, args.seed)  # fewer episodes than a batch wrap around
     data = collate([rows[i] for i in keep], policy.tokenizer.pad_token_id)
     lengths, n_actions = data["attention_mask"].sum(1).numpy(), data["action_mask"][:, 1:].sum(1).numpy()
@@ -465,21 +612,14 @@ def main(args: Args) -> dict:
         f"(mean return {returns[keep].mean():+.3f})" + ("" if learn_values else "; beta = 0: BC of pi_beta only")
     )
 
-    # Models: pi_beta (the policy), the V/Q heads with their target Q heads, and, unless the trunk is
-    # shared, a second copy of the transformer for the heads (the original's separate value network)
+    # ALGO LOGIC: 2. the networks: pi_beta (the policy), the V/Q heads with their target Q heads, and, unless the trunk
+    # is shared, a second copy of the transformer for the heads (the original's separate value network)
     vocab = policy.model.get_output_embeddings().weight.shape[0]
     heads = ValueHeads(policy.hidden_size, vocab).to(device) if learn_values else None
     value_trunk = frozen_copy(policy).requires_grad_(True).train() if learn_values and not args.shared_trunk else None
     start_model = None if is_wordle else frozen_copy(policy)  # the model as loaded, for eval/ref_nll
-    params = [
-        p
-        for p in [
-            *policy.parameters(),
-            *(heads.parameters() if heads else []),
-            *(value_trunk.parameters() if value_trunk else []),
-        ]
-        if p.requires_grad
-    ]
+    nets = {"policy": policy, "heads": heads, "value_trunk": value_trunk}  # heads, value trunk: None for BC
+    params = [p for m in nets.values() if m is not None for p in m.parameters() if p.requires_grad]
     from_scratch = is_wordle and args.model_name == "tiny-gpt2"
     lr = args.learning_rate if args.learning_rate is not None else (3e-3 if from_scratch else 5e-4)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
@@ -488,285 +628,104 @@ def main(args: Args) -> dict:
     rng = np.random.default_rng(args.seed)
     order, cursor, syncs, first_step = None, 0, 0, 1
     if checkpoint is not None:  # --resume: weights, targets, optimizer, data position, RNG states
-        policy.load_state_dict(checkpoint["policy"])
-        if heads is not None:
-            heads.load_state_dict(checkpoint["heads"])
-        if value_trunk is not None:
-            value_trunk.load_state_dict(checkpoint["value_trunk"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        rng.bit_generator.state, order, cursor = checkpoint["data_rng"], checkpoint["order"], checkpoint["cursor"]
-        syncs, first_step = checkpoint["target_syncs"], checkpoint["step"] + 1
-        restore_rng_states(checkpoint["rng"][rank])
-        print(f"resumed {run.dir} after step {checkpoint['step']}", flush=True)
+        first_step = restore_training_state(checkpoint, run, "step", **nets, optimizer=optimizer, data_rng=rng)
+        order, cursor, syncs = checkpoint["order"], checkpoint["cursor"], checkpoint["target_syncs"]
+    net = Deployed(policy, heads, value_trunk, args, task, greedy, adv_clip, autocast, device, start_model)
 
-    def generate(context, mask, max_new: int, min_new: int, extra: list, seeds: list[int], beta: float):
-        """pi_beta's cached generation; with beta > 0 its logits go through the ILQL processor. When
-        sampling, each row draws from its own seed, so the text does not depend on batch or process."""
-        if beta == 0:  # pi_beta alone, with the same temperature and top-k the ILQL processor applies
-            with autocast:
-                return policy.generate(
-                    context,
-                    mask,
-                    max_new,
-                    min_new,
-                    do_sample=not greedy,
-                    logits_processor=extra,
-                    temperature=args.temperature,
-                    top_k=args.top_k,
-                    seeds=seeds,
-                )
-        ilql = ILQLLogitsProcessor(policy, heads, value_trunk, mask, beta, args.top_k, adv_clip, args.temperature)
-        with ilql, autocast:
-            return policy.generate(
-                context, mask, max_new, min_new, do_sample=not greedy, logits_processor=extra + [ilql], seeds=seeds
-            )
+    def run_eval(step: int) -> dict:  # the deployed decoding (--beta), logged
+        return record_eval(run, *deployed_eval(net, args.beta), step, "step")
 
-    def deployed_logits(input_ids, attention_mask, start: int, beta: float) -> torch.Tensor:
-        """The ILQL policy's logits teacher-forced over a whole batch, for eval/perplexity: log pi_beta +
-        beta * (Q_target - V), clipped as at decoding. Like every script's perplexity it is the model's
-        distribution at temperature 1 without top-k (GRUE scores the model, not the decoding settings)."""
-        logits, hidden = policy(input_ids, attention_mask, start)
-        if heads is None or beta == 0:  # BC, %BC: pi_beta itself
-            return logits
-        if value_trunk is not None:
-            _, hidden = value_trunk(input_ids, attention_mask, start, with_logits=False)
-        _, v, target_q = heads(hidden)
-        return perturbed_logits(logits, target_q, v, beta, 0, adv_clip, 1.0)
-
-    def wordle_guesses(games: list, index: dict, beta: float, no_repeat: bool) -> list[str]:
-        """One guess per unfinished game, batched: every context has the same length (same turn)."""
-        context = torch.tensor([[wordle.TOKEN_ID[t] for t in g.tokens()] for g in games], device=device)
-        mask = torch.ones_like(context)
-        seeds = episode_seeds(args.seed, 1, len(games[0].guesses), [index[id(g)] for g in games])
-        rules = [wordle.GuessGrammar(context.shape[1])]
-        rules += [wordle.NoRepeat(context.shape[1], [g.guesses for g in games])] if no_repeat else []
-        ids, _ = generate(context, mask, 6, 0, rules, seeds, beta)
-        return ["".join(wordle.VOCAB[i] for i in row[:5]) for row in ids.tolist()]
-
-    def play_eval_games(beta: float, no_repeat: bool = False) -> list:
-        """The evaluation games, each rank playing its share; every rank gets all of them back."""
-        answers = wordle.eval_answers(args.eval_episodes)
-        mine = rank_share(len(answers))
-        first = mine.start
-        index: dict[int, int] = {}  # game -> its position among all evaluation games (its sampling seed)
-
-        def guess_fn(active):
-            if not index:  # the first turn: every game is still active, in order
-                index.update({id(g): first + i for i, g in enumerate(active)})
-            return wordle_guesses(active, index, beta, no_repeat)
-
-        games = wordle.play(answers[mine.start : mine.stop], guess_fn)
-        return [g for part in all_gather_objects(games) for g in part]
-
-    def deployed_eval(beta: float) -> tuple[dict, list]:
-        """Metrics and samples of the decoding at `beta` on held-out prompts or on the evaluation games,
-        shared among the ranks; sampling (if any) uses the same per-episode seeds at every evaluation."""
-        if is_wordle:
-            games = play_eval_games(beta)
-            return wordle.game_metrics(games), [(g.answer, g.text(), g.ret) for g in games]
-
-        def generate_fn(prompts, indices):
-            ids, mask = policy.encode_prompts(prompts, task.max_prompt_tokens, device)
-            return policy.decode(
-                *generate(
-                    ids,
-                    mask,
-                    task.max_new_tokens,
-                    task.min_new_tokens,
-                    [],
-                    episode_seeds(args.seed, 1, 0, indices),
-                    beta,
-                )
-            )
-
-        # perplexity under the policy deployed (pi_beta perturbed by the heads), ref_nll of its samples
-        # under the --model-name model as loaded
-        logits_fn = functools.partial(deployed_logits, beta=beta)
-        deployed = SimpleNamespace(
-            tokenizer=policy.tokenizer, text_nll=functools.partial(policy.text_nll, logits_fn=logits_fn)
-        )
-        return evaluate(
-            task,
-            generate_fn,
-            args.eval_episodes,
-            args.batch_size,
-            policy=deployed,
-            start_model=start_model,
-            response_length=task.max_new_tokens,
-        )
-
-    def run_eval(step: int) -> dict:
-        """The deployed decoding (--beta), logged."""
-        metrics, samples = deployed_eval(args.beta)
-        run.log_eval(metrics, samples, step)
-        print(f"eval @ step {step}: {eval_line(metrics)}", flush=True)
-        return metrics
-
-    def checkpoint_state(step: int) -> dict:
-        return {
-            "step": step,
-            "policy": policy.state_dict(),
-            "heads": heads.state_dict() if heads else None,
-            "value_trunk": value_trunk.state_dict() if value_trunk else None,
-            "optimizer": optimizer.state_dict(),
-            "target_syncs": syncs,
-            "data_rng": rng.bit_generator.state,
-            "order": order,
-            "cursor": cursor,
-        }
-
-    def flush(pending: list, since: float) -> None:
-        """The one host sync of a logging interval: average the pending steps' statistics over the ranks,
-        stop at the first non-finite loss (every rank reads the same averages, so all stop together),
-        then log every step and print the progress line."""
-        values = all_reduce(torch.stack([row for _, row, _, _ in pending]), "mean").tolist()
-        for (step, _, step_syncs, _), row in zip(pending, values, strict=True):
-            stats = dict(zip(names, row, strict=True))
-            losses = {k[len("losses/") :]: v for k, v in stats.items() if k.startswith("losses/")}
-            if not math.isfinite(losses["total_loss"]):
-                raise FloatingPointError(
-                    f"non-finite loss at update {step} (gradient step {step}/{args.total_steps}): "
-                    + ", ".join(f"{k} {v}" for k, v in losses.items())
-                )
-            run.log(
-                {**stats, "charts/target_syncs": step_syncs, "charts/learning_rate": optimizer.param_groups[0]["lr"]},
-                step,
-            )
-        elapsed, n_tokens = time.time() - since, sum(n for *_, n in pending)
-        run.log(
-            {
-                "charts/tokens_per_second": n_tokens / elapsed,
-                "charts/episodes_per_second": len(pending) * args.batch_size / elapsed,
-            },
-            step,
-        )
-        if step % args.print_every == 0 or step == args.total_steps:
-            print(
-                f"step {step}/{args.total_steps} | "
-                + " | ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "total_loss")
-                + (f" | advantage {stats['values/advantage']:+.3f}" if learn_values else "")
-                + f" | {n_tokens / elapsed:.0f} tok/s",
-                flush=True,
-            )
-
-    stop_on_sigterm()
-    step, pending, since, names = first_step - 1, [], time.time(), []
-    try:
+    step, pending, since = first_step - 1, [], time.time()
+    # Ctrl-C, SIGTERM: the steps since the last sync are logged (nothing non-finite is evaluated or saved), then on to
+    # the final evaluation; a fault: one line
+    with guard_training(run, "step", lambda: step, lambda: flush(run, pending, since, optimizer, args, learn_values)):
         if checkpoint is None:
             run_eval(0)
             order, cursor = refill_order(rng, len(keep), np.zeros(0, int), 0, args.batch_size)
         order_on_device = torch.as_tensor(order, device=device)
-        try:
-            for step in range(first_step, args.total_steps + 1):
-                if cursor + args.batch_size > len(order):
-                    order, cursor = refill_order(rng, len(keep), order, cursor, args.batch_size)
-                    order_on_device = torch.as_tensor(order, device=device)
-                # The global batch is order[cursor:cursor + batch_size]; this rank trains on its slice
-                mine = slice(cursor + rank * local_batch, cursor + (rank + 1) * local_batch)
-                width = int(lengths[order[mine]].max())  # right-padded: drop all-pad columns (host-side count)
-                # Every loss is a mean over this rank's action tokens; rescaled by this rank's share of the
-                # global batch's action tokens, the average over ranks is the mean over all of them.
-                token_share = (
-                    world_size
-                    * float(n_actions[order[mine]].sum())
-                    / float(n_actions[order[cursor : cursor + args.batch_size]].sum())
-                )
-                n_tokens = int(lengths[order[cursor : cursor + args.batch_size]].sum())
-                cursor += args.batch_size
-                batch = {k: v[order_on_device[mine], :width] for k, v in data.items()}
-                ids, attention = batch["input_ids"], batch["attention_mask"]
-                # ALGO LOGIC: align to the decision columns 1..T-1 (index j chose token j+1)
-                actions, mask = ids[:, 1:], batch["action_mask"][:, 1:].float()
-                rewards, dones = batch["rewards"][:, 1:], batch["dones"][:, 1:]
-
-                with autocast:
-                    pi_logits, hidden = policy(ids, attention, 1)
-                    if learn_values:
-                        if value_trunk is not None:
-                            _, hidden = value_trunk(ids, attention, 1, with_logits=False)
-                        q_logits, v, target_q_logits = heads(hidden)
+        for step in range(first_step, args.total_steps + 1):
+            # ALGO LOGIC: 3. the next global batch, order[cursor:cursor + batch_size]; this rank trains on its slice
+            if cursor + args.batch_size > len(order):
+                order, cursor = refill_order(rng, len(keep), order, cursor, args.batch_size)
+                order_on_device = torch.as_tensor(order, device=device)
+            mine = slice(cursor + rank * local_batch, cursor + (rank + 1) * local_batch)
+            width = int(lengths[order[mine]].max())  # right-padded: drop all-pad columns (host-side count)
+            # Every loss is a mean over this rank's action tokens; rescaled by this rank's share of the
+            # global batch's action tokens, the average over ranks is the mean over all of them.
+            token_share = (
+                world_size
+                * float(n_actions[order[mine]].sum())
+                / float(n_actions[order[cursor : cursor + args.batch_size]].sum())
+            )
+            n_tokens = int(lengths[order[cursor : cursor + args.batch_size]].sum())
+            cursor += args.batch_size
+            batch = {k: v[order_on_device[mine], :width] for k, v in data.items()}
+            ids, attention = batch["input_ids"], batch["attention_mask"]
+            # ALGO LOGIC: 4. align to the decision columns 1..T-1 (index j chose token j+1); pi_beta's logits and,
+            # unless BC, the Q/V heads on the value trunk's (or pi_beta's own) last hidden state
+            actions, mask = ids[:, 1:], batch["action_mask"][:, 1:].float()
+            rewards, dones = batch["rewards"][:, 1:], batch["dones"][:, 1:]
+            with autocast:
+                pi_logits, hidden = policy(ids, attention, 1)
                 if learn_values:
-                    loss, losses, stats = ilql_loss(
-                        pi_logits, q_logits, v, target_q_logits, actions, mask, rewards, dones, args, token_share
-                    )
-                else:
-                    losses, stats = {"bc_loss": bc_loss(pi_logits, actions, mask) * token_share}, {}
-                    loss = args.bc_weight * losses["bc_loss"]
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                sync_gradients(params)  # torchrun: average gradients over ranks (a no-op otherwise)
-                optimizer.step()
-                # ALGO LOGIC: Polyak-average the target at the configured rate, inside the step loop: trlX's
-                # callback runs once per epoch since its 2023 refactor, so its targets are almost never synced
-                if learn_values and step % args.target_update_every == 0:
-                    polyak_update(heads.target_q_heads, heads.q_heads, args.polyak_alpha)
-                    syncs += 1
+                    if value_trunk is not None:
+                        _, hidden = value_trunk(ids, attention, 1, with_logits=False)
+                    q_logits, v, target_q_logits = heads(hidden)
 
-                # TRY NOT TO MODIFY: keep this step's statistics on the device (no host sync per step)
-                with torch.no_grad():
-                    stats["objective/entropy"] = masked_mean(entropy_of(pi_logits), mask)
-                record = {
-                    "losses/total_loss": loss,
-                    **{f"losses/{k}": v for k, v in losses.items()},
-                    **{k: v * token_share for k, v in stats.items()},
-                }  # token means over all ranks, as the losses
-                names = list(record)
-                pending.append((step, torch.stack([v.detach().float() for v in record.values()]), syncs, n_tokens))
-                run.tokens += n_tokens
-                if (
-                    any(step % every == 0 for every in (args.print_every, args.eval_every, args.checkpoint_every))
-                    or step == args.total_steps
-                ):
-                    flush(pending, since)
-                    pending = []
-                    if step % args.eval_every == 0 and step != args.total_steps:
-                        run_eval(step)
-                    if step % args.checkpoint_every == 0 and step != args.total_steps:
-                        save_checkpoint(run, checkpoint_state(step))
-                    since = time.time()
-        except KeyboardInterrupt:  # keep what was learned: evaluate, save and summarise below
-            print(f"interrupted during step {step}; the last checkpoint is kept", flush=True)
-            if world_size > 1:  # the ranks stopped at different points: no collective evaluation is safe now
-                raise SystemExit(130) from None
-            if pending:  # the steps since the last sync: nothing non-finite is evaluated or saved
-                flush(pending, since)
-            print("evaluating and saving what was trained so far", flush=True)
-    except (FloatingPointError, RewardError, OSError) as error:  # the reward, the disk or a diverged loss: one line,
-        raise run.fault(error, step, "step") from error  # the last checkpoint kept, nothing new saved
+            # ALGO LOGIC: 5. the ILQL loss (BC alone for the baseline), one gradient step
+            if learn_values:
+                loss, losses, stats = ilql_loss(
+                    pi_logits, q_logits, v, target_q_logits, actions, mask, rewards, dones, args, token_share
+                )
+            else:
+                losses, stats = {"bc_loss": bc_loss(pi_logits, actions, mask) * token_share}, {}
+                loss = args.bc_weight * losses["bc_loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            sync_gradients(params)  # torchrun: average gradients over ranks (a no-op otherwise)
+            optimizer.step()
+            # ALGO LOGIC: 6. Polyak-average the target at the configured rate, inside the step loop: trlX's
+            # callback runs once per epoch since its 2023 refactor, so its targets are almost never synced
+            if learn_values and step % args.target_update_every == 0:
+                polyak_update(heads.target_q_heads, heads.q_heads, args.polyak_alpha)
+                syncs += 1
 
-    # TRY NOT TO MODIFY: final evaluation, model, summary
-    try:
-        run_eval(step)
-        beta_sweep = {}
-        for beta in args.eval_betas if heads is not None else []:  # the trained networks decoded at other betas
-            beta_sweep[str(beta)] = metrics = deployed_eval(beta)[0]
-            print(f"beta {beta:g}: {eval_line(metrics)}", flush=True)
-        oracle = {}
-        if is_wordle:  # diagnosis: pi_beta with repeats forbidden, the ceiling of vetoing pi_beta's repeats
-            oracle = wordle.game_metrics(play_eval_games(0.0, no_repeat=True))
-            print(f"pi_beta without repeats (oracle): {eval_line(oracle)}", flush=True)
-        if args.save_model:
-            run.save_policy(policy)  # pi_beta: plain AutoModelForCausalLM
-        if args.save_model and run.is_main and learn_values:  # the heads (and value trunk), to decode with beta > 0
-            heads_state = {
-                "heads": heads.state_dict(),
-                "value_trunk": value_trunk.state_dict() if value_trunk else None,
-            }
-            write_atomically(os.path.join(run.dir, "ilql_heads.pt"), lambda file: torch.save(heads_state, file))
-        summary = run.write_summary(
-            {"steps": step, "target_syncs": syncs, "beta_sweep": beta_sweep, "no_repeat_oracle": oracle}
-        )
-    except (RewardError, OSError) as error:
-        raise run.fault(error, step, "step") from error
-    run.close()
-    close_distributed()
-    print(
-        f"initial eval/return_mean {summary['initial']['eval/return_mean']:+.3f} -> final "
-        f"{summary['final']['eval/return_mean']:+.3f}; {summary['wall_seconds']:.0f}s, "
-        f"{summary['tokens_per_second']:.0f} tok/s; run dir {run.dir}",
-        flush=True,
+            # TRY NOT TO MODIFY: keep this step's statistics on the device (no host sync per step)
+            with torch.no_grad():
+                stats["objective/entropy"] = masked_mean(entropy_of(pi_logits), mask)
+            record = {
+                "losses/total_loss": loss,
+                **{f"losses/{k}": v for k, v in losses.items()},
+                **{k: v * token_share for k, v in stats.items()},
+            }  # token means over all ranks, as the losses
+            pending.append((step, {k: v.detach().float() for k, v in record.items()}, syncs, n_tokens))
+            if not (
+                any(step % every == 0 for every in (args.print_every, args.eval_every, args.checkpoint_every))
+                or step == args.total_steps
+            ):
+                continue
+            flush(run, pending, since, optimizer, args, learn_values)
+            pending = []
+            if step % args.eval_every == 0 and step != args.total_steps:
+                run_eval(step)
+            if step % args.checkpoint_every == 0 and step != args.total_steps:
+                state = training_state(
+                    step, **nets, optimizer=optimizer, target_syncs=syncs, data_rng=rng, order=order, cursor=cursor
+                )
+                save_checkpoint(run, state)
+            since = time.time()
+
+    # TRY NOT TO MODIFY: final evaluation (and the --eval-betas sweep), model and heads, summary
+    extra = {"steps": step, "target_syncs": syncs, "beta_sweep": {}, "no_repeat_oracle": {}}
+    return finish_run(
+        run,
+        policy,
+        lambda step: final_eval(net, run_eval, step, extra),
+        step,
+        extra,
+        "step",
+        save_more=lambda: save_heads(run, heads, value_trunk),
     )
-    return summary
 
 
 if __name__ == "__main__":

@@ -11,11 +11,12 @@ from __future__ import annotations
 import torch
 
 
-def right_pad(rows: list[list[int]], value: int, min_width: int = 0) -> torch.Tensor:
-    """Token-id rows as one right-padded `[N, max(longest row, min_width)]` long tensor."""
-    out = torch.full((len(rows), max([min_width, *map(len, rows)])), value, dtype=torch.long)
+def right_pad(rows: list[list], value, min_width: int = 0, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Rows (token ids, or per-token values of `dtype`) as one right-padded `[N, max(longest row, min_width)]`
+    tensor."""
+    out = torch.full((len(rows), max([min_width, *map(len, rows)])), value, dtype=dtype)
     for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        out[i, : len(r)] = torch.tensor(r, dtype=dtype)
     return out
 
 

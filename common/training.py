@@ -110,9 +110,12 @@ def training_state(step: int, **parts) -> dict:
 
 def restore_training_state(checkpoint: dict, run: Run, unit: str = "update", **parts) -> int:
     """`--resume`: put back every part that `training_state` saved under the same name (`load_state_dict`, or a
-    numpy Generator's state) and this rank's RNG states, say where the run continues, and return the first step
-    still to run. Plain values the caller reads from `checkpoint` itself."""
+    numpy Generator's state; a part that is None, an optional network the run does not have, is skipped) and this
+    rank's RNG states, say where the run continues, and return the first step still to run. Plain values the caller
+    reads from `checkpoint` itself."""
     for name, part in parts.items():
+        if part is None:
+            continue
         if isinstance(part, np.random.Generator):
             part.bit_generator.state = checkpoint[name]
         else:
@@ -136,33 +139,49 @@ def stop_on_fault(run: Run, step: int = 0, unit: str = "update"):
 
 
 @contextlib.contextmanager
-def guard_training(run: Run, unit: str, current_step: Callable[[], int]):
+def guard_training(
+    run: Run, unit: str, current_step: Callable[[], int], on_interrupt: Optional[Callable[[], None]] = None
+):
     """Around the training loop. SIGTERM (`stop_on_sigterm`) and Ctrl-C stop the loop and keep what was learned: the
     run goes on to its final evaluation, model and summary (one process; under torchrun the ranks stopped at
-    different points, where no collective is safe, so it exits with 130). The user's reward, the disk or a diverged
-    loss stop it with `Run.fault`'s line: the last checkpoint kept, nothing new saved. `current_step()` says where."""
+    different points, where no collective is safe, so it exits with 130), after `on_interrupt()` (e.g. logging the
+    steps not yet synced). The user's reward, the disk or a diverged loss, in the loop or in `on_interrupt`, stop it
+    with `Run.fault`'s line: the last checkpoint kept, nothing new saved. `current_step()` says where."""
     stop_on_sigterm()
     try:
-        yield
-    except KeyboardInterrupt:
-        print(f"interrupted during {unit} {current_step()}; the last checkpoint is kept", flush=True)
-        if world()[1] > 1:
-            raise SystemExit(130) from None
-        print("evaluating and saving what was trained so far", flush=True)
+        try:
+            yield
+        except KeyboardInterrupt:
+            print(f"interrupted during {unit} {current_step()}; the last checkpoint is kept", flush=True)
+            if world()[1] > 1:
+                raise SystemExit(130) from None
+            if on_interrupt is not None:
+                on_interrupt()
+            print("evaluating and saving what was trained so far", flush=True)
     except (FloatingPointError, RewardError, OSError) as error:
         raise run.fault(error, current_step(), unit) from error
 
 
 def finish_run(
-    run: Run, policy, run_eval: Callable[[int], dict], step: int, extra: dict, unit: str = "update", label: str = ""
+    run: Run,
+    policy,
+    run_eval: Callable[[int], dict],
+    step: int,
+    extra: dict,
+    unit: str = "update",
+    label: str = "",
+    save_more: Optional[Callable[[], None]] = None,
 ) -> dict:
-    """The end of every run: the final evaluation (`run_eval(step)`), the model (`--save-model`), `summary.json`
-    with `extra`; then the run and the process group are closed and one line (`label` first) sums the run up. A
-    fault on the way (the reward, the disk) stops the run with `Run.fault`'s line."""
+    """The end of every run: the final evaluation (`run_eval(step)`), the model (`--save-model`; then `save_more()`
+    for what else the run keeps beside it), `summary.json` with `extra` (read after `run_eval`, which may add to it);
+    then the run and the process group are closed and one line (`label` first) sums the run up. A fault on the way
+    (the reward, the disk) stops the run with `Run.fault`'s line."""
     try:
         run_eval(step)
         if run.args.save_model:
             run.save_policy(policy)
+            if save_more is not None:
+                save_more()
         summary = run.write_summary(extra)
     except (RewardError, OSError) as error:
         raise run.fault(error, step, unit) from error

@@ -246,6 +246,23 @@ def play(answers: Sequence[str], guess_fn: Callable[[list[Game]], list[str]]) ->
     return games
 
 
+def play_shared(answers: Sequence[str], guess_fn: Callable[[list[Game], list[int]], list[str]]) -> list[Game]:
+    """`play`, each rank (torchrun) playing its contiguous share of the answers; every rank gets all the games back.
+    `guess_fn` also gets each unfinished game's position among all the answers (e.g. its sampling seed)."""
+    from common.utils import all_gather_objects, rank_share
+
+    mine = rank_share(len(answers))
+    index: dict[int, int] = {}  # game -> its position among all the answers
+
+    def guess(active: list[Game]) -> list[str]:
+        if not index:  # the first turn: every game is still active, in order
+            index.update({id(g): mine.start + i for i, g in enumerate(active)})
+        return guess_fn(active, [index[id(g)] for g in active])
+
+    games = play(answers[mine.start : mine.stop], guess)
+    return [g for part in all_gather_objects(games) for g in part]
+
+
 def game_metrics(games: Sequence[Game]) -> dict[str, float]:
     """The eval/* metrics of a set of finished games. `mean_guesses` counts a lost game's 6 guesses;
     `nonword_rate` is the fraction of guesses that are not on the word list (legal, but wasted);

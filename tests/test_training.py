@@ -106,6 +106,36 @@ def test_guard_training_keeps_what_was_learned_and_stops_on_a_fault(tmp_path, ca
     assert str(stop.value.code).startswith("error: cannot write state.pt: No space left on device (at update 4)")
 
 
+def test_guard_training_runs_on_interrupt_and_a_fault_in_it_stops_with_one_line(tmp_path, capsys):
+    """`on_interrupt` (ilql.py: log the steps not yet synced) runs after Ctrl-C, before the final evaluation; a
+    diverged loss it finds stops the run with Run.fault's line, as one in the loop would."""
+    run = make_run(tmp_path)
+    step, calls = 5, []
+    with guard_training(run, "step", lambda: step, on_interrupt=lambda: calls.append(step)):
+        raise KeyboardInterrupt
+    out = capsys.readouterr().out
+    assert calls == [5] and out.index("interrupted during step 5") < out.index("evaluating and saving")
+
+    def diverged():
+        raise FloatingPointError("non-finite loss at update 6")
+
+    step = 6
+    with pytest.raises(SystemExit) as stop, guard_training(run, "step", lambda: step, on_interrupt=diverged):
+        raise KeyboardInterrupt
+    assert "non-finite loss at update 6" in str(stop.value.code)
+    assert "evaluating and saving" not in capsys.readouterr().out
+
+
+def test_restore_training_state_skips_parts_that_are_none(tmp_path):
+    """An optional network the run does not have (ilql.py's heads for BC) is saved as None and skipped on resume."""
+    run = make_run(tmp_path)
+    model = torch.nn.Linear(2, 2)
+    state = {**training_state(3, model=model, heads=None), "rng": [rng_states()]}
+    assert state["heads"] is None
+    assert restore_training_state(state, run, "step", model=torch.nn.Linear(2, 2), heads=None) == 4
+    run.close()
+
+
 def test_finish_run_evaluates_and_writes_the_summary(tmp_path, capsys):
     run = make_run(tmp_path)
     calls = []
@@ -122,3 +152,21 @@ def test_finish_run_evaluates_and_writes_the_summary(tmp_path, capsys):
     with open(os.path.join(run.dir, "summary.json")) as f:
         assert json.load(f)["final"] == {"eval/return_mean": 0.75}
     assert "a_lol: initial eval/return_mean +0.500 -> final +0.750" in capsys.readouterr().out
+
+
+def test_finish_run_saves_more_only_with_save_model(tmp_path):
+    """`save_more` (ilql.py: the value heads) runs after the policy is saved, and only with --save-model."""
+    saved = []
+    for save_model in (False, True):
+        run = Run(
+            dataclasses.replace(ScriptArgs(), output_dir=str(tmp_path / str(save_model)), save_model=save_model),
+            script="t.py",
+        )
+        run.save_policy = lambda policy: saved.append("policy")
+
+        def run_eval(step: int, run=run) -> dict:
+            run.log_eval({"eval/return_mean": 0.0}, [], step)
+            return {}
+
+        finish_run(run, None, run_eval, 1, {}, "step", save_more=lambda: saved.append("more"))
+    assert saved == ["policy", "more"]
