@@ -324,9 +324,8 @@ def test_ilql_wordle_reads_the_curve_beta_sweep_and_oracle_from_a_log():
 def test_phase_benchmark_counts_gpt2_matmul_weights():
     """GPT-2's block holds 12 d^2 matmul weights (attention 3d^2 + d^2, MLP 4d^2 + 4d^2); the embedding tables
     and the tied output layer are not trunk weights (the output layer is counted per response token)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     import ppo_phases
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2))
     assert ppo_phases.matmul_weights(model) == 2 * 12 * 16**2
