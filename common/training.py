@@ -2,7 +2,7 @@
 out over the ranks, response lengths from the flags, evaluations logged and printed, the interval's statistics
 reduced over the ranks in one sync, throughput, what a checkpoint keeps of the loop and how `--resume` puts it back,
 how a run stops (bad input, a fault, Ctrl-C or SIGTERM) and how it ends (the final evaluation, the model,
-`summary.json`). Written for any script's loop; ppo.py, nlpo.py and alol.py use it."""
+`summary.json`). Written for any script's loop; ppo.py, nlpo.py, ilql.py and alol.py use it."""
 
 from __future__ import annotations
 
