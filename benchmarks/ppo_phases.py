@@ -38,6 +38,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+START, END = "<!-- ppo-phases:start -->", "<!-- ppo-phases:end -->"
 PHASES = ("generation", "scoring passes", "minibatch forward", "backward", "optimizer", "reward", "other")
 
 
@@ -109,6 +110,22 @@ def matmul_weights(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.dim() == 2 and id(p) not in skip)
 
 
+def phase_table(records: list[dict]) -> str:
+    """One row per record of `--json`: the run's shape, samples/s, each phase's share of the update, MFU."""
+    head = "| script | model | device | bf16 | batch / minibatch x length | samples/s | s per update | "
+    head += " | ".join(PHASES) + " | training TFLOP/s | MFU |"
+    lines = [head, "|" + "---|" * (9 + len(PHASES))]
+    for r in records:
+        shares = " | ".join(f"{100 * r['phase_seconds_per_update'][k] / r['update_seconds']:.0f}%" for k in PHASES)
+        mfu = f"{100 * r['mfu']:.0f}% of {r['peak_tflops']:.3g}" if "mfu" in r else "-"
+        lines.append(
+            f"| {r['script']} | {os.path.basename(r['model'])} | {r['device']} | {'yes' if r['bf16'] else 'no'} "
+            f"| {r['batch']} / {r['minibatch']} x {r['response_length']} | {r['samples_per_second']:.3g} "
+            f"| {r['update_seconds']:.3g} | {shares} | {r['train_tflops']:.3g} | {mfu} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--script", default="ppo.py", choices=("ppo.py", "nlpo.py"))
@@ -119,7 +136,11 @@ def main(argv=None) -> dict:
     p.add_argument("--response-length", type=int, default=24)
     p.add_argument("--peak", action="store_true", help="also measure the matmul peak and report MFU")
     p.add_argument("--json", default="", help="append the result to this JSON list")
+    p.add_argument("--page", default="", help="write the --json file's table into this page's ppo-phases region")
+    p.add_argument("--table-only", action="store_true", help="run nothing: the table of --json (into --page)")
     args, extra = p.parse_known_args(argv)  # the rest are the script's own flags
+    if args.table_only:
+        return write_table(args)
 
     import common.models
     import common.tasks
@@ -219,15 +240,29 @@ def main(argv=None) -> dict:
     )
     for k, v in result["phase_seconds_per_update"].items():
         print(f"  {k:18s} {v:8.3f} s  {100 * v / result['update_seconds']:5.1f}%")
-    line = f"  training phase: {result['train_tflops']:.2f} TFLOP/s"
+    line = f"  training phase: {result['train_tflops']:.3g} TFLOP/s"
     if args.peak:
-        line += f" of a measured {result['peak_tflops']:.1f} peak (MFU {100 * result['mfu']:.1f}%)"
+        line += f" of a measured {result['peak_tflops']:.3g} peak (MFU {100 * result['mfu']:.1f}%)"
     print(line)
     if args.json:
         records = json.load(open(args.json)) if os.path.exists(args.json) else []
         with open(args.json, "w") as f:
             json.dump(records + [result], f, indent=1)
+        write_table(args)
     return result
+
+
+def write_table(args) -> dict:
+    """Print the table of every record in `--json`, and write it into `--page`'s region."""
+    records = json.load(open(args.json)) if args.json and os.path.exists(args.json) else []
+    text = phase_table(records)
+    print(text)
+    if args.page:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from resumable import write_region
+
+        write_region(args.page, text, START, END)
+    return {}
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ OTHER = {
     "benchmarks/ppo_phases.py": lambda tmp: [
         *("--model-name", "tiny-gpt2", "--updates", "1", "--rollout-batch-size", "8", "--minibatch-size", "8"),
         *("--response-length", "8", "--ppo-epochs", "1", "--output-dir", os.path.join(tmp, "runs")),
+        *("--json", os.path.join(tmp, "phases.json"), "--page", os.path.join(tmp, "phases.md")),
     ],
     "benchmarks/generation.py": lambda tmp: [
         *("--model-name", "tiny-gpt2", "--batch", "4", "--length", "4", "--repeats", "1")
