@@ -231,7 +231,7 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
 
 def pick_device(use_cuda: bool) -> torch.device:
     """CUDA when asked for and present, else CPU. On CUDA, fp32 matmuls (the output layer, value heads, the
-    whole model with --no-bf16) may use TF32 tensor cores: a 10-bit mantissa instead of 23, still finer than bf16."""
+    whole model with --bf16 off) may use TF32 tensor cores: a 10-bit mantissa instead of 23, still finer than bf16."""
     if use_cuda and torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
         return torch.device("cuda")
