@@ -48,7 +48,7 @@ import tyro
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from common.batches import prompt_then_response
-from common.models import Policy, ValueHead, frozen_copy, load_policy, top_k_top_p_keep
+from common.models import IncrementalLM, Policy, ValueHead, frozen_copy, load_policy, top_k_top_p_keep
 from common.tasks import evaluate, make_task
 from common.training import (
     finish_run,
@@ -377,9 +377,9 @@ def refresh_mask_policy(mask_policy: nn.Module, policy: nn.Module, update: int, 
 
 class NLPOLogitsProcessor(LogitsProcessor):
     """Applies the NLPO mask inside the policy's cached `generate`: at each step the masking policy reads the
-    newest token on its own KV cache (one token per step, not RL4LMs' full-sequence re-run, which is O(T^2)),
-    its top-p set is kept and every other token's score becomes -inf. `masks` records each step's keep-mask,
-    so the ratio can use exactly the action sets the rollout was sampled from."""
+    newest token on its own KV cache (`IncrementalLM`: one token per step, not RL4LMs' full-sequence re-run, which
+    is O(T^2)), its top-p set is kept and every other token's score becomes -inf. `masks` records each step's
+    keep-mask, so the ratio can use exactly the action sets the rollout was sampled from."""
 
     def __init__(
         self,
@@ -390,39 +390,9 @@ class NLPOLogitsProcessor(LogitsProcessor):
         min_tokens_to_keep: int,
         always_keep: torch.Tensor,
     ):
-        self.mask_policy, self.prompt_ids, self.prompt_mask = mask_policy, prompt_ids, prompt_mask
+        self.next_token_logits = IncrementalLM(mask_policy, prompt_ids, prompt_mask)
         self.top_p, self.min_tokens_to_keep, self.always_keep = top_p, min_tokens_to_keep, always_keep
         self.masks: list[torch.Tensor] = []
-        self.cache, self.encoder_outputs, self.attention_mask = None, None, prompt_mask
-
-    @torch.no_grad()
-    def next_token_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        model = self.mask_policy.model
-        if self.mask_policy.is_seq2seq:  # `input_ids` are the decoder's; the prompt is encoded once per rollout
-            if self.encoder_outputs is None:
-                self.encoder_outputs = model.get_encoder()(input_ids=self.prompt_ids, attention_mask=self.prompt_mask)
-            out = model(
-                encoder_outputs=self.encoder_outputs,
-                attention_mask=self.prompt_mask,
-                decoder_input_ids=input_ids if self.cache is None else input_ids[:, -1:],
-                past_key_values=self.cache,
-                use_cache=True,
-            )
-        else:  # the first call sees the whole (left-padded) prompt, later calls one new token each
-            new = input_ids if self.cache is None else input_ids[:, -1:]
-            if self.cache is not None:
-                self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(new)], 1)
-            # Left padding: positions count real tokens only, as `generate` and `Policy.forward` do.
-            position_ids = (self.attention_mask.cumsum(1) - 1).clamp(min=0)[:, -new.shape[1] :]
-            out = model(
-                input_ids=new,
-                attention_mask=self.attention_mask,
-                position_ids=position_ids,
-                past_key_values=self.cache,
-                use_cache=True,
-            )
-        self.cache = out.past_key_values
-        return out.logits[:, -1]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         keep = top_p_keep_mask(self.next_token_logits(input_ids), self.top_p, self.min_tokens_to_keep, self.always_keep)

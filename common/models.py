@@ -334,6 +334,45 @@ class SeededSampling(LogitsProcessor):
         return scores.float() / self.temperature + gumbel
 
 
+class IncrementalLM:
+    """A second model's next-token logits alongside `generate`, one call per step: the first call reads the whole
+    (left-padded) prompt, later calls the newest token only, on the model's own KV cache (nlpo.py's masking
+    policy). For a seq2seq model, `input_ids` are the decoder's and the prompt is encoded once."""
+
+    def __init__(self, policy: Policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+        self.policy, self.prompt_ids, self.prompt_mask = policy, prompt_ids, prompt_mask
+        self.cache, self.encoder_outputs, self.attention_mask = None, None, prompt_mask
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        model = self.policy.model
+        if self.policy.is_seq2seq:
+            if self.encoder_outputs is None:
+                self.encoder_outputs = model.get_encoder()(input_ids=self.prompt_ids, attention_mask=self.prompt_mask)
+            out = model(
+                encoder_outputs=self.encoder_outputs,
+                attention_mask=self.prompt_mask,
+                decoder_input_ids=input_ids if self.cache is None else input_ids[:, -1:],
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+        else:
+            new = input_ids if self.cache is None else input_ids[:, -1:]
+            if self.cache is not None:
+                self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(new)], 1)
+            # Left padding: positions count real tokens only, as `generate` and `Policy.forward` do.
+            position_ids = (self.attention_mask.cumsum(1) - 1).clamp(min=0)[:, -new.shape[1] :]
+            out = model(
+                input_ids=new,
+                attention_mask=self.attention_mask,
+                position_ids=position_ids,
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+        self.cache = out.past_key_values
+        return out.logits[:, -1]
+
+
 class ValueHead(nn.Module):
     """A scalar value per position from a hidden state (RL4LMs: Linear(hidden, 1, bias=False))."""
 
