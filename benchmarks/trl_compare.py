@@ -93,6 +93,8 @@ def load_model(task):
     path = resolve_model_path(MODEL, task)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:  # GPT-2 has none; EOS stands in, as in ppo.py (common/models.load_policy)
+        tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path)
     disable_dropout(model)
     return path, model, tokenizer
