@@ -22,7 +22,7 @@ sys.path.insert(0, ROOT)
 
 from common.models import load_policy  # noqa: E402  (ROOT must be on sys.path first)
 from common.tasks import make_task  # noqa: E402
-from common.utils import bf16_autocast  # noqa: E402
+from common.utils import bf16_autocast, pick_device  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -33,7 +33,7 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=5, help="timed calls per variant, alternating")
     p.add_argument("--cuda", action="store_true", help="run on the GPU, under bf16 autocast as the scripts do")
     args = p.parse_args(argv)
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    device = pick_device(args.cuda)
     task = make_task("sentiment")
     policy = load_policy(args.model_name, task, device)
     ids, mask = policy.encode_prompts(task.train_prompts[: args.batch], task.max_prompt_tokens, device)

@@ -143,7 +143,7 @@ def main(argv=None) -> dict:
         return write_table(args)
 
     import common.models
-    import common.tasks
+    from common.utils import bf16_enabled, pick_device
 
     module = __import__(args.script[:-3])
     flags = [
@@ -160,7 +160,7 @@ def main(argv=None) -> dict:
         *extra,
     ]
     run_args = module.tyro.cli(module.Args, args=flags)
-    device = "cuda" if run_args.cuda and torch.cuda.is_available() else "cpu"
+    device = pick_device(run_args.cuda).type
     timer = PhaseTimer(device)
     update_marks = []  # time of each rollout's start: update k spans marks[k] .. marks[k + 1]
 
@@ -219,7 +219,7 @@ def main(argv=None) -> dict:
         "script": args.script,
         "model": args.model_name,
         "device": torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
-        "bf16": run_args.bf16 == "on" or (run_args.bf16 == "auto" and device == "cuda"),
+        "bf16": bf16_enabled(torch.device(device), run_args.bf16),
         "batch": args.rollout_batch_size,
         "minibatch": args.minibatch_size,
         "response_length": args.response_length,
@@ -245,17 +245,24 @@ def main(argv=None) -> dict:
         line += f" of a measured {result['peak_tflops']:.3g} peak (MFU {100 * result['mfu']:.1f}%)"
     print(line)
     if args.json:
-        records = json.load(open(args.json)) if os.path.exists(args.json) else []
+        records = load_records(args.json) + [result]  # read before the file is opened for writing
         with open(args.json, "w") as f:
-            json.dump(records + [result], f, indent=1)
+            json.dump(records, f, indent=1)
         write_table(args)
     return result
 
 
+def load_records(path: str) -> list[dict]:
+    """The records of a `--json` file; none when there is no file yet."""
+    if not path or not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
+
+
 def write_table(args) -> dict:
     """Print the table of every record in `--json`, and write it into `--page`'s region."""
-    records = json.load(open(args.json)) if args.json and os.path.exists(args.json) else []
-    text = phase_table(records)
+    text = phase_table(load_records(args.json))
     print(text)
     if args.page:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -238,15 +238,19 @@ def pick_device(use_cuda: bool) -> torch.device:
     return torch.device("cpu")
 
 
+def bf16_enabled(device: torch.device, bf16: str = "auto") -> bool:
+    """Whether the --bf16 setting turns bf16 autocast on for `device`: "on", or "auto" on CUDA."""
+    if bf16 not in ("auto", "on", "off"):
+        raise ValueError(f"bf16 must be auto, on or off, got {bf16!r}")
+    return bf16 == "on" or (bf16 == "auto" and device.type == "cuda")
+
+
 def bf16_autocast(device: torch.device, bf16: str = "auto") -> torch.autocast:
-    """The autocast context of the transformer passes: bf16 on `device` if `bf16` is "on", or "auto" on CUDA.
+    """The autocast context of the transformer passes: bf16 on `device` if `bf16_enabled`.
     It follows the device, so the bf16 path runs on CPU too (tests use that). The pieces whose precision
     matters run in fp32 inside it: the output layer and log-softmax (`models.FP32OutputLayer`), value heads,
     losses, and rewards (`full_precision` in `Task.score`)."""
-    if bf16 not in ("auto", "on", "off"):
-        raise ValueError(f"bf16 must be auto, on or off, got {bf16!r}")
-    enabled = bf16 == "on" or (bf16 == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_enabled(device, bf16))
 
 
 @contextlib.contextmanager
