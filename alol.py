@@ -323,7 +323,7 @@ def finetune_reference(
         )
     total = args.ref_epochs * per_epoch
     parameters = list(policy.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total)
     policy.train()
     step, since, window = 0, time.time(), []
@@ -434,7 +434,7 @@ def train_value_head(
     train_idx, holdout_idx = np.flatnonzero(~is_holdout), torch.as_tensor(np.flatnonzero(is_holdout))
     if len(train_idx) == 0:
         raise ValueError("the value head needs at least 2 value prompts (one to train on, one held out)")
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, fused=True)
 
     def heldout_mse() -> float:
         head.eval()
@@ -791,7 +791,7 @@ def main(args: Args) -> dict:
 
     # 5. the optimiser (G L520-523: AdamW, linear decay without warmup, gradient clip 1.0)
     parameters = list(policy.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 1.0 - step / args.total_steps if args.anneal_lr else 1.0
     )

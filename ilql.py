@@ -622,7 +622,7 @@ def main(args: Args) -> dict:
     params = [p for m in nets.values() if m is not None for p in m.parameters() if p.requires_grad]
     from_scratch = is_wordle and args.model_name == "tiny-gpt2"
     lr = args.learning_rate if args.learning_rate is not None else (3e-3 if from_scratch else 5e-4)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, fused=True)
     policy.train()
     # The episode order is drawn by every rank alike; each rank takes its slice of every global batch.
     rng = np.random.default_rng(args.seed)

@@ -497,7 +497,7 @@ def pretrain(model: RewardLM, env: InclusivePopulationEnv, args: Args, seed: int
     corpus = env.pretrain_corpus(args.pretrain_size, np.random.default_rng([seed, 1]))
     x, r, f = (torch.as_tensor(a, device=device) for a in corpus)
     gen = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, weight_decay=0.0, fused=True)
     # warm-up then cosine decay: at a constant rate the rare responses' feedback never settles
     total_steps = max(1, args.pretrain_epochs * -(-len(x) // args.pretrain_batch_size))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.pretrain_lr, pct_start=0.1, total_steps=total_steps)
@@ -566,7 +566,7 @@ def run_agent(
     replay_coef = args.replay_coef if one_lm else 0.0
     # the same prompts and raters for every agent
     prompt_rng, rater_rng = np.random.default_rng([seed, 2]), np.random.default_rng([seed, 3])
-    optimizer = torch.optim.AdamW(model.lm.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.lm.parameters(), lr=args.learning_rate, weight_decay=0.0, fused=True)
     with torch.no_grad():  # the prior mean of every response's approval logit: the pretrained LM's belief
         ell_prior = model.table(env.P, env.R)[1]
     buffer = {k: torch.empty(0, device=device) for k in ("x", "r", "f", "w")}

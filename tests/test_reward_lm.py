@@ -320,7 +320,7 @@ def test_fit_follows_the_labels_and_unqueried_responses_keep_belief_and_spread()
     with torch.no_grad():
         ell_prior = model.table(P, Rn)[1]
     spread_before = model.table(P, Rn)[2].std(0)
-    optimizer = torch.optim.AdamW(model.lm.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.lm.parameters(), lr=args.learning_rate, weight_decay=0.0, fused=True)
     stats = R.fit_feedback(
         model, optimizer, n, k, ell_prior, (x[:1], r[:1]), 0.0, args, torch.Generator().manual_seed(1)
     )
