@@ -30,6 +30,7 @@ import argparse
 import functools
 import json
 import os
+import resource
 import sys
 import time
 
@@ -228,7 +229,12 @@ def main(argv=None) -> dict:
         "update_seconds": wall / args.updates,
         "phase_seconds_per_update": {k: v / args.updates for k, v in phases.items()},
         "train_tflops": train_flops / train_seconds / 1e12,
-        "peak_memory_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
+        # CUDA: the tensors' peak on the device; CPU: the process's peak resident memory (models, optimizer, imports)
+        "peak_memory_mib": (
+            torch.cuda.max_memory_allocated() / 2**20
+            if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        ),
     }
     if args.peak:
         dtype = torch.bfloat16 if result["bf16"] else torch.float32

@@ -329,3 +329,27 @@ def test_phase_benchmark_counts_gpt2_matmul_weights():
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2))
     assert ppo_phases.matmul_weights(model) == 2 * 12 * 16**2
+
+
+def test_cost_curve_table_orders_points_by_model_then_length():
+    """One row per point, the tiny model first and lengths ascending, the CPU's missing memory shown as '-'."""
+    import cost_curve
+
+    def point(model, length, memory):
+        return {
+            "model": model,
+            "device": "CPU (1 threads)",
+            "batch": 8,
+            "minibatch": 8,
+            "response_length": length,
+            "samples_per_second": 100.0 / length,
+            "update_seconds": length / 10,
+            "peak_memory_mib": memory,
+        }
+
+    rows = cost_curve.table(
+        [point("runs/gpt2-small-shape", 48, 6000.4), point("tiny-gpt2", 96, None), point("tiny-gpt2", 24, 550.0)]
+    ).splitlines()[2:]
+    assert [r.split(" | ")[0] for r in rows] == ["| tiny-gpt2", "| tiny-gpt2", "| gpt2-small-shape"]
+    assert [r.split(" | ")[3] for r in rows] == ["24", "96", "48"]
+    assert rows[0].endswith("| 550 |") and rows[1].endswith("| - |") and rows[2].endswith("| 6000 |")

@@ -61,6 +61,15 @@ OTHER = {
         *("--response-length", "8", "--ppo-epochs", "1", "--output-dir", os.path.join(tmp, "runs")),
         *("--json", os.path.join(tmp, "phases.json"), "--page", os.path.join(tmp, "phases.md")),
     ],
+    "benchmarks/cost_curve.py": lambda tmp: [
+        *("--models", "tiny-gpt2", "--lengths", "4", "--results", os.path.join(tmp, "cost.json")),
+        *("--page", os.path.join(tmp, "cost.md"), "--figure", os.path.join(tmp, "cost.png")),
+        *("--rollout-batch-size", "8", "--minibatch-size", "8", "--ppo-epochs", "1"),
+        *("--output-dir", os.path.join(tmp, "runs")),
+    ],
+    "benchmarks/ddp_sync.py": lambda tmp: [
+        *("--model-name", "tiny-gpt2", "--batch", "2", "--steps", "1", "--rounds", "1", "--no-cuda")
+    ],
     "benchmarks/generation.py": lambda tmp: [
         *("--model-name", "tiny-gpt2", "--batch", "4", "--length", "4", "--repeats", "1")
     ],
@@ -174,6 +183,8 @@ def plan(command: str, tmp: str) -> tuple[str, list[str]]:
     if argv[0] == "torchrun":
         at = next(i for i, a in enumerate(argv) if a.endswith(".py"))
         script, flags = argv[at], argv[at + 1 :]
+        if script in OTHER:  # a benchmark program: its own tiny arguments
+            return "run", [*TORCHRUN_2, script, *flags, *OTHER[script](tmp)]
         if needs_network(flags) or "--nnodes" in argv or "--resume" in flags:
             return "parse", [script, *flags]
         return "run", [
