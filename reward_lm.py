@@ -14,8 +14,8 @@ the prior; the improved policy is read off the same model by Bayes' rule, with n
 pi_beta(y | x) ~ pi_ref(y | x) * p(<+> | x, y) ** beta (beta = 1: the LM conditioned on approval; beta = inf:
 argmax). Epistemic uncertainty comes from an ensemble of heads with randomized priors, one offset per response
 around the LM's belief; Thompson sampling queries the response that is best under one sampled head.
-The built-in didactic task: rater groups whose deployed mix differs from the historical mix the LM
-was pretrained on, so the response the pretrained LM undervalues ("inclusive") is in fact the best
+The built-in didactic task (common/inclusive.py): rater groups whose deployed mix differs from the historical
+mix the LM was pretrained on, so the response the pretrained LM undervalues ("inclusive") is in fact the best
 for the whole population. Agents differ only in which response they query.
 
 Run:  python reward_lm.py                 # ts, greedy, passive on seeds 101-120
@@ -23,21 +23,20 @@ Run:  python reward_lm.py                 # ts, greedy, passive on seeds 101-120
 """
 
 import copy
-import csv
 import datetime
-import io
 import math
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from torch.utils.tensorboard import SummaryWriter
 
+from common import inclusive
 from common.models import load_causal_lm
 from common.utils import (
     Run,
@@ -46,13 +45,13 @@ from common.utils import (
     all_gather_objects,
     close_distributed,
     error_line,
+    exact_div,
     init_distributed,
     map_in_waves,
     resume_args,
     seed_everything,
     stop_on_sigterm,
     validate_args,
-    write_atomically,
     writing_dir,
 )
 
@@ -141,112 +140,22 @@ class Args(RunArgs):
     """torch CPU threads (this tiny model gains nothing from more)"""
 
 
-# The allowed values of the numeric flags, checked before any work (common/utils.py `validate_args`: "(0, inf)" is
-# positive, a bound "inf]" admits infinity; float flags not named here must be finite).
-LIMITS = {
-    "n_prompts": "(0, inf)",
-    "n_answer_tokens": "(0, inf)",
+# The allowed values of the numeric flags, checked before any work (common/utils.py `validate_args`; a bound "inf]"
+# admits infinity; float flags not named here must be finite): positive, except the few listed after.
+LIMITS = dict.fromkeys(
+    "n_prompts n_answer_tokens pretrain_size n_embd n_layer n_head pretrain_batch_size pretrain_lr ensemble_size"
+    " prior_scale num_seeds queries queries_per_round max_fit_steps learning_rate replay_batch_size buffer_size"
+    " boltzmann_temperature progress_every threads".split(),
+    "(0, inf)",
+) | {
     "inclusive_majority_approval": "[0, 1]",
     "inclusive_pretrain_mass": "(0, 1)",
-    "pretrain_size": "(0, inf)",
-    "n_embd": "(0, inf)",
-    "n_layer": "(0, inf)",
-    "n_head": "(0, inf)",
     "pretrain_epochs": "[0, inf)",
-    "pretrain_batch_size": "(0, inf)",
-    "pretrain_lr": "(0, inf)",
-    "ensemble_size": "(0, inf)",
-    "prior_scale": "(0, inf)",
-    "num_seeds": "(0, inf)",
-    "queries": "(0, inf)",
-    "queries_per_round": "(0, inf)",
-    "max_fit_steps": "(0, inf)",
     "fit_tol": "[0, inf)",
-    "learning_rate": "(0, inf)",
-    "replay_batch_size": "(0, inf)",
-    "buffer_size": "(0, inf)",
     "replay_coef": "[0, inf)",
     "beta": "[0, inf]",
-    "boltzmann_temperature": "(0, inf)",
     "target_fraction": "(0, 1]",
-    "progress_every": "(0, inf)",
-    "threads": "(0, inf)",
 }
-
-
-# ---- The didactic data-generating process: rater groups, historical vs deployed mix ----
-class InclusivePopulationEnv:
-    """Prompts x in 0..P-1, responses r = K*i + j for answer tokens (a_i, a_j), G rater groups.
-    For every prompt, G+1 "special" responses use disjoint tokens: fav_g is group g's favourite
-    (0.9 from g, 0.1 from the others) and `inc` is approved by every minority (0.95) and half the
-    majority; it ends with the "inclusive word" a_{K-1}, which minorities like anywhere (U(0.5, 0.8))
-    and which no other logged response uses. Every other response gets U(0.05, 0.35) per group.
-    Historically only the majority rated and the logs rarely hit `inc`: the pretrained LM learns
-    inc < fav_0, while for today's mix inc is the best response."""
-
-    def __init__(
-        self,
-        seed: int,
-        n_prompts: int,
-        n_answers: int,
-        deployed_mix,
-        historical_mix,
-        inclusive_majority_approval: float,
-        inclusive_pretrain_mass: float,
-    ):
-        rng = np.random.default_rng([seed, 0])
-        G, K = len(deployed_mix), n_answers
-        self.P, self.K, self.R, self.G = n_prompts, K, K * K, G
-        self.deployed, self.historical = np.asarray(deployed_mix, float), np.asarray(historical_mix, float)
-        self.approval = rng.uniform(0.05, 0.35, size=(G, n_prompts, self.R))
-        self.special = np.zeros((n_prompts, G + 1), dtype=int)  # columns: fav_0 .. fav_{G-1}, inc
-        self.pi0 = np.zeros((n_prompts, self.R))  # the historical response distribution
-        for x in range(n_prompts):
-            # the last answer token is the "inclusive word": it ends inc and no historical response uses it
-            tokens = rng.permutation(K - 1)
-            special = [K * tokens[2 * s] + tokens[2 * s + 1] for s in range(G)] + [K * tokens[2 * G] + K - 1]
-            self.special[x] = special
-            self.approval[:, x, special] = 0.1 + 0.8 * np.eye(G, G + 1) + 0.85 * (np.arange(G + 1) == G)
-            self.approval[0, x, special[G]] = inclusive_majority_approval
-            # minorities like the inclusive word wherever it appears, so what is learned about it transfers
-            uses_word = [r for r in range(self.R) if K - 1 in divmod(r, K) and r != special[G]]
-            self.approval[1:, x, uses_word] = rng.uniform(0.5, 0.8, size=(G - 1, len(uses_word)))
-            # the majority's favourite dominates the logs; inc is almost never written
-            others = rng.permutation(
-                [r for r in range(self.R) if r not in special and r % K != K - 1 and r // K != K - 1]
-            )
-            self.pi0[x, special] = [0.40] + [0.05] * (G - 1) + [inclusive_pretrain_mass]
-            zipf = 1.0 / np.arange(1, len(others) + 1)
-            self.pi0[x, others] = (1.0 - self.pi0[x].sum()) * zipf / zipf.sum()
-        self.theta = np.tensordot(self.deployed, self.approval, 1)  # true population approval [P, R]
-        self.theta_historical = np.tensordot(self.historical, self.approval, 1)
-        self.best = self.theta.argmax(1)
-        self.opt_value = float(self.theta.max(1).mean())
-
-    @classmethod
-    def from_args(cls, seed: int, args: "Args") -> "InclusivePopulationEnv":
-        return cls(
-            seed,
-            args.n_prompts,
-            args.n_answer_tokens,
-            args.deployed_mix,
-            args.historical_mix,
-            args.inclusive_majority_approval,
-            args.inclusive_pretrain_mass,
-        )
-
-    def feedback(self, x: np.ndarray, r: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """One rater from today's population per query: 1 (<+>) with that group's approval."""
-        groups = rng.choice(self.G, size=len(x), p=self.deployed)
-        return (rng.random(len(x)) < self.approval[groups, x, r]).astype(np.float32)
-
-    def pretrain_corpus(self, n: int, rng: np.random.Generator):
-        """Historical logs: x uniform, y ~ pi0(.|x), feedback from the historical mix of raters."""
-        x = rng.integers(self.P, size=n)
-        r = np.array([rng.choice(self.R, p=self.pi0[xi]) for xi in x])
-        groups = rng.choice(self.G, size=n, p=self.historical)
-        f = (rng.random(n) < self.approval[groups, x, r]).astype(np.float32)
-        return x, r, f
 
 
 # ---- ALGO LOGIC: pure pieces of the method (each unit-tested in tests/test_reward_lm.py) ----
@@ -290,28 +199,17 @@ def cell_counts(x: torch.Tensor, r: torch.Tensor, f: torch.Tensor, w: torch.Tens
     return n, k, n_z, k_z
 
 
-def feedback_loss(
-    ell0: torch.Tensor, ell_prior: torch.Tensor, n: torch.Tensor, k: torch.Tensor, prior_scale: float
-) -> torch.Tensor:
+def feedback_loss(ell0, ell_prior, n, k, prior_scale: float) -> torch.Tensor:
     """The LM's approval logits' negative log-posterior per label, over every cell:
-    [sum_c n_c BCE(ell0_c, k_c / n_c) + sum_c (ell0_c - ell_prior_c)^2 / (2 alpha^2)] / sum_c n_c.
-    The first sum is the buffer's mean BCE (reward learning = fine-tuning the transition on feedback tokens);
-    the second is an independent Gaussian prior per response around the pretrained LM's belief, which keeps a
-    response nobody has asked about where the pretraining put it instead of where the other responses' labels
-    drag the shared network (without it, fitting the buffer sends the unqueried inclusive response to ~0.02)."""
+    [sum_c n_c BCE(ell0_c, k_c / n_c) + sum_c (ell0_c - ell_prior_c)^2 / (2 alpha^2)] / sum_c n_c: the buffer's
+    mean BCE (fine-tuning the transition on feedback tokens) plus an independent Gaussian prior per response around
+    the pretrained LM's belief, which keeps unqueried responses where pretraining put them (docs/reward_lm.md,
+    detail 5)."""
     bce = F.binary_cross_entropy_with_logits(ell0, k / n.clamp_min(1), weight=n, reduction="sum")
     return (bce + (ell0 - ell_prior).pow(2).sum() / (2 * prior_scale**2)) / n.sum().clamp_min(1)
 
 
-def fit_head_offsets(
-    ell0: torch.Tensor,
-    prior: torch.Tensor,
-    n_z: torch.Tensor,
-    k_z: torch.Tensor,
-    prior_scale: float,
-    offsets: torch.Tensor,
-    newton_steps: int = 25,
-) -> torch.Tensor:
+def fit_head_offsets(ell0, prior, n_z, k_z, prior_scale: float, offsets, newton_steps: int = 25) -> torch.Tensor:
     """Each head's offset per cell, exactly: head z's approval logit is ell_z = ell0 + prior_z + offset_z, and
     offset_z = argmin_o n_z BCE(ell0 + prior_z + o, k_z / n_z) + o^2 / (2 alpha^2), the MAP of its bootstrapped
     labels under a prior centred on its own prior sample (randomized prior functions, Osband et al. 2018).
@@ -325,34 +223,12 @@ def fit_head_offsets(
     return offsets
 
 
-def fit_error(p_mean: torch.Tensor, n: torch.Tensor, k: torch.Tensor, min_labels: int = 50) -> tuple[float, float]:
-    """How far the posterior-mean approval sits from the labels the agent received, in binomial standard errors:
-    |p_mean - k / n| / sqrt(p_mean (1 - p_mean) / n) over the (prompt, response) cells with n >= min_labels labels,
-    k of them <+>; returns its mean and max over those cells (NaN while no cell has enough labels). A model that
-    knew the true approval would score about sqrt(2 / pi) = 0.8 (the labels' own noise); an exact posterior, which
-    follows the label mean, less; a fit that lags its data, more."""
-    cells = n >= min_labels
-    if not cells.any():
-        return math.nan, math.nan
-    p, n, k = p_mean[cells].double(), n[cells].double(), k[cells].double()
-    z = (p - k / n).abs() / (p * (1 - p) / n).sqrt()
-    return z.mean().item(), z.max().item()
-
-
-def queries_to_target(n_queries: np.ndarray, values: np.ndarray, target: float) -> float:
-    """First query count from which the value stays >= target until the end; inf if never."""
-    below = np.nonzero(values < target)[0]
-    last = below[-1] if len(below) else -1
-    return float(n_queries[last + 1]) if last + 1 < len(values) else math.inf
-
-
 # ---- Model pieces: the one LM that plays all three roles, and the epistemic heads around its belief ----
 class EpistemicHeads(nn.Module):
     """M heads, each an offset per (prompt, response) to the LM's approval logit: ell_z = ell0 + prior_z + offset_z.
     prior_z ~ N(0, alpha^2) is frozen and centred over the heads, so the ensemble starts at the LM's belief;
-    offset_z is fitted to head z's bootstrapped labels (`fit_head_offsets`). An offset per response, not a network
-    on the LM's features: a network fitted to the queried responses moves the unqueried ones with them and
-    shrinks their spread, so TS stops asking about the response it knows least (docs/reward_lm.md, detail 6)."""
+    offset_z is fitted to head z's bootstrapped labels (`fit_head_offsets`). Why not a network on the LM's
+    features: docs/reward_lm.md, detail 6."""
 
     def __init__(self, size: int, n_cells: int, prior_scale: float, gen: torch.Generator):
         super().__init__()
@@ -396,27 +272,10 @@ class RewardLM(nn.Module):
         return log_pi.view(P, R), ell0.view(P, R), ell_z.view(-1, P, R)
 
 
-def pretrain_step(model: RewardLM, optimizer, x, r, f) -> float:
-    """One AdamW step of next-token NLL over [x, a_i, a_j, f]: the LM learns policy and transition together."""
-    _, _, logits, ids = model(x, r)
-    targets = torch.cat([ids[:, 1:], torch.where(f > 0.5, model.plus, model.minus)[:, None]], 1)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss during pretraining: {loss.item()}")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.item()
-
-
-def fit_feedback(
-    model: RewardLM, optimizer, n, k, ell_prior, corpus, replay_coef: float, args: Args, gen: torch.Generator
-) -> dict:
-    """Reward learning after a round: full-batch AdamW steps on the buffer's loss over every cell
-    (`feedback_loss`) plus kappa * next-token NLL on replayed historical sequences with their feedback token
-    masked (historical raters are not today's, but the policy should stay the LM's), until the buffer's loss stops
-    falling. Full batch, because the task enumerates every response: a sampled minibatch sees a rare response too
-    seldom for its logit to follow its labels."""
+def fit_feedback(model: RewardLM, optimizer, n, k, ell_prior, corpus, replay_coef: float, args: Args, gen) -> dict:
+    """Reward learning after a round: full-batch AdamW steps on the buffer's loss over every cell (`feedback_loss`)
+    plus kappa * next-token NLL on replayed historical sequences with their feedback token masked (historical
+    raters are not today's), until the buffer's loss stops falling (docs/reward_lm.md, details 5 and 7)."""
     x_cells, r_cells = model.cells(*ell_prior.shape)
     ell_prior, C, history = ell_prior.flatten(), len(x_cells), []
     replay_nll = torch.zeros(())
@@ -440,59 +299,21 @@ def fit_feedback(
     return {"buffer_loss": history[-1], "replay_nll": replay_nll.item(), "fit_steps": len(history)}
 
 
-# ---- Building and pretraining the LM (the "pretrained language model" of the didactic task) ----
-def task_tokens(args: Args) -> list[str]:
-    return (
-        ["<pad>", "<unk>", "<bos>", "<+>", "<->"]
-        + [f"q{i}" for i in range(args.n_prompts)]
-        + [f"a{k}" for k in range(args.n_answer_tokens)]
-    )
+# ---- Pretraining: the LM learns the historical policy and raters, the prior of the online phase ----
+def pretrain_step(model: RewardLM, optimizer, x, r, f) -> float:
+    """One AdamW step of next-token NLL over [x, a_i, a_j, f]: the LM learns policy and transition together."""
+    _, _, logits, ids = model(x, r)
+    targets = torch.cat([ids[:, 1:], torch.where(f > 0.5, model.plus, model.minus)[:, None]], 1)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss during pretraining: {loss.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
 
 
-def build_lm(args: Args, base=None):
-    """(GPT-2, tokenizer, token ids): a fresh tiny GPT-2 with a word-level tokenizer trained by
-    `tokenizers`, or a loaded (model, tokenizer) with any missing task tokens added."""
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    if base is None:
-        from tokenizers import Tokenizer, models, pre_tokenizers
-
-        vocab = {t: i for i, t in enumerate(task_tokens(args))}
-        word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-        word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=word_level, bos_token="<bos>", eos_token="<pad>", pad_token="<pad>", unk_token="<unk>"
-        )
-        lm = GPT2LMHeadModel(
-            GPT2Config(
-                vocab_size=len(vocab),
-                n_positions=8,
-                n_embd=args.n_embd,
-                n_layer=args.n_layer,
-                n_head=args.n_head,
-                n_inner=2 * args.n_embd,
-                resid_pdrop=0.0,
-                embd_pdrop=0.0,
-                attn_pdrop=0.0,
-                bos_token_id=vocab["<bos>"],
-                eos_token_id=vocab["<pad>"],
-                pad_token_id=vocab["<pad>"],
-            )
-        )
-    else:
-        lm, tokenizer = copy.deepcopy(base[0]), base[1]
-    vocab = tokenizer.get_vocab()
-    ids = {
-        "bos": vocab["<bos>"],
-        "plus": vocab["<+>"],
-        "minus": vocab["<->"],
-        "prompts": [vocab[f"q{i}"] for i in range(args.n_prompts)],
-        "answers": [vocab[f"a{k}"] for k in range(args.n_answer_tokens)],
-    }
-    return lm, tokenizer, ids
-
-
-def pretrain(model: RewardLM, env: InclusivePopulationEnv, args: Args, seed: int, device):
+def pretrain(model: RewardLM, env: inclusive.InclusivePopulationEnv, args: Args, seed: int, device):
     """Next-token pretraining of the LM on historical logs (the heads are not fitted on them: other raters)."""
     corpus = env.pretrain_corpus(args.pretrain_size, np.random.default_rng([seed, 1]))
     x, r, f = (torch.as_tensor(a, device=device) for a in corpus)
@@ -511,14 +332,7 @@ def pretrain(model: RewardLM, env: InclusivePopulationEnv, args: Args, seed: int
 
 
 # ---- Metrics: everything is exact, because the task enumerates every (prompt, response) ----
-def evaluate(
-    model: RewardLM,
-    env: InclusivePopulationEnv,
-    log_pi_ref: torch.Tensor,
-    args: Args,
-    labels: torch.Tensor,
-    policy_is_model: bool = True,
-):
+def evaluate(model: RewardLM, env, log_pi_ref: torch.Tensor, args: Args, labels: torch.Tensor, policy_is_model=True):
     """eval/* metrics of the exploit policy read off the model, plus the per-head logits agents select from.
     labels [2, P, R]: how many labels each cell has received so far, and how many of them were <+>."""
     log_pi, ell0, ell_z = model.table(env.P, env.R)
@@ -541,27 +355,17 @@ def evaluate(
         "eval/exploit_err": (p_mean - theta).abs()[rows, p_mean.argmax(1)].mean().item(),
         "eval/favourite_approval": p_mean[rows, torch.as_tensor(env.special[:, 0], device=p_mean.device)].mean().item(),
     }
-    metrics["eval/fit_error"], metrics["eval/fit_error_max"] = fit_error(p_mean.cpu(), labels[0], labels[1])
+    metrics["eval/fit_error"], metrics["eval/fit_error_max"] = inclusive.fit_error(p_mean.cpu(), labels[0], labels[1])
     return metrics, ell_z.cpu(), " ".join(str(int(y)) for y in p_mean.argmax(1))
 
 
 def run_agent(
-    agent: str,
-    model: RewardLM,
-    env: InclusivePopulationEnv,
-    log_pi_ref: torch.Tensor,
-    corpus,
-    args: Args,
-    seed: int,
-    writer: ScalarRecorder,
-    device,
-    run: Run,
+    agent: str, model: RewardLM, env, log_pi_ref: torch.Tensor, corpus, args: Args, seed: int, writer, device, run: Run
 ) -> list[dict]:
     """One agent's online phase: query, receive feedback, update the one LM jointly; evaluate every round.
     Returns one row per round: the evaluation before the round's update and what the round queried."""
     gen = torch.Generator().manual_seed(seed)
-    # ts_rm: the model is the reward model alone, a copy of the pretrained LM; the policy stays the pretrained LM,
-    # so nothing has to keep the copy's policy (no replay term)
+    # ts_rm: the copy of the pretrained LM is the reward model alone; the policy stays pi_ref, so no replay (detail 10)
     one_lm = agent != "ts_rm"
     replay_coef = args.replay_coef if one_lm else 0.0
     # the same prompts and raters for every agent
@@ -616,11 +420,8 @@ def run_agent(
             "objective/frac_queried_best": float((r.numpy() == env.best[x.numpy()]).mean()),
         }
         curve[-1].update(objective)
-        for k, v in {
-            **objective,
-            **{f"losses/{k}": v for k, v in stats.items()},
-            "charts/seconds": time.time() - start,
-        }.items():
+        logged = {**objective, **{f"losses/{k}": v for k, v in stats.items()}, "charts/seconds": time.time() - start}
+        for k, v in logged.items():
             writer.add_scalar(k, v, n_seen)
         if (rnd + 1) % args.progress_every == 0 or rnd + 1 == n_rounds:
             value = metrics["eval/return_mean"]
@@ -634,54 +435,29 @@ def run_agent(
     return curve
 
 
-def summarise(curves: dict, opt_values: dict, args: Args) -> dict:
-    """Per agent: queries to target on each seed (inf if never), median and range, final value and regret."""
-    out, value = {}, lambda curve, key="eval/return_mean": np.array([c[key] for c in curve])
-    for agent, by_seed in curves.items():
-        q = {
-            s: queries_to_target(value(c, "n_queries"), value(c), args.target_fraction * opt_values[s])
-            for s, c in by_seed.items()
-        }
-        out[agent] = {
-            "queries_to_target": {str(s): (v if math.isfinite(v) else None) for s, v in q.items()},
-            "median": float(np.median(list(q.values()))),
-            "min": min(q.values()),
-            "max": max(q.values()),
-            "seeds_reached": sum(math.isfinite(v) for v in q.values()),
-            "num_seeds": len(q),
-            "final_value": float(np.mean([value(c)[-1] for c in by_seed.values()])),
-            "final_value_beta1": float(np.mean([value(c, "eval/value_beta1")[-1] for c in by_seed.values()])),
-            "final_cum_regret": float(np.mean([c[-2]["objective/cum_regret"] for c in by_seed.values()])),
-            "value_auc": float(np.mean([value(c).mean() for c in by_seed.values()])),
-        }
+def simulate(seed: int, envs: dict, args: Args, base, device, run: Run) -> dict:
+    """One seed: pretrain one LM on its historical data, then run every agent from a copy of it."""
+    env, out = envs[seed], {"curves": {}, "scalars": {}}
+    torch.manual_seed(seed)
+    lm, tokenizer, ids = inclusive.build_lm(args, base)
+    prior_gen = torch.Generator().manual_seed(int(np.random.default_rng([seed, 4]).integers(2**62)))
+    heads = EpistemicHeads(args.ensemble_size, env.P * env.R, args.prior_scale, prior_gen)
+    model = RewardLM(lm, ids, heads).to(device)
+    print(f"seed {seed}: pretraining on {args.pretrain_size} historical sequences (optimum {env.opt_value:.3f})")
+    corpus = pretrain(model, env, args, seed, device)
+    with torch.no_grad():  # pi_ref: the pretrained LM's policy, frozen as a table (the task enumerates it)
+        log_pi_ref = model.table(env.P, env.R)[0]
+    for agent in args.agents:
+        writer = ScalarRecorder()  # written to TensorBoard by rank 0 once the wave is checkpointed
+        agent_model = copy.deepcopy(model)
+        out["curves"][agent] = run_agent(agent, agent_model, env, log_pi_ref, corpus, args, seed, writer, device, run)
+        out["scalars"][agent] = writer.scalars
+        if args.save_model and seed == args.seed and agent == args.agents[0]:  # rank 0's; from_pretrained loads it
+            with writing_dir(os.path.join(run.dir, "model")) as path:  # whole or not at all
+                for part in (agent_model.lm, tokenizer):
+                    part.save_pretrained(path)
+                torch.save(agent_model.heads.state_dict(), os.path.join(path, "epistemic_heads.pt"))
     return out
-
-
-def format_table(summary: dict, opt_value: float, queries: int, target: float) -> str:
-    """The end-of-run table. The final values are true approvals: `beta=inf` of the exploit policy (the headline:
-    per prompt, the response with the highest posterior-mean approval among all enumerated ones), `beta=1` of the
-    LM's own policy conditioned on approval, pi_ref * p_mean / Z."""
-
-    def fmt(v: float) -> str:
-        return f"{v:.0f}" if math.isfinite(v) else f">{queries}"
-
-    def share(v: float) -> str:
-        return f"{v:.3f} ({v / opt_value:.0%})"
-
-    return "\n".join(
-        [
-            f"queries until the exploit policy stays >= {target:.0%} of the optimum ({opt_value:.3f}):",
-            f"{'agent':10s} | {'median':>7s} | {'range over seeds':>16s} | reached | final value, beta=inf | "
-            f"{'beta=1':12s} | cum regret",
-            "-" * 103,
-        ]
-        + [
-            f"{agent:10s} | {fmt(s['median']):>7s} | {fmt(s['min']) + ' - ' + fmt(s['max']):>16s} | "
-            f"{s['seeds_reached']}/{s['num_seeds']:<5d} | {share(s['final_value']):21s} | "
-            f"{share(s['final_value_beta1']):12s} | {s['final_cum_regret']:.1f}"
-            for agent, s in summary.items()
-        ]
-    )
 
 
 def main(args: Args) -> dict:
@@ -693,23 +469,15 @@ def main(args: Args) -> dict:
         validate_args(args, LIMITS)
         if args.n_embd % args.n_head:
             raise ValueError(f"--n-head {args.n_head} must divide --n-embd {args.n_embd}")
-        if args.queries % args.queries_per_round:
-            raise ValueError(
-                f"--queries / --queries-per-round: {args.queries} is not divisible by {args.queries_per_round}"
-            )
+        exact_div(args.queries, args.queries_per_round, "--queries / --queries-per-round")
         if unknown := [a for a in args.agents if a not in AGENTS]:
             raise ValueError(f"unknown agent(s) {unknown}; choose from {', '.join(AGENTS)}")
-        mixes = (args.deployed_mix, args.historical_mix)
-        if len(mixes[0]) != len(mixes[1]) or not all(abs(sum(m) - 1) < 1e-6 and min(m) >= 0 for m in mixes):
-            raise ValueError("--deployed-mix and --historical-mix must be distributions over the same groups")
-        if 2 * len(args.deployed_mix) + 2 > args.n_answer_tokens:
-            raise ValueError(
-                f"--n-answer-tokens must be >= {2 * len(args.deployed_mix) + 2} for disjoint special responses"
-            )
+        inclusive.check_args(args)  # the rater population: common/inclusive.py
         # ranks with fewer simulations wait in all_gather for the longest one: at hub scale, hours
         device = init_distributed(args.cuda, timeout=datetime.timedelta(hours=24))[2]
         # any other causal LM gets the task's words as new tokens, learned in pretraining
-        base = None if args.model_name == "tiny-gpt2" else load_causal_lm(args.model_name, task_tokens(args), device)
+        words = inclusive.task_tokens(args)
+        base = None if args.model_name == "tiny-gpt2" else load_causal_lm(args.model_name, words, device)
         run = Run(args, "reward_lm.py", checkpoint)
     except (ValueError, OSError) as error:
         raise SystemExit(error_line(error)) from error
@@ -720,47 +488,14 @@ def main(args: Args) -> dict:
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     seeds = [args.seed + i for i in range(args.num_seeds)]
-    envs = {seed: InclusivePopulationEnv.from_args(seed, args) for seed in seeds}
-
-    def simulate(seed: int) -> dict:
-        """Pretrain one LM on the seed's historical data, then run every agent from a copy of it."""
-        env, out = envs[seed], {"curves": {}, "scalars": {}}
-        torch.manual_seed(seed)
-        lm, tokenizer, ids = build_lm(args, base)
-        prior_gen = torch.Generator().manual_seed(int(np.random.default_rng([seed, 4]).integers(2**62)))
-        heads = EpistemicHeads(args.ensemble_size, env.P * env.R, args.prior_scale, prior_gen)
-        model = RewardLM(lm, ids, heads).to(device)
-        print(f"seed {seed}: pretraining on {args.pretrain_size} historical sequences (optimum {env.opt_value:.3f})")
-        corpus = pretrain(model, env, args, seed, device)
-        with torch.no_grad():  # pi_ref: the pretrained LM's policy, frozen as a table (the task enumerates it)
-            log_pi_ref = model.table(env.P, env.R)[0]
-        for agent in args.agents:
-            writer = ScalarRecorder()  # written to TensorBoard by rank 0 once the wave is checkpointed
-            agent_model = copy.deepcopy(model)
-            out["curves"][agent] = run_agent(
-                agent, agent_model, env, log_pi_ref, corpus, args, seed, writer, device, run
-            )
-            out["scalars"][agent] = writer.scalars
-            if args.save_model and seed == seeds[0] and agent == args.agents[0]:  # rank 0's; from_pretrained loads it
-                with writing_dir(os.path.join(run.dir, "model")) as path:  # whole or not at all
-                    for part in (agent_model.lm, tokenizer):
-                        part.save_pretrained(path)
-                    torch.save(agent_model.heads.state_dict(), os.path.join(path, "epistemic_heads.pt"))
-        return out
-
-    # Under torchrun the independent simulations are the batch: each rank runs one seed (all agents) per wave;
-    # rank 0 checkpoints each wave's results (a killed run redoes at most one wave) and writes their TensorBoard
-    # runs (purge_step=0: a redone simulation replaces a half-written one).
-    def write_wave(results: dict) -> None:
-        for seed, result in results.items() if run.is_main else []:
-            for agent, scalars in result["scalars"].items():
-                with SummaryWriter(os.path.join(run.dir, f"{agent}__seed{seed}"), purge_step=0) as writer:
-                    for tag, value, step in scalars:
-                        writer.add_scalar(tag, value, step)
+    envs = {seed: inclusive.InclusivePopulationEnv.from_args(seed, args) for seed in seeds}
 
     stop_on_sigterm()
     try:
-        done = map_in_waves(simulate, seeds, run, checkpoint, write_wave)
+        # Under torchrun the independent simulations are the batch: each rank runs one seed (all agents) per wave;
+        # rank 0 checkpoints each wave's results and writes their TensorBoard runs (docs/reward_lm.md, detail 16)
+        one_seed = partial(simulate, envs=envs, args=args, base=base, device=device, run=run)
+        done = map_in_waves(one_seed, seeds, run, checkpoint, partial(inclusive.write_scalars, run))
     except KeyboardInterrupt:
         raise SystemExit(f"interrupted; the finished seeds are kept: python reward_lm.py --resume {run.dir}") from None
     except (FloatingPointError, OSError) as error:  # a diverged loss or the disk: one line, the last checkpoint kept
@@ -771,27 +506,19 @@ def main(args: Args) -> dict:
     method, env = args.agents[0], envs[seeds[0]]
     for i, point in enumerate(curves[method][seeds[0]]):
         mean = {k: float(np.mean([curves[method][s][i][k] for s in seeds])) for k in point if k.startswith("eval/")}
-        samples = [
-            (f"q{x} (seed {seeds[0]})", f"response {y} (best {env.best[x]})", float(env.theta[x, int(y)]))
-            for x, y in enumerate(point["exploit"].split())
-        ]
-        run.log_eval(mean, samples, point["n_queries"])
+        run.log_eval(mean, inclusive.samples(env, seeds[0], point["exploit"]), point["n_queries"])
     run.tokens = sum(all_gather_objects(run.tokens))
-    per_agent = summarise(curves, {s: e.opt_value for s, e in envs.items()}, args)
+    per_agent = inclusive.summarise(curves, {s: e.opt_value for s, e in envs.items()}, args.target_fraction)
     opt_value = float(np.mean([e.opt_value for e in envs.values()]))
     try:
         if run.is_main:
-            table = io.StringIO(newline="")
-            writer = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
-            writer.writeheader()
-            writer.writerows(rows)
-            write_atomically(os.path.join(run.dir, "curves.csv"), lambda file: file.write(table.getvalue().encode()))
+            inclusive.write_curves(os.path.join(run.dir, "curves.csv"), rows)
         summary = run.write_summary({"seeds": seeds, "opt_value": opt_value, "agents": per_agent})
     except OSError as error:
         raise run.fault(error) from error
     run.close()
     close_distributed()
-    print(format_table(per_agent, opt_value, args.queries, args.target_fraction))
+    print(inclusive.format_table(per_agent, opt_value, args.queries, args.target_fraction))
     print(f"{summary['wall_seconds']:.0f}s; run dir {run.dir}", flush=True)
     torch.set_num_threads(threads_before)
     return summary

@@ -24,7 +24,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from reward_lm import Args, InclusivePopulationEnv, queries_to_target
+from common.inclusive import InclusivePopulationEnv, queries_to_target
+from reward_lm import Args
 
 
 def beta_prior(approvals: np.ndarray, ratings: np.ndarray, prior: str):

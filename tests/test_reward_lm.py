@@ -1,7 +1,8 @@
-"""reward_lm.py: the environment's true values, the LM's three roles, the conditioned policy, the agents' query
-distributions, the epistemic heads (their loss, anchor, prior calibration and posterior spread), the online step's
-objective by hand, the CLI, and a learning test (Thompson sampling escapes the trap greedy stays in).
-Each unit test's docstring names the change to reward_lm.py that makes it fail."""
+"""reward_lm.py and its task common/inclusive.py: the environment's true values, the LM's three roles, the
+conditioned policy, the agents' query distributions, the epistemic heads (their loss, anchor, prior calibration and
+posterior spread), the online step's objective by hand, the CLI, and a learning test (Thompson sampling escapes the
+trap greedy stays in). Each unit test's docstring names the change to reward_lm.py (or common/inclusive.py) that
+makes it fail."""
 
 import json
 import math
@@ -15,20 +16,23 @@ import torch
 import torch.nn.functional as F
 
 import reward_lm as R
+from common import inclusive
 
 from helpers import TORCHRUN_2, args_fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the files that read reward_lm.py's flags as `args.<flag>`: the script, its task, the shared run plumbing
+READERS = (("reward_lm.py",), ("common", "inclusive.py"), ("common", "utils.py"))
 
 
 def make_env(seed=0, **kw):
-    return R.InclusivePopulationEnv.from_args(seed, R.Args(**kw))
+    return inclusive.InclusivePopulationEnv.from_args(seed, R.Args(**kw))
 
 
 def make_model(seed=0, **kw):
     args = R.Args(**kw)
     torch.manual_seed(seed)
-    lm, tokenizer, ids = R.build_lm(args)
+    lm, tokenizer, ids = inclusive.build_lm(args)
     heads = R.EpistemicHeads(
         args.ensemble_size,
         args.n_prompts * args.n_answer_tokens**2,
@@ -124,17 +128,17 @@ def test_fit_error_by_hand():
     standard error came from the label mean instead (2.041 for cell (0, 0)), or if unlabelled cells counted."""
     p_mean = torch.tensor([[0.5, 0.2], [0.9, 0.5]])
     n, k = torch.tensor([[100.0, 49.0], [50.0, 0.0]]), torch.tensor([[60.0, 10.0], [40.0, 0.0]])
-    mean, worst = R.fit_error(p_mean, n, k)
+    mean, worst = inclusive.fit_error(p_mean, n, k)
     assert worst == pytest.approx(0.1 / math.sqrt(0.09 / 50), rel=1e-6) and worst == pytest.approx(2.357023, rel=1e-6)
     assert mean == pytest.approx((2.0 + worst) / 2, rel=1e-6)
-    assert all(math.isnan(v) for v in R.fit_error(p_mean, torch.full((2, 2), 49.0), k))  # no cell has enough
+    assert all(math.isnan(v) for v in inclusive.fit_error(p_mean, torch.full((2, 2), 49.0), k))  # no cell has enough
 
 
 def test_queries_to_target():
     n = np.array([0, 16, 32, 48, 64])
-    assert R.queries_to_target(n, np.array([0.5, 0.7, 0.6, 0.7, 0.7]), 0.65) == 48  # must stay above
-    assert R.queries_to_target(n, np.array([0.7, 0.7, 0.7, 0.7, 0.7]), 0.65) == 0
-    assert R.queries_to_target(n, np.array([0.7, 0.7, 0.7, 0.7, 0.6]), 0.65) == math.inf
+    assert inclusive.queries_to_target(n, np.array([0.5, 0.7, 0.6, 0.7, 0.7]), 0.65) == 48  # must stay above
+    assert inclusive.queries_to_target(n, np.array([0.7, 0.7, 0.7, 0.7, 0.7]), 0.65) == 0
+    assert inclusive.queries_to_target(n, np.array([0.7, 0.7, 0.7, 0.7, 0.6]), 0.65) == math.inf
 
 
 def test_agents_select_differently():
@@ -346,10 +350,11 @@ def test_fit_follows_the_labels_and_unqueried_responses_keep_belief_and_spread()
 
 
 def test_help_lists_the_flags_the_script_uses_each_documented():
-    """--help shows exactly the flags that reward_lm.py or common/utils.py (Run, validate_args) read as
-    `args.<flag>`, each with a docstring; the other scripts' flags that mean nothing here are not in its Args (it
-    inherits common/utils.py's RunArgs only) or, were one ever needed, hidden with tyro.conf.Suppress. Fails if a
-    flag nobody reads is shown (a removed option left in Args), or a used one is hidden or undocumented."""
+    """--help shows exactly the flags that reward_lm.py, its task common/inclusive.py or common/utils.py (Run,
+    validate_args) read as `args.<flag>`, each with a docstring; the other scripts' flags that mean nothing here are
+    not in its Args (it inherits common/utils.py's RunArgs only) or, were one ever needed, hidden with
+    tyro.conf.Suppress. Fails if a flag nobody reads is shown (a removed option left in Args), or a used one is hidden
+    or undocumented."""
     import dataclasses
     import re
     import typing
@@ -366,7 +371,7 @@ def test_help_lists_the_flags_the_script_uses_each_documented():
     ).stdout
     for name, documented in args_fields(os.path.join(ROOT, "reward_lm.py"), "Args"):
         assert documented, f"Args.{name} has no docstring (it is the --help text)"
-    source = open(os.path.join(ROOT, "reward_lm.py")).read() + open(os.path.join(ROOT, "common", "utils.py")).read()
+    source = "".join(open(os.path.join(ROOT, *path)).read() for path in READERS)
     hints = typing.get_type_hints(R.Args, include_extras=True)
     shown = 0
     for field in dataclasses.fields(R.Args):
