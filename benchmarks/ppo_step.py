@@ -41,7 +41,12 @@ from common.utils import masked_mean  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model-name", default="tiny-gpt2", help="tiny-gpt2 or a local model directory")
-    p.add_argument("--compile", action="store_true", help="also time the step with torch.compile on both trunks")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also time the step with torch.compile on both trunks",
+    )
     p.add_argument("--vocab", type=int, default=0, help="resize the vocabulary to this size (0: keep the built-in one)")
     p.add_argument("--batch", type=int, default=16, help="episodes per minibatch (ppo.py's default)")
     p.add_argument("--prompt-tokens", type=int, default=20, help="prompt columns")
@@ -92,7 +97,7 @@ def main(argv=None) -> dict:
 
     def use_compiled(on: bool) -> None:
         """Swap the trunks' compiled forwards in (an instance attribute shadows the class's) or out."""
-        for trunk, compiled in zip(trunks, compiled_forwards, strict=True):
+        for trunk, compiled in zip(trunks, compiled_forwards, strict=False):  # none without --compile
             if on:
                 trunk.forward = compiled
             else:

@@ -50,7 +50,16 @@ TINY = TINY_FLAGS
 METHOD_COMMON = ["--no-save-model"]
 # Other documented programs: how to make each tiny (given a temporary directory).
 OTHER = {
-    "benchmarks/ppo_step.py": lambda tmp: ["--steps", "1", "--repeats", "1"],
+    # the tiny model, without compiling (tens of seconds on the CPU): the --compile path is not run here
+    "benchmarks/ppo_step.py": lambda tmp: [
+        "--model-name",
+        "tiny-gpt2",
+        "--steps",
+        "1",
+        "--repeats",
+        "1",
+        "--no-compile",
+    ],
     "benchmarks/reward_lm_tabular.py": lambda tmp: ["--seeds", "1", "--budgets", "64:16"],
     # the GPT-2-small-shaped model's commands run on a 1-layer, 64-wide model of a 2,000-token vocabulary
     "benchmarks/gpt2_small.py": lambda tmp: [
