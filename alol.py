@@ -36,8 +36,8 @@ import torch
 import torch.nn as nn
 import tyro
 
-from common.batches import prompt_then_response, right_pad_with_mask
-from common.models import Policy, entropy_of, frozen_copy, load_policy, logprobs_of
+from common.batches import prompt_response_batch, response_rows
+from common.models import Policy, entropy_of, frozen_copy, load_policy, logprobs_of, prompt_features
 from common.tasks import Task, eval_line, evaluate, make_task
 from common.training import (
     finish_run,
@@ -331,7 +331,7 @@ def finetune_reference(
         order = rng.permutation(len(prompts))
         for start in range(0, per_epoch * args.batch_size, args.batch_size):
             mine = rank_slice(order[start : start + args.batch_size])
-            input_ids, attention_mask, offset, response_mask = make_batch(
+            input_ids, attention_mask, offset, response_mask = prompt_response_batch(
                 policy, [prompts[i] for i in mine], [responses[i] for i in mine], max_prompt_tokens, device
             )
             with autocast:
@@ -385,28 +385,6 @@ class PromptValueHead(nn.Module):
         query = self.query.expand(hidden.shape[0], 1, -1)
         pooled, _ = self.attention(query, hidden, hidden, key_padding_mask=mask == 0, need_weights=False)
         return torch.sigmoid(self.linear(self.dropout(pooled[:, 0])).squeeze(-1)) * self.max_value
-
-
-@torch.no_grad()
-def prompt_hidden_states(policy: Policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-    """The last-layer hidden states of the prompt tokens `[B, T, H]` (the encoder's for a seq2seq model);
-    position ids as in `Policy.forward`, so left-padding does not shift the real tokens' states."""
-    if policy.is_seq2seq:
-        return policy.model.get_encoder()(input_ids=prompt_ids, attention_mask=prompt_mask).last_hidden_state
-    position_ids = (prompt_mask.cumsum(1) - 1).clamp(min=0)
-    return policy.model.base_model(
-        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state
-
-
-def prompt_features(ref_policy: Policy, texts: list[str], task: Task, batch_size: int, device):
-    """pi_ref's prompt hidden states for many prompts, left-padded to one width (padding is masked)."""
-    ids, mask = ref_policy.encode_prompts(texts, task.max_prompt_tokens, device)
-    hidden = [
-        prompt_hidden_states(ref_policy, ids[i : i + batch_size], mask[i : i + batch_size]).float()
-        for i in range(0, len(texts), batch_size)
-    ]
-    return torch.cat(hidden), mask
 
 
 def train_value_head(
@@ -494,7 +472,9 @@ def fit_value_head(
             ref_policy, value_prompts, seeds, task, max_new, min_new, args.forward_batch_size, device
         )
     value_rewards = scale_rewards(value_rewards, low, high)
-    value_hidden, value_mask = prompt_features(ref_policy, value_prompts, task, args.forward_batch_size, device)
+    value_hidden, value_mask = prompt_features(
+        ref_policy, value_prompts, task.max_prompt_tokens, args.forward_batch_size, device
+    )
     head = PromptValueHead(ref_policy.hidden_size, args.value_heads, args.value_dropout).to(device)
     stats = train_value_head(
         head,
@@ -521,7 +501,9 @@ def prompt_values(
     of the distinct prompts, and every rank receives all of them."""
     unique_prompts = sorted(set(prompts))
     mine = [unique_prompts[i] for i in rank_share(len(unique_prompts))]
-    hidden, mask = prompt_features(ref_policy, mine, task, batch_size, device) if mine else (None, None)
+    hidden, mask = (
+        prompt_features(ref_policy, mine, task.max_prompt_tokens, batch_size, device) if mine else (None, None)
+    )
     values_mine = [
         v
         for i in range(0, len(mine), batch_size)
@@ -532,7 +514,7 @@ def prompt_values(
 
 
 # ----------------------------------------------------------------------------------------------
-# Plumbing: offline data, batches, evaluation, the statistics of a logging interval
+# Plumbing: offline data, evaluation, the statistics of a logging interval
 # ----------------------------------------------------------------------------------------------
 def load_offline_data(task: Task, policy: Policy, args: Args, max_new: int, min_new: int, device) -> list[dict]:
     """The task's logged dataset; a task without one gets pi_ref's own samples on its training prompts,
@@ -550,13 +532,6 @@ def load_offline_data(task: Task, policy: Policy, args: Args, max_new: int, min_
             {"prompt": p, "response": r, "reward": float(s)} for p, r, s in zip(prompts, responses, scores, strict=True)
         ]
     return data[: args.offline_size] if args.offline_size else data
-
-
-def make_batch(policy: Policy, prompts: list[str], responses: list[list[int]], max_prompt_tokens: int, device):
-    """Prompt (left-padded) + response tokens (right-padded) -> (input_ids, attention_mask, start, response_mask)."""
-    prompt_ids, prompt_mask = policy.encode_prompts(prompts, max_prompt_tokens, device)
-    response_ids, response_mask = (t.to(device) for t in right_pad_with_mask(responses, policy.tokenizer.pad_token_id))
-    return (*prompt_then_response(prompt_ids, prompt_mask, response_ids, response_mask), response_mask)
 
 
 def evaluate_policy(
@@ -698,11 +673,7 @@ def main(args: Args) -> dict:
         flush=True,
     )
     prompts = [d["prompt"] for d in data]
-    tokenizer = policy.tokenizer
-    responses = [
-        (tokenizer(d["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:response_length]
-        for d in data
-    ]  # EOS appended, then truncated from the right (reference)
+    responses = response_rows(policy.tokenizer, [d["response"] for d in data], response_length)
     data_stats = (
         checkpoint["data_stats"]
         if checkpoint is not None
@@ -827,7 +798,7 @@ def main(args: Args) -> dict:
             # rank draws the same global batch and takes its contiguous slice, so 1 and N processes see the same
             idx = rng.choice(len(data), size=args.batch_size, p=probabilities)
             mine = rank_slice(idx)
-            input_ids, attention_mask, start, response_mask = make_batch(
+            input_ids, attention_mask, start, response_mask = prompt_response_batch(
                 policy, [prompts[i] for i in mine], [responses[i] for i in mine], task.max_prompt_tokens, device
             )
             tokens = input_ids[:, start:]
