@@ -37,18 +37,22 @@ import torch.nn as nn
 import tyro
 
 from common.batches import prompt_response_batch, response_rows
-from common.models import Policy, entropy_of, frozen_copy, load_policy, logprobs_of, prompt_features
-from common.tasks import Task, eval_line, evaluate, make_task
+from common.models import Policy, frozen_copy, load_policy, logprobs_of, prompt_features
+from common.tasks import Task, eval_line, make_task
 from common.training import (
+    evaluate_policy,
+    finetune_nll,
     finish_run,
+    flush_steps,
     guard_training,
-    log_throughput,
+    keep_curve,
+    map_distinct,
+    progress_line,
     record_eval,
-    reduce_steps,
     response_lengths,
     restore_training_state,
     sample_and_score,
-    sample_responses,
+    step_statistics,
     stop_on_fault,
     training_state,
 )
@@ -57,22 +61,18 @@ from common.utils import (
     RunArgs,
     TaskArgs,
     TrainArgs,
-    all_gather_objects,
-    all_reduce,
     bf16_autocast,
     episode_seeds,
     error_line,
     exact_div,
     init_distributed,
     masked_mean,
-    rank_share,
     rank_slice,
     resume_args,
     save_checkpoint,
     seed_everything,
     sync_gradients,
     validate_args,
-    world,
 )
 
 ALGORITHMS = ("a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl", "nll", "wbc", "r_gold", "r_lol")
@@ -180,6 +180,15 @@ LIMITS = {
     "value_batch_size": "(0, inf)",
     "value_heads": "(0, inf)",
     "value_dropout": "[0, 1)",
+}
+
+# The progress line: label -> (metric, format), each the mean over the steps since the last line
+PROGRESS = {
+    "loss": ("losses/loss", ".3f"),
+    "nll": ("losses/nll", ".2f"),
+    "kl": ("objective/kl", "+.4f"),
+    "w": ("losses/importance_weight", ".3f"),
+    "data score": ("objective/scores", "+.3f"),
 }
 
 
@@ -301,20 +310,11 @@ def advantages_of(rewards: np.ndarray, values: np.ndarray) -> np.ndarray:
 # ALGO LOGIC: pi_ref, the paper's first step: the loaded model fine-tuned by NLL on the whole log
 # ----------------------------------------------------------------------------------------------
 def finetune_reference(
-    policy: Policy,
-    prompts: list[str],
-    responses: list[list[int]],
-    args: Args,
-    rng: np.random.Generator,
-    max_prompt_tokens: int,
-    device,
-    autocast,
-    log=None,
+    policy: Policy, prompts: list[str], responses: list[list[int]], args: Args, task: Task, device, autocast, log
 ) -> None:
-    """The paper's first step (section 2, "we first fine-tune the reference policy on the training set"):
-    NLL on every logged response, noisy ones included, for `ref_epochs` shuffled passes. Every rank draws the
-    same global batches and takes its slice, as in the main loop; the incomplete last batch of a pass is
-    dropped (the next pass is shuffled anew)."""
+    """The paper's first step (section 2, "we first fine-tune the reference policy on the training set"): NLL on
+    every logged response, noisy ones included, for `ref_epochs` shuffled passes, on its own random stream (stream 1
+    of `seed`), so --ref-epochs 0 leaves V's split and the batches as they were (docs/alol.md, detail 23)."""
     per_epoch = len(prompts) // args.batch_size
     if per_epoch == 0:
         raise ValueError(
@@ -325,39 +325,24 @@ def finetune_reference(
     parameters = list(policy.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total)
-    policy.train()
-    step, since, window = 0, time.time(), []
-    for _ in range(args.ref_epochs):
-        order = rng.permutation(len(prompts))
-        for start in range(0, per_epoch * args.batch_size, args.batch_size):
-            mine = rank_slice(order[start : start + args.batch_size])
-            input_ids, attention_mask, offset, response_mask = prompt_response_batch(
-                policy, [prompts[i] for i in mine], [responses[i] for i in mine], max_prompt_tokens, device
-            )
-            with autocast:
-                logits, _ = policy(input_ids, attention_mask, offset)
-            logprobs = logprobs_of(logits, input_ids[:, offset:])
-            zeros = torch.zeros(len(mine), device=device)
-            loss, _ = sequence_loss("nll", logprobs, logprobs, response_mask, zeros, zeros)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            sync_gradients(parameters)
-            nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            window.append(loss.detach())
-            if step % args.log_every == 0 or step == total:
-                nll = all_reduce(torch.stack(window).mean(), "mean").item()  # the same on every rank: all stop
-                if not math.isfinite(nll):
-                    raise FloatingPointError(
-                        f"non-finite loss in pi_ref's fine-tuning by update {step} of {total} "
-                        f"(mean NLL {nll}); lower --learning-rate"
-                    )
-                if log is not None:
-                    log({"reference/nll": nll}, step)
-                print(f"pi_ref fine-tuning {step}/{total} | nll {nll:.2f} | {time.time() - since:.0f}s", flush=True)
-                window = []
+    finetune_nll(
+        policy,
+        optimizer,
+        scheduler,
+        prompts,
+        responses,
+        args.ref_epochs,
+        args.batch_size,
+        np.random.default_rng([args.seed, 1]),
+        task.max_prompt_tokens,
+        args.max_grad_norm,
+        args.log_every,
+        device,
+        autocast,
+        "pi_ref",
+        "reference/nll",
+        log,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -497,24 +482,18 @@ def fit_value_head(
 def prompt_values(
     head: PromptValueHead, ref_policy: Policy, prompts: list[str], task: Task, batch_size: int, device
 ) -> np.ndarray:
-    """V_ref(x) of every example's prompt, computed once per distinct prompt: each rank computes V for its share
-    of the distinct prompts, and every rank receives all of them."""
-    unique_prompts = sorted(set(prompts))
-    mine = [unique_prompts[i] for i in rank_share(len(unique_prompts))]
-    hidden, mask = (
-        prompt_features(ref_policy, mine, task.max_prompt_tokens, batch_size, device) if mine else (None, None)
-    )
-    values_mine = [
-        v
-        for i in range(0, len(mine), batch_size)
-        for v in head(hidden[i : i + batch_size], mask[i : i + batch_size]).tolist()
-    ]
-    value_of = dict(zip(unique_prompts, [v for part in all_gather_objects(values_mine) for v in part], strict=True))
-    return np.array([value_of[p] for p in prompts])
+    """V_ref(x) of every example's prompt, computed once per distinct prompt, shared out over the ranks."""
+
+    def values(texts: list[str]) -> list[float]:
+        hidden, mask = prompt_features(ref_policy, texts, task.max_prompt_tokens, batch_size, device)
+        batches = zip(hidden.split(batch_size), mask.split(batch_size), strict=True)
+        return torch.cat([head(h, m) for h, m in batches]).tolist()
+
+    return np.array(map_distinct(values, prompts))
 
 
 # ----------------------------------------------------------------------------------------------
-# Plumbing: offline data, evaluation, the statistics of a logging interval
+# Plumbing: offline data
 # ----------------------------------------------------------------------------------------------
 def load_offline_data(task: Task, policy: Policy, args: Args, max_new: int, min_new: int, device) -> list[dict]:
     """The task's logged dataset; a task without one gets pi_ref's own samples on its training prompts,
@@ -532,91 +511,6 @@ def load_offline_data(task: Task, policy: Policy, args: Args, max_new: int, min_
             {"prompt": p, "response": r, "reward": float(s)} for p, r, s in zip(prompts, responses, scores, strict=True)
         ]
     return data[: args.offline_size] if args.offline_size else data
-
-
-def evaluate_policy(
-    model: Policy, start_policy: Policy, task: Task, args: Args, max_new: int, min_new: int, device, autocast
-) -> tuple[dict, list]:
-    """Held-out prompts, sampled as deployed, each from the same seed at every evaluation (comparable
-    evaluations, the same on 1 or N processes); `evaluate` shares the prompts out over the ranks. Fluency
-    beside the reward: perplexity of the references under the model, and the sampled responses' NLL under
-    the --model-name model as loaded (`start_policy`: before pi_ref's fine-tuning, so every variant has one
-    yardstick)."""
-
-    def generate_fn(prompts, indices):
-        with autocast:
-            seeds = episode_seeds(args.seed, 1, 0, indices)
-            return sample_responses(model, prompts, seeds, task, max_new, min_new, device)
-
-    return evaluate(
-        task,
-        generate_fn,
-        args.eval_episodes,
-        args.forward_batch_size,
-        policy=model,
-        start_model=start_policy,
-        response_length=max_new,
-    )
-
-
-@torch.no_grad()
-def step_statistics(loss, stats, logprobs, ref_logprobs, logits, response_mask, grad_norm) -> dict:
-    """One step's statistics, kept on the device (`flush` syncs them once per logging interval): the loss, the
-    summed NLL, the gradient norm, the method's own (`sequence_loss`), and sums over this rank's response tokens
-    of the KL to pi_ref and of the entropy, with the number of those tokens."""
-    mask = response_mask.float()
-    return {
-        "loss": loss.detach(),
-        "nll": (-(logprobs * mask).sum(1)).mean(),
-        "grad_norm": grad_norm,
-        **{k: v.detach() for k, v in stats.items()},
-        "kl_sum": ((logprobs - ref_logprobs) * mask).sum(),
-        "entropy_sum": (entropy_of(logits.detach()) * mask).sum(),
-        "tokens": mask.sum(),
-    }
-
-
-def flush(
-    run: Run, pending: list, args: Args, raw_rewards: np.ndarray, advantages: np.ndarray, seconds: float
-) -> tuple[list[dict], float]:
-    """The one host sync of a logging interval: sum each pending (step, lr, batch, statistics) over the ranks,
-    stop on a non-finite loss (every rank sees the same sums, so all stop together), log each step's metrics
-    and the interval's throughput. Returns the logged metrics and the tokens per second."""
-    world_size = world()[1]
-    totals = reduce_steps([stats for *_, stats in pending])
-    for (step, *_), total in zip(pending, totals, strict=True):
-        if not math.isfinite(total["loss"]):
-            raise FloatingPointError(
-                f"non-finite loss at update {step} of {args.total_steps} (an update is "
-                f"a gradient step): {total['loss'] / world_size}"
-            )
-    logged, n_tokens = [], 0
-    for (step, lr, idx, _), total in zip(pending, totals, strict=True):
-        tokens, kl, entropy = total.pop("tokens"), total.pop("kl_sum"), total.pop("entropy_sum")
-        metrics = {
-            **{f"losses/{k}": v / world_size for k, v in total.items()},  # means of equal shares
-            "objective/kl": kl / tokens,
-            "objective/entropy": entropy / tokens,  # per token, all ranks
-            "objective/scores": float(raw_rewards[idx].mean()),
-            "charts/learning_rate": lr,
-        }
-        if args.algorithm in ADVANTAGE_METHODS:
-            metrics["objective/advantage"] = float(advantages[idx].mean())
-        run.log(metrics, step)
-        logged.append(metrics)
-        n_tokens += int(tokens)
-    return logged, log_throughput(run, n_tokens, len(pending) * args.batch_size, seconds, pending[-1][0])
-
-
-def progress_line(step: int, total_steps: int, window: list[dict], speed: float) -> str:
-    """The progress line: the means of the steps logged since the last one."""
-    mean = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-    weight = f" | w {mean['losses/importance_weight']:.3f}" if "losses/importance_weight" in mean else ""
-    return (
-        f"step {step}/{total_steps} | loss {mean['losses/loss']:.3f} | nll {mean['losses/nll']:.2f} "
-        f"| kl {mean['objective/kl']:+.4f}{weight} | data score {mean['objective/scores']:+.3f} "
-        f"| {speed:.0f} tok/s"
-    )
 
 
 def main(args: Args) -> dict:
@@ -640,11 +534,13 @@ def main(args: Args) -> dict:
     autocast = bf16_autocast(device, args.bf16)  # a no-op on CPU unless --bf16
     rng = np.random.default_rng(args.seed)  # the same draws on every rank: V's split, then the global batches
     start_policy = frozen_copy(policy)  # the model as loaded: the yardstick of eval/ref_nll for every variant
-    evaluate_model = functools.partial(  # evaluate_model(model) -> (metrics, samples)
+    evaluate_model = functools.partial(  # evaluate_model(model) -> (metrics, samples) (docs/alol.md, detail 19)
         evaluate_policy,
-        start_policy=start_policy,
+        start_model=start_policy,
         task=task,
-        args=args,
+        seed=args.seed,
+        episodes=args.eval_episodes,
+        batch_size=args.forward_batch_size,
         max_new=response_length,
         min_new=min_response_length,
         device=device,
@@ -674,15 +570,12 @@ def main(args: Args) -> dict:
     )
     prompts = [d["prompt"] for d in data]
     responses = response_rows(policy.tokenizer, [d["response"] for d in data], response_length)
-    data_stats = (
-        checkpoint["data_stats"]
-        if checkpoint is not None
-        else {"offline_examples": len(data), "offline_reward_mean": float(raw_rewards.mean())}
-    )
+    data_stats = {"offline_examples": len(data), "offline_reward_mean": float(raw_rewards.mean())}
+    if checkpoint is not None:
+        data_stats = checkpoint["data_stats"]
 
     # ALGO LOGIC: 2. pi_ref, the paper's first step: the loaded model fine-tuned by NLL on the whole log. pi_theta
-    # starts from it (a fresh optimizer) and every weight and advantage is measured against it. Its own rng
-    # stream, so --ref-epochs 0 leaves V's split and the batches as they were.
+    # starts from it (a fresh optimizer) and every weight and advantage is measured against it.
     ref_policy, ref_history = start_policy, []  # --ref-epochs 0: pi_ref is the model as loaded
     if checkpoint is not None:  # --resume: pi_ref's weights and curve, not its fit
         ref_history = checkpoint.get("ref_history", [])
@@ -694,17 +587,7 @@ def main(args: Args) -> dict:
         with stop_on_fault(run, 0, "step"):
             data_stats["loaded_eval"], _ = evaluate_model(start_policy)  # the table's "model as loaded" row
             print(f"eval of the model as loaded: {eval_line(data_stats['loaded_eval'])}", flush=True)
-            finetune_reference(
-                policy,
-                prompts,
-                responses,
-                args,
-                np.random.default_rng([args.seed, 1]),
-                task.max_prompt_tokens,
-                device,
-                autocast,
-                log=lambda metrics, step: (ref_history.append((step, metrics)), run.log(metrics, step)),
-            )
+            finetune_reference(policy, prompts, responses, args, task, device, autocast, keep_curve(run, ref_history))
         ref_policy = frozen_copy(policy)
 
     # ALGO LOGIC: 3. V_ref(x), for the advantage methods only (as in H L500): fit first, to pi_ref's own sampled
@@ -734,7 +617,7 @@ def main(args: Args) -> dict:
                 min_response_length,
                 device,
                 autocast,
-                log=lambda metrics, epoch: (value_history.append((epoch, metrics)), run.log(metrics, epoch)),
+                log=keep_curve(run, value_history),
             )
 
         # ALGO LOGIC: 4. advantages A = R - V_ref(x) of the whole dataset, once: V is frozen and in eval mode, so
@@ -835,16 +718,19 @@ def main(args: Args) -> dict:
 
             # TRY NOT TO MODIFY: keep the step's statistics on the device; sync once per logging interval
             statistics = step_statistics(loss, stats, logprobs, ref_logprobs, logits, response_mask, grad_norm)
-            pending.append((step, lr, idx, statistics))
+            host = {"objective/scores": float(raw_rewards[idx].mean()), "charts/learning_rate": lr}
+            if args.algorithm in ADVANTAGE_METHODS:
+                host["objective/advantage"] = float(advantages[idx].mean())
+            pending.append((step, statistics, host))
             if not (
                 step == args.total_steps
                 or any(step % every == 0 for every in (args.log_every, args.eval_every, args.checkpoint_every))
             ):
                 continue
-            logged, speed = flush(run, pending, args, raw_rewards, advantages, time.time() - since)
+            logged, speed = flush_steps(run, pending, args.total_steps, args.batch_size, time.time() - since)
             window, pending = window + logged, []
             if step % args.log_every == 0 or step == args.total_steps:
-                print(progress_line(step, args.total_steps, window, speed), flush=True)
+                print(progress_line(step, args.total_steps, window, PROGRESS, speed), flush=True)
                 window = []
             if step % args.eval_every == 0 and step != args.total_steps:
                 run_eval(step)
