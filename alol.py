@@ -157,31 +157,18 @@ class Args(TrainArgs, TaskArgs, RunArgs):
 # The allowed values of the numeric flags, checked before any work (common/utils.py `validate_args`: "(0, inf)" is
 # positive; float flags not named here must be finite). The response lengths depend on the task: checked in main.
 LIMITS = {
-    "data_seed": "[0, inf)",
-    "offline_size": "(0, inf)",
-    "ref_epochs": "[0, inf)",
-    "offline_samples_per_prompt": "(0, inf)",
-    "total_steps": "(0, inf)",
-    "batch_size": "(0, inf)",
-    "learning_rate": "(0, inf)",
-    "weight_decay": "[0, inf)",
+    **dict.fromkeys(("data_seed", "ref_epochs", "weight_decay", "kl_beta"), "[0, inf)"),
+    **dict.fromkeys(("total_steps", "batch_size", "learning_rate", "forward_batch_size", "log_every"), "(0, inf)"),
+    **dict.fromkeys(("offline_size", "offline_samples_per_prompt", "value_samples_per_prompt"), "(0, inf)"),
+    **dict.fromkeys(("value_epochs", "value_patience", "value_learning_rate", "value_batch_size"), "(0, inf)"),
+    "value_heads": "(0, inf)",
     "max_grad_norm": "(0, inf]",
     "clip_eps": "(0, 1)",
-    "kl_beta": "[0, inf)",
     "gold_min_prob": "[0, 1]",
-    "forward_batch_size": "(0, inf)",
-    "log_every": "(0, inf)",
     "value_prompts": "[2, inf)",
-    "value_samples_per_prompt": "(0, inf)",
     "value_holdout": "(0, 1)",
-    "value_epochs": "(0, inf)",
-    "value_patience": "(0, inf)",
-    "value_learning_rate": "(0, inf)",
-    "value_batch_size": "(0, inf)",
-    "value_heads": "(0, inf)",
     "value_dropout": "[0, 1)",
 }
-
 # The progress line: label -> (metric, format), each the mean over the steps since the last line
 PROGRESS = {
     "loss": ("losses/loss", ".3f"),
@@ -198,12 +185,9 @@ PROGRESS = {
 def importance_weight(
     logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, clip_eps: float
 ) -> torch.Tensor:
-    """clamp(pi_theta(y|x) / pi_ref(y|x), 1 - eps, 1 + eps) per sequence, with no gradient.
-
-    Computed in log space (H L865-870, G L671-673): the ratio of two products of up to hundreds of token
-    probabilities overflows or underflows as a product; the clamp is applied to the log ratio, which gives
-    the same value without ever forming exp(large). No gradient flows through w, so the update is the
-    paper's A * w * grad log pi, not a PPO surrogate: clamped examples still get gradient, scaled by w."""
+    """clamp(pi_theta(y|x) / pi_ref(y|x), 1 - eps, 1 + eps) per sequence, a constant (no gradient): the update is
+    A * w * grad log pi. Clamped in log space, so a long response's ratio never overflows (H L865-870, G L671-673;
+    docs/alol.md, detail 3)."""
     log_ratio = ((logprobs - ref_logprobs) * mask).sum(1).detach()
     return log_ratio.clamp(math.log1p(-clip_eps), math.log1p(clip_eps)).exp()
 
@@ -229,14 +213,10 @@ def sequence_loss(
     gold_min_prob: float = 0.1,
     keep_negative: bool = False,
 ) -> tuple[torch.Tensor, dict]:
-    """The batch loss of every method: the mean over examples of a per-example loss built from the *summed*
-    token NLL of the response ("Consistently sum is better than mean", H L757-759).
-
-    logprobs / ref_logprobs `[B, T]`: log pi_theta / log pi_ref of the dataset response tokens; mask `[B, T]`;
-    rewards `[B]` in [0, 1]; advantages `[B]` = R - V_ref(x). A+ = max(A, 0): A-LoL never pushes a response's
-    likelihood down, whatever the sampler did (the reference's ref-free branch skips this clamp, H L953-962);
-    `keep_negative` (the ablation) uses A itself, so a negative advantage raises the response's NLL.
-    """
+    """The batch loss of every method: the mean over examples of a per-example loss built from the *summed* token
+    NLL of the response (H L757-759). logprobs / ref_logprobs `[B, T]` of the dataset response tokens, mask `[B, T]`,
+    rewards `[B]` in [0, 1], advantages `[B]` = R - V_ref(x). A-LoL weighs by A+ = max(A, 0), whatever the sampler
+    did, or by A itself with `keep_negative` (docs/alol.md, details 7 and 24)."""
     mask = mask.to(logprobs.dtype)
     nll = -(logprobs * mask).sum(1)  # -log pi_theta(y|x): the whole response is one action
     positive = advantages if keep_negative else advantages.clamp(min=0.0)
@@ -293,10 +273,8 @@ def sampling_probabilities(
 
 
 def scale_rewards(raw: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Rewards mapped to [0, 1] by the offline data's min and max: the reference's rewards are non-negative (a
-    sigmoid of a reward-model logit on HHA, sums of [0, 1] scores elsewhere, utils/rl_utils.py L593-610), which
-    R-weighted losses and p ~ R need. V is fit to pi_ref's rewards on this same scale (clamped to [0, 1], the
-    range of its sigmoid), so A = R - V is a difference of two numbers on one scale."""
+    """Rewards mapped to [0, 1] by the offline data's min and max, as R-weighted losses and p ~ R need; V's targets
+    are mapped alike, so A = R - V compares numbers on one scale (docs/alol.md, detail 9)."""
     return (np.asarray(raw, dtype=np.float64) - low) / (high - low)
 
 
@@ -304,6 +282,27 @@ def advantages_of(rewards: np.ndarray, values: np.ndarray) -> np.ndarray:
     """A = R - V_ref(x) per example, both scaled by `scale_rewards`: positive where the logged response scored
     better than pi_ref's own responses to that prompt are expected to (H L590-623; computed once, V is frozen)."""
     return np.asarray(rewards, dtype=np.float64) - np.asarray(values, dtype=np.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# The offline log: the task's, or pi_ref's own samples
+# ----------------------------------------------------------------------------------------------
+def load_offline_data(task: Task, policy: Policy, args: Args, max_new: int, min_new: int, device) -> list[dict]:
+    """The task's logged dataset; a task without one gets pi_ref's own samples on its training prompts, scored by the
+    task's reward (docs/alol.md, detail 20)."""
+    if task.offline_data is not None:
+        data = task.offline_data(args.data_seed)
+    else:
+        prompts = [p for p in task.train_prompts for _ in range(args.offline_samples_per_prompt)]
+        prompts = prompts[: args.offline_size] if args.offline_size else prompts
+        seeds = episode_seeds(args.data_seed, 3, 0, range(len(prompts)))  # stream 3: the sampled log
+        responses, scores = sample_and_score(
+            policy, prompts, seeds, task, max_new, min_new, args.forward_batch_size, device
+        )
+        data = [
+            {"prompt": p, "response": r, "reward": float(s)} for p, r, s in zip(prompts, responses, scores, strict=True)
+        ]
+    return data[: args.offline_size] if args.offline_size else data
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,12 +348,9 @@ def finetune_reference(
 # ALGO LOGIC: the value head V_ref(x) on the frozen reference's prompt representation
 # ----------------------------------------------------------------------------------------------
 class PromptValueHead(nn.Module):
-    """V(x) in [0, max_value]: a learned query attends over the prompt's hidden states, then a linear layer
-    and sigmoid * max_value (the reference's `ValueHeadAttention`, utils/rl_utils.py L452-505).
-
-    Two fixes over the reference: padding is masked out of the attention (the reference calls
-    `nn.MultiheadAttention` without `key_padding_mask`, so left-padding changes V), and callers put the head
-    in eval mode before using it (the HHA script never calls `.eval()`, so its advantages carry dropout noise)."""
+    """V(x) in [0, max_value]: a learned query attends over the prompt's hidden states, then a linear layer and
+    sigmoid * max_value (the reference's `ValueHeadAttention`, utils/rl_utils.py L452-505), with padding masked out
+    of the attention and the head in eval mode whenever V is used (docs/alol.md, details 13 and 14)."""
 
     def __init__(self, hidden_size: int, num_heads: int = 8, dropout: float = 0.1, max_value: float = 1.0):
         super().__init__()
@@ -386,11 +382,10 @@ def train_value_head(
     rng: np.random.Generator,
     log=None,
 ) -> dict:
-    """Fit V to pi_ref's sampled rewards by MSE on frozen features; keep the epoch with the lowest *held-out*
-    MSE and stop after `patience` epochs without improvement. The reference selects by training MSE on the
-    same 280 prompts (H L237-241), which rewards memorising single noisy samples. `groups` (the prompt of each
-    sample) keeps all samples of one prompt on the same side of the split. Returns MSE statistics; the head
-    is left in eval mode with its best weights."""
+    """Fit V to pi_ref's sampled rewards by MSE on frozen features; keep the epoch with the lowest *held-out* MSE
+    and stop after `patience` epochs without improvement (docs/alol.md, detail 12). `groups` (the prompt of each
+    sample) keeps all samples of one prompt on one side of the split. Returns MSE statistics; the head is left in
+    eval mode with its best weights."""
     prompts = rng.permutation(np.unique(groups))
     n_holdout = max(1, int(round(holdout * len(prompts))))
     is_holdout = np.isin(groups, prompts[:n_holdout])
@@ -444,11 +439,10 @@ def fit_value_head(
     autocast,
     log=None,
 ) -> tuple[PromptValueHead, dict]:
-    """V_ref on `value_prompts` training prompts: pi_ref's own samples (`value_samples_per_prompt` each), scored
-    by the task and mapped like the data's rewards (`scale_rewards` by the data's `low` and `high`), then
-    `train_value_head` on pi_ref's prompt features. Under torchrun the ranks share the sampling and scoring; the
-    small head is then fit by every rank alike on all of it (same seed, same data: the same V everywhere, with no
-    dropout masks that depend on the number of processes)."""
+    """V_ref on `value_prompts` training prompts: pi_ref's own samples (`value_samples_per_prompt` each), scored by
+    the task and mapped like the data's rewards (`scale_rewards` by the data's `low` and `high`), then
+    `train_value_head` on pi_ref's prompt features (docs/alol.md, detail 11). Under torchrun the ranks share the
+    sampling and scoring; every rank then fits the head alike on all of it (docs/alol.md, detail 22)."""
     value_order = rng.permutation(len(task.train_prompts))[: args.value_prompts]
     value_prompts = [task.train_prompts[i] for i in value_order for _ in range(args.value_samples_per_prompt)]
     seeds = episode_seeds(args.seed, 2, 0, range(len(value_prompts)))  # stream 2: V's data
@@ -490,27 +484,6 @@ def prompt_values(
         return torch.cat([head(h, m) for h, m in batches]).tolist()
 
     return np.array(map_distinct(values, prompts))
-
-
-# ----------------------------------------------------------------------------------------------
-# Plumbing: offline data
-# ----------------------------------------------------------------------------------------------
-def load_offline_data(task: Task, policy: Policy, args: Args, max_new: int, min_new: int, device) -> list[dict]:
-    """The task's logged dataset; a task without one gets pi_ref's own samples on its training prompts,
-    scored by the task's reward (then importance weights start at exactly 1 and A-LoL is filtered BC)."""
-    if task.offline_data is not None:
-        data = task.offline_data(args.data_seed)
-    else:
-        prompts = [p for p in task.train_prompts for _ in range(args.offline_samples_per_prompt)]
-        prompts = prompts[: args.offline_size] if args.offline_size else prompts
-        seeds = episode_seeds(args.data_seed, 3, 0, range(len(prompts)))  # stream 3: the sampled log
-        responses, scores = sample_and_score(
-            policy, prompts, seeds, task, max_new, min_new, args.forward_batch_size, device
-        )
-        data = [
-            {"prompt": p, "response": r, "reward": float(s)} for p, r, s in zip(prompts, responses, scores, strict=True)
-        ]
-    return data[: args.offline_size] if args.offline_size else data
 
 
 def main(args: Args) -> dict:
@@ -582,8 +555,7 @@ def main(args: Args) -> dict:
         if checkpoint.get("ref_policy") is not None:
             ref_policy = frozen_copy(policy)
             ref_policy.load_state_dict(checkpoint["ref_policy"])
-    elif args.ref_epochs > 0 and task.offline_data is not None:  # a log sampled from the loaded model is already
-        # its own distribution: there is nothing to fine-tune pi_ref towards
+    elif args.ref_epochs > 0 and task.offline_data is not None:  # a log sampled from pi_ref needs no fine-tuning
         with stop_on_fault(run, 0, "step"):
             data_stats["loaded_eval"], _ = evaluate_model(start_policy)  # the table's "model as loaded" row
             print(f"eval of the model as loaded: {eval_line(data_stats['loaded_eval'])}", flush=True)
@@ -591,8 +563,7 @@ def main(args: Args) -> dict:
         ref_policy = frozen_copy(policy)
 
     # ALGO LOGIC: 3. V_ref(x), for the advantage methods only (as in H L500): fit first, to pi_ref's own sampled
-    # responses on training prompts, scored by the task and mapped like the data's rewards (reference: pi_ref's
-    # outputs on the validation prompts; ours never sees the held-out evaluation prompts).
+    # responses on training prompts, scored by the task and mapped like the data's rewards (docs/alol.md, detail 11)
     advantages, value_history = np.zeros(len(data)), []
     if checkpoint is not None:  # --resume: V's result, not its fit
         if args.algorithm in ADVANTAGE_METHODS:
@@ -621,7 +592,7 @@ def main(args: Args) -> dict:
             )
 
         # ALGO LOGIC: 4. advantages A = R - V_ref(x) of the whole dataset, once: V is frozen and in eval mode, so
-        # recomputing it every step (as the reference does, with dropout still on in H) would give the same numbers.
+        # recomputing it every step (as the reference does) would give the same numbers (docs/alol.md, detail 15)
         values = prompt_values(head, ref_policy, prompts, task, args.forward_batch_size, device)
         advantages = advantages_of(rewards, values)
         data_stats.update(
@@ -677,8 +648,7 @@ def main(args: Args) -> dict:
             run_eval(0)
             save_checkpoint(run, checkpoint_state(0))  # V's fit and the advantages are never redone
         for step in range(first_step, args.total_steps + 1):
-            # ALGO LOGIC: 6. draw a batch (with replacement, as the reference's sampler effectively does): every
-            # rank draws the same global batch and takes its contiguous slice, so 1 and N processes see the same
+            # ALGO LOGIC: 6. draw a global batch by p, with replacement (docs/alol.md, detail 8); this rank's slice
             idx = rng.choice(len(data), size=args.batch_size, p=probabilities)
             mine = rank_slice(idx)
             input_ids, attention_mask, start, response_mask = prompt_response_batch(
