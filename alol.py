@@ -36,19 +36,23 @@ import torch
 import torch.nn as nn
 import tyro
 
-from common.batches import prompt_then_response, right_pad_with_mask
-from common.models import Policy, entropy_of, frozen_copy, load_policy, logprobs_of
-from common.tasks import Task, eval_line, evaluate, make_task
+from common.batches import prompt_response_batch, response_rows
+from common.models import Policy, frozen_copy, load_policy, logprobs_of, prompt_features
+from common.tasks import Task, eval_line, make_task
 from common.training import (
+    evaluate_policy,
+    finetune_nll,
     finish_run,
+    flush_steps,
     guard_training,
-    log_throughput,
+    keep_curve,
+    map_distinct,
+    progress_line,
     record_eval,
-    reduce_steps,
     response_lengths,
     restore_training_state,
     sample_and_score,
-    sample_responses,
+    step_statistics,
     stop_on_fault,
     training_state,
 )
@@ -57,22 +61,18 @@ from common.utils import (
     RunArgs,
     TaskArgs,
     TrainArgs,
-    all_gather_objects,
-    all_reduce,
     bf16_autocast,
     episode_seeds,
     error_line,
     exact_div,
     init_distributed,
     masked_mean,
-    rank_share,
     rank_slice,
     resume_args,
     save_checkpoint,
     seed_everything,
     sync_gradients,
     validate_args,
-    world,
 )
 
 ALGORITHMS = ("a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl", "nll", "wbc", "r_gold", "r_lol")
@@ -157,29 +157,25 @@ class Args(TrainArgs, TaskArgs, RunArgs):
 # The allowed values of the numeric flags, checked before any work (common/utils.py `validate_args`: "(0, inf)" is
 # positive; float flags not named here must be finite). The response lengths depend on the task: checked in main.
 LIMITS = {
-    "data_seed": "[0, inf)",
-    "offline_size": "(0, inf)",
-    "ref_epochs": "[0, inf)",
-    "offline_samples_per_prompt": "(0, inf)",
-    "total_steps": "(0, inf)",
-    "batch_size": "(0, inf)",
-    "learning_rate": "(0, inf)",
-    "weight_decay": "[0, inf)",
+    **dict.fromkeys(("data_seed", "ref_epochs", "weight_decay", "kl_beta"), "[0, inf)"),
+    **dict.fromkeys(("total_steps", "batch_size", "learning_rate", "forward_batch_size", "log_every"), "(0, inf)"),
+    **dict.fromkeys(("offline_size", "offline_samples_per_prompt", "value_samples_per_prompt"), "(0, inf)"),
+    **dict.fromkeys(("value_epochs", "value_patience", "value_learning_rate", "value_batch_size"), "(0, inf)"),
+    "value_heads": "(0, inf)",
     "max_grad_norm": "(0, inf]",
     "clip_eps": "(0, 1)",
-    "kl_beta": "[0, inf)",
     "gold_min_prob": "[0, 1]",
-    "forward_batch_size": "(0, inf)",
-    "log_every": "(0, inf)",
     "value_prompts": "[2, inf)",
-    "value_samples_per_prompt": "(0, inf)",
     "value_holdout": "(0, 1)",
-    "value_epochs": "(0, inf)",
-    "value_patience": "(0, inf)",
-    "value_learning_rate": "(0, inf)",
-    "value_batch_size": "(0, inf)",
-    "value_heads": "(0, inf)",
     "value_dropout": "[0, 1)",
+}
+# The progress line: label -> (metric, format), each the mean over the steps since the last line
+PROGRESS = {
+    "loss": ("losses/loss", ".3f"),
+    "nll": ("losses/nll", ".2f"),
+    "kl": ("objective/kl", "+.4f"),
+    "w": ("losses/importance_weight", ".3f"),
+    "data score": ("objective/scores", "+.3f"),
 }
 
 
@@ -189,12 +185,9 @@ LIMITS = {
 def importance_weight(
     logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, clip_eps: float
 ) -> torch.Tensor:
-    """clamp(pi_theta(y|x) / pi_ref(y|x), 1 - eps, 1 + eps) per sequence, with no gradient.
-
-    Computed in log space (H L865-870, G L671-673): the ratio of two products of up to hundreds of token
-    probabilities overflows or underflows as a product; the clamp is applied to the log ratio, which gives
-    the same value without ever forming exp(large). No gradient flows through w, so the update is the
-    paper's A * w * grad log pi, not a PPO surrogate: clamped examples still get gradient, scaled by w."""
+    """clamp(pi_theta(y|x) / pi_ref(y|x), 1 - eps, 1 + eps) per sequence, a constant (no gradient): the update is
+    A * w * grad log pi. Clamped in log space, so a long response's ratio never overflows (H L865-870, G L671-673;
+    docs/alol.md, detail 3)."""
     log_ratio = ((logprobs - ref_logprobs) * mask).sum(1).detach()
     return log_ratio.clamp(math.log1p(-clip_eps), math.log1p(clip_eps)).exp()
 
@@ -220,14 +213,10 @@ def sequence_loss(
     gold_min_prob: float = 0.1,
     keep_negative: bool = False,
 ) -> tuple[torch.Tensor, dict]:
-    """The batch loss of every method: the mean over examples of a per-example loss built from the *summed*
-    token NLL of the response ("Consistently sum is better than mean", H L757-759).
-
-    logprobs / ref_logprobs `[B, T]`: log pi_theta / log pi_ref of the dataset response tokens; mask `[B, T]`;
-    rewards `[B]` in [0, 1]; advantages `[B]` = R - V_ref(x). A+ = max(A, 0): A-LoL never pushes a response's
-    likelihood down, whatever the sampler did (the reference's ref-free branch skips this clamp, H L953-962);
-    `keep_negative` (the ablation) uses A itself, so a negative advantage raises the response's NLL.
-    """
+    """The batch loss of every method: the mean over examples of a per-example loss built from the *summed* token
+    NLL of the response (H L757-759). logprobs / ref_logprobs `[B, T]` of the dataset response tokens, mask `[B, T]`,
+    rewards `[B]` in [0, 1], advantages `[B]` = R - V_ref(x). A-LoL weighs by A+ = max(A, 0), whatever the sampler
+    did, or by A itself with `keep_negative` (docs/alol.md, details 7 and 24)."""
     mask = mask.to(logprobs.dtype)
     nll = -(logprobs * mask).sum(1)  # -log pi_theta(y|x): the whole response is one action
     positive = advantages if keep_negative else advantages.clamp(min=0.0)
@@ -284,10 +273,8 @@ def sampling_probabilities(
 
 
 def scale_rewards(raw: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Rewards mapped to [0, 1] by the offline data's min and max: the reference's rewards are non-negative (a
-    sigmoid of a reward-model logit on HHA, sums of [0, 1] scores elsewhere, utils/rl_utils.py L593-610), which
-    R-weighted losses and p ~ R need. V is fit to pi_ref's rewards on this same scale (clamped to [0, 1], the
-    range of its sigmoid), so A = R - V is a difference of two numbers on one scale."""
+    """Rewards mapped to [0, 1] by the offline data's min and max, as R-weighted losses and p ~ R need; V's targets
+    are mapped alike, so A = R - V compares numbers on one scale (docs/alol.md, detail 9)."""
     return (np.asarray(raw, dtype=np.float64) - low) / (high - low)
 
 
@@ -298,23 +285,35 @@ def advantages_of(rewards: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
+# The offline log: the task's, or pi_ref's own samples
+# ----------------------------------------------------------------------------------------------
+def load_offline_data(task: Task, policy: Policy, args: Args, max_new: int, min_new: int, device) -> list[dict]:
+    """The task's logged dataset; a task without one gets pi_ref's own samples on its training prompts, scored by the
+    task's reward (docs/alol.md, detail 20)."""
+    if task.offline_data is not None:
+        data = task.offline_data(args.data_seed)
+    else:
+        prompts = [p for p in task.train_prompts for _ in range(args.offline_samples_per_prompt)]
+        prompts = prompts[: args.offline_size] if args.offline_size else prompts
+        seeds = episode_seeds(args.data_seed, 3, 0, range(len(prompts)))  # stream 3: the sampled log
+        responses, scores = sample_and_score(
+            policy, prompts, seeds, task, max_new, min_new, args.forward_batch_size, device
+        )
+        data = [
+            {"prompt": p, "response": r, "reward": float(s)} for p, r, s in zip(prompts, responses, scores, strict=True)
+        ]
+    return data[: args.offline_size] if args.offline_size else data
+
+
+# ----------------------------------------------------------------------------------------------
 # ALGO LOGIC: pi_ref, the paper's first step: the loaded model fine-tuned by NLL on the whole log
 # ----------------------------------------------------------------------------------------------
 def finetune_reference(
-    policy: Policy,
-    prompts: list[str],
-    responses: list[list[int]],
-    args: Args,
-    rng: np.random.Generator,
-    max_prompt_tokens: int,
-    device,
-    autocast,
-    log=None,
+    policy: Policy, prompts: list[str], responses: list[list[int]], args: Args, task: Task, device, autocast, log
 ) -> None:
-    """The paper's first step (section 2, "we first fine-tune the reference policy on the training set"):
-    NLL on every logged response, noisy ones included, for `ref_epochs` shuffled passes. Every rank draws the
-    same global batches and takes its slice, as in the main loop; the incomplete last batch of a pass is
-    dropped (the next pass is shuffled anew)."""
+    """The paper's first step (section 2, "we first fine-tune the reference policy on the training set"): NLL on
+    every logged response, noisy ones included, for `ref_epochs` shuffled passes, on its own random stream (stream 1
+    of `seed`), so --ref-epochs 0 leaves V's split and the batches as they were (docs/alol.md, detail 23)."""
     per_epoch = len(prompts) // args.batch_size
     if per_epoch == 0:
         raise ValueError(
@@ -325,51 +324,33 @@ def finetune_reference(
     parameters = list(policy.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total)
-    policy.train()
-    step, since, window = 0, time.time(), []
-    for _ in range(args.ref_epochs):
-        order = rng.permutation(len(prompts))
-        for start in range(0, per_epoch * args.batch_size, args.batch_size):
-            mine = rank_slice(order[start : start + args.batch_size])
-            input_ids, attention_mask, offset, response_mask = make_batch(
-                policy, [prompts[i] for i in mine], [responses[i] for i in mine], max_prompt_tokens, device
-            )
-            with autocast:
-                logits, _ = policy(input_ids, attention_mask, offset)
-            logprobs = logprobs_of(logits, input_ids[:, offset:])
-            zeros = torch.zeros(len(mine), device=device)
-            loss, _ = sequence_loss("nll", logprobs, logprobs, response_mask, zeros, zeros)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            sync_gradients(parameters)
-            nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            window.append(loss.detach())
-            if step % args.log_every == 0 or step == total:
-                nll = all_reduce(torch.stack(window).mean(), "mean").item()  # the same on every rank: all stop
-                if not math.isfinite(nll):
-                    raise FloatingPointError(
-                        f"non-finite loss in pi_ref's fine-tuning by update {step} of {total} "
-                        f"(mean NLL {nll}); lower --learning-rate"
-                    )
-                if log is not None:
-                    log({"reference/nll": nll}, step)
-                print(f"pi_ref fine-tuning {step}/{total} | nll {nll:.2f} | {time.time() - since:.0f}s", flush=True)
-                window = []
+    finetune_nll(
+        policy,
+        optimizer,
+        scheduler,
+        prompts,
+        responses,
+        args.ref_epochs,
+        args.batch_size,
+        np.random.default_rng([args.seed, 1]),
+        task.max_prompt_tokens,
+        args.max_grad_norm,
+        args.log_every,
+        device,
+        autocast,
+        "pi_ref",
+        "reference/nll",
+        log,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # ALGO LOGIC: the value head V_ref(x) on the frozen reference's prompt representation
 # ----------------------------------------------------------------------------------------------
 class PromptValueHead(nn.Module):
-    """V(x) in [0, max_value]: a learned query attends over the prompt's hidden states, then a linear layer
-    and sigmoid * max_value (the reference's `ValueHeadAttention`, utils/rl_utils.py L452-505).
-
-    Two fixes over the reference: padding is masked out of the attention (the reference calls
-    `nn.MultiheadAttention` without `key_padding_mask`, so left-padding changes V), and callers put the head
-    in eval mode before using it (the HHA script never calls `.eval()`, so its advantages carry dropout noise)."""
+    """V(x) in [0, max_value]: a learned query attends over the prompt's hidden states, then a linear layer and
+    sigmoid * max_value (the reference's `ValueHeadAttention`, utils/rl_utils.py L452-505), with padding masked out
+    of the attention and the head in eval mode whenever V is used (docs/alol.md, details 13 and 14)."""
 
     def __init__(self, hidden_size: int, num_heads: int = 8, dropout: float = 0.1, max_value: float = 1.0):
         super().__init__()
@@ -387,28 +368,6 @@ class PromptValueHead(nn.Module):
         return torch.sigmoid(self.linear(self.dropout(pooled[:, 0])).squeeze(-1)) * self.max_value
 
 
-@torch.no_grad()
-def prompt_hidden_states(policy: Policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-    """The last-layer hidden states of the prompt tokens `[B, T, H]` (the encoder's for a seq2seq model);
-    position ids as in `Policy.forward`, so left-padding does not shift the real tokens' states."""
-    if policy.is_seq2seq:
-        return policy.model.get_encoder()(input_ids=prompt_ids, attention_mask=prompt_mask).last_hidden_state
-    position_ids = (prompt_mask.cumsum(1) - 1).clamp(min=0)
-    return policy.model.base_model(
-        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state
-
-
-def prompt_features(ref_policy: Policy, texts: list[str], task: Task, batch_size: int, device):
-    """pi_ref's prompt hidden states for many prompts, left-padded to one width (padding is masked)."""
-    ids, mask = ref_policy.encode_prompts(texts, task.max_prompt_tokens, device)
-    hidden = [
-        prompt_hidden_states(ref_policy, ids[i : i + batch_size], mask[i : i + batch_size]).float()
-        for i in range(0, len(texts), batch_size)
-    ]
-    return torch.cat(hidden), mask
-
-
 def train_value_head(
     head: PromptValueHead,
     hidden: torch.Tensor,
@@ -423,11 +382,10 @@ def train_value_head(
     rng: np.random.Generator,
     log=None,
 ) -> dict:
-    """Fit V to pi_ref's sampled rewards by MSE on frozen features; keep the epoch with the lowest *held-out*
-    MSE and stop after `patience` epochs without improvement. The reference selects by training MSE on the
-    same 280 prompts (H L237-241), which rewards memorising single noisy samples. `groups` (the prompt of each
-    sample) keeps all samples of one prompt on the same side of the split. Returns MSE statistics; the head
-    is left in eval mode with its best weights."""
+    """Fit V to pi_ref's sampled rewards by MSE on frozen features; keep the epoch with the lowest *held-out* MSE
+    and stop after `patience` epochs without improvement (docs/alol.md, detail 12). `groups` (the prompt of each
+    sample) keeps all samples of one prompt on one side of the split. Returns MSE statistics; the head is left in
+    eval mode with its best weights."""
     prompts = rng.permutation(np.unique(groups))
     n_holdout = max(1, int(round(holdout * len(prompts))))
     is_holdout = np.isin(groups, prompts[:n_holdout])
@@ -481,11 +439,10 @@ def fit_value_head(
     autocast,
     log=None,
 ) -> tuple[PromptValueHead, dict]:
-    """V_ref on `value_prompts` training prompts: pi_ref's own samples (`value_samples_per_prompt` each), scored
-    by the task and mapped like the data's rewards (`scale_rewards` by the data's `low` and `high`), then
-    `train_value_head` on pi_ref's prompt features. Under torchrun the ranks share the sampling and scoring; the
-    small head is then fit by every rank alike on all of it (same seed, same data: the same V everywhere, with no
-    dropout masks that depend on the number of processes)."""
+    """V_ref on `value_prompts` training prompts: pi_ref's own samples (`value_samples_per_prompt` each), scored by
+    the task and mapped like the data's rewards (`scale_rewards` by the data's `low` and `high`), then
+    `train_value_head` on pi_ref's prompt features (docs/alol.md, detail 11). Under torchrun the ranks share the
+    sampling and scoring; every rank then fits the head alike on all of it (docs/alol.md, detail 22)."""
     value_order = rng.permutation(len(task.train_prompts))[: args.value_prompts]
     value_prompts = [task.train_prompts[i] for i in value_order for _ in range(args.value_samples_per_prompt)]
     seeds = episode_seeds(args.seed, 2, 0, range(len(value_prompts)))  # stream 2: V's data
@@ -494,7 +451,9 @@ def fit_value_head(
             ref_policy, value_prompts, seeds, task, max_new, min_new, args.forward_batch_size, device
         )
     value_rewards = scale_rewards(value_rewards, low, high)
-    value_hidden, value_mask = prompt_features(ref_policy, value_prompts, task, args.forward_batch_size, device)
+    value_hidden, value_mask = prompt_features(
+        ref_policy, value_prompts, task.max_prompt_tokens, args.forward_batch_size, device
+    )
     head = PromptValueHead(ref_policy.hidden_size, args.value_heads, args.value_dropout).to(device)
     stats = train_value_head(
         head,
@@ -517,131 +476,14 @@ def fit_value_head(
 def prompt_values(
     head: PromptValueHead, ref_policy: Policy, prompts: list[str], task: Task, batch_size: int, device
 ) -> np.ndarray:
-    """V_ref(x) of every example's prompt, computed once per distinct prompt: each rank computes V for its share
-    of the distinct prompts, and every rank receives all of them."""
-    unique_prompts = sorted(set(prompts))
-    mine = [unique_prompts[i] for i in rank_share(len(unique_prompts))]
-    hidden, mask = prompt_features(ref_policy, mine, task, batch_size, device) if mine else (None, None)
-    values_mine = [
-        v
-        for i in range(0, len(mine), batch_size)
-        for v in head(hidden[i : i + batch_size], mask[i : i + batch_size]).tolist()
-    ]
-    value_of = dict(zip(unique_prompts, [v for part in all_gather_objects(values_mine) for v in part], strict=True))
-    return np.array([value_of[p] for p in prompts])
+    """V_ref(x) of every example's prompt, computed once per distinct prompt, shared out over the ranks."""
 
+    def values(texts: list[str]) -> list[float]:
+        hidden, mask = prompt_features(ref_policy, texts, task.max_prompt_tokens, batch_size, device)
+        batches = zip(hidden.split(batch_size), mask.split(batch_size), strict=True)
+        return torch.cat([head(h, m) for h, m in batches]).tolist()
 
-# ----------------------------------------------------------------------------------------------
-# Plumbing: offline data, batches, evaluation, the statistics of a logging interval
-# ----------------------------------------------------------------------------------------------
-def load_offline_data(task: Task, policy: Policy, args: Args, max_new: int, min_new: int, device) -> list[dict]:
-    """The task's logged dataset; a task without one gets pi_ref's own samples on its training prompts,
-    scored by the task's reward (then importance weights start at exactly 1 and A-LoL is filtered BC)."""
-    if task.offline_data is not None:
-        data = task.offline_data(args.data_seed)
-    else:
-        prompts = [p for p in task.train_prompts for _ in range(args.offline_samples_per_prompt)]
-        prompts = prompts[: args.offline_size] if args.offline_size else prompts
-        seeds = episode_seeds(args.data_seed, 3, 0, range(len(prompts)))  # stream 3: the sampled log
-        responses, scores = sample_and_score(
-            policy, prompts, seeds, task, max_new, min_new, args.forward_batch_size, device
-        )
-        data = [
-            {"prompt": p, "response": r, "reward": float(s)} for p, r, s in zip(prompts, responses, scores, strict=True)
-        ]
-    return data[: args.offline_size] if args.offline_size else data
-
-
-def make_batch(policy: Policy, prompts: list[str], responses: list[list[int]], max_prompt_tokens: int, device):
-    """Prompt (left-padded) + response tokens (right-padded) -> (input_ids, attention_mask, start, response_mask)."""
-    prompt_ids, prompt_mask = policy.encode_prompts(prompts, max_prompt_tokens, device)
-    response_ids, response_mask = (t.to(device) for t in right_pad_with_mask(responses, policy.tokenizer.pad_token_id))
-    return (*prompt_then_response(prompt_ids, prompt_mask, response_ids, response_mask), response_mask)
-
-
-def evaluate_policy(
-    model: Policy, start_policy: Policy, task: Task, args: Args, max_new: int, min_new: int, device, autocast
-) -> tuple[dict, list]:
-    """Held-out prompts, sampled as deployed, each from the same seed at every evaluation (comparable
-    evaluations, the same on 1 or N processes); `evaluate` shares the prompts out over the ranks. Fluency
-    beside the reward: perplexity of the references under the model, and the sampled responses' NLL under
-    the --model-name model as loaded (`start_policy`: before pi_ref's fine-tuning, so every variant has one
-    yardstick)."""
-
-    def generate_fn(prompts, indices):
-        with autocast:
-            seeds = episode_seeds(args.seed, 1, 0, indices)
-            return sample_responses(model, prompts, seeds, task, max_new, min_new, device)
-
-    return evaluate(
-        task,
-        generate_fn,
-        args.eval_episodes,
-        args.forward_batch_size,
-        policy=model,
-        start_model=start_policy,
-        response_length=max_new,
-    )
-
-
-@torch.no_grad()
-def step_statistics(loss, stats, logprobs, ref_logprobs, logits, response_mask, grad_norm) -> dict:
-    """One step's statistics, kept on the device (`flush` syncs them once per logging interval): the loss, the
-    summed NLL, the gradient norm, the method's own (`sequence_loss`), and sums over this rank's response tokens
-    of the KL to pi_ref and of the entropy, with the number of those tokens."""
-    mask = response_mask.float()
-    return {
-        "loss": loss.detach(),
-        "nll": (-(logprobs * mask).sum(1)).mean(),
-        "grad_norm": grad_norm,
-        **{k: v.detach() for k, v in stats.items()},
-        "kl_sum": ((logprobs - ref_logprobs) * mask).sum(),
-        "entropy_sum": (entropy_of(logits.detach()) * mask).sum(),
-        "tokens": mask.sum(),
-    }
-
-
-def flush(
-    run: Run, pending: list, args: Args, raw_rewards: np.ndarray, advantages: np.ndarray, seconds: float
-) -> tuple[list[dict], float]:
-    """The one host sync of a logging interval: sum each pending (step, lr, batch, statistics) over the ranks,
-    stop on a non-finite loss (every rank sees the same sums, so all stop together), log each step's metrics
-    and the interval's throughput. Returns the logged metrics and the tokens per second."""
-    world_size = world()[1]
-    totals = reduce_steps([stats for *_, stats in pending])
-    for (step, *_), total in zip(pending, totals, strict=True):
-        if not math.isfinite(total["loss"]):
-            raise FloatingPointError(
-                f"non-finite loss at update {step} of {args.total_steps} (an update is "
-                f"a gradient step): {total['loss'] / world_size}"
-            )
-    logged, n_tokens = [], 0
-    for (step, lr, idx, _), total in zip(pending, totals, strict=True):
-        tokens, kl, entropy = total.pop("tokens"), total.pop("kl_sum"), total.pop("entropy_sum")
-        metrics = {
-            **{f"losses/{k}": v / world_size for k, v in total.items()},  # means of equal shares
-            "objective/kl": kl / tokens,
-            "objective/entropy": entropy / tokens,  # per token, all ranks
-            "objective/scores": float(raw_rewards[idx].mean()),
-            "charts/learning_rate": lr,
-        }
-        if args.algorithm in ADVANTAGE_METHODS:
-            metrics["objective/advantage"] = float(advantages[idx].mean())
-        run.log(metrics, step)
-        logged.append(metrics)
-        n_tokens += int(tokens)
-    return logged, log_throughput(run, n_tokens, len(pending) * args.batch_size, seconds, pending[-1][0])
-
-
-def progress_line(step: int, total_steps: int, window: list[dict], speed: float) -> str:
-    """The progress line: the means of the steps logged since the last one."""
-    mean = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-    weight = f" | w {mean['losses/importance_weight']:.3f}" if "losses/importance_weight" in mean else ""
-    return (
-        f"step {step}/{total_steps} | loss {mean['losses/loss']:.3f} | nll {mean['losses/nll']:.2f} "
-        f"| kl {mean['objective/kl']:+.4f}{weight} | data score {mean['objective/scores']:+.3f} "
-        f"| {speed:.0f} tok/s"
-    )
+    return np.array(map_distinct(values, prompts))
 
 
 def main(args: Args) -> dict:
@@ -665,11 +507,13 @@ def main(args: Args) -> dict:
     autocast = bf16_autocast(device, args.bf16)  # a no-op on CPU unless --bf16
     rng = np.random.default_rng(args.seed)  # the same draws on every rank: V's split, then the global batches
     start_policy = frozen_copy(policy)  # the model as loaded: the yardstick of eval/ref_nll for every variant
-    evaluate_model = functools.partial(  # evaluate_model(model) -> (metrics, samples)
+    evaluate_model = functools.partial(  # evaluate_model(model) -> (metrics, samples) (docs/alol.md, detail 19)
         evaluate_policy,
-        start_policy=start_policy,
+        start_model=start_policy,
         task=task,
-        args=args,
+        seed=args.seed,
+        episodes=args.eval_episodes,
+        batch_size=args.forward_batch_size,
         max_new=response_length,
         min_new=min_response_length,
         device=device,
@@ -698,47 +542,28 @@ def main(args: Args) -> dict:
         flush=True,
     )
     prompts = [d["prompt"] for d in data]
-    tokenizer = policy.tokenizer
-    responses = [
-        (tokenizer(d["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:response_length]
-        for d in data
-    ]  # EOS appended, then truncated from the right (reference)
-    data_stats = (
-        checkpoint["data_stats"]
-        if checkpoint is not None
-        else {"offline_examples": len(data), "offline_reward_mean": float(raw_rewards.mean())}
-    )
+    responses = response_rows(policy.tokenizer, [d["response"] for d in data], response_length)
+    data_stats = {"offline_examples": len(data), "offline_reward_mean": float(raw_rewards.mean())}
+    if checkpoint is not None:
+        data_stats = checkpoint["data_stats"]
 
     # ALGO LOGIC: 2. pi_ref, the paper's first step: the loaded model fine-tuned by NLL on the whole log. pi_theta
-    # starts from it (a fresh optimizer) and every weight and advantage is measured against it. Its own rng
-    # stream, so --ref-epochs 0 leaves V's split and the batches as they were.
+    # starts from it (a fresh optimizer) and every weight and advantage is measured against it.
     ref_policy, ref_history = start_policy, []  # --ref-epochs 0: pi_ref is the model as loaded
     if checkpoint is not None:  # --resume: pi_ref's weights and curve, not its fit
         ref_history = checkpoint.get("ref_history", [])
         if checkpoint.get("ref_policy") is not None:
             ref_policy = frozen_copy(policy)
             ref_policy.load_state_dict(checkpoint["ref_policy"])
-    elif args.ref_epochs > 0 and task.offline_data is not None:  # a log sampled from the loaded model is already
-        # its own distribution: there is nothing to fine-tune pi_ref towards
+    elif args.ref_epochs > 0 and task.offline_data is not None:  # a log sampled from pi_ref needs no fine-tuning
         with stop_on_fault(run, 0, "step"):
             data_stats["loaded_eval"], _ = evaluate_model(start_policy)  # the table's "model as loaded" row
             print(f"eval of the model as loaded: {eval_line(data_stats['loaded_eval'])}", flush=True)
-            finetune_reference(
-                policy,
-                prompts,
-                responses,
-                args,
-                np.random.default_rng([args.seed, 1]),
-                task.max_prompt_tokens,
-                device,
-                autocast,
-                log=lambda metrics, step: (ref_history.append((step, metrics)), run.log(metrics, step)),
-            )
+            finetune_reference(policy, prompts, responses, args, task, device, autocast, keep_curve(run, ref_history))
         ref_policy = frozen_copy(policy)
 
     # ALGO LOGIC: 3. V_ref(x), for the advantage methods only (as in H L500): fit first, to pi_ref's own sampled
-    # responses on training prompts, scored by the task and mapped like the data's rewards (reference: pi_ref's
-    # outputs on the validation prompts; ours never sees the held-out evaluation prompts).
+    # responses on training prompts, scored by the task and mapped like the data's rewards (docs/alol.md, detail 11)
     advantages, value_history = np.zeros(len(data)), []
     if checkpoint is not None:  # --resume: V's result, not its fit
         if args.algorithm in ADVANTAGE_METHODS:
@@ -763,11 +588,11 @@ def main(args: Args) -> dict:
                 min_response_length,
                 device,
                 autocast,
-                log=lambda metrics, epoch: (value_history.append((epoch, metrics)), run.log(metrics, epoch)),
+                log=keep_curve(run, value_history),
             )
 
         # ALGO LOGIC: 4. advantages A = R - V_ref(x) of the whole dataset, once: V is frozen and in eval mode, so
-        # recomputing it every step (as the reference does, with dropout still on in H) would give the same numbers.
+        # recomputing it every step (as the reference does) would give the same numbers (docs/alol.md, detail 15)
         values = prompt_values(head, ref_policy, prompts, task, args.forward_batch_size, device)
         advantages = advantages_of(rewards, values)
         data_stats.update(
@@ -823,11 +648,10 @@ def main(args: Args) -> dict:
             run_eval(0)
             save_checkpoint(run, checkpoint_state(0))  # V's fit and the advantages are never redone
         for step in range(first_step, args.total_steps + 1):
-            # ALGO LOGIC: 6. draw a batch (with replacement, as the reference's sampler effectively does): every
-            # rank draws the same global batch and takes its contiguous slice, so 1 and N processes see the same
+            # ALGO LOGIC: 6. draw a global batch by p, with replacement (docs/alol.md, detail 8); this rank's slice
             idx = rng.choice(len(data), size=args.batch_size, p=probabilities)
             mine = rank_slice(idx)
-            input_ids, attention_mask, start, response_mask = make_batch(
+            input_ids, attention_mask, start, response_mask = prompt_response_batch(
                 policy, [prompts[i] for i in mine], [responses[i] for i in mine], task.max_prompt_tokens, device
             )
             tokens = input_ids[:, start:]
@@ -864,16 +688,19 @@ def main(args: Args) -> dict:
 
             # TRY NOT TO MODIFY: keep the step's statistics on the device; sync once per logging interval
             statistics = step_statistics(loss, stats, logprobs, ref_logprobs, logits, response_mask, grad_norm)
-            pending.append((step, lr, idx, statistics))
+            host = {"objective/scores": float(raw_rewards[idx].mean()), "charts/learning_rate": lr}
+            if args.algorithm in ADVANTAGE_METHODS:
+                host["objective/advantage"] = float(advantages[idx].mean())
+            pending.append((step, statistics, host))
             if not (
                 step == args.total_steps
                 or any(step % every == 0 for every in (args.log_every, args.eval_every, args.checkpoint_every))
             ):
                 continue
-            logged, speed = flush(run, pending, args, raw_rewards, advantages, time.time() - since)
+            logged, speed = flush_steps(run, pending, args.total_steps, args.batch_size, time.time() - since)
             window, pending = window + logged, []
             if step % args.log_every == 0 or step == args.total_steps:
-                print(progress_line(step, args.total_steps, window, speed), flush=True)
+                print(progress_line(step, args.total_steps, window, PROGRESS, speed), flush=True)
                 window = []
             if step % args.eval_every == 0 and step != args.total_steps:
                 run_eval(step)

@@ -41,3 +41,19 @@ def prompt_then_response(
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(input_ids, attention_mask, response_start): the prompt columns, then the response columns."""
     return torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1), prompt_ids.shape[1]
+
+
+def response_rows(tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
+    """Logged responses as token rows: tokenized without special tokens, EOS appended, then cut from the right to
+    `max_tokens` (the layout of LoL-RL, `utils/rl_utils.py` L115-124)."""
+    return [
+        (tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:max_tokens] for t in texts
+    ]
+
+
+def prompt_response_batch(policy, prompts: list[str], responses: list[list[int]], max_prompt_tokens: int, device):
+    """Prompts (`policy.encode_prompts`: left-padded, the last `max_prompt_tokens` kept) and response token rows
+    (right-padded) -> (input_ids, attention_mask, response_start, response_mask), on `device`."""
+    prompt_ids, prompt_mask = policy.encode_prompts(prompts, max_prompt_tokens, device)
+    response_ids, response_mask = (t.to(device) for t in right_pad_with_mask(responses, policy.tokenizer.pad_token_id))
+    return (*prompt_then_response(prompt_ids, prompt_mask, response_ids, response_mask), response_mask)

@@ -386,6 +386,31 @@ class ValueHead(nn.Module):
             return self.linear(hidden.float()).squeeze(-1)
 
 
+@torch.no_grad()
+def prompt_hidden_states(policy: Policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    """The last-layer hidden states of the prompt tokens `[B, T, H]` (the encoder's for a seq2seq model); position ids
+    as in `Policy.forward`, so left-padding does not shift the real tokens' states."""
+    if policy.is_seq2seq:
+        return policy.model.get_encoder()(input_ids=prompt_ids, attention_mask=prompt_mask).last_hidden_state
+    position_ids = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+    return policy.model.base_model(
+        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+
+
+def prompt_features(
+    policy: Policy, prompts: list[str], max_tokens: int, batch_size: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`prompt_hidden_states` of many prompts in fp32, `batch_size` at a time, left-padded to one width, and their
+    mask (padding is 0)."""
+    ids, mask = policy.encode_prompts(prompts, max_tokens, device)
+    hidden = [
+        prompt_hidden_states(policy, ids[i : i + batch_size], mask[i : i + batch_size]).float()
+        for i in range(0, len(prompts), batch_size)
+    ]
+    return torch.cat(hidden), mask
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading: hub id, local directory, or built-in tiny model (built by common/builtin_models.py)
 # ----------------------------------------------------------------------------------------------

@@ -1,28 +1,36 @@
 """The training loop's plumbing that is not the method: a policy's responses sampled and scored with the work shared
-out over the ranks, response lengths from the flags, evaluations logged and printed, the interval's statistics
-reduced over the ranks in one sync, throughput, what a checkpoint keeps of the loop and how `--resume` puts it back,
-how a run stops (bad input, a fault, Ctrl-C or SIGTERM) and how it ends (the final evaluation, the model,
-`summary.json`). Written for any script's loop; ppo.py, nlpo.py, ilql.py and alol.py use it."""
+out over the ranks, a held-out evaluation of sampled responses, response lengths from the flags, evaluations logged
+and printed, a supervised (NLL) fine-tuning loop, a step's statistics kept on the device and the interval's reduced
+over the ranks in one sync, logged and printed, throughput, what a checkpoint keeps of the loop and how `--resume`
+puts it back, how a run stops (bad input, a fault, Ctrl-C or SIGTERM) and how it ends (the final evaluation, the
+model, `summary.json`). Written for any script's loop; ppo.py, nlpo.py, ilql.py and alol.py use it."""
 
 from __future__ import annotations
 
 import contextlib
+import math
+import time
 from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.nn as nn
 
-from common.models import Policy
-from common.tasks import RewardError, Task, eval_line
+from common.batches import prompt_response_batch
+from common.models import Policy, entropy_of, logprobs_of
+from common.tasks import RewardError, Task, eval_line, evaluate
 from common.utils import (
     Run,
     all_gather_objects,
     all_reduce,
     close_distributed,
+    episode_seeds,
     error_line,
     rank_share,
+    rank_slice,
     restore_rng_states,
     stop_on_sigterm,
+    sync_gradients,
     world,
 )
 
@@ -62,6 +70,43 @@ def sample_and_score(
     return [r for part, _ in parts for r in part], np.array([s for _, part in parts for s in part])
 
 
+def map_distinct(fn: Callable[[list], list], items: list) -> list:
+    """[fn's value of each item], with `fn(distinct items) -> their values` called once per distinct item: each rank
+    calls it on its contiguous share of the sorted distinct items (`rank_share`) and every rank receives all values."""
+    distinct = sorted(set(items))
+    mine = [distinct[i] for i in rank_share(len(distinct))]
+    values = [v for part in all_gather_objects(fn(mine) if mine else []) for v in part]
+    value_of = dict(zip(distinct, values, strict=True))
+    return [value_of[item] for item in items]
+
+
+def evaluate_policy(
+    model: Policy,
+    start_model: Policy,
+    task: Task,
+    seed: int,
+    episodes: int,
+    batch_size: int,
+    max_new: int,
+    min_new: int,
+    device,
+    autocast,
+) -> tuple[dict, list]:
+    """`evaluate` on the first `episodes` held-out prompts, with `model`'s samples as deployed (full softmax,
+    temperature 1, under `autocast`), each prompt from the same seed at every evaluation (stream 1 of `seed`): the
+    evaluations compare, and are the same on 1 or N processes. `start_model` (the model as loaded) is the yardstick
+    of eval/ref_nll."""
+
+    def generate_fn(prompts, indices):
+        with autocast:
+            seeds = episode_seeds(seed, 1, 0, indices)
+            return sample_responses(model, prompts, seeds, task, max_new, min_new, device)
+
+    return evaluate(
+        task, generate_fn, episodes, batch_size, policy=model, start_model=start_model, response_length=max_new
+    )
+
+
 def response_lengths(task: Task, response_length: Optional[int], min_response_length: Optional[int]) -> tuple[int, int]:
     """(maximum, minimum) response tokens: the flags where given (not None), the task's otherwise. A ValueError
     unless 0 < maximum and 0 <= minimum <= maximum."""
@@ -86,6 +131,134 @@ def reduce_steps(rows: list[dict[str, torch.Tensor]], op: str = "sum") -> list[d
     every row) summed (or "mean") over the ranks at once and brought to the host as floats."""
     reduced = all_reduce(torch.stack([torch.stack([v.float() for v in row.values()]) for row in rows]), op).tolist()
     return [dict(zip(rows[0], values, strict=True)) for values in reduced]
+
+
+def finetune_nll(
+    policy: Policy,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    prompts: list[str],
+    responses: list[list[int]],
+    epochs: int,
+    batch_size: int,
+    rng: np.random.Generator,
+    max_prompt_tokens: int,
+    max_grad_norm: float,
+    log_every: int,
+    device,
+    autocast,
+    name: str,
+    metric: str,
+    log: Callable[[dict, int], None],
+) -> None:
+    """Supervised fine-tuning of `policy`: `epochs` shuffled passes (drawn from `rng`) over the (prompt, response
+    token row) pairs, minimising the mean over each batch of the summed response NLL, one step of `optimizer` and
+    `scheduler` per global batch of `batch_size`, gradients averaged over the ranks and clipped to `max_grad_norm`.
+    Every rank draws the same global batches and takes its slice; the incomplete last batch of a pass is dropped (the
+    next pass is shuffled anew). Every `log_every` steps (and at the last) the steps' mean NLL over the ranks is
+    checked (non-finite: a FloatingPointError on every rank alike, naming the model `name`), passed to `log` as
+    `{metric: nll}` and printed."""
+    per_epoch = len(prompts) // batch_size
+    total = epochs * per_epoch
+    parameters = list(policy.parameters())
+    policy.train()
+    step, since, window = 0, time.time(), []
+    for _ in range(epochs):
+        order = rng.permutation(len(prompts))
+        for start in range(0, per_epoch * batch_size, batch_size):
+            mine = rank_slice(order[start : start + batch_size])
+            input_ids, attention_mask, offset, response_mask = prompt_response_batch(
+                policy, [prompts[i] for i in mine], [responses[i] for i in mine], max_prompt_tokens, device
+            )
+            with autocast:
+                logits, _ = policy(input_ids, attention_mask, offset)
+            logprobs = logprobs_of(logits, input_ids[:, offset:])
+            loss = (-(logprobs * response_mask.to(logprobs.dtype)).sum(1)).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            sync_gradients(parameters)
+            nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            window.append(loss.detach())
+            if step % log_every == 0 or step == total:
+                nll = all_reduce(torch.stack(window).mean(), "mean").item()  # the same on every rank: all stop
+                if not math.isfinite(nll):
+                    raise FloatingPointError(
+                        f"non-finite loss in {name}'s fine-tuning by update {step} of {total} "
+                        f"(mean NLL {nll}); lower --learning-rate"
+                    )
+                log({metric: nll}, step)
+                print(f"{name} fine-tuning {step}/{total} | nll {nll:.2f} | {time.time() - since:.0f}s", flush=True)
+                window = []
+
+
+@torch.no_grad()
+def step_statistics(
+    loss: torch.Tensor,
+    stats: dict,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    logits: torch.Tensor,
+    response_mask: torch.Tensor,
+    grad_norm: torch.Tensor,
+) -> dict:
+    """One step of a sequence-level loss, its statistics kept on the device for `flush_steps`: the loss, the mean
+    summed NLL of the responses, the gradient norm, the loss's own `stats` (all `losses/`), and sums over this rank's
+    response tokens of log pi - log pi_ref (`objective/kl`) and of the entropy (`objective/entropy`), with the number
+    of those tokens (`tokens`)."""
+    mask = response_mask.float()
+    return {
+        "losses/loss": loss.detach(),
+        "losses/nll": (-(logprobs * mask).sum(1)).mean(),
+        "losses/grad_norm": grad_norm,
+        **{f"losses/{k}": v.detach() for k, v in stats.items()},
+        "objective/kl": ((logprobs - ref_logprobs) * mask).sum(),
+        "objective/entropy": (entropy_of(logits.detach()) * mask).sum(),
+        "tokens": mask.sum(),
+    }
+
+
+def flush_steps(
+    run: Run, pending: list, total_steps: int, episodes_per_step: int, seconds: float
+) -> tuple[list[dict], float]:
+    """The one host sync of a logging interval. `pending` holds (step, statistics, host metrics) per step, the
+    statistics from `step_statistics`: they are summed over the ranks at once; a non-finite `losses/loss` stops the
+    run before anything is logged (every rank sees the same sums, so all stop together). Each step logs its `losses/`
+    as means over the ranks (of equal shares), `objective/kl` and `objective/entropy` per response token of all ranks,
+    and its host metrics; then the interval's throughput. Returns the logged metrics and the tokens per second."""
+    world_size = world()[1]
+    totals = reduce_steps([statistics for _, statistics, _ in pending])
+    for (step, *_), total in zip(pending, totals, strict=True):
+        if not math.isfinite(total["losses/loss"]):
+            raise FloatingPointError(
+                f"non-finite loss at update {step} of {total_steps} (an update is "
+                f"a gradient step): {total['losses/loss'] / world_size}"
+            )
+    logged, n_tokens = [], 0
+    for (step, _, host), total in zip(pending, totals, strict=True):
+        tokens = total.pop("tokens")
+        per_token = ("objective/kl", "objective/entropy")
+        metrics = {**{k: v / tokens if k in per_token else v / world_size for k, v in total.items()}, **host}
+        run.log(metrics, step)
+        logged.append(metrics)
+        n_tokens += int(tokens)
+    return logged, log_throughput(run, n_tokens, len(pending) * episodes_per_step, seconds, pending[-1][0])
+
+
+def progress_line(step: int, total_steps: int, window: list[dict], fields: dict[str, tuple[str, str]], speed) -> str:
+    """`step N/T | label value | ... | S tok/s`: for each `label: (metric, format)` of `fields` that was logged, the
+    metric's mean over `window` (the steps logged since the last line)."""
+    mean = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+    shown = [f"{label} {mean[key]:{spec}}" for label, (key, spec) in fields.items() if key in mean]
+    return " | ".join([f"step {step}/{total_steps}", *shown, f"{speed:.0f} tok/s"])
+
+
+def keep_curve(run: Run, curve: list) -> Callable[[dict, int], None]:
+    """`log(metrics, x)` for a curve drawn before the training loop (a first fit): logs the point to `run` and keeps
+    it in `curve`, which the checkpoint saves, so that `--resume` can write again the points TensorBoard drops."""
+    return lambda metrics, x: (curve.append((x, metrics)), run.log(metrics, x))
 
 
 def log_throughput(run: Run, tokens: int, episodes: int, seconds: float, step: int) -> float:

@@ -14,7 +14,8 @@ import torch
 
 import alol
 from common import tasks
-from common.models import frozen_copy, load_policy, logprobs_of
+from common.batches import prompt_response_batch
+from common.models import frozen_copy, load_policy, logprobs_of, prompt_hidden_states
 from common.tasks import make_task
 
 from helpers import SENTIMENT_EVAL_KEYS, args_fields
@@ -194,10 +195,10 @@ def test_value_on_real_prompts_does_not_depend_on_batch_padding():
     head = alol.PromptValueHead(ref.hidden_size).eval()
     short, long = "the movie was", task.train_prompts[0] + " " + task.train_prompts[1]
     ids, mask = ref.encode_prompts([short], 32, "cpu")
-    alone = head(alol.prompt_hidden_states(ref, ids, mask), mask)
+    alone = head(prompt_hidden_states(ref, ids, mask), mask)
     ids, mask = ref.encode_prompts([short, long], 32, "cpu")
     assert (mask[0] == 0).sum() >= 5, "the short prompt is left-padded in the batch"
-    batched = head(alol.prompt_hidden_states(ref, ids, mask), mask)
+    batched = head(prompt_hidden_states(ref, ids, mask), mask)
     assert batched[0].item() == pytest.approx(alone[0].item(), abs=1e-5)
 
 
@@ -253,7 +254,9 @@ def test_first_step_invariants(model_name):
     data = task.offline_data(0)[:6]
     tok = policy.tokenizer
     responses = [tok(d["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for d in data]
-    input_ids, attention_mask, start, mask = alol.make_batch(policy, [d["prompt"] for d in data], responses, 32, "cpu")
+    input_ids, attention_mask, start, mask = prompt_response_batch(
+        policy, [d["prompt"] for d in data], responses, 32, "cpu"
+    )
     assert mask.sum(1).tolist() == [len(r) for r in responses]
     logprobs = logprobs_of(policy(input_ids, attention_mask, start)[0], input_ids[:, start:])
     with torch.no_grad():

@@ -1,5 +1,6 @@
 """Tests for common/training.py, the training loop's plumbing: the checkpointed loop state and --resume, the one-sync
-statistics, throughput, response lengths, and how a run stops (bad input, a fault, Ctrl-C) and ends. The scripts'
+statistics (a step's, an interval's logged metrics, the progress line), throughput, response lengths, work shared out
+over distinct items, the NLL fine-tuning loop, and how a run stops (bad input, a fault, Ctrl-C) and ends. The scripts'
 end-to-end runs (test_alol, test_scaling, test_faults) cover the same paths through a real run."""
 
 from __future__ import annotations
@@ -13,14 +14,22 @@ import numpy as np
 import pytest
 import torch
 
-from common.tasks import RewardError
+from common.batches import response_rows
+from common.models import load_policy
+from common.tasks import RewardError, make_task
 from common.training import (
+    finetune_nll,
     finish_run,
+    flush_steps,
     guard_training,
+    keep_curve,
     log_throughput,
+    map_distinct,
+    progress_line,
     reduce_steps,
     response_lengths,
     restore_training_state,
+    step_statistics,
     stop_on_fault,
     training_state,
 )
@@ -73,6 +82,114 @@ def test_reduce_steps_and_throughput(tmp_path):
     run.close()
     assert run.tokens == 15
     assert rank_slice([1, 2, 3]) == [1, 2, 3]  # the whole batch without torchrun
+
+
+def test_step_statistics_sum_the_response_tokens():
+    """The loss, the mean summed NLL, the grad norm and the loss's own statistics (all `losses/`); sums over the
+    response tokens of log pi - log pi_ref and of the entropy, and their number."""
+    logprobs = torch.tensor([[-1.0, -2.0], [-0.5, -9.0]])
+    ref_logprobs = torch.tensor([[-1.0, -1.0], [-1.0, 0.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    logits = torch.zeros(2, 2, 4)  # uniform over 4 tokens: entropy log 4 per token
+    row = step_statistics(
+        torch.tensor(0.7), {"clipfrac": torch.tensor(0.5)}, logprobs, ref_logprobs, logits, mask, torch.tensor(3.0)
+    )
+    assert list(row) == [
+        "losses/loss",
+        "losses/nll",
+        "losses/grad_norm",
+        "losses/clipfrac",
+        "objective/kl",
+        "objective/entropy",
+        "tokens",
+    ]
+    assert row["losses/nll"].item() == pytest.approx((3.0 + 0.5) / 2)  # the padding's -9 is not counted
+    assert row["objective/kl"].item() == pytest.approx(0.0 - 1.0 + 0.5)
+    assert row["objective/entropy"].item() == pytest.approx(3 * np.log(4))
+    assert row["tokens"].item() == 3 and row["losses/clipfrac"].item() == 0.5
+
+
+def test_flush_steps_logs_every_step_and_stops_on_a_non_finite_loss_before_logging(tmp_path):
+    def row(loss, kl, tokens):
+        return {
+            "losses/loss": torch.tensor(loss),
+            "objective/kl": torch.tensor(kl),
+            "objective/entropy": torch.tensor(2.0 * tokens),
+            "tokens": torch.tensor(float(tokens)),
+        }
+
+    run = make_run(tmp_path)
+    seen = []
+    run.log = lambda metrics, step: seen.append(step)
+    pending = [(1, row(0.5, 1.0, 4), {"charts/learning_rate": 0.1}), (2, row(0.25, -2.0, 8), {"objective/scores": 1.5})]
+    logged, speed = flush_steps(run, pending, 10, 4, 2.0)
+    # one process: the losses as they are, kl and entropy per token, the host metrics beside them
+    assert logged == [
+        {"losses/loss": 0.5, "objective/kl": 0.25, "objective/entropy": 2.0, "charts/learning_rate": 0.1},
+        {"losses/loss": 0.25, "objective/kl": -0.25, "objective/entropy": 2.0, "objective/scores": 1.5},
+    ]
+    assert speed == 6.0 and run.tokens == 12 and seen == [1, 2, 2]  # the steps, then the throughput at the last
+    seen.clear()
+    with pytest.raises(FloatingPointError, match="non-finite loss at update 4 of 10"):
+        flush_steps(run, [(3, row(0.5, 0.0, 1), {}), (4, row(float("nan"), 0.0, 1), {})], 10, 4, 1.0)
+    assert seen == [] and run.tokens == 12, "nothing of the interval is logged"
+    run.close()
+
+
+def test_progress_line_shows_the_window_means_of_the_logged_fields():
+    window = [{"losses/loss": 1.0, "objective/kl": 0.01}, {"losses/loss": 2.0, "objective/kl": -0.03}]
+    fields = {"loss": ("losses/loss", ".3f"), "w": ("losses/importance_weight", ".3f"), "kl": ("objective/kl", "+.4f")}
+    assert progress_line(4, 10, window, fields, 123.4) == "step 4/10 | loss 1.500 | kl -0.0100 | 123 tok/s"
+
+
+def test_map_distinct_calls_once_per_distinct_item():
+    calls = []
+
+    def lengths(items):
+        calls.append(items)
+        return [len(x) for x in items]
+
+    assert map_distinct(lengths, ["bb", "a", "bb", "ccc"]) == [2, 1, 2, 3]
+    assert calls == [["a", "bb", "ccc"]]  # sorted, each once
+    assert map_distinct(lengths, []) == [] and len(calls) == 1
+
+
+def test_keep_curve_logs_and_keeps_each_point(tmp_path):
+    run = make_run(tmp_path)
+    seen, curve = [], []
+    run.log = lambda metrics, x: seen.append((x, metrics))
+    log = keep_curve(run, curve)
+    log({"value/heldout_mse": 0.5}, 1)
+    log({"value/heldout_mse": 0.25}, 2)
+    assert curve == seen == [(1, {"value/heldout_mse": 0.5}), (2, {"value/heldout_mse": 0.25})]
+    run.close()
+
+
+def test_finetune_nll_lowers_the_nll_and_stops_on_a_diverged_loss(capsys):
+    """Shuffled passes in full batches (8 examples, batches of 3: 2 steps a pass), the mean NLL checked, logged and
+    printed every `log_every` steps and at the last; a diverged loss stops with the model's name and the update."""
+    task = make_task("sentiment")
+    data = task.offline_data(0)[:8]
+    prompts, texts = [d["prompt"] for d in data], [d["response"] for d in data]
+
+    def tune(policy, lr, log):
+        optimizer = torch.optim.SGD(policy.parameters(), lr=lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        responses = response_rows(policy.tokenizer, texts, 16)
+        no_autocast = torch.autocast("cpu", enabled=False)
+        rng = np.random.default_rng(0)
+        args = (prompts, responses, 3, 3, rng, 32, 1.0, 2, "cpu", no_autocast, "pi_ref", "reference/nll", log)
+        finetune_nll(policy, optimizer, scheduler, *args)
+
+    policy, points = load_policy("tiny-gpt2", task), []
+    before = policy.text_nll(prompts, texts, 32)[0].sum()
+    tune(policy, 0.1, lambda metrics, step: points.append((step, metrics["reference/nll"])))
+    assert [step for step, _ in points] == [2, 4, 6] and all(0 < nll < 100 for _, nll in points), points
+    after = policy.text_nll(prompts, texts, 32)[0].sum()
+    assert after < 0.9 * before, (before, after)  # measured: 143 -> 117
+    assert "pi_ref fine-tuning 6/6 | nll" in capsys.readouterr().out
+    with pytest.raises(FloatingPointError, match="non-finite loss in pi_ref's fine-tuning by update 2 of 6"):
+        tune(load_policy("tiny-gpt2", task), 1e30, lambda metrics, step: None)
 
 
 def test_response_lengths():
