@@ -1,6 +1,7 @@
 """Plumbing every script shares and that is not the algorithm: the shared `Args` blocks and the checks of
 every flag, seeding, the run directory with its TensorBoard writer and `summary.json`, masked statistics,
-exact_div, torch.distributed helpers (torchrun), checkpoints for `--resume`, and the one-line stop on a fault."""
+exact_div, torch.distributed helpers (torchrun, the DDP wrapper), checkpoints for `--resume`, and the one-line
+stop on a fault."""
 
 from __future__ import annotations
 
@@ -352,6 +353,28 @@ def all_gather_objects(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def data_parallel(module: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
+    """`module` wrapped in DistributedDataParallel under torchrun; in one process, `module` itself, unchanged.
+
+    Call the wrapper in the forward passes whose loss is backpropagated: its backward averages the gradients over
+    ranks (with equal shares of the minibatch, the gradient of the mean loss), all-reducing each bucket as soon as
+    the backward has produced it, so the communication overlaps the rest of the backward (benchmarks/README.md,
+    "Several processes"). Generation, passes without gradient, checkpoints and saving keep the bare module, whose
+    parameters the wrapper shares. DDP needs a gradient for every trainable parameter in every step: pass
+    `find_unused_parameters=True` for a module the loss does not reach whole (it then walks the autograd graph every
+    step). Construction broadcasts rank 0's weights; every rank starts identical anyway (see init_distributed)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(module.parameters()).device
+    return DistributedDataParallel(
+        module,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters,
+    )
 
 
 def sync_gradients(parameters, bucket_numel: int = 1 << 24) -> None:

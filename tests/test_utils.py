@@ -342,6 +342,13 @@ def _distributed_worker(rank: int, init_file: str, results) -> None:
     dist.destroy_process_group()
 
 
+def test_data_parallel_is_the_module_itself_in_one_process():
+    from common.utils import data_parallel
+
+    layer = torch.nn.Linear(2, 1)
+    assert data_parallel(layer) is layer and data_parallel(layer, find_unused_parameters=True) is layer
+
+
 def test_sync_gradients_and_statistics_across_two_processes(tmp_path):
     import torch.multiprocessing as mp
 
