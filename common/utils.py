@@ -377,37 +377,6 @@ def data_parallel(module: torch.nn.Module, find_unused_parameters: bool = False)
     )
 
 
-def sync_gradients(parameters, bucket_numel: int = 1 << 24) -> None:
-    """Average gradients over ranks: what DistributedDataParallel does after `backward`, written out.
-
-    With each rank holding an equal share of the minibatch, the average of per-rank gradients is the
-    gradient of the average per-rank loss. DDP would also overlap this with the backward pass; here it
-    runs after it, in buckets, which keeps the method's code free of a wrapper around every model."""
-    if not dist.is_initialized():
-        return
-    params = [p for p in parameters if p.requires_grad]
-    # A parameter no rank used keeps grad None (the optimizer skips it, as in one process); one that some
-    # rank used gets zeros where it was unused, so that every rank sends the same tensors.
-    used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
-    dist.all_reduce(used)
-    params = [p for p, u in zip(params, used.tolist(), strict=True) if u > 0]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    world_size, bucket = dist.get_world_size(), []
-    for i, p in enumerate(params):
-        bucket.append(p)
-        if sum(q.numel() for q in bucket) >= bucket_numel or i == len(params) - 1:
-            flat = torch.cat([q.grad.reshape(-1) for q in bucket])
-            dist.all_reduce(flat)
-            flat /= world_size
-            offset = 0
-            for q in bucket:
-                q.grad.copy_(flat[offset : offset + q.numel()].view_as(q.grad))
-                offset += q.numel()
-            bucket = []
-
-
 def stop_on_sigterm() -> None:
     """Turn SIGTERM (what `kill`, schedulers and torchrun send) into KeyboardInterrupt, so a run stopped
     either way takes the same path: stop the loop, keep the last checkpoint, save what was learned."""
