@@ -62,6 +62,7 @@ from common.utils import (
     TaskArgs,
     TrainArgs,
     bf16_autocast,
+    data_parallel,
     episode_seeds,
     error_line,
     exact_div,
@@ -71,7 +72,6 @@ from common.utils import (
     resume_args,
     save_checkpoint,
     seed_everything,
-    sync_gradients,
     validate_args,
 )
 
@@ -625,6 +625,7 @@ def main(args: Args) -> dict:
         first_step = restore_training_state(
             checkpoint, run, "step", policy=policy, optimizer=optimizer, scheduler=scheduler, data_rng=rng
         )
+    ddp_policy = data_parallel(policy)  # torchrun: its backward averages gradients over ranks (DDP)
 
     def checkpoint_state(step: int) -> dict:  # the loop's state, and what --resume must not redo (steps 1-4)
         return training_state(
@@ -658,7 +659,7 @@ def main(args: Args) -> dict:
 
             # ALGO LOGIC: 7. log-probs of the dataset responses under pi_theta and the frozen pi_ref
             with autocast:
-                logits, _ = policy(input_ids, attention_mask, start)
+                logits, _ = ddp_policy(input_ids, attention_mask, start)
                 with torch.no_grad():
                     ref_logits, _ = ref_policy(input_ids, attention_mask, start)
             logprobs, ref_logprobs = logprobs_of(logits, tokens), logprobs_of(ref_logits, tokens)
@@ -680,7 +681,6 @@ def main(args: Args) -> dict:
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            sync_gradients(parameters)  # torchrun: average gradients over ranks (a no-op otherwise)
             grad_norm = nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
             optimizer.step()
             lr = optimizer.param_groups[0]["lr"]

@@ -60,6 +60,7 @@ from common.utils import (
     TaskArgs,
     TrainArgs,
     bf16_autocast,
+    data_parallel,
     episode_seeds,
     error_line,
     exact_div,
@@ -69,7 +70,6 @@ from common.utils import (
     resume_args,
     save_checkpoint,
     seed_everything,
-    sync_gradients,
     validate_args,
     write_atomically,
 )
@@ -630,6 +630,13 @@ def main(args: Args) -> dict:
     if checkpoint is not None:  # --resume: weights, targets, optimizer, data position, RNG states
         first_step = restore_training_state(checkpoint, run, "step", **nets, optimizer=optimizer, data_rng=rng)
         order, cursor, syncs = checkpoint["order"], checkpoint["cursor"], checkpoint["target_syncs"]
+    # torchrun: the training step calls these wrappers, whose backward averages gradients over ranks (DDP); the loss
+    # never reads the value trunk's logits, so an output layer not tied to the input embeddings gets no gradient
+    ddp_policy = data_parallel(policy)
+    ddp_heads = data_parallel(heads) if heads is not None else None
+    ddp_trunk = None
+    if value_trunk is not None:
+        ddp_trunk = data_parallel(value_trunk, find_unused_parameters=not value_trunk.output_layer_tied)
     net = Deployed(policy, heads, value_trunk, args, task, greedy, adv_clip, autocast, device, start_model)
 
     def run_eval(step: int) -> dict:  # the deployed decoding (--beta), logged
@@ -666,11 +673,11 @@ def main(args: Args) -> dict:
             actions, mask = ids[:, 1:], batch["action_mask"][:, 1:].float()
             rewards, dones = batch["rewards"][:, 1:], batch["dones"][:, 1:]
             with autocast:
-                pi_logits, hidden = policy(ids, attention, 1)
+                pi_logits, hidden = ddp_policy(ids, attention, 1)
                 if learn_values:
                     if value_trunk is not None:
-                        _, hidden = value_trunk(ids, attention, 1, with_logits=False)
-                    q_logits, v, target_q_logits = heads(hidden)
+                        _, hidden = ddp_trunk(ids, attention, 1, with_logits=False)
+                    q_logits, v, target_q_logits = ddp_heads(hidden)
 
             # ALGO LOGIC: 5. the ILQL loss (BC alone for the baseline), one gradient step
             if learn_values:
@@ -682,7 +689,6 @@ def main(args: Args) -> dict:
                 loss = args.bc_weight * losses["bc_loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            sync_gradients(params)  # torchrun: average gradients over ranks (a no-op otherwise)
             optimizer.step()
             # ALGO LOGIC: 6. Polyak-average the target at the configured rate, inside the step loop: trlX's
             # callback runs once per epoch since its 2023 refactor, so its targets are almost never synced

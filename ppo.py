@@ -52,6 +52,7 @@ from common.utils import (
     TrainArgs,
     all_reduce,
     bf16_autocast,
+    data_parallel,
     episode_seeds,
     error_line,
     exact_div,
@@ -62,7 +63,6 @@ from common.utils import (
     resume_args,
     save_checkpoint,
     seed_everything,
-    sync_gradients,
     validate_args,
 )
 
@@ -257,6 +257,7 @@ def forward_logprobs(
     min_length: int = 0,
     keep: Optional[torch.Tensor] = None,
     entropy_grad: bool = True,
+    forward: Optional[nn.Module] = None,
 ):
     """Log-probs and entropies of the response tokens under the temperature-scaled policy.
 
@@ -266,8 +267,9 @@ def forward_logprobs(
     distribution than the one being optimised. One log-softmax serves both outputs, and with `entropy_grad=False`
     (no entropy bonus) the entropy stays out of the autograd graph: with GPT-2's 50k vocabulary the [B, T, V]
     passes are a large share of a minibatch step (benchmarks/README.md, "Where ppo.py's time goes";
-    benchmarks/ppo_step.py)."""
-    logits, _ = policy(input_ids, attention_mask, start)
+    benchmarks/ppo_step.py). `forward` runs the policy's pass, `policy` itself by default: the minibatch step passes
+    its DDP wrapper (common/utils.py `data_parallel`), whose backward averages the gradients over processes."""
+    logits, _ = (forward or policy)(input_ids, attention_mask, start)
     logits = logits / temperature
     if min_length > 0:  # a large finite value, not -inf, so entropy stays finite (0 * log 0 -> 0)
         logits[:, :min_length, policy.tokenizer.eos_token_id] = -1e9
@@ -359,6 +361,11 @@ def main(args: Args) -> dict:
         )
         kl_ctl.value = checkpoint["kl_coef"]
         prompt_order, prompt_cursor = checkpoint["prompt_order"], checkpoint["prompt_cursor"]
+
+    # torchrun: the minibatch step calls these wrappers, whose backward averages gradients over ranks (DDP); the
+    # critic's loss never reads its trunk's logits, so an output layer not tied to the input embeddings gets no gradient
+    ddp_policy = data_parallel(policy)
+    ddp_critic = data_parallel(critic, find_unused_parameters=not policy.output_layer_tied)
 
     def sample(
         prompts: list[str], seeds: list[int]
@@ -483,8 +490,9 @@ def main(args: Args) -> dict:
                             min_response_length,
                             mb_keep,
                             entropy_grad=args.ent_coef != 0,
+                            forward=ddp_policy,
                         )
-                        new_values = critic(input_ids[mb], attention_mask[mb], start).float()
+                        new_values = ddp_critic(input_ids[mb], attention_mask[mb], start).float()
                     pg_loss, pg_stats = ppo_policy_loss(
                         new_logprobs, logprobs[mb], advantages[mb], mask[mb], args.clip_range
                     )
@@ -495,7 +503,6 @@ def main(args: Args) -> dict:
                     loss = pg_loss + args.vf_coef * vf_loss - args.ent_coef * entropy_mean
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    sync_gradients(parameters)  # torchrun: average gradients over ranks (a no-op otherwise)
                     nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
                     optimizer.step()
                     for key, value in {

@@ -1,5 +1,6 @@
-"""Gradient averaging over processes: ppo.py's `sync_gradients` (all-reduce after the backward) against torch's
-DistributedDataParallel (all-reduce of each gradient bucket as soon as the backward has produced it).
+"""Gradient averaging over processes: `sync_gradients` (all-reduce after the backward, what the scripts did before
+they moved to DDP) against torch's DistributedDataParallel (all-reduce of each gradient bucket as soon as the
+backward has produced it, what the scripts do now: common/utils.py `data_parallel`).
 
     torchrun --nproc_per_node 2 benchmarks/ddp_sync.py                                    # tiny GPT-2, CPU
     torchrun --nproc_per_node 2 benchmarks/ddp_sync.py --model-name runs/gpt2-small-shape --batch 4
@@ -9,7 +10,7 @@ Every rank runs ppo.py's minibatch step on the same shapes (the policy's log-pro
 backward, clip, fused AdamW), on random tokens, three ways in turn for `--rounds` rounds:
 
 - local: no averaging at all (each rank's own gradients): the floor both others are measured against;
-- sync_gradients: ppo.py's written-out averaging after the backward (common/utils.py);
+- sync_gradients: the written-out averaging after the backward (below);
 - ddp: the policy and critic wrapped together in DistributedDataParallel.
 
 It prints seconds per step (rank 0's wall clock, median over rounds) and each method's cost over the floor.
@@ -31,7 +32,35 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ppo
 from common.models import load_policy
 from common.tasks import make_task
-from common.utils import init_distributed, sync_gradients
+from common.utils import init_distributed
+
+
+def sync_gradients(parameters, bucket_numel: int = 1 << 24) -> None:
+    """Average gradients over ranks after `backward`, in buckets: what DDP does, written out, without the overlap.
+
+    A parameter no rank used keeps grad None (the optimizer skips it, as in one process); one that some rank used
+    gets zeros where it was unused, so that every rank sends the same tensors."""
+    if not dist.is_initialized():
+        return
+    params = [p for p in parameters if p.requires_grad]
+    used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+    dist.all_reduce(used)
+    params = [p for p, u in zip(params, used.tolist(), strict=True) if u > 0]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    world_size, bucket = dist.get_world_size(), []
+    for i, p in enumerate(params):
+        bucket.append(p)
+        if sum(q.numel() for q in bucket) >= bucket_numel or i == len(params) - 1:
+            flat = torch.cat([q.grad.reshape(-1) for q in bucket])
+            dist.all_reduce(flat)
+            flat /= world_size
+            offset = 0
+            for q in bucket:
+                q.grad.copy_(flat[offset : offset + q.numel()].view_as(q.grad))
+                offset += q.numel()
+            bucket = []
 
 
 class PolicyAndCritic(nn.Module):

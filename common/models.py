@@ -162,6 +162,12 @@ class Policy(nn.Module):
         return getattr(config, "n_embd", None) or getattr(config, "d_model", None) or config.hidden_size
 
     @property
+    def output_layer_tied(self) -> bool:
+        """Whether the output layer is the input embedding matrix (GPT-2, the built-in models): then a pass without
+        the logits (a value trunk) still reaches every parameter, which DDP's `find_unused_parameters` depends on."""
+        return self.model.get_output_embeddings().weight is self.model.get_input_embeddings().weight
+
+    @property
     def context_size(self) -> Optional[int]:
         """Positions a causal LM's sequence may span (its position embeddings end there); None for seq2seq models,
         whose prompts go to the encoder on their own."""

@@ -24,13 +24,13 @@ from common.utils import (
     all_gather_objects,
     all_reduce,
     close_distributed,
+    data_parallel,
     episode_seeds,
     error_line,
     rank_share,
     rank_slice,
     restore_rng_states,
     stop_on_sigterm,
-    sync_gradients,
     world,
 )
 
@@ -162,6 +162,7 @@ def finetune_nll(
     total = epochs * per_epoch
     parameters = list(policy.parameters())
     policy.train()
+    model = data_parallel(policy)  # torchrun: its backward averages gradients over ranks (DDP)
     step, since, window = 0, time.time(), []
     for _ in range(epochs):
         order = rng.permutation(len(prompts))
@@ -171,12 +172,11 @@ def finetune_nll(
                 policy, [prompts[i] for i in mine], [responses[i] for i in mine], max_prompt_tokens, device
             )
             with autocast:
-                logits, _ = policy(input_ids, attention_mask, offset)
+                logits, _ = model(input_ids, attention_mask, offset)
             logprobs = logprobs_of(logits, input_ids[:, offset:])
             loss = (-(logprobs * response_mask.to(logprobs.dtype)).sum(1)).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            sync_gradients(parameters)
             nn.utils.clip_grad_norm_(parameters, max_grad_norm)
             optimizer.step()
             scheduler.step()

@@ -1,6 +1,7 @@
 """Plumbing every script shares and that is not the algorithm: the shared `Args` blocks and the checks of
 every flag, seeding, the run directory with its TensorBoard writer and `summary.json`, masked statistics,
-exact_div, torch.distributed helpers (torchrun), checkpoints for `--resume`, and the one-line stop on a fault."""
+exact_div, torch.distributed helpers (torchrun, the DDP wrapper), checkpoints for `--resume`, and the one-line
+stop on a fault."""
 
 from __future__ import annotations
 
@@ -354,35 +355,26 @@ def all_gather_objects(obj) -> list:
     return out
 
 
-def sync_gradients(parameters, bucket_numel: int = 1 << 24) -> None:
-    """Average gradients over ranks: what DistributedDataParallel does after `backward`, written out.
+def data_parallel(module: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
+    """`module` wrapped in DistributedDataParallel under torchrun; in one process, `module` itself, unchanged.
 
-    With each rank holding an equal share of the minibatch, the average of per-rank gradients is the
-    gradient of the average per-rank loss. DDP would also overlap this with the backward pass; here it
-    runs after it, in buckets, which keeps the method's code free of a wrapper around every model."""
-    if not dist.is_initialized():
-        return
-    params = [p for p in parameters if p.requires_grad]
-    # A parameter no rank used keeps grad None (the optimizer skips it, as in one process); one that some
-    # rank used gets zeros where it was unused, so that every rank sends the same tensors.
-    used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
-    dist.all_reduce(used)
-    params = [p for p, u in zip(params, used.tolist(), strict=True) if u > 0]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    world_size, bucket = dist.get_world_size(), []
-    for i, p in enumerate(params):
-        bucket.append(p)
-        if sum(q.numel() for q in bucket) >= bucket_numel or i == len(params) - 1:
-            flat = torch.cat([q.grad.reshape(-1) for q in bucket])
-            dist.all_reduce(flat)
-            flat /= world_size
-            offset = 0
-            for q in bucket:
-                q.grad.copy_(flat[offset : offset + q.numel()].view_as(q.grad))
-                offset += q.numel()
-            bucket = []
+    Call the wrapper in the forward passes whose loss is backpropagated: its backward averages the gradients over
+    ranks (with equal shares of the minibatch, the gradient of the mean loss), all-reducing each bucket as soon as
+    the backward has produced it, so the communication overlaps the rest of the backward (benchmarks/README.md,
+    "Several processes"). Generation, passes without gradient, checkpoints and saving keep the bare module, whose
+    parameters the wrapper shares. DDP needs a gradient for every trainable parameter in every step: pass
+    `find_unused_parameters=True` for a module the loss does not reach whole (it then walks the autograd graph every
+    step). Construction broadcasts rank 0's weights; every rank starts identical anyway (see init_distributed)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(module.parameters()).device
+    return DistributedDataParallel(
+        module,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters,
+    )
 
 
 def stop_on_sigterm() -> None:

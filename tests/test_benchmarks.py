@@ -353,3 +353,31 @@ def test_cost_curve_table_orders_points_by_model_then_length():
     assert [r.split(" | ")[0] for r in rows] == ["| tiny-gpt2", "| tiny-gpt2", "| gpt2-small-shape"]
     assert [r.split(" | ")[3] for r in rows] == ["24", "96", "48"]
     assert rows[0].endswith("| 550 |") and rows[1].endswith("| - |") and rows[2].endswith("| 6000 |")
+
+
+def _sync_gradients_worker(rank: int, init_file: str, results) -> None:
+    import torch
+    import torch.distributed as dist
+    from ddp_sync import sync_gradients
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    used, used_by_rank0, unused = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+    used.grad = torch.full((3,), float(rank + 1))  # ranks send 1 and 2: the average is 1.5
+    if rank == 0:
+        used_by_rank0.grad = torch.full((3,), 4.0)  # rank 1 did not use it: counts as zeros, average 2
+    sync_gradients([used, used_by_rank0, unused], bucket_numel=2)  # buckets smaller than one tensor still work
+    results[rank] = (used.grad.tolist(), used_by_rank0.grad.tolist(), unused.grad)
+    dist.destroy_process_group()
+
+
+def test_ddp_sync_written_out_averaging_across_two_processes(tmp_path):
+    """ddp_sync.py's `sync_gradients`, the averaging DDP is measured against, averages what DDP would."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_sync_gradients_worker, args=(str(tmp_path / "init"), results), nprocs=2, join=True)
+    for rank in (0, 1):
+        used, used_by_rank0, unused = results[rank]
+        assert used == [1.5] * 3 and used_by_rank0 == [2.0] * 3
+        assert unused is None  # no rank used it: the optimizer skips it, as with one process

@@ -238,12 +238,12 @@ def test_the_stored_masks_reach_the_ratio(tmp_path, monkeypatch):
     real_forward_logprobs = nlpo.forward_logprobs
 
     def spy_forward_logprobs(
-        policy, input_ids, attention_mask, start, temperature, min_length=0, keep=None, entropy_grad=True
+        policy, input_ids, attention_mask, start, temperature, min_length=0, keep=None, entropy_grad=True, forward=None
     ):
         training = torch.is_grad_enabled()  # the scoring pass after the rollout runs without gradients
         calls.append((input_ids[:, start:].clone(), None if keep is None else keep.clone(), training))
         return real_forward_logprobs(
-            policy, input_ids, attention_mask, start, temperature, min_length, keep, entropy_grad
+            policy, input_ids, attention_mask, start, temperature, min_length, keep, entropy_grad, forward
         )
 
     monkeypatch.setattr(nlpo, "NLPOLogitsProcessor", Spy)

@@ -319,20 +319,19 @@ def test_close_flushes_tensorboard(tmp_path):
 def _distributed_worker(rank: int, init_file: str, results) -> None:
     import torch.distributed as dist
 
-    from common.utils import all_gather_objects, all_reduce, masked_mean, rank_share, rank_slice, sync_gradients
+    from common.utils import all_gather_objects, all_reduce, data_parallel, masked_mean, rank_share, rank_slice
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    used, used_by_rank0, unused = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
-    used.grad = torch.full((3,), float(rank + 1))  # ranks send 1 and 2: the average is 1.5
-    if rank == 0:
-        used_by_rank0.grad = torch.full((3,), 4.0)  # rank 1 did not use it: counts as zeros, average 2
-    sync_gradients([used, used_by_rank0, unused], bucket_numel=2)  # buckets smaller than one tensor still work
+    torch.manual_seed(rank)  # different starting weights: the wrapper must broadcast rank 0's
+    layer = torch.nn.Linear(1, 1, bias=False)
+    wrapped = data_parallel(layer)
+    wrapped(torch.full((1, 1), float(rank + 1))).sum().backward()  # gradients 1 and 2 on the ranks: the average is 1.5
     values, mask = torch.tensor([1.0, 2.0, 3.0]) * (rank + 1), torch.tensor([1.0, 1.0, rank * 1.0])
     results[rank] = (
-        used.grad.tolist(),
-        used_by_rank0.grad.tolist(),
-        unused.grad,
+        type(wrapped).__name__,
+        layer.weight.item(),
+        layer.weight.grad.item(),
         masked_mean(values, mask, across_ranks=True).item(),
         all_reduce(torch.tensor(3.0), "mean").item(),
         all_gather_objects(f"rank{rank}"),
@@ -342,15 +341,22 @@ def _distributed_worker(rank: int, init_file: str, results) -> None:
     dist.destroy_process_group()
 
 
-def test_sync_gradients_and_statistics_across_two_processes(tmp_path):
+def test_data_parallel_is_the_module_itself_in_one_process():
+    from common.utils import data_parallel
+
+    layer = torch.nn.Linear(2, 1)
+    assert data_parallel(layer) is layer and data_parallel(layer, find_unused_parameters=True) is layer
+
+
+def test_data_parallel_and_statistics_across_two_processes(tmp_path):
     import torch.multiprocessing as mp
 
     results = mp.Manager().dict()
     mp.spawn(_distributed_worker, args=(str(tmp_path / "init"), results), nprocs=2, join=True)
+    assert results[0][1] == results[1][1]  # both ranks hold rank 0's starting weight
     for rank in (0, 1):
-        used, used_by_rank0, unused, mean, reduced, gathered, shares, sliced = results[rank]
-        assert used == [1.5] * 3 and used_by_rank0 == [2.0] * 3
-        assert unused is None  # no rank used it: the optimizer skips it, as with one process
+        wrapper, _, grad, mean, reduced, gathered, shares, sliced = results[rank]
+        assert wrapper == "DistributedDataParallel" and grad == 1.5  # the backward averaged the ranks' gradients
         assert mean == pytest.approx((1 + 2 + 2 + 4 + 6) / 5)  # every unmasked value of both ranks
         assert reduced == 3.0 and gathered == ["rank0", "rank1"]
         assert shares == [(range(0, 3), range(0, 1)), (range(3, 5), range(1, 1))][rank]  # the last rank may get fewer
