@@ -12,7 +12,6 @@ Writes `results/cost_curve.json`, the table into benchmarks/README.md's `cost-cu
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from resumable import write_region  # noqa: E402
+from resumable import load_records, write_region  # noqa: E402
 
 START, END = "<!-- cost-curve:start -->", "<!-- cost-curve:end -->"
 # model -> (rollout batch, minibatch): GPT-2-small shape takes a smaller batch so each point stays minutes on a CPU
@@ -87,15 +86,14 @@ def main(argv=None) -> list[dict]:
         for model in args.models.split(","):
             batch, minibatch = SHAPES.get(model, (8, 8))
             for length in map(int, args.lengths.split(",")):
-                records = json.load(open(args.results)) if os.path.exists(args.results) else []
-                if any(r["model"] == model and r["response_length"] == length for r in records):
+                if any(r["model"] == model and r["response_length"] == length for r in load_records(args.results)):
                     continue  # measured already (delete its record to measure again)
                 print(f"cost curve: {model}, response length {length}", flush=True)
                 cmd = [sys.executable, os.path.join(HERE, "ppo_phases.py"), f"--model-name={model}"]
                 cmd += [f"--rollout-batch-size={batch}", f"--minibatch-size={minibatch}"]
                 cmd += [f"--response-length={length}", f"--updates={args.updates}", f"--json={args.results}"]
                 subprocess.run([*cmd, *extra], cwd=ROOT, env=env, check=True)
-    records = json.load(open(args.results)) if os.path.exists(args.results) else []
+    records = load_records(args.results)
     text = table(records)
     print(text)
     if args.page:

@@ -38,6 +38,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from resumable import load_records, write_region  # noqa: E402
 
 START, END = "<!-- ppo-phases:start -->", "<!-- ppo-phases:end -->"
 PHASES = ("generation", "scoring passes", "minibatch forward", "backward", "optimizer", "reward", "other")
@@ -258,22 +260,11 @@ def main(argv=None) -> dict:
     return result
 
 
-def load_records(path: str) -> list[dict]:
-    """The records of a `--json` file; none when there is no file yet."""
-    if not path or not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return json.load(f)
-
-
 def write_table(args) -> dict:
     """Print the table of every record in `--json`, and write it into `--page`'s region."""
     text = phase_table(load_records(args.json))
     print(text)
     if args.page:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from resumable import write_region
-
         write_region(args.page, text, START, END)
     return {}
 

@@ -46,6 +46,14 @@ def load(path: str) -> dict:
     return {"runs": {}, "records": []}
 
 
+def load_records(path: str) -> list[dict]:
+    """The records of a JSON list that a benchmark appends to (ppo_phases.py `--json`); none when there is no file."""
+    if not path or not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
+
+
 def save(path: str, results: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "w") as f:
