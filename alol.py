@@ -710,8 +710,7 @@ def main(args: Args) -> dict:
 
     # TRY NOT TO MODIFY: final evaluation, model, summary
     extra = {"steps": step, "algorithm": args.algorithm, **data_stats}
-    # DDP wrappers go before finish_run closes the process group: one that outlives it frees it at exit holding
-    # the GIL, which gloo's threads may wait on (a 2-process run hung there)
+    # the DDP wrappers go before finish_run closes the process group (common/utils.py `data_parallel`)
     del ddp_policy
     return finish_run(run, policy, run_eval, step, extra, "step", label=f"{args.algorithm}: ")
 

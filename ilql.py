@@ -723,8 +723,7 @@ def main(args: Args) -> dict:
 
     # TRY NOT TO MODIFY: final evaluation (and the --eval-betas sweep), model and heads, summary
     extra = {"steps": step, "target_syncs": syncs, "beta_sweep": {}, "no_repeat_oracle": {}}
-    # DDP wrappers go before finish_run closes the process group: one that outlives it frees it at exit holding
-    # the GIL, which gloo's threads may wait on (a 2-process run hung there)
+    # the DDP wrappers go before finish_run closes the process group (common/utils.py `data_parallel`)
     del ddp_policy, ddp_heads, ddp_trunk
     return finish_run(
         run,

@@ -564,8 +564,7 @@ def main(args: Args) -> dict:
                 save_checkpoint(run, checkpoint_state(update))
 
     # TRY NOT TO MODIFY: final evaluation, model, summary
-    # DDP wrappers go before finish_run closes the process group: one that outlives it frees it at exit holding
-    # the GIL, which gloo's threads may wait on (a 2-process run hung there)
+    # the DDP wrappers go before finish_run closes the process group (common/utils.py `data_parallel`)
     del ddp_policy, ddp_critic
     return finish_run(run, policy, run_eval, update, {"updates": update})
 

@@ -364,7 +364,9 @@ def data_parallel(module: torch.nn.Module, find_unused_parameters: bool = False)
     "Several processes"). Generation, passes without gradient, checkpoints and saving keep the bare module, whose
     parameters the wrapper shares. DDP needs a gradient for every trainable parameter in every step: pass
     `find_unused_parameters=True` for a module the loss does not reach whole (it then walks the autograd graph every
-    step). Construction broadcasts rank 0's weights; every rank starts identical anyway (see init_distributed)."""
+    step). Construction broadcasts rank 0's weights; every rank starts identical anyway (see init_distributed).
+    Delete the wrapper before `close_distributed`: one that outlives the process group frees it when it goes,
+    holding the GIL, while gloo's threads may wait for the GIL (a 2-process run hung at its exit)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return module
     from torch.nn.parallel import DistributedDataParallel
