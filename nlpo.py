@@ -16,18 +16,16 @@ Advantages come from GAE over the response tokens with a learned value function 
 the LM with a scalar head, as in RL4LMs), and the policy follows PPO's clipped surrogate for a few
 epochs over minibatches of each rollout. beta follows an adaptive controller toward a KL target.
 
-NLPO changes one thing, and `diff ppo.py nlpo.py` shows exactly that change. The vocabulary is a huge action
-space, most of it irrelevant in any given context; NLPO cuts it, at every token, to the top-p tokens of a
-*masking policy* pi_mask, a copy of the policy that is refreshed only every `mask_update_every` updates:
+NLPO changes one thing, and `diff ppo.py nlpo.py` shows it. At every token it cuts the vocabulary, a huge action
+space mostly irrelevant in context, to the top-p tokens of a *masking policy* pi_mask, a copy of the policy that
+is refreshed only every `mask_update_every` updates:
 
     K_t       = the fewest tokens whose pi_mask(.|s_t) probability reaches p  (+ special tokens, >= a minimum)
     pi_K(a|s) = pi(a|s) / sum_{b in K_t} pi(b|s)  for a in K_t,  0 elsewhere
 
-Rollouts sample from pi_K, and the PPO ratio is pi_K,new / pi_K,old under the K_t of the rollout. The KL
-penalty stays on pi vs pi_ref without NLPO's mask, as in RL4LMs (decoding's own cuts, the minimum length and
---top-k/--top-p, apply to both sides, as in ppo.py). Because pi_mask lags the policy, the action set moves
-slowly: a sort of trust region on *which* tokens may be explored, on top of PPO's on how their probabilities
-move.
+Rollouts sample from pi_K; the PPO ratio is pi_K,new / pi_K,old under the rollout's K_t; the KL penalty stays on
+pi vs pi_ref without the mask, as in RL4LMs. Because pi_mask lags the policy, the action set moves slowly: a trust
+region on *which* tokens may be explored, beside PPO's on how their probabilities move.
 
 Run:  python nlpo.py                          # embedded sentiment task, tiny GPT-2, a few CPU minutes
       python nlpo.py --model-name tiny-t5     # the same with a seq2seq policy
@@ -346,21 +344,11 @@ class Critic(nn.Module):
 def top_p_keep_mask(
     logits: torch.Tensor, top_p: float, min_tokens_to_keep: int = 1, always_keep: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """The NLPO action set from the masking policy's logits `[..., V]` -> bool keep-mask `[..., V]`.
-
-    Keeps the fewest most-probable tokens whose probability reaches `top_p` (so the token that crosses the
-    threshold is kept: RL4LMs `learned_top_p` shifts its remove-mask right by one), at least
-    `min_tokens_to_keep` tokens, and the ids in `always_keep` (RL4LMs unmasks every special token, so EOS
-    stays reachable). The sort is stable, so ties are broken the same way at generation and afterwards.
-    """
-    if top_p >= 1.0:  # everything; cumsum rounding could otherwise drop the far tail
-        keep = torch.ones_like(logits, dtype=torch.bool)
-    else:
-        sorted_probs, order = logits.float().softmax(-1).sort(dim=-1, descending=True, stable=True)
-        mass_before = sorted_probs.cumsum(-1) - sorted_probs  # probability of the tokens ranked above
-        keep_sorted = mass_before < top_p
-        keep_sorted[..., :min_tokens_to_keep] = True
-        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    """The NLPO action set from the masking policy's logits `[..., V]` -> bool keep-mask `[..., V]`: its nucleus
+    (the token that crosses `top_p` is kept, as RL4LMs `learned_top_p` shifts its remove-mask right by one), at least
+    `min_tokens_to_keep` tokens, and the ids in `always_keep` (RL4LMs unmasks every special token, so EOS stays
+    reachable). The sort is stable, so ties are broken the same way at generation and afterwards."""
+    keep = top_k_top_p_keep(logits, 0, top_p, min_tokens_to_keep)
     if always_keep is not None:
         keep[..., always_keep] = True
     return keep
@@ -380,24 +368,15 @@ def refresh_mask_policy(mask_policy: nn.Module, policy: nn.Module, update: int, 
 class NLPOLogitsProcessor(LogitsProcessor):
     """Applies the NLPO mask inside the policy's cached `generate`: at each step the masking policy reads the
     newest token on its own KV cache (`IncrementalLM`: one token per step, not RL4LMs' full-sequence re-run, which
-    is O(T^2)), its top-p set is kept and every other token's score becomes -inf. `masks` records each step's
-    keep-mask, so the ratio can use exactly the action sets the rollout was sampled from."""
+    is O(T^2)), `action_set` cuts K_t from its logits and every other token's score becomes -inf. `masks` records
+    each step's keep-mask, so the ratio can use exactly the action sets the rollout was sampled from."""
 
-    def __init__(
-        self,
-        mask_policy: Policy,
-        prompt_ids: torch.Tensor,
-        prompt_mask: torch.Tensor,
-        top_p: float,
-        min_tokens_to_keep: int,
-        always_keep: torch.Tensor,
-    ):
-        self.next_token_logits = IncrementalLM(mask_policy, prompt_ids, prompt_mask)
-        self.top_p, self.min_tokens_to_keep, self.always_keep = top_p, min_tokens_to_keep, always_keep
+    def __init__(self, mask_policy: Policy, prompt_ids, prompt_mask, action_set):
+        self.next_token_logits, self.action_set = IncrementalLM(mask_policy, prompt_ids, prompt_mask), action_set
         self.masks: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        keep = top_p_keep_mask(self.next_token_logits(input_ids), self.top_p, self.min_tokens_to_keep, self.always_keep)
+        keep = self.action_set(self.next_token_logits(input_ids))
         self.masks.append(keep)
         return scores.masked_fill(~keep, float("-inf"))
 
@@ -434,6 +413,10 @@ def main(args: Args) -> dict:
     vocab_size = policy.model.get_output_embeddings().weight.shape[0]
     min_tokens_to_keep = args.min_tokens_to_keep or math.ceil(100 * vocab_size / 50257)
     special_ids = torch.tensor(sorted(set(policy.tokenizer.all_special_ids)), device=device)
+
+    def action_set(mask_logits: torch.Tensor) -> torch.Tensor:  # K_t, from the masking policy's logits
+        return top_p_keep_mask(mask_logits, args.top_mask, min_tokens_to_keep, special_ids)
+
     mask_age = 0  # updates the policy has had since the masking policy was copied from it
     parameters = list(policy.parameters()) + list(critic.parameters())
     # fused: one kernel steps every tensor (the default per-tensor loop is ~12x slower at GPT-2 size on CPU)
@@ -463,17 +446,13 @@ def main(args: Args) -> dict:
     ddp_policy = data_parallel(policy)
     ddp_critic = data_parallel(critic, find_unused_parameters=not policy.output_layer_tied)
 
-    def sample(
-        prompts: list[str], seeds: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    def sample(prompts: list[str], seeds: list[int]) -> tuple:
         """Prompts -> (input_ids, attention_mask, response_start, response_mask, top-k/top-p keep-masks `[B, R, V]`,
         None when both are off, NLPO keep-masks `[B, R, V]`) from the masked policy: the NLPO mask, then top-k/top-p
         over the masked distribution (RL4LMs' order: its mask is a logits processor, transformers' warpers come
         after); each episode samples from its own seed, so the text does not depend on the number of processes."""
         prompt_ids, prompt_mask = policy.encode_prompts(prompts, task.max_prompt_tokens, device)
-        masker = NLPOLogitsProcessor(
-            mask_policy, prompt_ids, prompt_mask, args.top_mask, min_tokens_to_keep, special_ids
-        )
+        masker = NLPOLogitsProcessor(mask_policy, prompt_ids, prompt_mask, action_set)
         truncation = (
             [TopKTopPProcessor(args.top_k, args.top_p, args.temperature)] if args.top_k or args.top_p < 1 else []
         )
@@ -580,22 +559,16 @@ def main(args: Args) -> dict:
                 old_logprobs, rollout_entropy = forward_logprobs(
                     policy, input_ids, attention_mask, start, args.temperature, min_response_length, action_keep
                 )
-                logits, _ = policy(input_ids, attention_mask, start)
                 mask_logits, _ = mask_policy(input_ids, attention_mask, start)
             mask = mask.float()
-            if not torch.isfinite(logits).all():  # the weights diverged (all ranks alike: they share gradients)
-                raise FloatingPointError(f"non-finite policy logits at update {update}")
             if not action_keep.gather(-1, input_ids[:, start:, None])[mask == 1].all():
-                raise RuntimeError(
-                    f"update {update}: a sampled token lies outside its stored mask; the rollout "
-                    "was not sampled from the masked policy the ratio uses"
-                )
-            # Diagnostics: the action set's size, the policy's probability inside it, and the fraction of positions
-            # where a teacher-forced recompute of the mask differs from the one generation recorded
+                raise RuntimeError(f"update {update}: a sampled token lies outside its stored mask (a sampler bug)")
+            # Diagnostics: the action set's size; the decoding distribution's mass inside it, which is the ratio of the
+            # two log-probs above at any token of K_t (pi(a) / pi_K(a) = sum_{b in K_t} pi(b)); and the fraction of
+            # positions where a teacher-forced recompute of the mask differs from the one generation recorded
             mask_tokens = masked_mean(action_keep.sum(-1).float(), mask, across_ranks=True).item()
-            probs = (logits.float() / args.temperature).softmax(-1)
-            mask_policy_mass = masked_mean((probs * action_keep).sum(-1), mask, across_ranks=True).item()
-            recomputed = top_p_keep_mask(mask_logits, args.top_mask, min_tokens_to_keep, special_ids)
+            mask_policy_mass = masked_mean((logprobs - old_logprobs).exp(), mask, across_ranks=True).item()
+            recomputed = action_set(mask_logits)
             mask_mismatch = masked_mean((recomputed != keep).any(-1).float(), mask, across_ranks=True).item()
 
             # ALGO LOGIC: 3. KL-shaped rewards, then GAE advantages and returns (statistics over all ranks)

@@ -367,9 +367,7 @@ def main(args: Args) -> dict:
     ddp_policy = data_parallel(policy)
     ddp_critic = data_parallel(critic, find_unused_parameters=not policy.output_layer_tied)
 
-    def sample(
-        prompts: list[str], seeds: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, Optional[torch.Tensor]]:
+    def sample(prompts: list[str], seeds: list[int]) -> tuple:
         """Prompts -> (input_ids, attention_mask, response_start, response_mask, top-k/top-p keep-masks `[B, R, V]`,
         None when both are off) from the policy; each episode samples from its own seed, so the text does not
         depend on the number of processes."""

@@ -49,14 +49,17 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.gather(F.log_softmax(logits.float(), dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def top_k_top_p_keep(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+def top_k_top_p_keep(
+    logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_tokens_to_keep: int = 1
+) -> torch.Tensor:
     """The tokens top-k, then top-p (nucleus) sampling may draw: logits [..., V] -> bool keep-mask [..., V].
 
     As transformers' `TopKLogitsWarper` then `TopPLogitsWarper` (Holtzman et al., 2020): top-k keeps every token
     scoring at least the k-th largest (ties included); top-p then keeps the most probable tokens of the top-k
-    distribution until their mass reaches p (the token that crosses p is kept, so the set is never empty).
-    A token already at -inf is never kept. 0 and 1.0 turn each cut off. Pass temperature-scaled logits: sampling
-    applies the temperature before the warpers, so the nucleus is the scaled distribution's."""
+    distribution until their mass reaches p (the token that crosses p is kept, so the set is never empty), and at
+    least its `min_tokens_to_keep` most probable tokens. A token already at -inf is never kept. 0 and 1.0 turn each
+    cut off. Pass temperature-scaled logits: sampling applies the temperature before the warpers, so the nucleus is
+    the scaled distribution's."""
     logits = logits.float()
     keep = logits > float("-inf")
     if top_k and top_k < logits.shape[-1]:
@@ -65,7 +68,9 @@ def top_k_top_p_keep(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -
         probs = logits.masked_fill(~keep, float("-inf")).softmax(-1)
         sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
         mass_before = sorted_probs.cumsum(-1) - sorted_probs  # probability of the tokens ranked above
-        keep &= torch.zeros_like(keep).scatter(-1, order, mass_before < top_p)
+        keep_sorted = mass_before < top_p
+        keep_sorted[..., :min_tokens_to_keep] = True
+        keep &= torch.zeros_like(keep).scatter(-1, order, keep_sorted)
     return keep
 
 

@@ -348,11 +348,13 @@ def test_top_k_top_p_keep_hand_computed():
     # top-p applies to the top-k distribution: over all four, token 1 (0.4) falls short of 0.55 and token 3 is
     # kept; top-2 renormalised is 4/7, 3/7, and 4/7 reaches 0.55 alone
     assert keep(0, 0.55) == [False, True, False, True] and keep(2, 0.55) == [False, True, False, False]
+    assert keep(0, 0.4, 3) == [False, True, True, True]  # the floor keeps the 3 most probable (NLPO's mask uses it)
     ties = torch.tensor([1.0, 2.0, 2.0, 0.0])
     assert top_k_top_p_keep(ties, 1).tolist() == [False, True, True, False]  # ties at the k-th are kept (transformers)
     forbidden = logits.clone()
     forbidden[1] = float("-inf")  # e.g. EOS before the minimum length
     assert top_k_top_p_keep(forbidden, 4).tolist() == [True, False, True, True]  # never kept, even inside the top-k
+    assert top_k_top_p_keep(forbidden, 0, 0.1, 4).tolist() == [True, False, True, True]  # nor by the floor
     batch = torch.stack([logits, logits.flip(0)]).unsqueeze(0)  # [1, 2, 4]: each row its own set
     assert top_k_top_p_keep(batch, 0, 0.5).tolist() == [[[False, True, False, True], [True, False, True, False]]]
 
