@@ -127,28 +127,18 @@ class Args(TrainArgs, TaskArgs, RunArgs):
     """the score given to responses without EOS when `non_eos_penalty` is on"""
 
 
-# The allowed values of the numeric flags, checked before any work (common/utils.py `validate_args`: "(0, inf)" is
-# positive; float flags not named here must be finite). The response lengths depend on the task: checked in main.
-LIMITS = {
-    "total_updates": "(0, inf)",
-    "rollout_batch_size": "(0, inf)",
-    "minibatch_size": "(0, inf)",
-    "ppo_epochs": "(0, inf)",
-    "learning_rate": "(0, inf)",
-    "weight_decay": "[0, inf)",
-    "max_grad_norm": "(0, inf]",
-    "temperature": "(0, inf)",
-    "top_k": "[0, inf)",
-    "top_p": "(0, 1]",
-    "gamma": "[0, 1]",
-    "gae_lambda": "[0, 1]",
-    "clip_range": "(0, inf)",
-    "clip_range_value": "(0, inf)",
-    "vf_coef": "[0, inf)",
-    "init_kl_coef": "[0, inf)",
-    "target_kl": "(0, inf)",
-    "kl_horizon": "(0, inf)",
-}
+# The allowed values of the numeric flags, checked before any work (common/utils.py `validate_args`; "inf]" admits
+# infinity; float flags not named here must be finite). The response lengths depend on the task: checked in main.
+LIMITS = (
+    dict.fromkeys(
+        "total_updates rollout_batch_size minibatch_size ppo_epochs learning_rate temperature clip_range"
+        " clip_range_value target_kl kl_horizon".split(),
+        "(0, inf)",
+    )
+    | dict.fromkeys("weight_decay top_k vf_coef init_kl_coef".split(), "[0, inf)")
+    | dict.fromkeys("gamma gae_lambda".split(), "[0, 1]")
+    | {"max_grad_norm": "(0, inf]", "top_p": "(0, 1]"}
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,24 +218,18 @@ def ppo_value_loss(
     return masked_mean(loss, mask), {"value_clipfrac": clipfrac}
 
 
-class AdaptiveKLController:
-    """Ziegler et al. (2019): beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon).
-    RL4LMs is the special case n / horizon = 0.1 with KL the mean per-token KL, which is what we use."""
+class KLController:
+    """beta, the KL penalty's coefficient. Adaptive (Ziegler et al., 2019): beta <- beta * (1 + clip(KL / target - 1,
+    -0.2, 0.2) * n / horizon) after a rollout of n episodes; RL4LMs is the special case n / horizon = 0.1 with KL the
+    mean per-token KL, which is what we use. Not adaptive: beta stays where it started."""
 
-    def __init__(self, init_kl_coef: float, target: float, horizon: int):
-        self.value, self.target, self.horizon = init_kl_coef, target, horizon
-
-    def update(self, current_kl: float, n_episodes: int) -> None:
-        proportional_error = float(np.clip(current_kl / self.target - 1, -0.2, 0.2))
-        self.value *= 1 + proportional_error * n_episodes / self.horizon
-
-
-class FixedKLController:
-    def __init__(self, kl_coef: float):
-        self.value = kl_coef
+    def __init__(self, init_kl_coef: float, target: float, horizon: int, adaptive: bool = True):
+        self.value, self.target, self.horizon, self.adaptive = init_kl_coef, target, horizon, adaptive
 
     def update(self, current_kl: float, n_episodes: int) -> None:
-        pass
+        if self.adaptive:
+            proportional_error = float(np.clip(current_kl / self.target - 1, -0.2, 0.2))
+            self.value *= 1 + proportional_error * n_episodes / self.horizon
 
 
 def forward_logprobs(
@@ -261,14 +245,11 @@ def forward_logprobs(
 ):
     """Log-probs and entropies of the response tokens under the temperature-scaled policy.
 
-    `generate` forbids EOS in the first `min_length` response tokens, and with --top-k/--top-p it samples only
-    the tokens of the rollout's keep-mask `keep` `[B, R, V]` (nlpo.py passes its action sets here), so the policy
-    the ratio measures must forbid the same tokens (and renormalise over the rest), or rollouts come from another
-    distribution than the one being optimised. One log-softmax serves both outputs, and with `entropy_grad=False`
-    (no entropy bonus) the entropy stays out of the autograd graph: with GPT-2's 50k vocabulary the [B, T, V]
-    passes are a large share of a minibatch step (benchmarks/README.md, "Where ppo.py's time goes";
-    benchmarks/ppo_step.py). `forward` runs the policy's pass, `policy` itself by default: the minibatch step passes
-    its DDP wrapper (common/utils.py `data_parallel`), whose backward averages the gradients over processes."""
+    The ratio must measure the distribution the rollout sampled from, or it optimises another one: no EOS in the
+    first `min_length` response tokens, and only the tokens of the keep-mask `keep` `[B, R, V]` (--top-k/--top-p;
+    nlpo.py's action sets), renormalised. One log-softmax serves both outputs; with `entropy_grad=False` the entropy
+    stays out of the autograd graph, which saves a [B, T, V] backward (benchmarks/ppo_step.py). `forward` runs the
+    pass: `policy`, or in the minibatch step its DDP wrapper (common/utils.py `data_parallel`)."""
     logits, _ = (forward or policy)(input_ids, attention_mask, start)
     logits = logits / temperature
     if min_length > 0:  # a large finite value, not -inf, so entropy stays finite (0 * log 0 -> 0)
@@ -317,7 +298,7 @@ class Critic(nn.Module):
 def main(args: Args) -> dict:
     # TRY NOT TO MODIFY: check the arguments before any heavy work (a bad one exits with one line)
     try:
-        args, checkpoint = resume_args(args, Args, "ppo.py")
+        args, checkpoint = resume_args(args, Args, os.path.basename(__file__))
         validate_args(args, LIMITS)
         exact_div(args.rollout_batch_size, args.minibatch_size, "--rollout-batch-size / --minibatch-size")
         rank, world_size, device = init_distributed(args.cuda)
@@ -333,7 +314,7 @@ def main(args: Args) -> dict:
         policy = load_policy(args.model_name, task, device)
         # prompts keep what fits the model's context beside the response (a long line in a --prompts-file)
         task.max_prompt_tokens = policy.prompt_budget(task.max_prompt_tokens, response_length)
-        run = Run(args, "ppo.py", checkpoint)
+        run = Run(args, os.path.basename(__file__), checkpoint)
     except (ValueError, OSError) as error:
         raise SystemExit(error_line(error)) from error
     autocast = bf16_autocast(device, args.bf16)  # a no-op on CPU unless --bf16
@@ -344,11 +325,7 @@ def main(args: Args) -> dict:
     parameters = list(policy.parameters()) + list(critic.parameters())
     # fused: one kernel steps every tensor (the default per-tensor loop is ~12x slower at GPT-2 size on CPU)
     optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
-    kl_ctl = (
-        AdaptiveKLController(args.init_kl_coef, args.target_kl, args.kl_horizon)
-        if args.adaptive_kl
-        else FixedKLController(args.init_kl_coef)
-    )
+    kl_ctl = KLController(args.init_kl_coef, args.target_kl, args.kl_horizon, args.adaptive_kl)
     # The prompt order is drawn by every rank alike; each rank takes its slice of every global batch.
     rng = np.random.default_rng(args.seed)
     prompt_order, prompt_cursor = refill_order(

@@ -463,7 +463,7 @@ def simulate(seed: int, envs: dict, args: Args, base, device, run: Run) -> dict:
 def main(args: Args) -> dict:
     # TRY NOT TO MODIFY: check the arguments before any heavy work; a bad one exits with one line
     try:
-        args, checkpoint = resume_args(args, Args, "reward_lm.py")
+        args, checkpoint = resume_args(args, Args, os.path.basename(__file__))
         if args.task != "inclusive":
             raise ValueError(f"unknown task {args.task!r}: reward_lm.py runs on its built-in task 'inclusive'")
         validate_args(args, LIMITS)
@@ -478,7 +478,7 @@ def main(args: Args) -> dict:
         # any other causal LM gets the task's words as new tokens, learned in pretraining
         words = inclusive.task_tokens(args)
         base = None if args.model_name == "tiny-gpt2" else load_causal_lm(args.model_name, words, device)
-        run = Run(args, "reward_lm.py", checkpoint)
+        run = Run(args, os.path.basename(__file__), checkpoint)
     except (ValueError, OSError) as error:
         raise SystemExit(error_line(error)) from error
     from transformers.utils import logging as hf_logging

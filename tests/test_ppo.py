@@ -105,12 +105,12 @@ def test_value_loss_hand_values():
 
 
 def test_kl_controllers():
-    ctl = ppo.AdaptiveKLController(0.1, target=0.1, horizon=640)
+    ctl = ppo.KLController(0.1, target=0.1, horizon=640)
     ctl.update(0.3, n_episodes=64)  # error clipped to +0.2: beta *= 1 + 0.2 * 0.1
     assert ctl.value == pytest.approx(0.1 * 1.02)
     ctl.update(0.09, n_episodes=64)  # error -0.1: beta *= 1 - 0.01
     assert ctl.value == pytest.approx(0.1 * 1.02 * 0.99)
-    fixed = ppo.FixedKLController(0.3)
+    fixed = ppo.KLController(0.3, target=0.1, horizon=640, adaptive=False)
     fixed.update(5.0, 64)
     assert fixed.value == 0.3
 

@@ -17,10 +17,10 @@ DIFFERENT_ON_PURPOSE = {
     "LIMITS": "NLPO's own flags are added (the shared entries are compared below)",
 }
 # ppo.py lines that nlpo.py replaces or drops, at most: the module docstring's title, paper, docs and run lines (7),
-# the script name given to resume_args and Run (2), and in main: sample()'s signature, docstring, generate call and
-# return (5), the checkpoint's last line (1), the rollout's unpacking (1), the minibatch keep-mask and old log-probs
-# (2), the console line (1) and the summary (1). Raise it only for a change to NLPO's method, never for drift.
-PPO_LINES_CHANGED_BUDGET = 20
+# the models import (1), and in main: sample()'s docstring and generate call (3), the rollout's unpacking (1), the
+# minibatch keep-mask and old log-probs (2), the console line (1) and the summary (1). Raise it only for a change
+# to NLPO's method, never for drift.
+PPO_LINES_CHANGED_BUDGET = 16
 
 
 def top_level(source: str) -> dict[str, ast.AST]:
@@ -61,8 +61,7 @@ def test_every_shared_definition_is_identical():
         "compute_gae",
         "ppo_policy_loss",
         "ppo_value_loss",
-        "AdaptiveKLController",
-        "FixedKLController",
+        "KLController",
         "forward_logprobs",
         "TopKTopPProcessor",
         "Critic",
@@ -107,7 +106,7 @@ def test_shared_args_fields_have_the_same_order_defaults_and_docstrings():
 
 def test_shared_limits_are_identical():
     def limits(source):
-        return ast.literal_eval(top_level(source)["LIMITS"].value)
+        return eval(ast.unparse(top_level(source)["LIMITS"].value), {"dict": dict})  # our own source, data only
 
     ppo, nlpo = limits(PPO), limits(NLPO)
     assert {k: nlpo[k] for k in ppo} == ppo
