@@ -331,11 +331,11 @@ def main(args: Args) -> dict:
     prompt_order, prompt_cursor = refill_order(
         rng, len(task.train_prompts), np.zeros(0, int), 0, args.rollout_batch_size
     )
+    # What a checkpoint holds (besides the KL coefficient, the data position and the RNG states) and --resume restores
+    parts = dict(policy=policy, critic=critic, optimizer=optimizer, data_rng=rng)
     first_update = 1
-    if checkpoint is not None:  # --resume: weights, optimizer, KL coefficient, data position, RNG states
-        first_update = restore_training_state(
-            checkpoint, run, policy=policy, critic=critic, optimizer=optimizer, data_rng=rng
-        )
+    if checkpoint is not None:
+        first_update = restore_training_state(checkpoint, run, **parts)
         kl_ctl.value = checkpoint["kl_coef"]
         prompt_order, prompt_cursor = checkpoint["prompt_order"], checkpoint["prompt_cursor"]
 
@@ -388,18 +388,6 @@ def main(args: Args) -> dict:
             response_length=response_length,
         )
         return record_eval(run, metrics, samples, step)
-
-    def checkpoint_state(step: int) -> dict:
-        return training_state(
-            step,
-            policy=policy,
-            critic=critic,
-            optimizer=optimizer,
-            kl_coef=kl_ctl.value,
-            data_rng=rng,
-            prompt_order=prompt_order,
-            prompt_cursor=prompt_cursor,
-        )
 
     update = first_update - 1
     # Ctrl-C, SIGTERM: on to the final evaluation; the reward, the disk or a diverged loss: one line, the last
@@ -536,7 +524,8 @@ def main(args: Args) -> dict:
             if update % args.eval_every == 0 and update != args.total_updates:
                 run_eval(update)
             if update % args.checkpoint_every == 0 and update != args.total_updates:
-                save_checkpoint(run, checkpoint_state(update))
+                position = {"kl_coef": kl_ctl.value, "prompt_order": prompt_order, "prompt_cursor": prompt_cursor}
+                save_checkpoint(run, training_state(update, **parts, **position))
 
     # TRY NOT TO MODIFY: final evaluation, model, summary
     # the DDP wrappers go before finish_run closes the process group (common/utils.py `data_parallel`)
