@@ -275,7 +275,7 @@ def polyak_update(target: nn.Module, online: nn.Module, alpha: float) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Model pieces: the Q/V network and the decoding processor
+# Model pieces: the Q/V heads, and the policy deployed (pi_beta perturbed by them inside cached generation)
 # ----------------------------------------------------------------------------------------------
 def mlp_head(hidden: int, out: int) -> nn.Module:
     """h -> 2h -> out, the original's and trlX's head shape. The last layer starts at zero, so before
