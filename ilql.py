@@ -31,8 +31,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -42,9 +41,10 @@ import tyro
 from transformers import LogitsProcessor
 
 from common import wordle
-from common.batches import right_pad, right_pad_with_mask
+from common.batches import collate_layouts
 from common.models import Policy, entropy_of, frozen_copy, load_policy
-from common.tasks import Task, eval_line, evaluate, make_task
+from common.offline import best_fraction, evaluate_decoding, offline_episodes, rank_batch
+from common.tasks import eval_line, make_task
 from common.training import (
     finish_run,
     guard_training,
@@ -61,7 +61,6 @@ from common.utils import (
     TrainArgs,
     bf16_autocast,
     data_parallel,
-    episode_seeds,
     error_line,
     exact_div,
     init_distributed,
@@ -137,29 +136,17 @@ class Args(TrainArgs, TaskArgs, RunArgs):
     """print a progress line, and check the losses are finite, every this many steps"""
 
 
-# The allowed values of the numeric flags, checked before any work (common/utils.py `validate_args`: "(0, inf)" is
-# positive, a bound "inf]" admits infinity; float flags not named here must be finite).
-LIMITS = {
-    "total_steps": "(0, inf)",
-    "batch_size": "(0, inf)",
-    "learning_rate": "(0, inf)",
-    "weight_decay": "[0, inf)",
-    "gamma": "(0, 1]",
+# The allowed values of the numeric flags, checked before any work (common/utils.py `validate_args`; a bound "inf]"
+# admits infinity; float flags not named here must be finite): positive, except the few listed after.
+LIMITS = dict.fromkeys(
+    "total_steps batch_size learning_rate target_update_every temperature wordle_games wordle_layers wordle_width"
+    " print_every".split(),
+    "(0, inf)",
+) | {
+    **dict.fromkeys(["weight_decay", "cql_weight", "bc_weight", "beta", "top_k", "wordle_vocab"], "[0, inf)"),
+    **dict.fromkeys(["gamma", "polyak_alpha", "top_fraction"], "(0, 1]"),
     "tau": "(0, 1)",
-    "cql_weight": "[0, inf)",
-    "bc_weight": "[0, inf)",
-    "polyak_alpha": "(0, 1]",
-    "target_update_every": "(0, inf)",
-    "beta": "[0, inf)",
-    "top_k": "[0, inf)",
     "adv_clip": "(-inf, inf]",
-    "temperature": "(0, inf)",
-    "top_fraction": "(0, 1]",
-    "wordle_games": "(0, inf)",
-    "wordle_vocab": "[0, inf)",
-    "wordle_layers": "(0, inf)",
-    "wordle_width": "(0, inf)",
-    "print_every": "(0, inf)",
 }
 
 
@@ -288,7 +275,7 @@ def polyak_update(target: nn.Module, online: nn.Module, alpha: float) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Model pieces: the Q/V network and the decoding processor
+# Model pieces: the Q/V heads, and the policy deployed (pi_beta perturbed by them inside cached generation)
 # ----------------------------------------------------------------------------------------------
 def mlp_head(hidden: int, out: int) -> nn.Module:
     """h -> 2h -> out, the original's and trlX's head shape. The last layer starts at zero, so before
@@ -320,28 +307,60 @@ class ValueHeads(nn.Module):
             return [q(hidden) for q in self.q_heads], self.v_head(hidden).squeeze(-1), target_q
 
 
+@dataclass
+class Deployed:
+    """The ILQL policy as deployed: pi_beta's logits perturbed by the heads at `beta` (pi_beta alone at beta = 0, and
+    for BC, whose heads and value trunk are None), with its decoding settings."""
+
+    policy: Policy
+    heads: Optional[ValueHeads]
+    value_trunk: Optional[Policy]
+    beta: float
+    greedy: bool
+    top_k: int
+    adv_clip: Optional[float]
+    temperature: float
+    autocast: Any
+
+    def generate(self, context, mask, max_new: int, min_new: int, rules: list, seeds: list[int]):
+        """pi_beta's cached generation after the logits processors `rules`; with beta > 0 its logits go through the
+        ILQL processor. When sampling, each row draws from its own seed, so the text does not depend on batch or
+        process."""
+        decode = functools.partial(
+            self.policy.generate, context, mask, max_new, min_new, do_sample=not self.greedy, seeds=seeds
+        )
+        if self.beta == 0:  # pi_beta alone, with the same temperature and top-k the ILQL processor applies
+            with self.autocast:
+                return decode(logits_processor=rules, temperature=self.temperature, top_k=self.top_k)
+        with ILQLLogitsProcessor(self, mask) as ilql, self.autocast:
+            return decode(logits_processor=rules + [ilql])
+
+    def logits(self, input_ids, attention_mask, start: int) -> torch.Tensor:
+        """The deployed logits teacher-forced over a whole batch, for eval/perplexity: log pi_beta + beta * (Q_target -
+        V), clipped as at decoding. Like every script's perplexity it is the model's distribution at temperature 1
+        without top-k (GRUE scores the model, not the decoding settings)."""
+        logits, hidden = self.policy(input_ids, attention_mask, start)
+        if self.heads is None or self.beta == 0:  # BC, %BC: pi_beta itself
+            return logits
+        if self.value_trunk is not None:
+            _, hidden = self.value_trunk(input_ids, attention_mask, start, with_logits=False)
+        _, v, target_q = self.heads(hidden)
+        return perturbed_logits(logits, target_q, v, self.beta, 0, self.adv_clip, 1.0)
+
+
 class ILQLLogitsProcessor(LogitsProcessor):
-    """Turns pi_beta's next-token logits inside `generate` into the ILQL policy's logits.
+    """Turns pi_beta's next-token logits inside `generate` into the logits of the ILQL policy `deployed`.
 
     Shared trunk: a forward hook on pi_beta's transformer keeps the last hidden state of each step, so
     the heads cost no extra transformer pass. Separate trunk: the value transformer runs alongside with
     its own KV cache, fed only the new tokens each step. Use as a context manager (removes the hook)."""
 
-    def __init__(
-        self,
-        policy: Policy,
-        heads: ValueHeads,
-        value_trunk: Optional[Policy],
-        context_mask,
-        beta: float,
-        top_k: int = 0,
-        adv_clip: Optional[float] = None,
-        temperature: float = 1.0,
-    ):
-        self.heads, self.value_trunk, self.mask = heads, value_trunk, context_mask
-        self.beta, self.top_k, self.adv_clip, self.temperature = beta, top_k, adv_clip, temperature
+    def __init__(self, deployed: Deployed, context_mask: torch.Tensor):
+        self.deployed, self.mask = deployed, context_mask
         self.seen, self.past, self.hidden = 0, None, None
-        self.hook = None if value_trunk else policy.model.base_model.register_forward_hook(self._keep_hidden)
+        self.hook = None
+        if deployed.value_trunk is None:
+            self.hook = deployed.policy.model.base_model.register_forward_hook(self._keep_hidden)
 
     def _keep_hidden(self, module, inputs, output):
         self.hidden = output.last_hidden_state[:, -1]
@@ -355,10 +374,11 @@ class ILQLLogitsProcessor(LogitsProcessor):
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.value_trunk is not None:
+        d = self.deployed
+        if d.value_trunk is not None:
             grow = input_ids.shape[1] - self.mask.shape[1]  # generated tokens always attend, as in `generate`
             mask = torch.cat([self.mask, self.mask.new_ones(len(input_ids), grow)], 1)
-            out = self.value_trunk.model.base_model(
+            out = d.value_trunk.model.base_model(
                 input_ids=input_ids[:, self.seen :],
                 attention_mask=mask,
                 past_key_values=self.past,
@@ -366,168 +386,8 @@ class ILQLLogitsProcessor(LogitsProcessor):
                 position_ids=(mask.cumsum(1) - 1).clamp(min=0)[:, self.seen :],
             )
             self.seen, self.past, self.hidden = input_ids.shape[1], out.past_key_values, out.last_hidden_state[:, -1]
-        _, v, target_q = self.heads(self.hidden)
-        return perturbed_logits(scores, target_q, v, self.beta, self.top_k, self.adv_clip, self.temperature)
-
-
-# ----------------------------------------------------------------------------------------------
-# Data: episodes -> the shared batch layout (ids, attention, action mask, rewards, dones)
-# ----------------------------------------------------------------------------------------------
-def sentiment_layout(policy: Policy, prompt: str, response: str, reward: float, max_prompt: int, max_new: int) -> dict:
-    """Prompt (no action) + response and EOS (actions), reward and done on the last response token."""
-    tok = policy.tokenizer
-    prompt_ids = tok(prompt)["input_ids"][-max_prompt:] or [tok.eos_token_id]
-    response_ids = (tok(response)["input_ids"] + [tok.eos_token_id])[:max_new]
-    n, m = len(prompt_ids), len(response_ids)
-    return {
-        "input_ids": prompt_ids + response_ids,
-        "action_mask": [0] * n + [1] * m,
-        "rewards": [0.0] * (n + m - 1) + [reward],
-        "dones": [0] * (n + m - 1) + [1],
-    }
-
-
-def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad layouts into `[N, T]` tensors."""
-    ids, attention = right_pad_with_mask([r["input_ids"] for r in rows], pad_id)
-    return {
-        "input_ids": ids,
-        "attention_mask": attention,
-        "action_mask": right_pad([r["action_mask"] for r in rows], 0),
-        "rewards": right_pad([r["rewards"] for r in rows], 0.0, dtype=torch.float32),
-        "dones": right_pad([r["dones"] for r in rows], 0),
-    }
-
-
-def best_fraction(returns: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Indices of the best `fraction` of episodes by return, ties broken at random (%BC's filter)."""
-    order = np.random.default_rng(seed).permutation(len(returns))
-    order = order[np.argsort(-returns[order], kind="stable")]
-    return np.sort(order[: max(1, int(np.ceil(fraction * len(returns))))])
-
-
-def offline_episodes(task: Task, policy: Policy, args: Args) -> tuple[list[dict], np.ndarray]:
-    """Every offline episode in the one layout, with its return: the Wordle games, or the task's reviews."""
-    if task.name == "wordle":
-        games = wordle.offline_games(args.wordle_data, args.wordle_games, args.seed)
-        return [g.layout() for g in games], np.array([g.ret for g in games])
-    episodes = task.offline_data(args.seed)
-    rows = [
-        sentiment_layout(policy, e["prompt"], e["response"], e["reward"], task.max_prompt_tokens, task.max_new_tokens)
-        for e in episodes
-    ]
-    return rows, np.array([e["reward"] for e in episodes])
-
-
-# ----------------------------------------------------------------------------------------------
-# The deployed policy: decoding, its teacher-forced logits, and the evaluations
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class Deployed:
-    """The ILQL policy as deployed (pi_beta, the heads and value trunk, None for BC), its decoding settings and
-    what it is evaluated on (`start_model`: the model as loaded, for eval/ref_nll; None on Wordle)."""
-
-    policy: Policy
-    heads: Optional[ValueHeads]
-    value_trunk: Optional[Policy]
-    args: Args
-    task: Task
-    greedy: bool
-    adv_clip: Optional[float]
-    autocast: Any
-    device: Any
-    start_model: Optional[Policy]
-
-
-def generate(net: Deployed, context, mask, max_new: int, min_new: int, extra: list, seeds: list[int], beta: float):
-    """pi_beta's cached generation; with beta > 0 its logits go through the ILQL processor. When
-    sampling, each row draws from its own seed, so the text does not depend on batch or process."""
-    args = net.args
-    decode = functools.partial(net.policy.generate, context, mask, max_new, min_new, do_sample=not net.greedy)
-    if beta == 0:  # pi_beta alone, with the same temperature and top-k the ILQL processor applies
-        with net.autocast:
-            return decode(logits_processor=extra, temperature=args.temperature, top_k=args.top_k, seeds=seeds)
-    ilql = ILQLLogitsProcessor(
-        net.policy, net.heads, net.value_trunk, mask, beta, args.top_k, net.adv_clip, args.temperature
-    )
-    with ilql, net.autocast:
-        return decode(logits_processor=extra + [ilql], seeds=seeds)
-
-
-def deployed_logits(net: Deployed, input_ids, attention_mask, start: int, beta: float) -> torch.Tensor:
-    """The ILQL policy's logits teacher-forced over a whole batch, for eval/perplexity: log pi_beta +
-    beta * (Q_target - V), clipped as at decoding. Like every script's perplexity it is the model's
-    distribution at temperature 1 without top-k (GRUE scores the model, not the decoding settings)."""
-    logits, hidden = net.policy(input_ids, attention_mask, start)
-    if net.heads is None or beta == 0:  # BC, %BC: pi_beta itself
-        return logits
-    if net.value_trunk is not None:
-        _, hidden = net.value_trunk(input_ids, attention_mask, start, with_logits=False)
-    _, v, target_q = net.heads(hidden)
-    return perturbed_logits(logits, target_q, v, beta, 0, net.adv_clip, 1.0)
-
-
-def wordle_guesses(net: Deployed, games: list, indices: list[int], beta: float, no_repeat: bool) -> list[str]:
-    """One guess per unfinished game, batched: every context has the same length (same turn)."""
-    context = torch.tensor([[wordle.TOKEN_ID[t] for t in g.tokens()] for g in games], device=net.device)
-    mask = torch.ones_like(context)
-    seeds = episode_seeds(net.args.seed, 1, len(games[0].guesses), indices)
-    rules = [wordle.GuessGrammar(context.shape[1])]
-    rules += [wordle.NoRepeat(context.shape[1], [g.guesses for g in games])] if no_repeat else []
-    ids, _ = generate(net, context, mask, 6, 0, rules, seeds, beta)
-    return ["".join(wordle.VOCAB[i] for i in row[:5]) for row in ids.tolist()]
-
-
-def play_eval_games(net: Deployed, beta: float, no_repeat: bool = False) -> list:
-    """The evaluation games, each rank playing its share; every rank gets all of them back. A game's sampling seed
-    is its position among all evaluation games."""
-    return wordle.play_shared(
-        wordle.eval_answers(net.args.eval_episodes),
-        lambda games, indices: wordle_guesses(net, games, indices, beta, no_repeat),
-    )
-
-
-def deployed_eval(net: Deployed, beta: float) -> tuple[dict, list]:
-    """Metrics and samples of the decoding at `beta` on held-out prompts or on the evaluation games,
-    shared among the ranks; sampling (if any) uses the same per-episode seeds at every evaluation."""
-    task, policy = net.task, net.policy
-    if task.name == "wordle":
-        games = play_eval_games(net, beta)
-        return wordle.game_metrics(games), [(g.answer, g.text(), g.ret) for g in games]
-
-    def generate_fn(prompts, indices):
-        ids, mask = policy.encode_prompts(prompts, task.max_prompt_tokens, net.device)
-        seeds = episode_seeds(net.args.seed, 1, 0, indices)
-        return policy.decode(*generate(net, ids, mask, task.max_new_tokens, task.min_new_tokens, [], seeds, beta))
-
-    # perplexity under the policy deployed (pi_beta perturbed by the heads), ref_nll of its samples
-    # under the --model-name model as loaded
-    logits_fn = functools.partial(deployed_logits, net, beta=beta)
-    deployed = SimpleNamespace(
-        tokenizer=policy.tokenizer, text_nll=functools.partial(policy.text_nll, logits_fn=logits_fn)
-    )
-    return evaluate(
-        task,
-        generate_fn,
-        net.args.eval_episodes,
-        net.args.batch_size,
-        policy=deployed,
-        start_model=net.start_model,
-        response_length=task.max_new_tokens,
-    )
-
-
-def final_eval(net: Deployed, run_eval: Callable[[int], dict], step: int, extra: dict) -> dict:
-    """The last evaluation at --beta; then, into `extra` (summary.json), the same networks decoded at each
-    --eval-betas and, on Wordle, pi_beta with repeats forbidden."""
-    metrics = run_eval(step)
-    for beta in net.args.eval_betas if net.heads is not None else []:  # the trained networks at other betas
-        extra["beta_sweep"][str(beta)] = beta_metrics = deployed_eval(net, beta)[0]
-        print(f"beta {beta:g}: {eval_line(beta_metrics)}", flush=True)
-    if net.task.name == "wordle":  # diagnosis: pi_beta with repeats forbidden, the ceiling of vetoing pi_beta's repeats
-        extra["no_repeat_oracle"] = wordle.game_metrics(play_eval_games(net, 0.0, no_repeat=True))
-        print(f"pi_beta without repeats (oracle): {eval_line(extra['no_repeat_oracle'])}", flush=True)
-    return metrics
+        _, v, target_q = d.heads(self.hidden)
+        return perturbed_logits(scores, target_q, v, d.beta, d.top_k, d.adv_clip, d.temperature)
 
 
 def save_heads(run: Run, heads: Optional[ValueHeads], value_trunk: Optional[Policy]) -> None:
@@ -571,8 +431,8 @@ def main(args: Args) -> dict:
     try:
         args, checkpoint = resume_args(args, Args, "ilql.py")
         validate_args(args, LIMITS)
-        rank, world_size, device = init_distributed(args.cuda)
-        local_batch = exact_div(args.batch_size, world_size, "--batch-size / number of processes")
+        _, world_size, device = init_distributed(args.cuda)
+        exact_div(args.batch_size, world_size, "--batch-size / number of processes")
         task = make_task(args.task, args)
         is_wordle = task.name == "wordle"
         if is_wordle:
@@ -580,7 +440,8 @@ def main(args: Args) -> dict:
             wordle.offline_games(args.wordle_data, 1, args.seed)  # a bad --wordle-data spec fails here
         elif task.offline_data is None:
             raise ValueError(f"task {task.name!r} has no offline dataset; ILQL learns from one")
-        if is_wordle and args.model_name == "tiny-gpt2":  # a fresh character-level GPT-2, as the original's
+        from_scratch = is_wordle and args.model_name == "tiny-gpt2"  # a fresh character-level GPT-2, as the original's
+        if from_scratch:
             policy = wordle.char_policy(args.seed, args.wordle_layers, args.wordle_width, device=device)
         else:
             policy = load_policy(args.model_name, task, device)
@@ -602,9 +463,9 @@ def main(args: Args) -> dict:
 
     # ALGO LOGIC: 1. the data: every offline episode in the one layout, filtered to the best fraction for %BC. Every
     # rank holds all of it (on the device: no copy per step); token counts stay on the host for bookkeeping.
-    rows, returns = offline_episodes(task, policy, args)
+    rows, returns = offline_episodes(task, policy.tokenizer, args)
     keep = best_fraction(returns, args.top_fraction, args.seed)  # fewer episodes than a batch wrap around
-    data = collate([rows[i] for i in keep], policy.tokenizer.pad_token_id)
+    data = collate_layouts([rows[i] for i in keep], policy.tokenizer.pad_token_id)
     lengths, n_actions = data["attention_mask"].sum(1).numpy(), data["action_mask"][:, 1:].sum(1).numpy()
     data = {k: v.to(device) for k, v in data.items()}
     print(
@@ -620,7 +481,6 @@ def main(args: Args) -> dict:
     start_model = None if is_wordle else frozen_copy(policy)  # the model as loaded, for eval/ref_nll
     nets = {"policy": policy, "heads": heads, "value_trunk": value_trunk}  # heads, value trunk: None for BC
     params = [p for m in nets.values() if m is not None for p in m.parameters() if p.requires_grad]
-    from_scratch = is_wordle and args.model_name == "tiny-gpt2"
     lr = args.learning_rate if args.learning_rate is not None else (3e-3 if from_scratch else 5e-4)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, fused=True)
     policy.train()
@@ -637,10 +497,14 @@ def main(args: Args) -> dict:
     ddp_trunk = None
     if value_trunk is not None:
         ddp_trunk = data_parallel(value_trunk, find_unused_parameters=not value_trunk.output_layer_tied)
-    net = Deployed(policy, heads, value_trunk, args, task, greedy, adv_clip, autocast, device, start_model)
+    deployed = Deployed(policy, heads, value_trunk, args.beta, greedy, args.top_k, adv_clip, args.temperature, autocast)
+    # evaluate_at(deployed) -> (metrics, samples)
+    evaluate_at = functools.partial(
+        evaluate_decoding, task, args.seed, args.eval_episodes, args.batch_size, device, start_model
+    )
 
     def run_eval(step: int) -> dict:  # the deployed decoding (--beta), logged
-        return record_eval(run, *deployed_eval(net, args.beta), step, "step")
+        return record_eval(run, *evaluate_at(deployed), step, "step")
 
     step, pending, since = first_step - 1, [], time.time()
     # Ctrl-C, SIGTERM: the steps since the last sync are logged (nothing non-finite is evaluated or saved), then on to
@@ -651,22 +515,15 @@ def main(args: Args) -> dict:
             order, cursor = refill_order(rng, len(keep), np.zeros(0, int), 0, args.batch_size)
         order_on_device = torch.as_tensor(order, device=device)
         for step in range(first_step, args.total_steps + 1):
-            # ALGO LOGIC: 3. the next global batch, order[cursor:cursor + batch_size]; this rank trains on its slice
+            # ALGO LOGIC: 3. the next global batch, order[cursor:cursor + batch_size]; this rank trains on its slice,
+            # whose token means, rescaled by its share of the batch's action tokens, average to the global means
             if cursor + args.batch_size > len(order):
                 order, cursor = refill_order(rng, len(keep), order, cursor, args.batch_size)
                 order_on_device = torch.as_tensor(order, device=device)
-            mine = slice(cursor + rank * local_batch, cursor + (rank + 1) * local_batch)
-            width = int(lengths[order[mine]].max())  # right-padded: drop all-pad columns (host-side count)
-            # Every loss is a mean over this rank's action tokens; rescaled by this rank's share of the
-            # global batch's action tokens, the average over ranks is the mean over all of them.
-            token_share = (
-                world_size
-                * float(n_actions[order[mine]].sum())
-                / float(n_actions[order[cursor : cursor + args.batch_size]].sum())
+            batch, token_share, n_tokens = rank_batch(
+                data, order, order_on_device, cursor, args.batch_size, lengths, n_actions
             )
-            n_tokens = int(lengths[order[cursor : cursor + args.batch_size]].sum())
             cursor += args.batch_size
-            batch = {k: v[order_on_device[mine], :width] for k, v in data.items()}
             ids, attention = batch["input_ids"], batch["attention_mask"]
             # ALGO LOGIC: 4. align to the decision columns 1..T-1 (index j chose token j+1); pi_beta's logits and,
             # unless BC, the Q/V heads on the value trunk's (or pi_beta's own) last hidden state
@@ -696,14 +553,15 @@ def main(args: Args) -> dict:
                 polyak_update(heads.target_q_heads, heads.q_heads, args.polyak_alpha)
                 syncs += 1
 
-            # TRY NOT TO MODIFY: keep this step's statistics on the device (no host sync per step)
+            # TRY NOT TO MODIFY: keep this step's statistics on the device (no host sync per step), token means over
+            # all ranks, as the losses
             with torch.no_grad():
                 stats["objective/entropy"] = masked_mean(entropy_of(pi_logits), mask)
             record = {
                 "losses/total_loss": loss,
                 **{f"losses/{k}": v for k, v in losses.items()},
                 **{k: v * token_share for k, v in stats.items()},
-            }  # token means over all ranks, as the losses
+            }
             pending.append((step, {k: v.detach().float() for k, v in record.items()}, syncs, n_tokens))
             if not (
                 any(step % every == 0 for every in (args.print_every, args.eval_every, args.checkpoint_every))
@@ -725,14 +583,21 @@ def main(args: Args) -> dict:
     extra = {"steps": step, "target_syncs": syncs, "beta_sweep": {}, "no_repeat_oracle": {}}
     # the DDP wrappers go before finish_run closes the process group (common/utils.py `data_parallel`)
     del ddp_policy, ddp_heads, ddp_trunk
+
+    def final_eval(step: int) -> dict:
+        """The last evaluation; then, into summary.json, the same networks at each --eval-betas and, on Wordle, pi_beta
+        with repeats forbidden (the ceiling of vetoing pi_beta's repeats)."""
+        metrics = run_eval(step)
+        for beta in args.eval_betas if heads is not None else []:
+            extra["beta_sweep"][str(beta)] = beta_metrics = evaluate_at(dataclasses.replace(deployed, beta=beta))[0]
+            print(f"beta {beta:g}: {eval_line(beta_metrics)}", flush=True)
+        if is_wordle:
+            extra["no_repeat_oracle"] = evaluate_at(dataclasses.replace(deployed, beta=0.0), no_repeat=True)[0]
+            print(f"pi_beta without repeats (oracle): {eval_line(extra['no_repeat_oracle'])}", flush=True)
+        return metrics
+
     return finish_run(
-        run,
-        policy,
-        lambda step: final_eval(net, run_eval, step, extra),
-        step,
-        extra,
-        "step",
-        save_more=lambda: save_heads(run, heads, value_trunk),
+        run, policy, final_eval, step, extra, "step", save_more=lambda: save_heads(run, heads, value_trunk)
     )
 
 

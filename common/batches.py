@@ -57,3 +57,32 @@ def prompt_response_batch(policy, prompts: list[str], responses: list[list[int]]
     prompt_ids, prompt_mask = policy.encode_prompts(prompts, max_prompt_tokens, device)
     response_ids, response_mask = (t.to(device) for t in right_pad_with_mask(responses, policy.tokenizer.pad_token_id))
     return (*prompt_then_response(prompt_ids, prompt_mask, response_ids, response_mask), response_mask)
+
+
+# The offline per-token MDP layout (ilql.py; docs/ilql.md, detail 1): one row per episode, one entry per token:
+# `input_ids`, `action_mask` (1 on the agent's tokens), `rewards` (a turn's reward on its last action token) and
+# `dones` (1 on the last action token of a finished episode). Wordle games write theirs with `wordle.Game.layout`.
+def sentiment_layout(tokenizer, prompt: str, response: str, reward: float, max_prompt: int, max_new: int) -> dict:
+    """A logged (prompt, response, reward): the prompt's last `max_prompt` tokens (no action), then the response
+    with EOS (`response_rows`: actions), the reward and done on its last token."""
+    prompt_ids = tokenizer(prompt)["input_ids"][-max_prompt:] or [tokenizer.eos_token_id]
+    response_ids = response_rows(tokenizer, [response], max_new)[0]
+    n, m = len(prompt_ids), len(response_ids)
+    return {
+        "input_ids": prompt_ids + response_ids,
+        "action_mask": [0] * n + [1] * m,
+        "rewards": [0.0] * (n + m - 1) + [reward],
+        "dones": [0] * (n + m - 1) + [1],
+    }
+
+
+def collate_layouts(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Per-token MDP layouts right-padded into `[N, T]` tensors, with their `attention_mask`."""
+    ids, attention = right_pad_with_mask([r["input_ids"] for r in rows], pad_id)
+    return {
+        "input_ids": ids,
+        "attention_mask": attention,
+        "action_mask": right_pad([r["action_mask"] for r in rows], 0),
+        "rewards": right_pad([r["rewards"] for r in rows], 0.0, dtype=torch.float32),
+        "dones": right_pad([r["dones"] for r in rows], 0),
+    }

@@ -521,6 +521,27 @@ class NoRepeat:
         return scores
 
 
+def play_eval_games(n: int, generate: Callable, seed: int, device, no_repeat: bool = False) -> list[Game]:
+    """The first `n` evaluation games played by a model, each rank its share (`play_shared`). Every turn the
+    unfinished games' transcripts, all the same length, are one batch, and `generate(context, mask, 6, 0, rules,
+    seeds)` returns the next guess's tokens (5 letters and `</a>`) and mask, as `Policy.generate` does, under the
+    `rules` (`GuessGrammar`, then `NoRepeat` if `no_repeat`), each game sampling from its own seed (stream 1 of
+    `seed`, the game's position among the `n`)."""
+    import torch
+
+    from common.utils import episode_seeds
+
+    def guesses(games: list[Game], indices: list[int]) -> list[str]:
+        context = torch.tensor([[TOKEN_ID[t] for t in g.tokens()] for g in games], device=device)
+        rules = [GuessGrammar(context.shape[1])]
+        rules += [NoRepeat(context.shape[1], [g.guesses for g in games])] if no_repeat else []
+        seeds = episode_seeds(seed, 1, len(games[0].guesses), indices)
+        ids, _ = generate(context, torch.ones_like(context), 6, 0, rules, seeds)
+        return ["".join(VOCAB[i] for i in row[:5]) for row in ids.tolist()]
+
+    return play_shared(eval_answers(n), guesses)
+
+
 # ----------------------------------------------------------------------------------------------
 # The offline data of the `wordle` task (common/tasks.py builds the Task from this module's pieces)
 # ----------------------------------------------------------------------------------------------

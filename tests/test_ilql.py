@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ import torch
 
 import ilql
 from common import wordle
+from common.batches import collate_layouts, sentiment_layout
+from common.offline import best_fraction
 
 from helpers import SENTIMENT_EVAL_KEYS, args_fields
 
@@ -132,9 +135,9 @@ def test_polyak_update_hand_values():
 
 def test_best_fraction_keeps_the_best_episodes():
     returns = np.array([-6.0, -1.0, -3.0, -1.0, -2.0, -5.0])
-    assert ilql.best_fraction(returns, 0.5, seed=0).tolist() == [1, 3, 4]
-    assert ilql.best_fraction(returns, 1.0, seed=0).tolist() == list(range(6))
-    tie = ilql.best_fraction(returns, 1 / 6, seed=0).tolist()
+    assert best_fraction(returns, 0.5, seed=0).tolist() == [1, 3, 4]
+    assert best_fraction(returns, 1.0, seed=0).tolist() == list(range(6))
+    tie = best_fraction(returns, 1 / 6, seed=0).tolist()
     assert tie in ([1], [3])
 
 
@@ -145,7 +148,7 @@ def test_mdp_alignment_on_one_wordle_game():
     game = wordle.new_game("slate")
     for guess in ["crane", "plate", "slate"]:
         game.step(guess)
-    batch = ilql.collate([game.layout()], wordle.PAD)
+    batch = collate_layouts([game.layout()], wordle.PAD)
     tokens = game.tokens()
     # decision columns 1..T-1: index j is the state tokens[0..j] choosing token j+1
     actions, mask = batch["input_ids"][:, 1:], batch["action_mask"][:, 1:]
@@ -174,12 +177,12 @@ def test_sentiment_layout_rewards_the_last_response_token():
     from common.tasks import make_task
 
     policy = load_policy("tiny-gpt2", make_task("sentiment"))
-    row = ilql.sentiment_layout(policy, "the movie was", " great .", 0.6, max_prompt=32, max_new=24)
+    row = sentiment_layout(policy.tokenizer, "the movie was", " great .", 0.6, max_prompt=32, max_new=24)
     n_prompt = len(policy.tokenizer("the movie was")["input_ids"])
     assert row["action_mask"][:n_prompt] == [0] * n_prompt and all(row["action_mask"][n_prompt:])
     assert row["input_ids"][-1] == policy.tokenizer.eos_token_id, "the response ends with EOS (an action)"
     assert row["rewards"][-1] == 0.6 and sum(row["rewards"]) == 0.6 and row["dones"][-1] == 1 and sum(row["dones"]) == 1
-    short = ilql.sentiment_layout(policy, "the movie was", " great . " * 20, 0.6, max_prompt=32, max_new=5)
+    short = sentiment_layout(policy.tokenizer, "the movie was", " great . " * 20, 0.6, max_prompt=32, max_new=5)
     assert sum(short["action_mask"]) == 5 and short["rewards"][-1] == 0.6
 
 
@@ -200,7 +203,10 @@ def test_perturbed_logits_inside_cached_generation(shared_trunk):
     context = torch.tensor([[wordle.TOKEN_ID[t] for t in g.tokens()] for g in games])
     mask = torch.ones_like(context)
     seen = []
-    with ilql.ILQLLogitsProcessor(policy, heads, trunk, mask, beta=4.0, top_k=20) as processor:
+    deployed = ilql.Deployed(
+        policy, heads, trunk, beta=4.0, greedy=True, top_k=20, adv_clip=None, temperature=1.0, autocast=nullcontext()
+    )
+    with ilql.ILQLLogitsProcessor(deployed, mask) as processor:
 
         def record(ids, scores):
             seen.append(processor(ids, scores))

@@ -316,3 +316,23 @@ def test_no_repeat_oracle_forbids_only_the_letter_that_completes_an_earlier_gues
     banned = [[wordle.VOCAB[i] for i in torch.nonzero(row == float("-inf")).flatten().tolist()] for row in out]
     assert banned == [["e", "x"], []]  # row 0 may not finish either earlier guess; "slat?" repeats nothing
     assert oracle(torch.cat([context, typed[:, :3]], 1), scores) is scores  # before the 5th letter: untouched
+
+
+def test_play_eval_games_asks_the_model_for_one_guess_per_unfinished_game_each_turn():
+    from common.utils import episode_seeds
+
+    answers = wordle.eval_answers(3)
+    calls = []
+
+    def generate(context, mask, max_new, min_new, rules, seeds):  # a model that always guesses the first answer
+        calls.append((context.shape, mask.sum().item(), max_new, min_new, [type(r).__name__ for r in rules], seeds))
+        ids = torch.tensor([[wordle.TOKEN_ID[c] for c in answers[0]] + [wordle.EOA]] * len(context))
+        return ids, torch.ones_like(ids)
+
+    games = wordle.play_eval_games(3, generate, seed=7, device="cpu", no_repeat=True)
+    assert [g.answer for g in games] == answers and games[0].guesses == [answers[0]]
+    assert all(g.guesses == [answers[0]] * 6 for g in games[1:])
+    assert calls[0] == ((3, 1), 3, 6, 0, ["GuessGrammar", "NoRepeat"], episode_seeds(7, 1, 0, [0, 1, 2]))
+    assert calls[1][0] == (2, 13) and calls[1][-1] == episode_seeds(7, 1, 1, [1, 2]), "a game keeps its seed stream"
+    assert len(calls) == 6 and wordle.play_eval_games(1, generate, 7, "cpu")[0].solved
+    assert calls[-1][4] == ["GuessGrammar"]
