@@ -429,7 +429,7 @@ def flush(run: Run, pending: list, since: float, optimizer, args: Args, learn_va
 def main(args: Args) -> dict:
     # TRY NOT TO MODIFY: check the arguments before any heavy work; a bad one exits with one line
     try:
-        args, checkpoint = resume_args(args, Args, "ilql.py")
+        args, checkpoint = resume_args(args, Args, os.path.basename(__file__))
         validate_args(args, LIMITS)
         _, world_size, device = init_distributed(args.cuda)
         exact_div(args.batch_size, world_size, "--batch-size / number of processes")
@@ -451,7 +451,7 @@ def main(args: Args) -> dict:
             task.max_prompt_tokens = policy.prompt_budget(task.max_prompt_tokens, task.max_new_tokens)
         if args.cql_weight is None:  # docs/ilql.md, "Results: Wordle": a sweep gave no reason to leave the original's
             args = dataclasses.replace(args, cql_weight=1e-4 if is_wordle else 0.1)
-        run = Run(args, "ilql.py", checkpoint)
+        run = Run(args, os.path.basename(__file__), checkpoint)
     except (ValueError, OSError) as error:
         raise SystemExit(error_line(error)) from error
     seed_everything(args.seed, args.torch_deterministic)  # the same seed on every rank: identical heads
