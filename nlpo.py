@@ -323,10 +323,9 @@ class Critic(nn.Module):
 def top_p_keep_mask(
     logits: torch.Tensor, top_p: float, min_tokens_to_keep: int = 1, always_keep: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """The NLPO action set from the masking policy's logits `[..., V]` -> bool keep-mask `[..., V]`: its nucleus
-    (the token that crosses `top_p` is kept, as RL4LMs `learned_top_p` shifts its remove-mask right by one), at least
-    `min_tokens_to_keep` tokens, and the ids in `always_keep` (RL4LMs unmasks every special token, so EOS stays
-    reachable). The sort is stable, so ties are broken the same way at generation and afterwards."""
+    """The NLPO action set K_t from the masking policy's logits `[..., V]` -> bool keep-mask `[..., V]`: its nucleus,
+    at least `min_tokens_to_keep` tokens, and the ids in `always_keep` (RL4LMs unmasks every special token, so EOS
+    stays reachable; docs/nlpo.md, details 2-3)."""
     keep = top_k_top_p_keep(logits, 0, top_p, min_tokens_to_keep)
     if always_keep is not None:
         keep[..., always_keep] = True
@@ -334,10 +333,9 @@ def top_p_keep_mask(
 
 
 def refresh_mask_policy(mask_policy: nn.Module, policy: nn.Module, update: int, every: int) -> bool:
-    """After every `every`-th update, copy the policy's weights into the masking policy (RL4LMs `NLPO.learn`:
-    `update_mask_model()` every `target_update_iterations` iterations). The copy is in place, so whatever holds
-    the masking policy (the logits processor of the next rollout) sees the new weights. RL4LMs rebinds
-    `_mask_model` to a new deepcopy instead, and its logits processor keeps sampling with the initial copy."""
+    """After every `every`-th update, copy the policy's weights into the masking policy (RL4LMs `NLPO.learn`), in
+    place, so the next rollout samples under the new nucleus (RL4LMs' fresh deepcopy never reaches its logits
+    processor: docs/nlpo.md, detail 5)."""
     if update % every != 0:
         return False
     mask_policy.load_state_dict(policy.state_dict())
@@ -345,10 +343,9 @@ def refresh_mask_policy(mask_policy: nn.Module, policy: nn.Module, update: int, 
 
 
 class NLPOLogitsProcessor(LogitsProcessor):
-    """Applies the NLPO mask inside the policy's cached `generate`: at each step the masking policy reads the
-    newest token on its own KV cache (`IncrementalLM`: one token per step, not RL4LMs' full-sequence re-run, which
-    is O(T^2)), `action_set` cuts K_t from its logits and every other token's score becomes -inf. `masks` records
-    each step's keep-mask, so the ratio can use exactly the action sets the rollout was sampled from."""
+    """The NLPO mask inside the policy's cached `generate`: at each step the masking policy reads the newest token on
+    its own KV cache (`IncrementalLM`; RL4LMs re-runs the whole sequence, O(T^2)), `action_set` cuts K_t from its
+    logits and every other token's score becomes -inf. `masks` keeps each step's K_t for the ratio."""
 
     def __init__(self, mask_policy: Policy, prompt_ids, prompt_mask, action_set):
         self.next_token_logits, self.action_set = IncrementalLM(mask_policy, prompt_ids, prompt_mask), action_set
@@ -419,10 +416,9 @@ def main(args: Args) -> dict:
     ddp_critic = data_parallel(critic, find_unused_parameters=not policy.output_layer_tied)
 
     def sample(prompts: list[str], seeds: list[int]) -> tuple:
-        """Prompts -> (input_ids, attention_mask, response_start, response_mask, top-k/top-p keep-masks `[B, R, V]`,
-        None when both are off, NLPO keep-masks `[B, R, V]`) from the masked policy: the NLPO mask, then top-k/top-p
-        over the masked distribution (RL4LMs' order: its mask is a logits processor, transformers' warpers come
-        after); each episode samples from its own seed, so the text does not depend on the number of processes."""
+        """Prompts -> (input_ids, attention_mask, response_start, response_mask, top-k/top-p keep-masks `[B, R, V]` or
+        None, K_t `[B, R, V]`) from the masked policy, NLPO's mask before top-k/top-p (RL4LMs' order); each episode
+        samples from its own seed, so the text does not depend on the number of processes."""
         prompt_ids, prompt_mask = policy.encode_prompts(prompts, task.max_prompt_tokens, device)
         masker = NLPOLogitsProcessor(mask_policy, prompt_ids, prompt_mask, action_set)
         truncation = (

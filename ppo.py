@@ -345,9 +345,9 @@ def main(args: Args) -> dict:
     ddp_critic = data_parallel(critic, find_unused_parameters=not policy.output_layer_tied)
 
     def sample(prompts: list[str], seeds: list[int]) -> tuple:
-        """Prompts -> (input_ids, attention_mask, response_start, response_mask, top-k/top-p keep-masks `[B, R, V]`,
-        None when both are off) from the policy; each episode samples from its own seed, so the text does not
-        depend on the number of processes."""
+        """Prompts -> (input_ids, attention_mask, response_start, response_mask, top-k/top-p keep-masks `[B, R, V]` or
+        None) from the policy; each episode samples from its own seed, so the text does not depend on the number of
+        processes."""
         prompt_ids, prompt_mask = policy.encode_prompts(prompts, task.max_prompt_tokens, device)
         truncation = (
             [TopKTopPProcessor(args.top_k, args.top_p, args.temperature)] if args.top_k or args.top_p < 1 else []
