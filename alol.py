@@ -181,9 +181,8 @@ PROGRESS = {
 def importance_weight(
     logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, clip_eps: float
 ) -> torch.Tensor:
-    """clamp(pi_theta(y|x) / pi_ref(y|x), 1 - eps, 1 + eps) per sequence, a constant (no gradient): the update is
-    A * w * grad log pi. Clamped in log space, so a long response's ratio never overflows (H L865-870, G L671-673;
-    docs/alol.md, detail 3)."""
+    """clamp(pi_theta(y|x) / pi_ref(y|x), 1 - eps, 1 + eps) per sequence without gradient, clamped in log space so a
+    long response's ratio cannot overflow (H L865-870, G L671-673; docs/alol.md, detail 3)."""
     log_ratio = ((logprobs - ref_logprobs) * mask).sum(1).detach()
     return log_ratio.clamp(math.log1p(-clip_eps), math.log1p(clip_eps)).exp()
 
@@ -209,10 +208,9 @@ def sequence_loss(
     gold_min_prob: float = 0.1,
     keep_negative: bool = False,
 ) -> tuple[torch.Tensor, dict]:
-    """The batch loss of every method: the mean over examples of a per-example loss built from the *summed* token
-    NLL of the response (H L757-759). logprobs / ref_logprobs `[B, T]` of the dataset response tokens, mask `[B, T]`,
-    rewards `[B]` in [0, 1], advantages `[B]` = R - V_ref(x). A-LoL weighs by A+ = max(A, 0), whatever the sampler
-    did, or by A itself with `keep_negative` (docs/alol.md, details 7 and 24)."""
+    """The batch loss of `algorithm`: the mean of a per-example loss on the *summed* response NLL (H L757-759), from
+    `[B, T]` log-probs and mask and `[B]` rewards in [0, 1] and advantages A = R - V_ref(x); the A-LoL family weighs
+    by A+ = max(A, 0), or by A with `keep_negative` (docs/alol.md, details 7 and 24)."""
     mask = mask.to(logprobs.dtype)
     nll = -(logprobs * mask).sum(1)  # -log pi_theta(y|x): the whole response is one action
     positive = advantages if keep_negative else advantages.clamp(min=0.0)
@@ -248,10 +246,9 @@ def sequence_loss(
 def sampling_probabilities(
     algorithm: str, rewards: np.ndarray, advantages: np.ndarray, priority: bool, keep_negative: bool = False
 ) -> np.ndarray:
-    """Probability of drawing each training example. The A-LoL family drops A <= 0 (the "leftover lunch")
-    and, with priority sampling, draws p_i = A+_i / sum_j A+_j (H L590-623, G L504-511); the reward
-    baselines draw p proportional to R (H L668-677, G L467-476); NLL/BC and priority off are uniform.
-    `keep_negative` (the ablation) keeps every example: p ~ |A| with priority, uniform without."""
+    """Each example's probability of being drawn: the A-LoL family drops A <= 0 (the "leftover lunch") and draws
+    p ~ A+ (H L590-623, G L504-511), the reward baselines p ~ R (H L668-677, G L467-476), the rest uniformly;
+    `keep_negative` keeps every example at p ~ |A|; without `priority` the kept examples are drawn uniformly."""
     if algorithm in ADVANTAGE_METHODS and keep_negative:
         weights = np.abs(advantages) if priority else np.ones(len(advantages))
     elif algorithm in ADVANTAGE_METHODS:
@@ -284,9 +281,8 @@ def finetune_reference(
     policy: Policy, prompts: list[str], responses: list, args: Args, task: Task, device, autocast, log
 ):
     """The paper's first step (section 2, "we first fine-tune the reference policy on the training set"): NLL on
-    every logged response, noisy ones included, for `ref_epochs` shuffled passes, with a linear decay and its own
-    random stream (stream 1 of `seed`), so --ref-epochs 0 leaves V's split and the batches as they were
-    (docs/alol.md, detail 23)."""
+    every logged response for `ref_epochs` passes, on random stream 1 of `seed` so that --ref-epochs 0 leaves V's
+    split and the batches as they were (docs/alol.md, detail 23)."""
     total = args.ref_epochs * (len(prompts) // args.batch_size)
     if total == 0:
         raise ValueError(
@@ -320,9 +316,8 @@ def finetune_reference(
 def fit_value_head(
     ref_policy: Policy, task: Task, args: Args, rng, low, high, max_new: int, min_new: int, device, autocast, log
 ) -> tuple[PromptValueHead, dict]:
-    """V_ref on `value_prompts` training prompts: pi_ref's own samples, scored by the task and mapped like the data's
-    rewards, fit on pi_ref's prompt features by held-out MSE with early stopping (docs/alol.md, details 11 and 12).
-    Under torchrun the ranks share the sampling and scoring; every rank fits the head alike on all of it (detail 22)."""
+    """V_ref fit to pi_ref's own samples on `value_prompts` training prompts, scored and scaled like the data's
+    rewards, on pi_ref's prompt features; every rank fits alike on all of it (docs/alol.md, details 11, 12, 22)."""
     value_order = rng.permutation(len(task.train_prompts))[: args.value_prompts]
     prompts = [task.train_prompts[i] for i in value_order for _ in range(args.value_samples_per_prompt)]
     seeds = episode_seeds(args.seed, 2, 0, range(len(prompts)))  # stream 2: V's data
@@ -410,9 +405,8 @@ def main(args: Args) -> dict:
     ref_history, value_history = restore_curves(run, checkpoint, "ref_history", "value_history")
     advantages = checkpoint["advantages"] if checkpoint is not None else np.zeros(len(data))
 
-    # ALGO LOGIC: 2. pi_ref, the paper's first step: the loaded model fine-tuned by NLL on the whole log (a log
-    # sampled from the loaded model needs none). pi_theta starts from it with a fresh optimizer, and every weight
-    # and advantage is measured against it.
+    # ALGO LOGIC: 2. pi_ref, the paper's first step: the loaded model fine-tuned by NLL on the whole log (a log sampled
+    # from the loaded model needs none); pi_theta starts from it, and every weight and advantage is measured against it
     ref_policy = start_policy  # --ref-epochs 0: pi_ref is the model as loaded
     if checkpoint is not None and checkpoint.get("ref_policy") is not None:
         ref_policy = frozen_copy(policy)
@@ -426,19 +420,10 @@ def main(args: Args) -> dict:
 
     # ALGO LOGIC: 3. V_ref(x), for the advantage methods only (as in H L500), fit to pi_ref's own samples
     if checkpoint is None and args.algorithm in ADVANTAGE_METHODS:
+        value_log = keep_curve(run, value_history)
         with stop_on_fault(run, 0, "step"):
             head, value_stats = fit_value_head(
-                ref_policy,
-                task,
-                args,
-                rng,
-                low,
-                high,
-                max_new,
-                min_new,
-                device,
-                autocast,
-                keep_curve(run, value_history),
+                ref_policy, task, args, rng, low, high, max_new, min_new, device, autocast, value_log
             )
         # ALGO LOGIC: 4. advantages A = R - V_ref(x) of the whole dataset, once: V is frozen and in eval mode, so
         # recomputing it every step (as the reference does) would give the same numbers (docs/alol.md, detail 15)
@@ -542,20 +527,17 @@ def main(args: Args) -> dict:
                 host["objective/advantage"] = float(advantages[idx].mean())
             pending.append((step, statistics, host))
             last = step == args.total_steps
-            if not (
-                last or any(step % every == 0 for every in (args.log_every, args.eval_every, args.checkpoint_every))
-            ):
-                continue
-            logged, speed = flush_steps(run, pending, args.total_steps, args.batch_size, time.time() - since)
-            window, pending = window + logged, []
-            if step % args.log_every == 0 or last:
-                print(progress_line(step, args.total_steps, window, PROGRESS, speed), flush=True)
-                window = []
-            if step % args.eval_every == 0 and not last:
-                run_eval(step)
-            if step % args.checkpoint_every == 0 and not last:
-                save_checkpoint(run, checkpoint_state(step))
-            since = time.time()
+            if last or any(step % every == 0 for every in (args.log_every, args.eval_every, args.checkpoint_every)):
+                logged, speed = flush_steps(run, pending, args.total_steps, args.batch_size, time.time() - since)
+                window, pending = window + logged, []
+                if step % args.log_every == 0 or last:
+                    print(progress_line(step, args.total_steps, window, PROGRESS, speed), flush=True)
+                    window = []
+                if step % args.eval_every == 0 and not last:
+                    run_eval(step)
+                if step % args.checkpoint_every == 0 and not last:
+                    save_checkpoint(run, checkpoint_state(step))
+                since = time.time()
 
     # TRY NOT TO MODIFY: final evaluation, model, summary
     extra = {"steps": step, "algorithm": args.algorithm, **data_stats}
