@@ -168,13 +168,8 @@ LIMITS = (
     | {"value_prompts": "[2, inf)", "value_holdout": "(0, 1)", "value_dropout": "[0, 1)"}
 )
 # The progress line: label -> (metric, format), each the mean over the steps since the last line
-PROGRESS = {
-    "loss": ("losses/loss", ".3f"),
-    "nll": ("losses/nll", ".2f"),
-    "kl": ("objective/kl", "+.4f"),
-    "w": ("losses/importance_weight", ".3f"),
-    "data score": ("objective/scores", "+.3f"),
-}
+PROGRESS = {"loss": ("losses/loss", ".3f"), "nll": ("losses/nll", ".2f"), "kl": ("objective/kl", "+.4f")}
+PROGRESS |= {"w": ("losses/importance_weight", ".3f"), "data score": ("objective/scores", "+.3f")}
 
 
 # ALGO LOGIC: the losses as small pure functions (each unit-tested in tests/test_alol.py)
