@@ -43,13 +43,15 @@ from common.training import (
     evaluate_policy,
     finetune_nll,
     finish_run,
+    fit_early_stopping,
     flush_steps,
     guard_training,
     keep_curve,
-    map_distinct,
+    offline_log,
     progress_line,
     record_eval,
     response_lengths,
+    restore_curves,
     restore_training_state,
     sample_and_score,
     step_statistics,
@@ -74,6 +76,7 @@ from common.utils import (
     seed_everything,
     validate_args,
 )
+from common.value_head import PromptValueHead, prompt_values
 
 ALGORITHMS = ("a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl", "nll", "wbc", "r_gold", "r_lol")
 ADVANTAGE_METHODS = ("a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl")
@@ -154,40 +157,27 @@ class Args(TrainArgs, TaskArgs, RunArgs):
     """dropout of the value head while it trains (reference: 0.1); it is in eval mode whenever V is used"""
 
 
-# The allowed values of the numeric flags, checked before any work (common/utils.py `validate_args`: "(0, inf)" is
-# positive; float flags not named here must be finite). The response lengths depend on the task: checked in main.
-LIMITS = {
-    **dict.fromkeys(("data_seed", "ref_epochs", "weight_decay", "kl_beta"), "[0, inf)"),
-    **dict.fromkeys(("total_steps", "batch_size", "learning_rate", "forward_batch_size", "log_every"), "(0, inf)"),
-    **dict.fromkeys(("offline_size", "offline_samples_per_prompt", "value_samples_per_prompt"), "(0, inf)"),
-    **dict.fromkeys(("value_epochs", "value_patience", "value_learning_rate", "value_batch_size"), "(0, inf)"),
-    "value_heads": "(0, inf)",
-    "max_grad_norm": "(0, inf]",
-    "clip_eps": "(0, 1)",
-    "gold_min_prob": "[0, 1]",
-    "value_prompts": "[2, inf)",
-    "value_holdout": "(0, 1)",
-    "value_dropout": "[0, 1)",
-}
+# The allowed values of the numeric flags, checked before any work (common/utils.py `validate_args`; a float flag not
+# named must be finite). The response lengths depend on the task: checked in main.
+LIMITS = (
+    dict.fromkeys(["data_seed", "ref_epochs", "weight_decay", "kl_beta"], "[0, inf)")
+    | dict.fromkeys(["total_steps", "batch_size", "learning_rate", "forward_batch_size", "log_every"], "(0, inf)")
+    | dict.fromkeys(["offline_size", "offline_samples_per_prompt", "value_samples_per_prompt"], "(0, inf)")
+    | dict.fromkeys(["value_epochs", "value_patience", "value_learning_rate", "value_batch_size"], "(0, inf)")
+    | {"max_grad_norm": "(0, inf]", "clip_eps": "(0, 1)", "gold_min_prob": "[0, 1]", "value_heads": "(0, inf)"}
+    | {"value_prompts": "[2, inf)", "value_holdout": "(0, 1)", "value_dropout": "[0, 1)"}
+)
 # The progress line: label -> (metric, format), each the mean over the steps since the last line
-PROGRESS = {
-    "loss": ("losses/loss", ".3f"),
-    "nll": ("losses/nll", ".2f"),
-    "kl": ("objective/kl", "+.4f"),
-    "w": ("losses/importance_weight", ".3f"),
-    "data score": ("objective/scores", "+.3f"),
-}
+PROGRESS = {"loss": ("losses/loss", ".3f"), "nll": ("losses/nll", ".2f"), "kl": ("objective/kl", "+.4f")}
+PROGRESS |= {"w": ("losses/importance_weight", ".3f"), "data score": ("objective/scores", "+.3f")}
 
 
-# ----------------------------------------------------------------------------------------------
 # ALGO LOGIC: the losses as small pure functions (each unit-tested in tests/test_alol.py)
-# ----------------------------------------------------------------------------------------------
 def importance_weight(
     logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, clip_eps: float
 ) -> torch.Tensor:
-    """clamp(pi_theta(y|x) / pi_ref(y|x), 1 - eps, 1 + eps) per sequence, a constant (no gradient): the update is
-    A * w * grad log pi. Clamped in log space, so a long response's ratio never overflows (H L865-870, G L671-673;
-    docs/alol.md, detail 3)."""
+    """clamp(pi_theta(y|x) / pi_ref(y|x), 1 - eps, 1 + eps) per sequence without gradient, clamped in log space so a
+    long response's ratio cannot overflow (H L865-870, G L671-673; docs/alol.md, detail 3)."""
     log_ratio = ((logprobs - ref_logprobs) * mask).sum(1).detach()
     return log_ratio.clamp(math.log1p(-clip_eps), math.log1p(clip_eps)).exp()
 
@@ -213,10 +203,9 @@ def sequence_loss(
     gold_min_prob: float = 0.1,
     keep_negative: bool = False,
 ) -> tuple[torch.Tensor, dict]:
-    """The batch loss of every method: the mean over examples of a per-example loss built from the *summed* token
-    NLL of the response (H L757-759). logprobs / ref_logprobs `[B, T]` of the dataset response tokens, mask `[B, T]`,
-    rewards `[B]` in [0, 1], advantages `[B]` = R - V_ref(x). A-LoL weighs by A+ = max(A, 0), whatever the sampler
-    did, or by A itself with `keep_negative` (docs/alol.md, details 7 and 24)."""
+    """The batch loss of `algorithm`: the mean of a per-example loss on the *summed* response NLL (H L757-759), from
+    `[B, T]` log-probs and mask and `[B]` rewards in [0, 1] and advantages A = R - V_ref(x); the A-LoL family weighs
+    by A+ = max(A, 0), or by A with `keep_negative` (docs/alol.md, details 7 and 24)."""
     mask = mask.to(logprobs.dtype)
     nll = -(logprobs * mask).sum(1)  # -log pi_theta(y|x): the whole response is one action
     positive = advantages if keep_negative else advantages.clamp(min=0.0)
@@ -252,10 +241,9 @@ def sequence_loss(
 def sampling_probabilities(
     algorithm: str, rewards: np.ndarray, advantages: np.ndarray, priority: bool, keep_negative: bool = False
 ) -> np.ndarray:
-    """Probability of drawing each training example. The A-LoL family drops A <= 0 (the "leftover lunch")
-    and, with priority sampling, draws p_i = A+_i / sum_j A+_j (H L590-623, G L504-511); the reward
-    baselines draw p proportional to R (H L668-677, G L467-476); NLL/BC and priority off are uniform.
-    `keep_negative` (the ablation) keeps every example: p ~ |A| with priority, uniform without."""
+    """Each example's probability of being drawn: the A-LoL family drops A <= 0 (the "leftover lunch") and draws
+    p ~ A+ (H L590-623, G L504-511), the reward baselines p ~ R (H L668-677, G L467-476), the rest uniformly;
+    `keep_negative` keeps every example at p ~ |A|; without `priority` the kept examples are drawn uniformly."""
     if algorithm in ADVANTAGE_METHODS and keep_negative:
         weights = np.abs(advantages) if priority else np.ones(len(advantages))
     elif algorithm in ADVANTAGE_METHODS:
@@ -284,45 +272,21 @@ def advantages_of(rewards: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.asarray(rewards, dtype=np.float64) - np.asarray(values, dtype=np.float64)
 
 
-# ----------------------------------------------------------------------------------------------
-# The offline log: the task's, or pi_ref's own samples
-# ----------------------------------------------------------------------------------------------
-def load_offline_data(task: Task, policy: Policy, args: Args, max_new: int, min_new: int, device) -> list[dict]:
-    """The task's logged dataset; a task without one gets pi_ref's own samples on its training prompts, scored by the
-    task's reward (docs/alol.md, detail 20)."""
-    if task.offline_data is not None:
-        data = task.offline_data(args.data_seed)
-    else:
-        prompts = [p for p in task.train_prompts for _ in range(args.offline_samples_per_prompt)]
-        prompts = prompts[: args.offline_size] if args.offline_size else prompts
-        seeds = episode_seeds(args.data_seed, 3, 0, range(len(prompts)))  # stream 3: the sampled log
-        responses, scores = sample_and_score(
-            policy, prompts, seeds, task, max_new, min_new, args.forward_batch_size, device
-        )
-        data = [
-            {"prompt": p, "response": r, "reward": float(s)} for p, r, s in zip(prompts, responses, scores, strict=True)
-        ]
-    return data[: args.offline_size] if args.offline_size else data
-
-
-# ----------------------------------------------------------------------------------------------
-# ALGO LOGIC: pi_ref, the paper's first step: the loaded model fine-tuned by NLL on the whole log
-# ----------------------------------------------------------------------------------------------
 def finetune_reference(
-    policy: Policy, prompts: list[str], responses: list[list[int]], args: Args, task: Task, device, autocast, log
-) -> None:
+    policy: Policy, prompts: list[str], responses: list, args: Args, task: Task, device, autocast, log
+):
     """The paper's first step (section 2, "we first fine-tune the reference policy on the training set"): NLL on
-    every logged response, noisy ones included, for `ref_epochs` shuffled passes, on its own random stream (stream 1
-    of `seed`), so --ref-epochs 0 leaves V's split and the batches as they were (docs/alol.md, detail 23)."""
-    per_epoch = len(prompts) // args.batch_size
-    if per_epoch == 0:
+    every logged response for `ref_epochs` passes, on random stream 1 of `seed` so that --ref-epochs 0 leaves V's
+    split and the batches as they were (docs/alol.md, detail 23)."""
+    total = args.ref_epochs * (len(prompts) // args.batch_size)
+    if total == 0:
         raise ValueError(
             f"--ref-epochs: the offline log ({len(prompts)} examples) is smaller than one batch "
             f"({args.batch_size}); pass --ref-epochs 0 or a smaller --batch-size"
         )
-    total = args.ref_epochs * per_epoch
-    parameters = list(policy.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=True
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total)
     finetune_nll(
         policy,
@@ -344,146 +308,24 @@ def finetune_reference(
     )
 
 
-# ----------------------------------------------------------------------------------------------
-# ALGO LOGIC: the value head V_ref(x) on the frozen reference's prompt representation
-# ----------------------------------------------------------------------------------------------
-class PromptValueHead(nn.Module):
-    """V(x) in [0, max_value]: a learned query attends over the prompt's hidden states, then a linear layer and
-    sigmoid * max_value (the reference's `ValueHeadAttention`, utils/rl_utils.py L452-505), with padding masked out
-    of the attention and the head in eval mode whenever V is used (docs/alol.md, details 13 and 14)."""
-
-    def __init__(self, hidden_size: int, num_heads: int = 8, dropout: float = 0.1, max_value: float = 1.0):
-        super().__init__()
-        self.query = nn.Parameter(torch.randn(hidden_size))
-        self.attention = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
-        self.dropout = nn.Dropout(dropout)
-        self.linear = nn.Linear(hidden_size, 1)
-        self.max_value = max_value
-
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """hidden `[B, T, H]` of the prompt tokens, mask `[B, T]` (1 on real tokens) -> V `[B]`."""
-        hidden = self.dropout(hidden.float())
-        query = self.query.expand(hidden.shape[0], 1, -1)
-        pooled, _ = self.attention(query, hidden, hidden, key_padding_mask=mask == 0, need_weights=False)
-        return torch.sigmoid(self.linear(self.dropout(pooled[:, 0])).squeeze(-1)) * self.max_value
-
-
-def train_value_head(
-    head: PromptValueHead,
-    hidden: torch.Tensor,
-    mask: torch.Tensor,
-    targets: torch.Tensor,
-    groups: np.ndarray,
-    holdout: float,
-    epochs: int,
-    patience: int,
-    lr: float,
-    batch_size: int,
-    rng: np.random.Generator,
-    log=None,
-) -> dict:
-    """Fit V to pi_ref's sampled rewards by MSE on frozen features; keep the epoch with the lowest *held-out* MSE
-    and stop after `patience` epochs without improvement (docs/alol.md, detail 12). `groups` (the prompt of each
-    sample) keeps all samples of one prompt on one side of the split. Returns MSE statistics; the head is left in
-    eval mode with its best weights."""
-    prompts = rng.permutation(np.unique(groups))
-    n_holdout = max(1, int(round(holdout * len(prompts))))
-    is_holdout = np.isin(groups, prompts[:n_holdout])
-    train_idx, holdout_idx = np.flatnonzero(~is_holdout), torch.as_tensor(np.flatnonzero(is_holdout))
-    if len(train_idx) == 0:
-        raise ValueError("the value head needs at least 2 value prompts (one to train on, one held out)")
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, fused=True)
-
-    def heldout_mse() -> float:
-        head.eval()
-        with torch.no_grad():
-            return float(((head(hidden[holdout_idx], mask[holdout_idx]) - targets[holdout_idx]) ** 2).mean())
-
-    constant_mse = float(((targets[train_idx].mean() - targets[holdout_idx]) ** 2).mean())
-    best, best_state, since_best, history = heldout_mse(), None, 0, []
-    for epoch in range(1, epochs + 1):
-        head.train()
-        losses = []
-        for batch in torch.as_tensor(rng.permutation(train_idx)).split(batch_size):
-            loss = ((head(hidden[batch], mask[batch]) - targets[batch]) ** 2).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.detach())  # on the device: one host sync per epoch, not per step
-        mse = heldout_mse()
-        history.append(mse)
-        if log is not None:
-            log({"value/train_mse": torch.stack(losses).mean().item(), "value/heldout_mse": mse}, epoch)
-        if mse < best:
-            best, best_state, since_best = mse, {k: v.clone() for k, v in head.state_dict().items()}, 0
-        else:
-            since_best += 1
-            if since_best >= patience:
-                break
-    if best_state is not None:
-        head.load_state_dict(best_state)
-    head.eval().requires_grad_(False)
-    return {"value_heldout_mse": best, "value_constant_mse": constant_mse, "value_epochs": len(history)}
-
-
 def fit_value_head(
-    ref_policy: Policy,
-    task: Task,
-    args: Args,
-    rng: np.random.Generator,
-    low: float,
-    high: float,
-    max_new: int,
-    min_new: int,
-    device,
-    autocast,
-    log=None,
+    ref_policy: Policy, task: Task, args: Args, rng, low, high, max_new: int, min_new: int, device, autocast, log
 ) -> tuple[PromptValueHead, dict]:
-    """V_ref on `value_prompts` training prompts: pi_ref's own samples (`value_samples_per_prompt` each), scored by
-    the task and mapped like the data's rewards (`scale_rewards` by the data's `low` and `high`), then
-    `train_value_head` on pi_ref's prompt features (docs/alol.md, detail 11). Under torchrun the ranks share the
-    sampling and scoring; every rank then fits the head alike on all of it (docs/alol.md, detail 22)."""
+    """V_ref fit to pi_ref's own samples on `value_prompts` training prompts, scored and scaled like the data's
+    rewards, on pi_ref's prompt features; every rank fits alike on all of it (docs/alol.md, details 11, 12, 22)."""
     value_order = rng.permutation(len(task.train_prompts))[: args.value_prompts]
-    value_prompts = [task.train_prompts[i] for i in value_order for _ in range(args.value_samples_per_prompt)]
-    seeds = episode_seeds(args.seed, 2, 0, range(len(value_prompts)))  # stream 2: V's data
+    prompts = [task.train_prompts[i] for i in value_order for _ in range(args.value_samples_per_prompt)]
+    seeds = episode_seeds(args.seed, 2, 0, range(len(prompts)))  # stream 2: V's data
     with autocast:
-        _, value_rewards = sample_and_score(
-            ref_policy, value_prompts, seeds, task, max_new, min_new, args.forward_batch_size, device
+        _, scores = sample_and_score(
+            ref_policy, prompts, seeds, task, max_new, min_new, args.forward_batch_size, device
         )
-    value_rewards = scale_rewards(value_rewards, low, high)
-    value_hidden, value_mask = prompt_features(
-        ref_policy, value_prompts, task.max_prompt_tokens, args.forward_batch_size, device
-    )
+    targets = torch.tensor(scale_rewards(scores, low, high), dtype=torch.float32, device=device).clamp(0, 1)
+    features = prompt_features(ref_policy, prompts, task.max_prompt_tokens, args.forward_batch_size, device)
     head = PromptValueHead(ref_policy.hidden_size, args.value_heads, args.value_dropout).to(device)
-    stats = train_value_head(
-        head,
-        value_hidden,
-        value_mask,
-        torch.tensor(value_rewards, dtype=torch.float32, device=device).clamp(0, 1),
-        np.repeat(np.arange(len(value_order)), args.value_samples_per_prompt),
-        args.value_holdout,
-        args.value_epochs,
-        args.value_patience,
-        args.value_learning_rate,
-        args.value_batch_size,
-        rng,
-        log=log,
-    )
-    return head, stats
-
-
-@torch.no_grad()
-def prompt_values(
-    head: PromptValueHead, ref_policy: Policy, prompts: list[str], task: Task, batch_size: int, device
-) -> np.ndarray:
-    """V_ref(x) of every example's prompt, computed once per distinct prompt, shared out over the ranks."""
-
-    def values(texts: list[str]) -> list[float]:
-        hidden, mask = prompt_features(ref_policy, texts, task.max_prompt_tokens, batch_size, device)
-        batches = zip(hidden.split(batch_size), mask.split(batch_size), strict=True)
-        return torch.cat([head(h, m) for h, m in batches]).tolist()
-
-    return np.array(map_distinct(values, prompts))
+    groups = np.repeat(np.arange(len(value_order)), args.value_samples_per_prompt)  # a prompt's samples stay together
+    fit = (args.value_holdout, args.value_epochs, args.value_patience, args.value_learning_rate, args.value_batch_size)
+    return head, fit_early_stopping(head, features, targets, groups, *fit, rng, "value", log)
 
 
 def main(args: Args) -> dict:
@@ -495,12 +337,12 @@ def main(args: Args) -> dict:
         exact_div(args.batch_size, world_size, "--batch-size / number of processes")
         seed_everything(args.seed, args.torch_deterministic)  # the same seed on every rank (see init_distributed)
         task = make_task(args.task, args)
-        response_length, min_response_length = response_lengths(task, args.response_length, args.min_response_length)
+        max_new, min_new = response_lengths(task, args.response_length, args.min_response_length)
         policy = load_policy(args.model_name, task, device)
         if policy.hidden_size % args.value_heads != 0:
             raise ValueError(f"--value-heads {args.value_heads} must divide the hidden size {policy.hidden_size}")
         # prompts keep what fits the model's context beside the response (a long line in a --prompts-file)
-        task.max_prompt_tokens = policy.prompt_budget(task.max_prompt_tokens, response_length)
+        task.max_prompt_tokens = policy.prompt_budget(task.max_prompt_tokens, max_new)
         run = Run(args, "alol.py", checkpoint)
     except (ValueError, OSError) as error:
         raise SystemExit(error_line(error)) from error
@@ -514,8 +356,8 @@ def main(args: Args) -> dict:
         seed=args.seed,
         episodes=args.eval_episodes,
         batch_size=args.forward_batch_size,
-        max_new=response_length,
-        min_new=min_response_length,
+        max_new=max_new,
+        min_new=min_new,
         device=device,
         autocast=autocast,
     )
@@ -523,14 +365,23 @@ def main(args: Args) -> dict:
     def run_eval(step: int) -> dict:
         return record_eval(run, *evaluate_model(policy), step, "step")
 
-    # 1. the offline dataset, with rewards mapped to [0, 1] by the data's min and max (`scale_rewards`).
-    # A log sampled from the loaded model is kept in the checkpoint, so --resume does not sample it again.
+    # 1. the offline log, its rewards mapped to [0, 1] by their min and max; --resume reuses a log sampled from the
+    # loaded model, not the task's (the checkpoint keeps only the former)
     with stop_on_fault(run, 0, "step"):
-        if checkpoint is not None and checkpoint["data"] is not None:
-            data = checkpoint["data"]
-        else:
+        data = checkpoint["data"] if checkpoint is not None else None
+        if data is None:
             with autocast:
-                data = load_offline_data(task, policy, args, response_length, min_response_length, device)
+                data = offline_log(
+                    task,
+                    policy,
+                    args.data_seed,
+                    args.offline_samples_per_prompt,
+                    args.offline_size,
+                    max_new,
+                    min_new,
+                    args.forward_batch_size,
+                    device,
+                )
         raw_rewards = np.array([d["reward"] for d in data], dtype=np.float64)
         low, high = float(raw_rewards.min()), float(raw_rewards.max())
         if not high > low:
@@ -542,58 +393,36 @@ def main(args: Args) -> dict:
         flush=True,
     )
     prompts = [d["prompt"] for d in data]
-    responses = response_rows(policy.tokenizer, [d["response"] for d in data], response_length)
+    responses = response_rows(policy.tokenizer, [d["response"] for d in data], max_new)
     data_stats = {"offline_examples": len(data), "offline_reward_mean": float(raw_rewards.mean())}
-    if checkpoint is not None:
-        data_stats = checkpoint["data_stats"]
+    # --resume: what steps 2-4 made (pi_ref's weights, V's advantages, their curves), not made again
+    data_stats = checkpoint["data_stats"] if checkpoint is not None else data_stats
+    ref_history, value_history = restore_curves(run, checkpoint, "ref_history", "value_history")
+    advantages = checkpoint["advantages"] if checkpoint is not None else np.zeros(len(data))
 
-    # ALGO LOGIC: 2. pi_ref, the paper's first step: the loaded model fine-tuned by NLL on the whole log. pi_theta
-    # starts from it (a fresh optimizer) and every weight and advantage is measured against it.
-    ref_policy, ref_history = start_policy, []  # --ref-epochs 0: pi_ref is the model as loaded
-    if checkpoint is not None:  # --resume: pi_ref's weights and curve, not its fit
-        ref_history = checkpoint.get("ref_history", [])
-        if checkpoint.get("ref_policy") is not None:
-            ref_policy = frozen_copy(policy)
-            ref_policy.load_state_dict(checkpoint["ref_policy"])
-    elif args.ref_epochs > 0 and task.offline_data is not None:  # a log sampled from pi_ref needs no fine-tuning
+    # ALGO LOGIC: 2. pi_ref, the paper's first step: the loaded model fine-tuned by NLL on the whole log (a log sampled
+    # from the loaded model needs none); pi_theta starts from it, and every weight and advantage is measured against it
+    ref_policy = start_policy  # --ref-epochs 0: pi_ref is the model as loaded
+    if checkpoint is not None and checkpoint.get("ref_policy") is not None:
+        ref_policy = frozen_copy(policy)
+        ref_policy.load_state_dict(checkpoint["ref_policy"])
+    elif checkpoint is None and args.ref_epochs > 0 and task.offline_data is not None:
         with stop_on_fault(run, 0, "step"):
             data_stats["loaded_eval"], _ = evaluate_model(start_policy)  # the table's "model as loaded" row
             print(f"eval of the model as loaded: {eval_line(data_stats['loaded_eval'])}", flush=True)
             finetune_reference(policy, prompts, responses, args, task, device, autocast, keep_curve(run, ref_history))
         ref_policy = frozen_copy(policy)
 
-    # ALGO LOGIC: 3. V_ref(x), for the advantage methods only (as in H L500): fit first, to pi_ref's own sampled
-    # responses on training prompts, scored by the task and mapped like the data's rewards (docs/alol.md, detail 11)
-    advantages, value_history = np.zeros(len(data)), []
-    if checkpoint is not None:  # --resume: V's result, not its fit
-        if args.algorithm in ADVANTAGE_METHODS:
-            advantages = checkpoint["advantages"]
-            value_history = [
-                h if isinstance(h, tuple) else (epoch, h)  # a checkpoint from before the steps were kept
-                for epoch, h in enumerate(checkpoint["value_history"], 1)
-            ]
-        for x, metrics in ref_history + value_history:  # TensorBoard dropped the points of pi_ref's and V's curves
-            if x > checkpoint["step"]:  # after the checkpoint's step (`purge_step`): write those again
-                run.log(metrics, x)
-    elif args.algorithm in ADVANTAGE_METHODS:
+    # ALGO LOGIC: 3. V_ref(x), for the advantage methods only (as in H L500), fit to pi_ref's own samples
+    if checkpoint is None and args.algorithm in ADVANTAGE_METHODS:
+        value_log = keep_curve(run, value_history)
         with stop_on_fault(run, 0, "step"):
             head, value_stats = fit_value_head(
-                ref_policy,
-                task,
-                args,
-                rng,
-                low,
-                high,
-                response_length,
-                min_response_length,
-                device,
-                autocast,
-                log=keep_curve(run, value_history),
+                ref_policy, task, args, rng, low, high, max_new, min_new, device, autocast, value_log
             )
-
         # ALGO LOGIC: 4. advantages A = R - V_ref(x) of the whole dataset, once: V is frozen and in eval mode, so
         # recomputing it every step (as the reference does) would give the same numbers (docs/alol.md, detail 15)
-        values = prompt_values(head, ref_policy, prompts, task, args.forward_batch_size, device)
+        values = prompt_values(head, ref_policy, prompts, task.max_prompt_tokens, args.forward_batch_size, device)
         advantages = advantages_of(rewards, values)
         data_stats.update(
             positive_fraction=float((advantages > 0).mean()), value_mean=float(values.mean()), **value_stats
@@ -692,26 +521,22 @@ def main(args: Args) -> dict:
             if args.algorithm in ADVANTAGE_METHODS:
                 host["objective/advantage"] = float(advantages[idx].mean())
             pending.append((step, statistics, host))
-            if not (
-                step == args.total_steps
-                or any(step % every == 0 for every in (args.log_every, args.eval_every, args.checkpoint_every))
-            ):
-                continue
-            logged, speed = flush_steps(run, pending, args.total_steps, args.batch_size, time.time() - since)
-            window, pending = window + logged, []
-            if step % args.log_every == 0 or step == args.total_steps:
-                print(progress_line(step, args.total_steps, window, PROGRESS, speed), flush=True)
-                window = []
-            if step % args.eval_every == 0 and step != args.total_steps:
-                run_eval(step)
-            if step % args.checkpoint_every == 0 and step != args.total_steps:
-                save_checkpoint(run, checkpoint_state(step))
-            since = time.time()
+            last = step == args.total_steps
+            if last or any(step % every == 0 for every in (args.log_every, args.eval_every, args.checkpoint_every)):
+                logged, speed = flush_steps(run, pending, args.total_steps, args.batch_size, time.time() - since)
+                window, pending = window + logged, []
+                if step % args.log_every == 0 or last:
+                    print(progress_line(step, args.total_steps, window, PROGRESS, speed), flush=True)
+                    window = []
+                if step % args.eval_every == 0 and not last:
+                    run_eval(step)
+                if step % args.checkpoint_every == 0 and not last:
+                    save_checkpoint(run, checkpoint_state(step))
+                since = time.time()
 
     # TRY NOT TO MODIFY: final evaluation, model, summary
     extra = {"steps": step, "algorithm": args.algorithm, **data_stats}
-    # the DDP wrappers go before finish_run closes the process group (common/utils.py `data_parallel`)
-    del ddp_policy
+    del ddp_policy  # before finish_run closes the process group (common/utils.py `data_parallel`)
     return finish_run(run, policy, run_eval, step, extra, "step", label=f"{args.algorithm}: ")
 
 

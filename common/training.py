@@ -367,3 +367,102 @@ def finish_run(
         flush=True,
     )
     return summary
+
+
+def offline_log(
+    task: Task,
+    policy: Policy,
+    seed: int,
+    samples_per_prompt: int,
+    size: Optional[int],
+    max_new: int,
+    min_new: int,
+    batch_size: int,
+    device,
+) -> list[dict]:
+    """The first `size` (None: all) {prompt, response, reward} examples of the task's logged dataset (drawn with
+    `seed`); a task without one gets `policy`'s samples, `samples_per_prompt` per training prompt (stream 3 of
+    `seed`), scored by the task's reward."""
+    if task.offline_data is not None:
+        data = task.offline_data(seed)
+    else:
+        prompts = [p for p in task.train_prompts for _ in range(samples_per_prompt)][:size]
+        seeds = episode_seeds(seed, 3, 0, range(len(prompts)))
+        responses, scores = sample_and_score(policy, prompts, seeds, task, max_new, min_new, batch_size, device)
+        examples = zip(prompts, responses, scores, strict=True)
+        data = [{"prompt": p, "response": r, "reward": float(s)} for p, r, s in examples]
+    return data[:size]
+
+
+def fit_early_stopping(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    targets: torch.Tensor,
+    groups: np.ndarray,
+    holdout: float,
+    epochs: int,
+    patience: int,
+    lr: float,
+    batch_size: int,
+    rng: np.random.Generator,
+    name: str,
+    log: Optional[Callable[[dict, int], None]] = None,
+) -> dict:
+    """Fit `model(*inputs)` to `targets` by MSE (AdamW at `lr`, shuffled batches drawn from `rng`), keeping the epoch
+    with the lowest held-out MSE and stopping after `patience` epochs without a better one. The held-out fraction
+    `holdout` is drawn over `groups` (each row's group), so a group's rows stay on one side of the split. Each epoch
+    is passed to `log` as `{name}/train_mse` and `{name}/heldout_mse`; returns `{name}_heldout_mse` (the best),
+    `{name}_constant_mse` (the training mean as the prediction) and `{name}_epochs`. The model is left in eval mode
+    with its best weights and no gradients."""
+    shuffled = rng.permutation(np.unique(groups))
+    is_holdout = np.isin(groups, shuffled[: max(1, int(round(holdout * len(shuffled))))])
+    train_idx, holdout_idx = np.flatnonzero(~is_holdout), torch.as_tensor(np.flatnonzero(is_holdout))
+    if len(train_idx) == 0:
+        raise ValueError(f"the {name} fit needs at least 2 groups of samples (one to train on, one held out)")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
+
+    def mse(idx) -> torch.Tensor:
+        return ((model(*(x[idx] for x in inputs)) - targets[idx]) ** 2).mean()
+
+    def heldout_mse() -> float:
+        model.eval()
+        with torch.no_grad():
+            return float(mse(holdout_idx))
+
+    constant_mse = float(((targets[train_idx].mean() - targets[holdout_idx]) ** 2).mean())
+    best, best_state, since_best, history = heldout_mse(), None, 0, []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        losses = []
+        for batch in torch.as_tensor(rng.permutation(train_idx)).split(batch_size):
+            loss = mse(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())  # on the device: one host sync per epoch, not per step
+        history.append(heldout_mse())
+        if log is not None:
+            log({f"{name}/train_mse": torch.stack(losses).mean().item(), f"{name}/heldout_mse": history[-1]}, epoch)
+        if history[-1] < best:
+            best, best_state, since_best = history[-1], {k: v.clone() for k, v in model.state_dict().items()}, 0
+        else:
+            since_best += 1
+            if since_best >= patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval().requires_grad_(False)
+    return {f"{name}_heldout_mse": best, f"{name}_constant_mse": constant_mse, f"{name}_epochs": len(history)}
+
+
+def restore_curves(run: Run, checkpoint: Optional[dict], *names: str) -> list[list]:
+    """The curves that `keep_curve` kept, saved in `checkpoint` under `names` (empty without a checkpoint, or where
+    one lacks a curve; a curve of bare metrics, from before the x's were kept, is numbered from 1). Their points
+    after the checkpoint's step are logged again: TensorBoard drops them on `--resume` (`purge_step`)."""
+    if checkpoint is None:
+        return [[] for _ in names]
+    curves = [[p if isinstance(p, tuple) else (x, p) for x, p in enumerate(checkpoint.get(n, []), 1)] for n in names]
+    for x, metrics in [point for curve in curves for point in curve]:
+        if x > checkpoint["step"]:
+            run.log(metrics, x)
+    return curves

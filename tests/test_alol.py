@@ -17,6 +17,8 @@ from common import tasks
 from common.batches import prompt_response_batch
 from common.models import frozen_copy, load_policy, logprobs_of, prompt_hidden_states
 from common.tasks import make_task
+from common.training import fit_early_stopping
+from common.value_head import PromptValueHead
 
 from helpers import SENTIMENT_EVAL_KEYS, args_fields
 
@@ -174,7 +176,7 @@ def test_dropped_negatives_and_sampling_weights():
 # ----------------------------------------------------------------------------------------------
 def test_value_head_ignores_padding():
     torch.manual_seed(0)
-    head = alol.PromptValueHead(16, num_heads=4, dropout=0.5).eval()
+    head = PromptValueHead(16, num_heads=4, dropout=0.5).eval()
     hidden = torch.randn(2, 5, 16)
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     values = head(hidden, mask)
@@ -192,7 +194,7 @@ def test_value_on_real_prompts_does_not_depend_on_batch_padding():
     task = make_task("sentiment")
     ref = frozen_copy(load_policy("tiny-gpt2", task))
     torch.manual_seed(0)
-    head = alol.PromptValueHead(ref.hidden_size).eval()
+    head = PromptValueHead(ref.hidden_size).eval()
     short, long = "the movie was", task.train_prompts[0] + " " + task.train_prompts[1]
     ids, mask = ref.encode_prompts([short], 32, "cpu")
     alone = head(prompt_hidden_states(ref, ids, mask), mask)
@@ -209,12 +211,11 @@ def test_value_training_keeps_best_heldout_epoch_and_ends_in_eval_mode():
     mask[:, :2] = torch.randint(0, 2, (n, 2))
     mask[:, 2] = 1  # at least one real token per prompt
     targets = torch.sigmoid(2 * (hidden * mask[..., None]).sum(1)[:, 0] / mask.sum(1))  # depends on the prompt
-    head = alol.PromptValueHead(hidden_size, num_heads=2, dropout=0.5)
+    head = PromptValueHead(hidden_size, num_heads=2, dropout=0.5)
     history = []
-    stats = alol.train_value_head(
+    stats = fit_early_stopping(
         head,
-        hidden,
-        mask,
+        (hidden, mask),
         targets,
         np.arange(n) // 2,
         holdout=0.25,
@@ -223,11 +224,12 @@ def test_value_training_keeps_best_heldout_epoch_and_ends_in_eval_mode():
         lr=3e-3,
         batch_size=32,
         rng=np.random.default_rng(0),
+        name="value",
         log=lambda metrics, epoch: history.append(metrics["value/heldout_mse"]),
     )
     assert stats["value_epochs"] == len(history) and len(history) >= 2
     assert stats["value_heldout_mse"] == pytest.approx(min(history))  # the best epoch's number is reported
-    # ... and its weights are the ones kept: the head's own held-out MSE (the split drawn as train_value_head
+    # ... and its weights are the ones kept: the head's own held-out MSE (the split drawn as fit_early_stopping
     # draws it) is the best epoch's, not the last epoch's, which early stopping makes worse
     assert len(history) < 40 and history[-1] > min(history) + 1e-4, history
     held_out = np.isin(np.arange(n) // 2, np.random.default_rng(0).permutation(n // 2)[: round(0.25 * n / 2)])

@@ -287,3 +287,34 @@ def test_finish_run_saves_more_only_with_save_model(tmp_path):
 
         finish_run(run, None, run_eval, 1, {}, "step", save_more=lambda: saved.append("more"))
     assert saved == ["policy", "more"]
+
+
+def test_restore_curves_logs_again_the_points_after_the_checkpoint(tmp_path):
+    """--resume gets back the curves keep_curve kept; the points after the checkpoint's step, which TensorBoard drops,
+    are logged again, in order; a curve of bare metrics is numbered from 1; no checkpoint: empty curves."""
+    from common.training import restore_curves
+
+    run = make_run(tmp_path)
+    seen = []
+    run.log = lambda metrics, x: seen.append((x, metrics))
+    checkpoint = {"step": 2, "ref": [(2, {"a": 1.0}), (4, {"a": 0.5})], "value": [{"v": 0.3}, {"v": 0.2}, {"v": 0.1}]}
+    ref, value, missing = restore_curves(run, checkpoint, "ref", "value", "missing")
+    assert ref == checkpoint["ref"] and value == [(1, {"v": 0.3}), (2, {"v": 0.2}), (3, {"v": 0.1})] and missing == []
+    assert seen == [(4, {"a": 0.5}), (3, {"v": 0.1})]
+    assert restore_curves(run, None, "ref", "value") == [[], []] and len(seen) == 2
+    run.close()
+
+
+def test_offline_log_takes_the_task_log_or_samples_one():
+    """The task's log cut to `size`; a task without one gets the policy's responses, scored, `samples_per_prompt`
+    per training prompt, the same from the same seed."""
+    from common.training import offline_log
+
+    task = make_task("sentiment")
+    policy = load_policy("tiny-gpt2", task)
+    assert offline_log(task, policy, 0, 1, 5, 8, 1, 4, "cpu") == task.offline_data(0)[:5]
+    unlogged = dataclasses.replace(task, offline_data=None)
+    data = offline_log(unlogged, policy, 0, 2, 6, 8, 1, 4, "cpu")
+    assert [d["prompt"] for d in data] == [p for p in task.train_prompts[:3] for _ in range(2)]
+    assert all(isinstance(d["response"], str) and np.isfinite(d["reward"]) for d in data)
+    assert data == offline_log(unlogged, policy, 0, 2, 6, 8, 1, 4, "cpu")
