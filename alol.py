@@ -331,7 +331,7 @@ def fit_value_head(
 def main(args: Args) -> dict:
     # TRY NOT TO MODIFY: check the arguments before any heavy work; a bad one exits with one line
     try:
-        args, checkpoint = resume_args(args, Args, "alol.py")
+        args, checkpoint = resume_args(args, Args, os.path.basename(__file__))
         validate_args(args, LIMITS)
         _, world_size, device = init_distributed(args.cuda)
         exact_div(args.batch_size, world_size, "--batch-size / number of processes")
@@ -343,7 +343,7 @@ def main(args: Args) -> dict:
             raise ValueError(f"--value-heads {args.value_heads} must divide the hidden size {policy.hidden_size}")
         # prompts keep what fits the model's context beside the response (a long line in a --prompts-file)
         task.max_prompt_tokens = policy.prompt_budget(task.max_prompt_tokens, max_new)
-        run = Run(args, "alol.py", checkpoint)
+        run = Run(args, os.path.basename(__file__), checkpoint)
     except (ValueError, OSError) as error:
         raise SystemExit(error_line(error)) from error
     autocast = bf16_autocast(device, args.bf16)  # a no-op on CPU unless --bf16

@@ -3,7 +3,8 @@ out over the ranks, a held-out evaluation of sampled responses, response lengths
 and printed, a supervised (NLL) fine-tuning loop, a step's statistics kept on the device and the interval's reduced
 over the ranks in one sync, logged and printed, throughput, what a checkpoint keeps of the loop and how `--resume`
 puts it back, how a run stops (bad input, a fault, Ctrl-C or SIGTERM) and how it ends (the final evaluation, the
-model, `summary.json`). Written for any script's loop; ppo.py, nlpo.py, ilql.py and alol.py use it."""
+model, `summary.json`); an offline log of responses and rewards loaded as rows, an early-stopping regression fit and
+the curves a resumed run logs again. Written for any script's loop; ppo.py, nlpo.py, ilql.py and alol.py use it."""
 
 from __future__ import annotations
 
