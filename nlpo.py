@@ -416,9 +416,9 @@ def main(args: Args) -> dict:
     ddp_critic = data_parallel(critic, find_unused_parameters=not policy.output_layer_tied)
 
     def sample(prompts: list[str], seeds: list[int]) -> tuple:
-        """Prompts -> (input_ids, attention_mask, response_start, response_mask, top-k/top-p keep-masks `[B, R, V]` or
-        None, K_t `[B, R, V]`) from the masked policy, NLPO's mask before top-k/top-p (RL4LMs' order); each episode
-        samples from its own seed, so the text does not depend on the number of processes."""
+        """Prompts -> (response texts, input_ids, attention_mask, response_start, response_mask, top-k/top-p masks
+        `[B, R, V]` or None, K_t `[B, R, V]`) from the masked policy, NLPO's mask before top-k/top-p (RL4LMs' order);
+        each episode samples from its own seed, so the text does not depend on the number of processes."""
         prompt_ids, prompt_mask = policy.encode_prompts(prompts, task.max_prompt_tokens, device)
         masker = NLPOLogitsProcessor(mask_policy, prompt_ids, prompt_mask, action_set)
         truncation = (
@@ -439,6 +439,7 @@ def main(args: Args) -> dict:
         truncation_keep = torch.stack(truncation[0].masks, 1) if truncation else None
         keep = torch.stack(masker.masks, 1)
         return (
+            policy.decode(response_ids, response_mask),
             *prompt_then_response(prompt_ids, prompt_mask, response_ids, response_mask),
             response_mask,
             truncation_keep,
@@ -447,14 +448,9 @@ def main(args: Args) -> dict:
 
     def run_eval(step: int) -> dict:
         """Held-out prompts, sampled as in training with the same per-prompt seeds at every evaluation."""
-
-        def generate_fn(prompts, indices):
-            input_ids, _, start, response_mask, *_ = sample(prompts, episode_seeds(args.seed, 1, 0, indices))
-            return policy.decode(input_ids[:, start:], response_mask)
-
         metrics, samples = evaluate(
             task,
-            generate_fn,
+            lambda prompts, indices: sample(prompts, episode_seeds(args.seed, 1, 0, indices))[0],  # the responses
             args.eval_episodes,
             local_batch,
             policy=policy,
@@ -478,10 +474,9 @@ def main(args: Args) -> dict:
             mine = range(prompt_cursor + rank * local_batch, prompt_cursor + (rank + 1) * local_batch)
             prompts = [task.train_prompts[prompt_order[i]] for i in mine]
             prompt_cursor += args.rollout_batch_size
-            input_ids, attention_mask, start, mask, truncation_keep, keep = sample(
+            responses, input_ids, attention_mask, start, mask, truncation_keep, keep = sample(
                 prompts, episode_seeds(args.seed, 0, update, mine)
             )
-            responses = policy.decode(input_ids[:, start:], mask)
             scores = torch.tensor(task.score(prompts, responses), dtype=torch.float32, device=device)
             ends_with_eos = ((input_ids[:, start:] == policy.tokenizer.eos_token_id) & (mask == 1)).any(1)
             if args.non_eos_penalty:
