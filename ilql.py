@@ -27,7 +27,6 @@ Run:  python ilql.py --task wordle                        # multi-turn Wordle fr
 
 import dataclasses
 import functools
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -43,14 +42,12 @@ from transformers import LogitsProcessor
 from common import wordle
 from common.batches import collate_layouts
 from common.models import Policy, entropy_of, frozen_copy, load_policy
-from common.offline import best_fraction, evaluate_decoding, offline_episodes, rank_batch
+from common.offline import best_fraction, evaluate_decoding, log_steps, offline_episodes, rank_batch
 from common.tasks import eval_line, make_task
 from common.training import (
     finish_run,
     guard_training,
-    log_throughput,
     record_eval,
-    reduce_steps,
     restore_training_state,
     training_state,
 )
@@ -397,35 +394,6 @@ def save_heads(run: Run, heads: Optional[ValueHeads], value_trunk: Optional[Poli
         write_atomically(os.path.join(run.dir, "ilql_heads.pt"), lambda file: torch.save(state, file))
 
 
-def flush(run: Run, pending: list, since: float, optimizer, args: Args, learn_values: bool) -> None:
-    """The one host sync of a logging interval: average the pending steps' statistics over the ranks,
-    stop at the first non-finite loss (every rank reads the same averages, so all stop together),
-    then log every step and print the progress line. Nothing pending: nothing to do."""
-    if not pending:
-        return
-    averages = reduce_steps([row for _, row, _, _ in pending], "mean")
-    for (step, _, step_syncs, _), stats in zip(pending, averages, strict=True):
-        losses = {k[len("losses/") :]: v for k, v in stats.items() if k.startswith("losses/")}
-        if not math.isfinite(losses["total_loss"]):
-            raise FloatingPointError(
-                f"non-finite loss at update {step} (gradient step {step}/{args.total_steps}): "
-                + ", ".join(f"{k} {v}" for k, v in losses.items())
-            )
-        run.log(
-            {**stats, "charts/target_syncs": step_syncs, "charts/learning_rate": optimizer.param_groups[0]["lr"]}, step
-        )
-    n_tokens = sum(n for *_, n in pending)
-    speed = log_throughput(run, n_tokens, len(pending) * args.batch_size, time.time() - since, step)
-    if step % args.print_every == 0 or step == args.total_steps:
-        print(
-            f"step {step}/{args.total_steps} | "
-            + " | ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "total_loss")
-            + (f" | advantage {stats['values/advantage']:+.3f}" if learn_values else "")
-            + f" | {speed:.0f} tok/s",
-            flush=True,
-        )
-
-
 def main(args: Args) -> dict:
     # TRY NOT TO MODIFY: check the arguments before any heavy work; a bad one exits with one line
     try:
@@ -509,7 +477,9 @@ def main(args: Args) -> dict:
     step, pending, since = first_step - 1, [], time.time()
     # Ctrl-C, SIGTERM: the steps since the last sync are logged (nothing non-finite is evaluated or saved), then on to
     # the final evaluation; a fault: one line
-    with guard_training(run, "step", lambda: step, lambda: flush(run, pending, since, optimizer, args, learn_values)):
+    with guard_training(
+        run, "step", lambda: step, lambda: log_steps(run, pending, since, optimizer, args, learn_values)
+    ):
         if checkpoint is None:
             run_eval(0)
             order, cursor = refill_order(rng, len(keep), np.zeros(0, int), 0, args.batch_size)
@@ -568,7 +538,7 @@ def main(args: Args) -> dict:
                 or step == args.total_steps
             ):
                 continue
-            flush(run, pending, since, optimizer, args, learn_values)
+            log_steps(run, pending, since, optimizer, args, learn_values)
             pending = []
             if step % args.eval_every == 0 and step != args.total_steps:
                 run_eval(step)

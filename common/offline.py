@@ -1,11 +1,14 @@
 """An offline method's plumbing beside its losses (ilql.py): the logged episodes in the per-token MDP layout
 (`common.batches`) with their returns, the best fraction of them (%BC), a rank's slice of a batch of them, and the
-evaluation of a policy deployed as its own decoding rule (not the model's softmax) on held-out prompts or Wordle games.
+evaluation of a policy deployed as its own decoding rule (not the model's softmax) on held-out prompts or Wordle games,
+and the training loop's logging interval.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,7 +17,8 @@ import torch
 from common import wordle
 from common.batches import sentiment_layout
 from common.tasks import Task, evaluate
-from common.utils import episode_seeds, world
+from common.training import log_throughput, reduce_steps
+from common.utils import Run, episode_seeds, world
 
 
 def offline_episodes(task: Task, tokenizer, args) -> tuple[list[dict], np.ndarray]:
@@ -95,3 +99,33 @@ def evaluate_decoding(
         start_model=start_model,
         response_length=task.max_new_tokens,
     )
+
+
+def log_steps(run: Run, pending: list, since: float, optimizer, args, learn_values: bool) -> None:
+    """ilql.py's one host sync of a logging interval: average the pending (step, statistics on the device, target
+    syncs, tokens) rows over the ranks, stop at the first non-finite loss (every rank reads the same averages, so all
+    stop together), then log every step and print the progress line (with V's advantage when `learn_values`).
+    Nothing pending: nothing to do."""
+    if not pending:
+        return
+    averages = reduce_steps([row for _, row, _, _ in pending], "mean")
+    for (step, _, step_syncs, _), stats in zip(pending, averages, strict=True):
+        losses = {k[len("losses/") :]: v for k, v in stats.items() if k.startswith("losses/")}
+        if not math.isfinite(losses["total_loss"]):
+            raise FloatingPointError(
+                f"non-finite loss at update {step} (gradient step {step}/{args.total_steps}): "
+                + ", ".join(f"{k} {v}" for k, v in losses.items())
+            )
+        run.log(
+            {**stats, "charts/target_syncs": step_syncs, "charts/learning_rate": optimizer.param_groups[0]["lr"]}, step
+        )
+    n_tokens = sum(n for *_, n in pending)
+    speed = log_throughput(run, n_tokens, len(pending) * args.batch_size, time.time() - since, step)
+    if step % args.print_every == 0 or step == args.total_steps:
+        print(
+            f"step {step}/{args.total_steps} | "
+            + " | ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "total_loss")
+            + (f" | advantage {stats['values/advantage']:+.3f}" if learn_values else "")
+            + f" | {speed:.0f} tok/s",
+            flush=True,
+        )
