@@ -4,6 +4,9 @@ A batch is token ids `[B, T]` and their attention mask: the first `response_star
 on the left (so every prompt ends where the response begins), and the remaining columns are the response, padded on
 the right. `Policy.encode_prompts` makes the prompt part (`left_pad_with_mask`), the response part is
 `Policy.generate`'s output or a method's token rows (`right_pad_with_mask`), and `prompt_then_response` joins them.
+
+The offline scripts' per-token MDP layout (ilql.py) is defined here too, after the prompt + response one: a row per
+episode with its action mask, per-token rewards and dones (`sentiment_layout`, `collate_layouts`).
 """
 
 from __future__ import annotations
