@@ -399,9 +399,7 @@ def main(args: Args) -> dict:
     kl_ctl = KLController(args.init_kl_coef, args.target_kl, args.kl_horizon, args.adaptive_kl)
     # The prompt order is drawn by every rank alike; each rank takes its slice of every global batch.
     rng = np.random.default_rng(args.seed)
-    prompt_order, prompt_cursor = refill_order(
-        rng, len(task.train_prompts), np.zeros(0, int), 0, args.rollout_batch_size
-    )
+    prompt_order, prompt_cursor = np.zeros(0, int), 0  # the first update draws the first order
     # What a checkpoint holds (besides the KL coefficient, the data position and the RNG states) and --resume restores
     parts = dict(policy=policy, critic=critic, optimizer=optimizer, data_rng=rng, mask_policy=mask_policy)
     first_update = 1
@@ -482,11 +480,9 @@ def main(args: Args) -> dict:
             if args.non_eos_penalty:
                 scores = torch.where(ends_with_eos, scores, torch.full_like(scores, args.penalty_reward_value))
 
-            # ALGO LOGIC: 2. score the rollout under the policy, the reference and the critic. The policy's log-probs
-            # (old log-probs of the ratio, and the KL) are the sampled distribution's: no EOS before the minimum length,
-            # top-k/top-p cut by the rollout's own masks (every token allowed after the response: nothing was sampled
-            # there). The reference is cut and renormalised the same way, so the KL compares the two models under the
-            # same decoding (docs/ppo.md, detail 2).
+            # ALGO LOGIC: 2. score the rollout under the policy, the reference and the critic, both models under the
+            # rollout's decoding: no EOS before the minimum length, top-k/top-p cut by the rollout's own masks, every
+            # token allowed after the response (nothing was sampled there; docs/ppo.md, detail 2)
             if truncation_keep is not None:
                 truncation_keep[mask == 0] = True
             # NLPO: the ratio's action set is the rollout's own mask K_t, cut by top-k/top-p when on, so the ratio's old
@@ -597,13 +593,7 @@ def main(args: Args) -> dict:
                     ),
                     "objective/mask_tokens": mask_tokens,
                     "objective/mask_policy_mass": mask_policy_mass,
-                    "losses/policy_loss": mean["policy_loss"],
-                    "losses/value_loss": mean["value_loss"],
-                    "losses/entropy": mean["entropy"],
-                    "losses/approx_kl": mean["approx_kl"],
-                    "losses/clipfrac": mean["clipfrac"],
-                    "losses/value_clipfrac": mean["value_clipfrac"],
-                    "losses/ratio": mean["ratio"],
+                    **{f"losses/{key}": value for key, value in mean.items()},  # the minibatch statistics, averaged
                     "charts/learning_rate": optimizer.param_groups[0]["lr"],
                     "charts/response_length": all_reduce(mask.sum(1).mean(), "mean").item(),
                     "charts/eos_fraction": all_reduce(ends_with_eos.float().mean(), "mean").item(),
