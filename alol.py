@@ -449,34 +449,26 @@ def main(args: Args) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 1.0 - step / args.total_steps if args.anneal_lr else 1.0
     )
-    first_step = 1
-    if checkpoint is not None:  # --resume: weights, optimizer, schedule, data position, RNG states
-        first_step = restore_training_state(
-            checkpoint, run, "step", policy=policy, optimizer=optimizer, scheduler=scheduler, data_rng=rng
-        )
+    # What a checkpoint holds (besides the RNG states) and --resume restores; then what steps 1-4 made, which --resume
+    # reads instead of making it again
+    parts = dict(policy=policy, optimizer=optimizer, scheduler=scheduler, data_rng=rng)
+    first_step = 1 if checkpoint is None else restore_training_state(checkpoint, run, "step", **parts)
+    made = dict(
+        data=data if task.offline_data is None else None,
+        advantages=advantages,
+        data_stats=data_stats,
+        value_history=value_history,
+        ref_history=ref_history,
+        ref_policy=ref_policy if ref_policy is not start_policy else None,
+    )
     ddp_policy = data_parallel(policy)  # torchrun: its backward averages gradients over ranks (DDP)
-
-    def checkpoint_state(step: int) -> dict:  # the loop's state, and what --resume must not redo (steps 1-4)
-        return training_state(
-            step,
-            policy=policy,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            data_rng=rng,
-            data=data if task.offline_data is None else None,
-            advantages=advantages,
-            data_stats=data_stats,
-            value_history=value_history,
-            ref_history=ref_history,
-            ref_policy=ref_policy if ref_policy is not start_policy else None,
-        )
 
     policy.train()
     step, pending, window, since = first_step - 1, [], [], time.time()
     with guard_training(run, "step", lambda: step):  # Ctrl-C, SIGTERM: on to the final evaluation; a fault: one line
         if checkpoint is None:
             run_eval(0)
-            save_checkpoint(run, checkpoint_state(0))  # V's fit and the advantages are never redone
+            save_checkpoint(run, training_state(0, **parts, **made))  # V's fit and the advantages are never redone
         for step in range(first_step, args.total_steps + 1):
             # ALGO LOGIC: 6. draw a global batch by p, with replacement (docs/alol.md, detail 8); this rank's slice
             idx = rng.choice(len(data), size=args.batch_size, p=probabilities)
@@ -531,7 +523,7 @@ def main(args: Args) -> dict:
                 if step % args.eval_every == 0 and not last:
                     run_eval(step)
                 if step % args.checkpoint_every == 0 and not last:
-                    save_checkpoint(run, checkpoint_state(step))
+                    save_checkpoint(run, training_state(step, **parts, **made))
                 since = time.time()
 
     # TRY NOT TO MODIFY: final evaluation, model, summary
