@@ -119,6 +119,20 @@ def test_masked_logprobs_hand_computed():
     torch.testing.assert_close(entropy, torch.tensor([[expected_entropy]]))
 
 
+def test_mask_policy_mass_is_the_ratio_of_the_two_logprobs():
+    """objective/mask_policy_mass reads the mass of K_t off the scoring pass's two log-probs: for any sampled token
+    a in K_t, pi(a) / pi_K(a) = sum_{b in K_t} pi(b). With probabilities 1/11, 2/11, 3/11, 5/11 and K_t = {0, 1, 2},
+    every kept token gives 6/11, at temperature 1 and, with the probabilities squared, 14/39 at temperature 0.5."""
+    logits = torch.tensor([0.0, math.log(2), math.log(3), math.log(5)])
+    keep = torch.tensor([True, True, True, False])
+    for temperature, mass in [(1.0, 6 / 11), (0.5, 14 / 39)]:
+        for token in range(3):
+            tokens = torch.tensor([[token]])
+            logprobs, _ = masked_logprobs(logits[None, None], tokens, None, temperature)
+            old_logprobs, _ = masked_logprobs(logits[None, None], tokens, keep[None, None], temperature)
+            torch.testing.assert_close((logprobs - old_logprobs).exp(), torch.tensor([[mass]]))
+
+
 def test_masked_distribution_sums_to_one_over_kept_and_is_zero_elsewhere():
     torch.manual_seed(0)
     logits = torch.randn(4, 6, 40, requires_grad=True)
