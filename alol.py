@@ -324,8 +324,20 @@ def fit_value_head(
     features = prompt_features(ref_policy, prompts, task.max_prompt_tokens, args.forward_batch_size, device)
     head = PromptValueHead(ref_policy.hidden_size, args.value_heads, args.value_dropout).to(device)
     groups = np.repeat(np.arange(len(value_order)), args.value_samples_per_prompt)  # a prompt's samples stay together
-    fit = (args.value_holdout, args.value_epochs, args.value_patience, args.value_learning_rate, args.value_batch_size)
-    return head, fit_early_stopping(head, features, targets, groups, *fit, rng, "value", log)
+    return head, fit_early_stopping(
+        head,
+        features,
+        targets,
+        groups,
+        holdout=args.value_holdout,
+        epochs=args.value_epochs,
+        patience=args.value_patience,
+        lr=args.value_learning_rate,
+        batch_size=args.value_batch_size,
+        rng=rng,
+        name="value",
+        log=log,
+    )
 
 
 def main(args: Args) -> dict:
