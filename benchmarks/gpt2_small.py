@@ -27,13 +27,14 @@ sys.path.insert(0, ROOT)
 VOCAB, LAYERS, WIDTH, POSITIONS = 50257, 12, 768, 1024
 
 
-def build_tokenizer(out_dir: str, vocab: int = VOCAB, noise_lines: int = 40000):
+def build_tokenizer(out_dir: str, vocab: int = VOCAB):
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
     from common.tasks import make_task
 
     rng = random.Random(0)
+    noise_lines = round(40000 * vocab / VOCAB)  # enough new pairs to fill the vocabulary, no more (slow to write)
     letters = "abcdefghijklmnopqrstuvwxyz"
     noise = [
         " ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 9))) for _ in range(50))
@@ -48,7 +49,9 @@ def build_tokenizer(out_dir: str, vocab: int = VOCAB, noise_lines: int = 40000):
         show_progress=False,
     )
     if bpe.get_vocab_size() != vocab:
-        raise RuntimeError(f"the BPE reached {bpe.get_vocab_size()} tokens, not {vocab}; raise noise_lines")
+        raise RuntimeError(
+            f"the BPE reached {bpe.get_vocab_size()} tokens, not {vocab}: too few distinct pairs (more noise lines)"
+        )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"
     )
