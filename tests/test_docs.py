@@ -240,6 +240,30 @@ def plan(command: str, tmp: str) -> tuple[str, list[str]]:
     return "run", [script, *flags, *TINY[script], *METHOD_COMMON, "--output-dir", os.path.join(tmp, "runs")]
 
 
+def effective_run(argv: list[str]) -> tuple:
+    """What a planned command runs: the program, then each flag at its last value (tyro and argparse keep the last
+    occurrence; `--no-x` is `--x` off), so commands whose documented flags the tiny budget overrides alike are one
+    run. Only the program's own flags are read: torchrun's before it and a benchmark's pass-through after `--` stay
+    as they are."""
+    at = next((i for i, a in enumerate(argv) if a.endswith(".py")), len(argv) - 1) + 1
+    head, rest = argv[:at], argv[at:]
+    tail = rest[rest.index("--") :] if "--" in rest else []
+    flags, name = {}, None
+    for a in rest[: len(rest) - len(tail)]:
+        if a.startswith("--"):
+            name, has_value, value = a[2:].partition("=")
+            if name.startswith("no-"):
+                name = name[3:]
+                flags[name] = (False,)
+            else:
+                flags[name] = (value,) if has_value else (True,)
+        elif name is not None:  # a value of the flag before it (tuple flags take several)
+            flags[name] = (*[v for v in flags[name] if v is not True], a)
+        else:
+            head.append(a)
+    return (*head, *sorted(flags.items()), *tail)
+
+
 def parse_only(argv: list[str]) -> None:
     """The flags parse: into the method's tyro `Args`, or the benchmark script's argparse options."""
     script, flags = argv[0], argv[1:]
@@ -266,7 +290,7 @@ def results(tmp_path_factory):
         kind, argv = plan(command, str(tmp_path_factory.mktemp(f"cmd{i}")))
         if kind != "run":
             continue
-        key = tuple(plan(command, "<tmp>")[1])
+        key = effective_run(plan(command, "<tmp>")[1])
         if key in first_with:  # `python ppo.py` on two pages, or commands whose flags the budget overrides alike
             same_run[command] = first_with[key]
         else:
@@ -347,6 +371,25 @@ def test_plan_overrides_budget_and_spots_network_commands(tmp_path):
     kind, argv = plan("torchrun --nproc_per_node 8 ppo.py --rollout-batch-size 128", str(tmp_path))
     assert kind == "run" and argv[:5] == TORCHRUN_2
     assert plan("torchrun --nnodes 2 --nproc_per_node 8 ppo.py", str(tmp_path)) == ("parse", ["ppo.py"])
+
+
+def test_effective_run_reads_the_last_value_of_each_flag(tmp_path):
+    """Commands the tiny budget overrides alike are one run, and no others."""
+
+    def same(a: str, b: str) -> bool:
+        return effective_run(plan(a, "<tmp>")[1]) == effective_run(plan(b, "<tmp>")[1])
+
+    assert same("python ppo.py --total-updates 100", "python ppo.py")  # the budget sets --total-updates
+    assert not same("python ppo.py --model-name tiny-t5", "python ppo.py")
+    assert not same("python ppo.py --temperature=0.7", "python ppo.py --temperature 0.8")
+    assert same("python ppo.py --save-model", "python ppo.py")  # the budget's --no-save-model comes last
+    assert not same("python reward_lm.py --agents ts greedy", "python reward_lm.py --agents ts")
+    assert same("python benchmarks/ppo_step.py --compile", "python benchmarks/ppo_step.py")  # --no-compile last
+    assert not same("python benchmarks/ppo_step.py --vocab 50257", "python benchmarks/ppo_step.py")
+    assert same(
+        "torchrun --nproc_per_node 2 benchmarks/ddp_sync.py --rounds 7 --steps 8",
+        "torchrun --nproc_per_node 2 benchmarks/ddp_sync.py --model-name runs/gpt2-small-shape --batch 4",
+    )
 
 
 def test_tyro_takes_the_last_occurrence_of_a_flag():
