@@ -72,7 +72,7 @@ from common.utils import (
 
 
 @dataclass
-class Args(TrainArgs, TaskArgs, RunArgs):
+class Args(wordle.WordleArgs, TrainArgs, TaskArgs, RunArgs):
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     eval_every: int = 1000
@@ -119,16 +119,6 @@ class Args(TrainArgs, TaskArgs, RunArgs):
     """temperature on pi_beta's logits before the advantage is added, when sampling"""
     top_fraction: float = 1.0
     """train on the best fraction of episodes by return only; with --beta 0 this is %BC"""
-    wordle_data: str = wordle.DEFAULT_DATA
-    """Wordle offline games: per move `name=weight,...`, per game `game:name=weight,...` or `branch[:player]`"""
-    wordle_games: int = 4096
-    """number of offline Wordle games"""
-    wordle_vocab: int = 200
-    """play on a fixed subset of this many words of the shipped list (0: all 1,029)"""
-    wordle_layers: int = 2
-    """layers of the from-scratch character GPT-2 that `--model-name tiny-gpt2` gives on Wordle"""
-    wordle_width: int = 32
-    """hidden size of that character GPT-2"""
     print_every: int = 100
     """print a progress line, and check the losses are finite, every this many steps"""
 
@@ -136,11 +126,9 @@ class Args(TrainArgs, TaskArgs, RunArgs):
 # The allowed values of the numeric flags, checked before any work (common/utils.py `validate_args`; a bound "inf]"
 # admits infinity; float flags not named here must be finite): positive, except the few listed after.
 LIMITS = dict.fromkeys(
-    "total_steps batch_size learning_rate target_update_every temperature wordle_games wordle_layers wordle_width"
-    " print_every".split(),
-    "(0, inf)",
+    "total_steps batch_size learning_rate target_update_every temperature print_every".split(), "(0, inf)"
 ) | {
-    **dict.fromkeys(["weight_decay", "cql_weight", "bc_weight", "beta", "top_k", "wordle_vocab"], "[0, inf)"),
+    **dict.fromkeys(["weight_decay", "cql_weight", "bc_weight", "beta", "top_k"], "[0, inf)"),
     **dict.fromkeys(["gamma", "polyak_alpha", "top_fraction"], "(0, 1]"),
     "tau": "(0, 1)",
     "adv_clip": "(-inf, inf]",

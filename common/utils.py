@@ -112,6 +112,8 @@ COMMON_LIMITS = {
     "eval_every": "(0, inf)",
     "eval_episodes": "(0, inf)",
     "checkpoint_every": "(0, inf)",
+    **dict.fromkeys(["wordle_games", "wordle_layers", "wordle_width"], "(0, inf)"),  # common/wordle.py WordleArgs
+    "wordle_vocab": "[0, inf)",
 }
 _INTERVAL = re.compile(r"([\[(])(-?[\w.]+), (-?[\w.]+)([\])])")
 

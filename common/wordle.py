@@ -548,6 +548,24 @@ def play_eval_games(n: int, generate: Callable, seed: int, device, no_repeat: bo
 DEFAULT_DATA = "expert=0.5,repeat=0.5"
 
 
+@dataclass
+class WordleArgs:
+    """The Wordle task's flags (ilql.py's Args inherits them): the offline games, the words in play, and the size of
+    the from-scratch character GPT-2 that `--model-name tiny-gpt2` gives on Wordle. Their allowed values are in
+    common/utils.py `COMMON_LIMITS`."""
+
+    wordle_data: str = DEFAULT_DATA
+    """Wordle offline games: per move `name=weight,...`, per game `game:name=weight,...` or `branch[:player]`"""
+    wordle_games: int = 4096
+    """number of offline Wordle games"""
+    wordle_vocab: int = 200
+    """play on a fixed subset of this many words of the shipped list (0: all 1,029)"""
+    wordle_layers: int = 2
+    """layers of the from-scratch character GPT-2 that `--model-name tiny-gpt2` gives on Wordle"""
+    wordle_width: int = 32
+    """hidden size of that character GPT-2"""
+
+
 def main(n_games: int = 1029, n_words: Optional[int] = None) -> None:
     """Mean return +- standard error of every scripted player over the evaluation games."""
     import time

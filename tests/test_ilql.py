@@ -246,11 +246,10 @@ def test_help_documents_every_flag():
         env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"},
         check=True,
     ).stdout
-    fields = args_fields(os.path.join(ROOT, "ilql.py"), "Args") + [
-        field
-        for block in ("RunArgs", "TaskArgs", "TrainArgs")  # the shared blocks ilql.py's Args inherits
-        for field in args_fields(os.path.join(ROOT, "common", "utils.py"), block)
-    ]
+    # ilql.py's own Args, then the shared blocks it inherits
+    blocks = [("ilql.py", "Args"), *[("common/utils.py", b) for b in ("RunArgs", "TaskArgs", "TrainArgs")]]
+    blocks.append(("common/wordle.py", "WordleArgs"))
+    fields = [field for path, block in blocks for field in args_fields(os.path.join(ROOT, path), block)]
     assert len(fields) > 30
     for name, documented in fields:
         assert documented, f"Args.{name} has no docstring (it is the --help text)"
