@@ -385,14 +385,12 @@ def offline_log(
     `seed`); a task without one gets `policy`'s samples, `samples_per_prompt` per training prompt (stream 3 of
     `seed`), scored by the task's reward."""
     if task.offline_data is not None:
-        data = task.offline_data(seed)
-    else:
-        prompts = [p for p in task.train_prompts for _ in range(samples_per_prompt)][:size]
-        seeds = episode_seeds(seed, 3, 0, range(len(prompts)))
-        responses, scores = sample_and_score(policy, prompts, seeds, task, max_new, min_new, batch_size, device)
-        examples = zip(prompts, responses, scores, strict=True)
-        data = [{"prompt": p, "response": r, "reward": float(s)} for p, r, s in examples]
-    return data[:size]
+        return task.offline_data(seed)[:size]
+    prompts = [p for p in task.train_prompts for _ in range(samples_per_prompt)][:size]
+    seeds = episode_seeds(seed, 3, 0, range(len(prompts)))
+    responses, scores = sample_and_score(policy, prompts, seeds, task, max_new, min_new, batch_size, device)
+    examples = zip(prompts, responses, scores, strict=True)
+    return [{"prompt": p, "response": r, "reward": float(s)} for p, r, s in examples]
 
 
 def fit_early_stopping(
