@@ -264,6 +264,7 @@ def forward_logprobs(
     keep: Optional[torch.Tensor] = None,
     entropy_grad: bool = True,
     forward: Optional[nn.Module] = None,
+    logits: Optional[torch.Tensor] = None,
 ):
     """Log-probs and entropies of the response tokens under the temperature-scaled policy.
 
@@ -271,9 +272,11 @@ def forward_logprobs(
     first `min_length` response tokens, and only the tokens of the keep-mask `keep` `[B, R, V]` (--top-k/--top-p;
     nlpo.py's action sets), renormalised. One log-softmax serves both outputs; with `entropy_grad=False` the entropy
     stays out of the autograd graph, which saves a [B, T, V] backward (benchmarks/ppo_step.py). `forward` runs the
-    pass: `policy`, or in the minibatch step its DDP wrapper (common/utils.py `data_parallel`)."""
-    logits, _ = (forward or policy)(input_ids, attention_mask, start)
-    logits = logits / temperature
+    pass: `policy`, or in the minibatch step its DDP wrapper (common/utils.py `data_parallel`); given `logits`, the
+    pass's output already at hand, none runs (nlpo.py scores one pass under two masks)."""
+    if logits is None:
+        logits, _ = (forward or policy)(input_ids, attention_mask, start)
+    logits = logits / temperature  # a new tensor: the EOS ban below leaves the caller's logits as they were
     if min_length > 0:  # a large finite value, not -inf, so entropy stays finite (0 * log 0 -> 0)
         logits[:, :min_length, policy.tokenizer.eos_token_id] = -1e9
     if keep is not None:  # the same large finite value for the tokens `keep` leaves out (they get no gradient)
@@ -494,16 +497,14 @@ def main(args: Args) -> dict:
             if truncation_keep is not None:  # top-k/top-p cut the masked scores: what K_t removed is not their cut
                 truncation_keep = truncation_keep | ~keep
             with torch.no_grad(), autocast:
-                logprobs, rollout_entropy = forward_logprobs(
-                    policy, input_ids, attention_mask, start, args.temperature, min_response_length, truncation_keep
-                )
+                policy_logits, _ = policy(input_ids, attention_mask, start)  # one pass, scored under both masks
+                rollout = (input_ids, attention_mask, start, args.temperature, min_response_length)
+                logprobs, _ = forward_logprobs(policy, *rollout, truncation_keep, logits=policy_logits)
                 ref_logprobs, _ = forward_logprobs(
                     ref_policy, input_ids, attention_mask, start, args.temperature, min_response_length, truncation_keep
                 )
                 values = critic(input_ids, attention_mask, start).float()
-                old_logprobs, rollout_entropy = forward_logprobs(
-                    policy, input_ids, attention_mask, start, args.temperature, min_response_length, action_keep
-                )
+                old_logprobs, rollout_entropy = forward_logprobs(policy, *rollout, action_keep, logits=policy_logits)
                 mask_logits, _ = mask_policy(input_ids, attention_mask, start)
             mask = mask.float()
             if not action_keep.gather(-1, input_ids[:, start:, None])[mask == 1].all():

@@ -242,6 +242,7 @@ def forward_logprobs(
     keep: Optional[torch.Tensor] = None,
     entropy_grad: bool = True,
     forward: Optional[nn.Module] = None,
+    logits: Optional[torch.Tensor] = None,
 ):
     """Log-probs and entropies of the response tokens under the temperature-scaled policy.
 
@@ -249,9 +250,11 @@ def forward_logprobs(
     first `min_length` response tokens, and only the tokens of the keep-mask `keep` `[B, R, V]` (--top-k/--top-p;
     nlpo.py's action sets), renormalised. One log-softmax serves both outputs; with `entropy_grad=False` the entropy
     stays out of the autograd graph, which saves a [B, T, V] backward (benchmarks/ppo_step.py). `forward` runs the
-    pass: `policy`, or in the minibatch step its DDP wrapper (common/utils.py `data_parallel`)."""
-    logits, _ = (forward or policy)(input_ids, attention_mask, start)
-    logits = logits / temperature
+    pass: `policy`, or in the minibatch step its DDP wrapper (common/utils.py `data_parallel`); given `logits`, the
+    pass's output already at hand, none runs (nlpo.py scores one pass under two masks)."""
+    if logits is None:
+        logits, _ = (forward or policy)(input_ids, attention_mask, start)
+    logits = logits / temperature  # a new tensor: the EOS ban below leaves the caller's logits as they were
     if min_length > 0:  # a large finite value, not -inf, so entropy stays finite (0 * log 0 -> 0)
         logits[:, :min_length, policy.tokenizer.eos_token_id] = -1e9
     if keep is not None:  # the same large finite value for the tokens `keep` leaves out (they get no gradient)

@@ -244,8 +244,9 @@ def test_the_stored_masks_reach_the_ratio(tmp_path, monkeypatch):
     """In a tiny real run, the keep-masks the NLPO processor recorded during the rollout (which do cut tokens) are
     exactly the masks under which the ratio's new log-probs (`forward_logprobs` in every minibatch) and its old
     log-probs (`forward_logprobs` right after the rollout) are taken: not an all-true mask, not a recompute; and
-    the KL's log-probs, of the policy and of the reference, are taken without NLPO's mask."""
-    maskers, calls = [], []
+    the KL's log-probs, of the policy and of the reference, are taken without NLPO's mask. The policy's KL and old
+    log-probs read one pass of the policy."""
+    maskers, calls, given_logits = [], [], []
 
     class Spy(nlpo.NLPOLogitsProcessor):
         def __init__(self, *a, **k):
@@ -255,12 +256,23 @@ def test_the_stored_masks_reach_the_ratio(tmp_path, monkeypatch):
     real_forward_logprobs = nlpo.forward_logprobs
 
     def spy_forward_logprobs(
-        policy, input_ids, attention_mask, start, temperature, min_length=0, keep=None, entropy_grad=True, forward=None
+        policy,
+        input_ids,
+        attention_mask,
+        start,
+        temperature,
+        min_length=0,
+        keep=None,
+        entropy_grad=True,
+        forward=None,
+        logits=None,
     ):
         training = torch.is_grad_enabled()  # the scoring pass after the rollout runs without gradients
         calls.append((input_ids[:, start:].clone(), None if keep is None else keep.clone(), training))
+        if logits is not None:
+            given_logits.append(logits)
         return real_forward_logprobs(
-            policy, input_ids, attention_mask, start, temperature, min_length, keep, entropy_grad, forward
+            policy, input_ids, attention_mask, start, temperature, min_length, keep, entropy_grad, forward, logits
         )
 
     monkeypatch.setattr(nlpo, "NLPOLogitsProcessor", Spy)
@@ -290,6 +302,7 @@ def test_the_stored_masks_reach_the_ratio(tmp_path, monkeypatch):
     assert len(kl_calls) == 2  # the policy and the reference, for the KL: no NLPO mask (and no top-k/top-p here)
     old_calls = [keep for _, keep in scoring if keep is not None]
     assert len(old_calls) == 1 and torch.equal(old_calls[0], expected)  # the old log-probs of the ratio
+    assert len(given_logits) == 2 and given_logits[0] is given_logits[1]  # the policy's KL and ratio: one pass
     loss_calls = [(tokens, keep) for tokens, keep, training in calls if training]
     assert len(loss_calls) == 2  # two minibatches of 2 episodes
     for tokens, keep in loss_calls:

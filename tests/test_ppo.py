@@ -330,6 +330,29 @@ def test_forward_logprobs_one_log_softmax_and_entropy_out_of_the_graph_without_b
         assert logprobs.requires_grad and entropy.requires_grad == entropy_grad
 
 
+def test_forward_logprobs_scores_given_logits_without_a_pass_and_leaves_them_as_they_were():
+    """nlpo.py scores one policy pass under two masks: with `logits` given, no pass runs, the numbers are the pass's
+    own, and the EOS ban of the minimum length does not write into the caller's logits."""
+    task = make_task("sentiment")
+    policy = load_policy("tiny-gpt2", task)
+    prompt_ids, prompt_mask = policy.encode_prompts(task.train_prompts[:3], task.max_prompt_tokens, "cpu")
+    response_ids, mask = policy.generate(prompt_ids, prompt_mask, 6, min_new_tokens=3, seeds=[1, 2, 3])
+    input_ids, attention_mask = torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, mask], 1)
+    start = prompt_ids.shape[1]
+    with torch.no_grad():
+        expected = ppo.forward_logprobs(policy, input_ids, attention_mask, start, 1.0, min_length=3)
+        logits, _ = policy(input_ids, attention_mask, start)
+    before = logits.clone()
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("forward_logprobs ran a pass although it was given the logits")
+
+    given = ppo.forward_logprobs(policy, input_ids, None, start, 1.0, min_length=3, forward=no_pass, logits=logits)
+    for got, want in zip(given, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.equal(logits, before)
+
+
 # ----------------------------------------------------------------------------------------------
 # --top-k / --top-p: rollouts, old log-probs, ratio and KL share one truncated, renormalised distribution
 # ----------------------------------------------------------------------------------------------

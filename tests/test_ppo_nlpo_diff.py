@@ -18,9 +18,10 @@ DIFFERENT_ON_PURPOSE = {
 }
 # ppo.py lines that nlpo.py replaces or drops, at most: the module docstring's title, paper, docs and run lines (7),
 # the models import (1), and in main: the checkpoint's parts (1), sample()'s docstring and generate call (3), the
-# rollout's unpacking (1), the minibatch keep-mask and old log-probs (2), the console line (1) and the summary (1).
+# rollout's unpacking (1), the policy's scoring call, one pass scored under the KL's and the ratio's masks (3), the
+# minibatch keep-mask and old log-probs (2), the console line (1) and the summary (1).
 # Raise it only for a change to NLPO's method, never for drift.
-PPO_LINES_CHANGED_BUDGET = 17
+PPO_LINES_CHANGED_BUDGET = 20
 
 
 def top_level(source: str) -> dict[str, ast.AST]:
