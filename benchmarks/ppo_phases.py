@@ -9,8 +9,9 @@ Flags this script does not know go to the script's own `Args` (`--bf16 on`, `--n
 Runs the script's own `main()` unchanged, with timers wrapped around the functions each phase calls:
 
 - generation: `Policy.generate` (the rollout's sampling, KV cache, one token at a time);
-- scoring passes: `forward_logprobs` and `Critic.forward` without gradients (old log-probs, reference
-  log-probs, values);
+- scoring passes: `forward_logprobs`, `Critic.forward` and any other `Policy` pass without gradients (old
+  log-probs, reference log-probs, values; nlpo.py's policy pass scored under two masks, and its masking policy's
+  pass over the rollout);
 - minibatch forward / backward / optimizer: the same two functions with gradients, `Tensor.backward`,
   and the optimizer's `step`;
 - reward: the task's `score`;
@@ -66,23 +67,28 @@ def sync(device) -> None:
 
 
 class PhaseTimer:
-    """Seconds per phase, accumulated by wrapped functions; work inside an evaluation counts as evaluation."""
+    """Seconds per phase, accumulated by wrapped functions; work inside an evaluation counts as evaluation, and work
+    inside a timed phase counts to that phase only (a `Policy` pass inside `forward_logprobs`)."""
 
     def __init__(self, device: str):
         self.device = device
         self.seconds = dict.fromkeys((*PHASES, "evaluation"), 0.0)
         self.in_eval = False
+        self.in_phase = False
         self.train_flops = 0.0  # forward matmul FLOPs of the minibatch steps (see `counting_forward`)
 
     def wrap(self, fn, phase):
         @functools.wraps(fn)
         def timed(*args, **kwargs):
             name = phase(args) if callable(phase) else phase
-            if self.in_eval or name is None:
+            if self.in_eval or self.in_phase or name is None:
                 return fn(*args, **kwargs)
             sync(self.device)
-            start = time.perf_counter()
-            out = fn(*args, **kwargs)
+            start, self.in_phase = time.perf_counter(), True
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                self.in_phase = False
             sync(self.device)
             self.seconds[name] += time.perf_counter() - start
             return out
@@ -205,7 +211,8 @@ def main(argv=None) -> dict:
             timer.train_flops += trunk + attention + output
         return original_forward(self, input_ids, attention_mask, start, with_logits)
 
-    common.models.Policy.forward = counting_forward
+    # a pass outside the functions above (nlpo.py's): a scoring pass without gradients, else the minibatch's forward
+    common.models.Policy.forward = timer.wrap(counting_forward, grad_phase("scoring passes", "minibatch forward"))
     module.main(run_args)
     sync(device)
     update_marks.append((time.perf_counter(), dict(timer.seconds), timer.train_flops))
